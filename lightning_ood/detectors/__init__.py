@@ -1,0 +1,58 @@
+"""Post-hoc OOD detectors and the name registry used by configs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from lightning_ood.detectors.base import Detector, Reducer, percentile
+from lightning_ood.detectors.baselines import DICE, MSP, ODIN, DICEReAct, Energy, ReAct
+from lightning_ood.detectors.fssd import FSSD
+from lightning_ood.detectors.line import LINe
+from lightning_ood.detectors.mahalanobis import Mahalanobis
+
+DETECTORS: dict[str, type[Detector]] = {
+    cls.kind: cls for cls in (MSP, ODIN, Energy, ReAct, DICE, DICEReAct, LINe, FSSD, Mahalanobis)
+}
+
+
+def build_detector(name: str, spec: Mapping[str, Any] | None = None) -> Detector:
+    """Build one detector from a config entry ``name: {type: kind, **hyperparameters}``.
+
+    ``type`` defaults to ``name``, so ``line: {p_a: 90}`` and ``line_no_wp: {type: line,
+    weight_pruning: false}`` both work.
+    """
+    args = dict(spec or {})
+    kind = args.pop("type", name)
+    if kind not in DETECTORS:
+        raise ValueError(
+            f"unknown detector {kind!r} (config entry {name!r}); known detectors: "
+            f"{sorted(DETECTORS)}"
+        )
+    args.setdefault("name", name)
+    return DETECTORS[kind](**args)
+
+
+def build_detectors(specs: Mapping[str, Mapping[str, Any] | None]) -> nn.ModuleDict:
+    return nn.ModuleDict({name: build_detector(name, spec) for name, spec in specs.items()})
+
+
+__all__ = [
+    "DETECTORS",
+    "DICE",
+    "FSSD",
+    "MSP",
+    "ODIN",
+    "DICEReAct",
+    "Detector",
+    "Energy",
+    "LINe",
+    "Mahalanobis",
+    "ReAct",
+    "Reducer",
+    "build_detector",
+    "build_detectors",
+    "percentile",
+]

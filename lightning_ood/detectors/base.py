@@ -47,6 +47,8 @@ class Detector(nn.Module):
     kind: ClassVar[str] = ""
     #: Whether a pass over the training set is needed before scoring.
     requires_fit: ClassVar[bool] = False
+    #: Whether fitting reads training batches (FSSD only needs the model: False).
+    uses_training_data: ClassVar[bool] = True
     #: Whether :meth:`score` needs ``model`` and ``inputs`` (gradient-based input processing).
     needs_input_grad: ClassVar[bool] = False
 

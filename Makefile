@@ -1,0 +1,26 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create (or reuse) the
+# virtualenv in .venv and install the project into it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint install
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lightning-ood fit --config configs/demo.yaml
+	$(BIN)/lightning-ood test --config configs/demo.yaml --ckpt_path checkpoints/demo/last.ckpt
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,0 +1,73 @@
+"""``lightning-ood fit|validate|test|predict``: LightningCLI with the project's defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_ood.data import OODDataModule
+from lightning_ood.task import ClassificationTask
+
+
+class OODCLI(LightningCLI):
+    """Adds ``--experiment`` which names the checkpoint folder and the TensorBoard run."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--experiment",
+            type=str,
+            default="default",
+            help="Run name: checkpoints go to <checkpoint_root>/<experiment>/, logs to "
+            "<log_root>/<experiment>/version_N.",
+        )
+        parser.add_argument("--checkpoint_root", type=str, default="checkpoints")
+        parser.add_argument("--log_root", type=str, default="logs")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        experiment = cfg["experiment"]
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        if trainer_cfg.get("logger") in (None, True):
+            kwargs["logger"] = TensorBoardLogger(save_dir=cfg["log_root"], name=experiment)
+        callbacks = list(trainer_cfg.get("callbacks") or [])
+        if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=str(Path(cfg["checkpoint_root"]) / experiment),
+                    filename="epoch{epoch:03d}-acc{val/acc:.4f}",
+                    auto_insert_metric_name=False,
+                    monitor="val/acc",
+                    mode="max",
+                    save_top_k=1,
+                    save_last=True,
+                )
+            )
+        if not any(isinstance(c, LearningRateMonitor) for c in callbacks):
+            callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+        kwargs["callbacks"] = callbacks
+        return super().instantiate_trainer(**kwargs)
+
+
+def main(args: ArgsType = None, run: bool = True) -> OODCLI:
+    """Entry point for the console script, ``python -m lightning_ood`` and tests."""
+    return OODCLI(
+        ClassificationTask,
+        OODDataModule,
+        subclass_mode_data=True,
+        trainer_defaults={
+            # Gradient-based detectors (ODIN, FSSD/Mahalanobis pre-processing) need autograd
+            # inside the test loop, which inference_mode would forbid.
+            "inference_mode": False,
+        },
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+if __name__ == "__main__":
+    main()

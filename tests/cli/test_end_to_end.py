@@ -1,0 +1,143 @@
+"""`lightning-ood fit` then `test` on a real FashionMNIST slice, through `main([...])`.
+
+One module-scoped run serves several assertions: accuracy well above chance, FSSD AUROC vs
+MNIST above 0.95, result files, a test run from the fitted checkpoint with no training-set
+pass, and a bit-for-bit checkpoint round trip of every detector score.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_ood.callbacks import ood as ood_callback
+from lightning_ood.cli import main
+from lightning_ood.task import ClassificationTask
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+DETECTORS = {
+    "msp": {},
+    "odin": {"temperature": 1000.0, "epsilon": 0.0014},
+    "energy": {},
+    "react": {"percentile": 90.0},
+    "dice": {"p": 90.0},
+    "line": {"delta": 1.0, "p_a": 90, "p_w": 90},
+    "mahalanobis": {"taps": ["conv1", "conv2", "fc1"]},
+    "fssd": {"taps": ["conv1", "conv2", "fc1", "logits"], "noise": "reference"},
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict:
+    tmp = tmp_path_factory.mktemp("e2e")
+    override = tmp / "override.yaml"
+    override.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {
+                    "max_epochs": 1,
+                    "enable_progress_bar": False,
+                    "callbacks": [
+                        {
+                            "class_path": "lightning_ood.callbacks.OODEvaluation",
+                            "init_args": {
+                                "validation_size": 200,
+                                "progress": False,
+                                "detectors": DETECTORS,
+                            },
+                        }
+                    ],
+                },
+                "data": {
+                    "init_args": {
+                        "root": str(shared_data),
+                        "train_every": 6,  # 10,000 training images
+                        "test_every": 10,  # 1,000 ID test images
+                        "ood_every": 10,  # 1,000 MNIST test images
+                        "num_workers": 0,
+                    }
+                },
+            }
+        )
+    )
+    common = [
+        "--config", str(CONFIGS / "demo.yaml"), "--config", str(override),
+        "--checkpoint_root", str(tmp / "ckpt"), "--log_root", str(tmp / "logs"),
+    ]  # fmt: skip
+    fit_cli = main(["fit", *common])
+    last = tmp / "ckpt" / "demo" / "last.ckpt"
+    calls: list[list[str]] = []
+    real_fit = ood_callback.fit_detectors
+
+    def spy(trainer, pl_module, detectors, progress=True):  # type: ignore[no-untyped-def]
+        calls.append([d.name for d in detectors])
+        return real_fit(trainer, pl_module, detectors, progress)
+
+    ood_callback.fit_detectors = spy
+    try:
+        test_cli = main(["test", *common, "--ckpt_path", str(last)])
+    finally:
+        ood_callback.fit_detectors = real_fit
+    cb = next(c for c in test_cli.trainer.callbacks if isinstance(c, ood_callback.OODEvaluation))
+    return {"fit": fit_cli, "test": test_cli, "ckpt": last, "calls": calls, "results": cb.results}
+
+
+def test_accuracy_well_above_chance(run: dict) -> None:
+    acc = float(run["test"].trainer.callback_metrics["test/acc"])
+    assert acc > 0.70, acc  # chance is 0.10
+
+
+def test_fssd_separates_fashionmnist_from_mnist(run: dict) -> None:
+    metrics = run["results"]["metrics"]
+    assert metrics["fssd"]["mnist"]["auroc"] > 0.95
+    assert metrics["fssd"]["mnist"]["n_id"] == 800  # 1,000 minus 200 held out
+    # every detector is reported on the same samples
+    assert {m["mnist"]["n_ood"] for m in metrics.values()} == {800}
+
+
+def test_test_from_fitted_checkpoint_skips_training_pass(run: dict) -> None:
+    assert run["calls"] == []
+    ckpt = torch.load(run["ckpt"], map_location="cpu", weights_only=False)
+    assert set(ckpt["hyper_parameters"]["detectors"]) == set(DETECTORS)
+    for name in DETECTORS:
+        assert bool(ckpt["state_dict"][f"detectors.{name}.fitted"]), name
+
+
+def test_result_files_and_logged_metrics(run: dict) -> None:
+    log_dir = Path(run["test"].trainer.log_dir)
+    data = json.loads((log_dir / "ood_results.json").read_text())
+    assert data["metrics"]["energy"]["mnist"]["auroc"] == pytest.approx(
+        run["results"]["metrics"]["energy"]["mnist"]["auroc"]
+    )
+    md = (log_dir / "ood_results.md").read_text()
+    assert "FPR95↓ (ID+)" in md and "| fssd | mnist |" in md
+    csv_rows = (log_dir / "ood_results.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + 2 * len(DETECTORS)  # header + (mnist, average) per detector
+    logged = run["test"].trainer.callback_metrics
+    assert float(logged["ood/line/mnist/fpr95"]) == pytest.approx(
+        run["results"]["metrics"]["line"]["mnist"]["fpr95"]
+    )
+    assert "ood/line/average/auroc" in logged
+    assert list(log_dir.glob("events.out.tfevents.*"))
+
+
+def test_checkpoint_round_trip_is_bit_exact(run: dict) -> None:
+    live: ClassificationTask = run["fit"].model.cpu().eval()
+    loaded = ClassificationTask.load_from_checkpoint(run["ckpt"], map_location="cpu").eval()
+    assert set(loaded.detectors) == set(DETECTORS)
+    live_buffers = dict(live.named_buffers())
+    for name, buf in loaded.named_buffers():
+        assert torch.equal(buf, live_buffers[name]), name
+    x = torch.stack([run["fit"].datamodule.fit_dataloader().dataset[i][0] for i in range(16)])
+    with torch.no_grad():
+        out_a, out_b = live.extract(x), loaded.extract(x)
+    for name in DETECTORS:
+        kw = {"model": live.backbone, "inputs": x}
+        a = live.detectors[name].score(out_a, **kw)
+        b = loaded.detectors[name].score(out_b, model=loaded.backbone, inputs=x)
+        assert torch.equal(a, b), name

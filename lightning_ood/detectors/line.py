@@ -198,13 +198,14 @@ class LINe(Detector):
             contrib = contrib.abs()
 
         # Activation pruning (eq. 7): per class, keep neurons strictly above the p_a percentile.
-        act_threshold = row_percentile(contrib.T, self.p_a)
-        act_mask = contrib.T > act_threshold[:, None]
+        by_class = contrib.T  # (L, q): row k is C[:, k]
+        act_threshold = row_percentile(by_class, self.p_a)
+        act_mask = by_class > act_threshold[:, None]
 
         # Weight pruning (eq. 8): V_k = |C[:, k]|ᵀ ⊙ W over all L·q entries; only the per-class
         # thresholds t_k are kept (M_w^k is rebuilt at scoring from |C|, W and t_k).
         if self.weight_prune:
-            abs_c = contrib.abs().T  # (L, q): row k is |C[:, k]|
+            abs_c = by_class.abs()
             per_chunk = max(1, _CHUNK_ELEMENTS // weight.numel())
             chunks = [
                 row_percentile(

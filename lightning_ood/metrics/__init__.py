@@ -11,6 +11,7 @@ from lightning_ood.metrics.functional import (
     ood_metric_tensors,
     ood_metrics,
     roc_counts,
+    roc_curve,
 )
 from lightning_ood.metrics.ood import (
     AUPR,
@@ -38,4 +39,5 @@ __all__ = [
     "ood_metric_tensors",
     "ood_metrics",
     "roc_counts",
+    "roc_curve",
 ]

@@ -36,6 +36,7 @@ __all__ = [
     "ood_metric_tensors",
     "ood_metrics",
     "roc_counts",
+    "roc_curve",
 ]
 
 ScoresLike = Tensor | np.ndarray | Sequence[float]
@@ -156,6 +157,18 @@ def roc_counts(
     """
     pos, neg = _pos_neg(scores_id, scores_ood, positive)
     return _roc_counts(pos, neg)
+
+
+def roc_curve(
+    scores_id: ScoresLike, scores_ood: ScoresLike, positive: Positive = "id"
+) -> tuple[Tensor, Tensor]:
+    """Exact ROC curve ``(fpr, tpr)`` in float64, from (0, 0) to (1, 1), for plotting.
+
+    One point per distinct score (no thinning), the same points as sklearn's
+    ``roc_curve(..., drop_intermediate=False)``.
+    """
+    tp, fp = roc_counts(scores_id, scores_ood, positive)
+    return fp.to(torch.float64) / float(fp[-1]), tp.to(torch.float64) / float(tp[-1])
 
 
 # -- metrics on validated tensors ---------------------------------------------------------------

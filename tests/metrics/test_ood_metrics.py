@@ -7,7 +7,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import roc_curve as roc_curve_sk
 
 from lightning_ood.metrics import (
     AUPR,
@@ -24,6 +25,7 @@ from lightning_ood.metrics import (
     fpr_at_tpr,
     ood_metrics,
     roc_counts,
+    roc_curve,
 )
 
 TOL = 1e-12
@@ -34,8 +36,8 @@ def sk_metrics(sid: np.ndarray, sood: np.ndarray) -> dict[str, float]:
     """Every metric recomputed with scikit-learn (ID label 1 unless stated)."""
     y = np.r_[np.ones(len(sid)), np.zeros(len(sood))]
     s = np.r_[sid, sood]
-    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
-    fpr_o, tpr_o, _ = roc_curve(1 - y, -s, drop_intermediate=False)
+    fpr, tpr, _ = roc_curve_sk(y, s, drop_intermediate=False)
+    fpr_o, tpr_o, _ = roc_curve_sk(1 - y, -s, drop_intermediate=False)
     return {
         "fpr95": fpr[np.argmax(tpr >= 0.95)],
         "fpr80": fpr[np.argmax(tpr >= 0.80)],
@@ -154,16 +156,24 @@ def test_roc_counts_equal_sklearn_roc_curve(ties: bool) -> None:
     sid, sood = random_scores(5, 400, 300, ties)
     tp, fp = roc_counts(sid, sood)
     y = np.r_[np.ones(len(sid)), np.zeros(len(sood))]
-    fpr, tpr, _ = roc_curve(y, np.r_[sid, sood], drop_intermediate=False)
+    fpr, tpr, _ = roc_curve_sk(y, np.r_[sid, sood], drop_intermediate=False)
     np.testing.assert_array_equal(tp.numpy() / len(sid), tpr)
     np.testing.assert_array_equal(fp.numpy() / len(sood), fpr)
+    fpr_t, tpr_t = roc_curve(sid, sood)
+    np.testing.assert_array_equal(fpr_t.numpy(), fpr)
+    np.testing.assert_array_equal(tpr_t.numpy(), tpr)
+    # OOD positive: sklearn on flipped labels and negated scores.
+    fpr_o, tpr_o, _ = roc_curve_sk(1 - y, -np.r_[sid, sood], drop_intermediate=False)
+    fpr_t, tpr_t = roc_curve(sid, sood, positive="ood")
+    np.testing.assert_array_equal(fpr_t.numpy(), fpr_o)
+    np.testing.assert_array_equal(tpr_t.numpy(), tpr_o)
 
 
 @pytest.mark.parametrize("tpr", [0.5, 0.8, 0.9, 0.95, 0.99, 1.0, 0.001])
 def test_fpr_at_any_tpr_matches_sklearn(tpr: float) -> None:
     sid, sood = random_scores(7, 333, 444, ties=True)
     y = np.r_[np.ones(len(sid)), np.zeros(len(sood))]
-    fpr, tpr_curve, _ = roc_curve(y, np.r_[sid, sood], drop_intermediate=False)
+    fpr, tpr_curve, _ = roc_curve_sk(y, np.r_[sid, sood], drop_intermediate=False)
     assert float(fpr_at_tpr(sid, sood, tpr)) == pytest.approx(
         fpr[np.argmax(tpr_curve >= tpr)], abs=TOL
     )
@@ -241,7 +251,7 @@ def test_exact_minus_reference_is_the_band_between_thresholds(tpr: float, ties: 
     for n_id in range(1, 121):
         sid, sood = random_scores(1000 + n_id, n_id, 200, ties)
         y = np.r_[np.ones(n_id), np.zeros(len(sood))]
-        fpr, tpr_curve, thr = roc_curve(y, np.r_[sid, sood], drop_intermediate=False)
+        fpr, tpr_curve, thr = roc_curve_sk(y, np.r_[sid, sood], drop_intermediate=False)
         i = np.argmax(tpr_curve >= tpr)
         thr_exact = thr[i]
         thr_ref = np.sort(sid)[min(round(alpha * n_id), n_id - 1)]

@@ -1,0 +1,512 @@
+"""Opt-in on-disk cache of backbone outputs, so re-scoring a detector needs no network pass.
+
+One entry holds, for every sample of one dataset, the penultimate features, the logits, the
+requested taps and the targets, exactly as ``OODBackbone.extract`` produced them (same dtype,
+so a hit is bit-identical to recomputing). Entries are keyed by *what* produced them, never by
+a file name:
+
+* the backbone's weights: a SHA-256 over the raw bytes of every parameter and buffer in sorted
+  key order (so fine-tuning one bias, or loading another checkpoint, changes the key);
+* the dataset: class, length, root/split attributes, a hash of its file list or data tensor,
+  and the index list of any ``Subset`` wrapper (so every-k-th slices are told apart);
+* the transform: its ``repr`` (a ``Normalize`` with other constants is another entry);
+* the tap set.
+
+Layout: ``<root>/<base>/taps-<hash>.pt`` where ``<base>`` hashes (weights, dataset,
+transform). An entry whose tap set is a superset of the requested one is served too. Writes go
+to a temporary file in the same folder and are renamed into place, so an interrupted run never
+leaves a half-written entry. Loads use ``torch.load(weights_only=True)``: a cache file is data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+
+from lightning_ood.models.base import FEATURES, LOGITS, BackboneOutput
+
+#: Bumped when the stored layout changes; part of every key, so old entries are never misread.
+FORMAT_VERSION = 1
+#: Dataset attributes that identify what a dataset reads (only str/int/bool/Path values used).
+_ID_ATTRS = ("root", "split", "train", "path", "name", "every", "stride", "offset", "subset")
+#: Attributes holding the sample list or the data; hashed when present (small compared to a
+#: network pass over the same samples).
+_CONTENT_ATTRS = ("samples", "imgs", "files", "paths", "data", "targets")
+
+
+# -- stored features -----------------------------------------------------------------------------
+@dataclass
+class CachedFeatures:
+    """Backbone outputs for a whole dataset, on the CPU, in the order the loader yielded them.
+
+    Attributes:
+        features: penultimate features h(x), (N, q).
+        logits: classifier outputs, (N, L).
+        taps: requested intermediate outputs by tap name, each (N, ...), unflattened.
+        targets: labels, (N,) int64 (-1 where the loader yielded none).
+        meta: provenance (cache key, dataset/transform ids, taps, shapes, torch version).
+        from_cache: whether this object was read from disk (not stored).
+    """
+
+    features: Tensor
+    logits: Tensor
+    taps: dict[str, Tensor]
+    targets: Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+    from_cache: bool = False
+
+    def __post_init__(self) -> None:
+        n = self.features.shape[0]
+        sizes = {"logits": self.logits.shape[0], "targets": self.targets.shape[0]}
+        sizes.update({f"taps[{k!r}]": v.shape[0] for k, v in self.taps.items()})
+        bad = {k: s for k, s in sizes.items() if s != n}
+        if bad:
+            raise ValueError(
+                f"CachedFeatures: every tensor needs the {n} rows of `features`; got {bad}"
+            )
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def output(self, device: torch.device | str | None = None) -> BackboneOutput:
+        """All samples as one :class:`BackboneOutput`."""
+        return BackboneOutput(
+            self.features.to(device),
+            self.logits.to(device),
+            {k: v.to(device) for k, v in self.taps.items()},
+        )
+
+    def as_batches(
+        self, batch_size: int, device: torch.device | str | None = None
+    ) -> Iterator[tuple[BackboneOutput, Tensor]]:
+        """Yield ``(BackboneOutput, targets)`` chunks, as the eval pass would have produced."""
+        if batch_size < 1:
+            raise ValueError(f"as_batches: batch_size must be >= 1, got {batch_size}")
+        for start in range(0, len(self), batch_size):
+            sl = slice(start, start + batch_size)
+            out = BackboneOutput(
+                self.features[sl].to(device),
+                self.logits[sl].to(device),
+                {k: v[sl].to(device) for k, v in self.taps.items()},
+            )
+            yield out, self.targets[sl].to(device)
+
+    def subset(self, index: Tensor | Sequence[int]) -> CachedFeatures:
+        """The rows ``index`` (e.g. a seeded validation half), sharing ``meta``."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return CachedFeatures(
+            self.features[idx],
+            self.logits[idx],
+            {k: v[idx] for k, v in self.taps.items()},
+            self.targets[idx],
+            {**self.meta, "rows": int(idx.numel())},
+            self.from_cache,
+        )
+
+    def select_taps(self, taps: Sequence[str]) -> CachedFeatures:
+        """A view holding only ``taps`` (features and logits are always kept)."""
+        wanted = _hooked(taps)
+        missing = [t for t in wanted if t not in self.taps]
+        if missing:
+            raise KeyError(f"taps {missing} are not stored; stored taps: {sorted(self.taps)}")
+        return CachedFeatures(
+            self.features,
+            self.logits,
+            {t: self.taps[t] for t in wanted},
+            self.targets,
+            {**self.meta, "taps": wanted},
+            self.from_cache,
+        )
+
+
+def _hooked(taps: Sequence[str]) -> list[str]:
+    """Tap names that need a hook (features/logits are always stored), deduplicated, sorted."""
+    if isinstance(taps, str):
+        raise TypeError(f"taps must be a list of tap names, got the string {taps!r}")
+    return sorted({t for t in taps if t not in (FEATURES, LOGITS)})
+
+
+# -- identities ----------------------------------------------------------------------------------
+def _tensor_bytes(t: Tensor) -> bytes:
+    """The raw bytes of a tensor (any dtype, including bfloat16), C-contiguous on the CPU."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def backbone_fingerprint(backbone: nn.Module) -> str:
+    """SHA-256 of the module class and every state_dict tensor (name, dtype, shape, bytes).
+
+    Keys follow the weights, not a checkpoint's file name: the same weights loaded from two
+    files share entries, and any changed parameter or BatchNorm statistic gives a new key.
+    """
+    h = hashlib.sha256()
+    h.update(f"{type(backbone).__module__}.{type(backbone).__qualname__}\0".encode())
+    state = backbone.state_dict()
+    for name in sorted(state):
+        t = state[name]
+        if not isinstance(t, Tensor):  # extra state objects
+            h.update(f"{name}\0{t!r}\0".encode())
+            continue
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def _digest(value: Any) -> str:
+    """Short SHA-256 of a sample list, tensor or array."""
+    h = hashlib.sha256()
+    if isinstance(value, Tensor):
+        h.update(f"{value.dtype}{tuple(value.shape)}".encode())
+        h.update(_tensor_bytes(value))
+    elif isinstance(value, np.ndarray):
+        h.update(f"{value.dtype}{value.shape}".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    else:
+        h.update(repr(value).encode())
+    return h.hexdigest()[:16]
+
+
+#: Element types of a sample list whose ``repr`` is stable across processes.
+_STABLE = (str, int, float, bool, os.PathLike)
+
+
+def _stable_list(value: list | tuple) -> bool:
+    """Whether a list's repr is deterministic (paths, labels, (path, label) pairs)."""
+    return all(
+        isinstance(v, _STABLE) or (isinstance(v, tuple) and all(isinstance(e, _STABLE) for e in v))
+        for v in value
+    )
+
+
+def describe_dataset(dataset: Dataset) -> dict[str, Any]:
+    """A JSON-able description that changes whenever the dataset's samples change.
+
+    A dataset may define ``cache_id`` (a string or a no-argument method) to replace the
+    generic description; ``Subset`` and ``ConcatDataset`` wrappers are unwrapped, a subset by
+    hashing its index list.
+    """
+    own = getattr(dataset, "cache_id", None)
+    if own is not None:
+        return {"cache_id": own() if callable(own) else str(own)}
+    if isinstance(dataset, Subset):
+        idx = torch.as_tensor(list(dataset.indices), dtype=torch.int64)
+        return {
+            "subset": _digest(idx),
+            "n": int(idx.numel()),
+            "of": describe_dataset(dataset.dataset),
+        }
+    if isinstance(dataset, ConcatDataset):
+        return {"concat": [describe_dataset(d) for d in dataset.datasets]}
+    cls = type(dataset)
+    desc: dict[str, Any] = {"class": f"{cls.__module__}.{cls.__qualname__}"}
+    try:
+        desc["len"] = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        desc["len"] = None
+    for attr in _ID_ATTRS:
+        v = getattr(dataset, attr, None)
+        if isinstance(v, _STABLE):
+            # Folders are resolved so that two spellings of one path share entries.
+            desc[attr] = str(Path(v).resolve()) if attr in ("root", "path") else str(v)
+    for attr in _CONTENT_ATTRS:
+        v = getattr(dataset, attr, None)
+        if isinstance(v, Tensor | np.ndarray) or (isinstance(v, list | tuple) and _stable_list(v)):
+            desc[f"{attr}_sha"] = _digest(v)
+    return desc
+
+
+def _transforms(dataset: Dataset) -> Any:
+    """The transforms a dataset applies, following Subset/ConcatDataset wrappers."""
+    if isinstance(dataset, Subset):
+        return _transforms(dataset.dataset)
+    if isinstance(dataset, ConcatDataset):
+        return [_transforms(d) for d in dataset.datasets]
+    return {
+        "transform": repr(getattr(dataset, "transform", None)),
+        "target_transform": repr(getattr(dataset, "target_transform", None)),
+    }
+
+
+def describe_loader(loader: DataLoader) -> tuple[str, str]:
+    """``(dataset_id, transform_id)`` strings for :meth:`FeatureCache.get_or_compute`.
+
+    The batch size and worker count are not part of them: in eval mode they do not change
+    what the network computes.
+    """
+    dataset = loader.dataset
+    dataset_id = json.dumps(describe_dataset(dataset), sort_keys=True, default=str)
+    transform_id = json.dumps(_transforms(dataset), sort_keys=True, default=str)
+    if "Random" in transform_id:
+        warnings.warn(
+            f"the transform of {type(dataset).__name__} looks random ({transform_id[:200]}); "
+            "cached features freeze one draw of it",
+            stacklevel=2,
+        )
+    return dataset_id, transform_id
+
+
+# -- computing -----------------------------------------------------------------------------------
+def _device(module: nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, list | tuple) and batch and isinstance(batch[0], Tensor):
+        y = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
+        return batch[0], y
+    raise TypeError(
+        f"feature extraction expects batches of tensors or (inputs, targets) tuples, got "
+        f"{type(batch).__name__}"
+    )
+
+
+def compute_features(
+    backbone: nn.Module,
+    loader: DataLoader,
+    taps: Sequence[str] = (),
+    progress: bool = False,
+    desc: str = "features",
+) -> CachedFeatures:
+    """One eval-mode, no-grad pass of ``backbone.extract`` over ``loader``; results on the CPU.
+
+    ``no_grad`` rather than ``inference_mode``: detectors may still differentiate through the
+    head from these features (LINe's autograd contribution).
+    """
+    from tqdm import tqdm
+
+    hooked = _hooked(taps)
+    device = _device(backbone)
+    chunks: dict[str, list[Tensor]] = {"features": [], "logits": [], "targets": []}
+    tap_chunks: dict[str, list[Tensor]] = {t: [] for t in hooked}
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+                x, y = _split_batch(batch)
+                out = backbone.extract(x.to(device), taps=hooked)  # type: ignore[operator]
+                chunks["features"].append(out.features.cpu())
+                chunks["logits"].append(out.logits.cpu())
+                if y is None:
+                    y = torch.full((x.shape[0],), -1, dtype=torch.long)
+                chunks["targets"].append(y.reshape(-1).long().cpu())
+                for t in hooked:
+                    tap_chunks[t].append(out.taps[t].cpu())
+    finally:
+        backbone.train(was_training)
+    if not chunks["features"]:
+        raise ValueError(
+            f"the loader over {type(loader.dataset).__name__} yielded no batch; check the "
+            "dataset path and subset"
+        )
+    return CachedFeatures(
+        torch.cat(chunks["features"]),
+        torch.cat(chunks["logits"]),
+        {t: torch.cat(c) for t, c in tap_chunks.items()},
+        torch.cat(chunks["targets"]),
+        {"taps": hooked},
+    )
+
+
+# -- the cache -----------------------------------------------------------------------------------
+def _atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _slug(text: str) -> str:
+    """A short readable folder prefix from a dataset id (class name and length)."""
+    try:
+        d = json.loads(text)
+    except (TypeError, ValueError):
+        d = None
+    while isinstance(d, dict) and "of" in d:
+        d = d["of"]
+    raw = (
+        f"{str(d.get('class', '')).rsplit('.', 1)[-1]}-{d.get('len')}"
+        if isinstance(d, dict)
+        else text
+    )
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", raw)[:40].strip("_.") or "dataset"
+
+
+class FeatureCache:
+    """Backbone outputs on disk, keyed by (weights, dataset, transform, taps).
+
+    Args:
+        root: cache folder (created on first write), e.g. ``.cache/features``.
+
+    Attributes:
+        hits / misses: counters of :meth:`get_or_compute` outcomes (for logs and tests).
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.hits = 0
+        self.misses = 0
+
+    # -- keys ---------------------------------------------------------------------------------
+    @staticmethod
+    def base_key(weights: str, dataset_id: str, transform_id: str) -> str:
+        """SHA-256 over the format version, weight fingerprint, dataset and transform ids."""
+        payload = json.dumps(
+            {
+                "format": FORMAT_VERSION,
+                "weights": weights,
+                "dataset": dataset_id,
+                "transform": transform_id,
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    @staticmethod
+    def taps_key(taps: Sequence[str]) -> str:
+        return hashlib.sha256(json.dumps(_hooked(taps)).encode()).hexdigest()[:16]
+
+    def entry_path(
+        self, weights: str, dataset_id: str, transform_id: str, taps: Sequence[str] = ()
+    ) -> Path:
+        """Where the entry for these identities lives (whether or not it exists)."""
+        base = self.base_key(weights, dataset_id, transform_id)
+        folder = self.root / f"{_slug(dataset_id)}-{base[:24]}"
+        return folder / f"taps-{self.taps_key(taps)}.pt"
+
+    # -- read/write ---------------------------------------------------------------------------
+    def _read(
+        self, path: Path, expect: Mapping[str, Any], taps: Sequence[str]
+    ) -> CachedFeatures | None:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a foreign or damaged file: recompute and replace it
+            warnings.warn(
+                f"feature cache entry {path} is unreadable ({err}); recomputing", stacklevel=3
+            )
+            return None
+        meta = obj.get("meta", {}) if isinstance(obj, dict) else {}
+        if any(meta.get(k) != v for k, v in expect.items()):
+            warnings.warn(
+                f"feature cache entry {path} does not match its key; recomputing", stacklevel=3
+            )
+            return None
+        cached = CachedFeatures(
+            obj["features"], obj["logits"], obj["taps"], obj["targets"], meta, True
+        )
+        if set(_hooked(taps)) != set(cached.taps):
+            cached = cached.select_taps(taps)
+        return cached
+
+    def load(
+        self, weights: str, dataset_id: str, transform_id: str, taps: Sequence[str] = ()
+    ) -> CachedFeatures | None:
+        """The stored entry for these identities (or one storing a superset of ``taps``)."""
+        path = self.entry_path(weights, dataset_id, transform_id, taps)
+        expect = {"weights": weights, "dataset_id": dataset_id, "transform_id": transform_id}
+        if path.is_file():
+            hit = self._read(path, {**expect, "taps": _hooked(taps)}, taps)
+            if hit is not None:
+                return hit
+        if not path.parent.is_dir():
+            return None
+        wanted = set(_hooked(taps))
+        for other in sorted(path.parent.glob("taps-*.pt")):
+            if other == path:
+                continue
+            try:  # mmap: read the metadata without loading the tensors
+                meta = torch.load(other, map_location="cpu", weights_only=True, mmap=True)["meta"]
+            except Exception:
+                continue
+            if wanted <= set(meta.get("taps", [])):
+                hit = self._read(other, expect, taps)
+                if hit is not None:
+                    return hit
+        return None
+
+    def save(
+        self, cached: CachedFeatures, weights: str, dataset_id: str, transform_id: str
+    ) -> Path:
+        """Store ``cached`` atomically; returns the entry path."""
+        taps = _hooked(list(cached.taps))
+        path = self.entry_path(weights, dataset_id, transform_id, taps)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": FORMAT_VERSION,
+            "weights": weights,
+            "dataset_id": dataset_id,
+            "transform_id": transform_id,
+            "taps": taps,
+            "rows": len(cached),
+            "shapes": {
+                "features": list(cached.features.shape),
+                "logits": list(cached.logits.shape),
+                **{f"taps.{k}": list(v.shape) for k, v in cached.taps.items()},
+            },
+            "dtypes": {"features": str(cached.features.dtype), "logits": str(cached.logits.dtype)},
+            "torch": torch.__version__,
+        }
+        obj = {
+            "meta": meta,
+            "features": cached.features.contiguous(),
+            "logits": cached.logits.contiguous(),
+            "taps": {k: v.contiguous() for k, v in cached.taps.items()},
+            "targets": cached.targets.contiguous(),
+        }
+        _atomic_save(obj, path)
+        cached.meta = {**cached.meta, **meta}
+        return path
+
+    def get_or_compute(
+        self,
+        backbone: nn.Module,
+        loader: DataLoader,
+        taps: Sequence[str] = (),
+        dataset_id: str | None = None,
+        transform_id: str | None = None,
+        progress: bool = True,
+        desc: str = "features",
+    ) -> CachedFeatures:
+        """Read the entry for (weights, dataset, transform, taps), or compute and store it.
+
+        A hit runs no forward pass. ``dataset_id``/``transform_id`` default to
+        :func:`describe_loader`; pass them when a dataset's attributes do not identify it.
+        """
+        if dataset_id is None or transform_id is None:
+            auto_d, auto_t = describe_loader(loader)
+            dataset_id = auto_d if dataset_id is None else dataset_id
+            transform_id = auto_t if transform_id is None else transform_id
+        weights = backbone_fingerprint(backbone)
+        hit = self.load(weights, dataset_id, transform_id, taps)
+        if hit is not None:
+            self.hits += 1
+            return hit
+        self.misses += 1
+        cached = compute_features(backbone, loader, taps, progress=progress, desc=desc)
+        self.save(cached, weights, dataset_id, transform_id)
+        return cached

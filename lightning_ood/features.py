@@ -7,9 +7,11 @@ a file name:
 
 * the backbone's weights: a SHA-256 over the raw bytes of every parameter and buffer in sorted
   key order (so fine-tuning one bias, or loading another checkpoint, changes the key);
-* the dataset: class, length, root/split attributes, a hash of its file list or data tensor,
-  and the index list of any ``Subset`` wrapper (so every-k-th slices are told apart);
-* the transform: its ``repr`` (a ``Normalize`` with other constants is another entry);
+* the dataset: class, length, scalar attributes (folders resolved), a hash of its tensors and
+  file lists, and the same for every wrapped dataset, ``Subset`` indices included (so
+  every-k-th slices are told apart);
+* the transforms: the ``repr`` of every ``*transform*`` attribute along the wrapper chain (a
+  ``Normalize`` with other constants is another entry);
 * the tap set.
 
 Layout: ``<root>/<base>/taps-<hash>.pt`` where ``<base>`` hashes (weights, dataset,
@@ -34,17 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_ood.models.base import FEATURES, LOGITS, BackboneOutput
 
 #: Bumped when the stored layout changes; part of every key, so old entries are never misread.
 FORMAT_VERSION = 1
-#: Dataset attributes that identify what a dataset reads (only str/int/bool/Path values used).
-_ID_ATTRS = ("root", "split", "train", "path", "name", "every", "stride", "offset", "subset")
-#: Attributes holding the sample list or the data; hashed when present (small compared to a
-#: network pass over the same samples).
-_CONTENT_ATTRS = ("samples", "imgs", "files", "paths", "data", "targets")
 
 
 # -- stored features -----------------------------------------------------------------------------
@@ -178,65 +175,90 @@ def _digest(value: Any) -> str:
     return h.hexdigest()[:16]
 
 
-#: Element types of a sample list whose ``repr`` is stable across processes.
-_STABLE = (str, int, float, bool, os.PathLike)
+#: Values whose ``repr`` is stable across processes.
+_SCALARS = (str, int, float, bool, type(None), range)
+#: Attribute names holding a folder or file; resolved so two spellings share entries.
+_PATH_ATTRS = ("root", "path", "folder", "dir", "data_dir", "images_file", "labels_file")
+#: Nesting bound for dataset wrappers (guards against reference cycles).
+_MAX_DEPTH = 8
 
 
 def _stable_list(value: list | tuple) -> bool:
     """Whether a list's repr is deterministic (paths, labels, (path, label) pairs)."""
+    ok = (*_SCALARS, os.PathLike)
     return all(
-        isinstance(v, _STABLE) or (isinstance(v, tuple) and all(isinstance(e, _STABLE) for e in v))
+        isinstance(v, ok) or (isinstance(v, tuple) and all(isinstance(e, ok) for e in v))
         for v in value
     )
 
 
-def describe_dataset(dataset: Dataset) -> dict[str, Any]:
-    """A JSON-able description that changes whenever the dataset's samples change.
+def _dataset_list(value: Any) -> bool:
+    return (
+        isinstance(value, list | tuple)
+        and bool(value)
+        and all(isinstance(v, Dataset) for v in value)
+    )
 
-    A dataset may define ``cache_id`` (a string or a no-argument method) to replace the
-    generic description; ``Subset`` and ``ConcatDataset`` wrappers are unwrapped, a subset by
-    hashing its index list.
+
+def _attrs(obj: Any) -> list[tuple[str, Any]]:
+    return sorted((k, v) for k, v in getattr(obj, "__dict__", {}).items() if not k.startswith("_"))
+
+
+def describe_dataset(dataset: Dataset, _depth: int = 0) -> dict[str, Any]:
+    """A JSON-able description that changes whenever the samples a dataset yields change.
+
+    Generic: the class, the length, every public scalar attribute (folders resolved), a hash
+    of every tensor/array/sample-list attribute (images, labels, file lists, crop offsets,
+    ``Subset`` indices), and wrapped datasets recursively. Attributes whose name contains
+    ``transform`` are left to :func:`describe_transforms`. A dataset may define ``cache_id``
+    (a string or a no-argument method) to replace all this.
     """
     own = getattr(dataset, "cache_id", None)
     if own is not None:
         return {"cache_id": own() if callable(own) else str(own)}
-    if isinstance(dataset, Subset):
-        idx = torch.as_tensor(list(dataset.indices), dtype=torch.int64)
-        return {
-            "subset": _digest(idx),
-            "n": int(idx.numel()),
-            "of": describe_dataset(dataset.dataset),
-        }
-    if isinstance(dataset, ConcatDataset):
-        return {"concat": [describe_dataset(d) for d in dataset.datasets]}
     cls = type(dataset)
     desc: dict[str, Any] = {"class": f"{cls.__module__}.{cls.__qualname__}"}
     try:
         desc["len"] = len(dataset)  # type: ignore[arg-type]
     except TypeError:
         desc["len"] = None
-    for attr in _ID_ATTRS:
-        v = getattr(dataset, attr, None)
-        if isinstance(v, _STABLE):
-            # Folders are resolved so that two spellings of one path share entries.
-            desc[attr] = str(Path(v).resolve()) if attr in ("root", "path") else str(v)
-    for attr in _CONTENT_ATTRS:
-        v = getattr(dataset, attr, None)
-        if isinstance(v, Tensor | np.ndarray) or (isinstance(v, list | tuple) and _stable_list(v)):
-            desc[f"{attr}_sha"] = _digest(v)
+    if _depth >= _MAX_DEPTH:
+        return desc
+    for k, v in _attrs(dataset):
+        if "transform" in k:
+            continue
+        if isinstance(v, Dataset):
+            desc[k] = describe_dataset(v, _depth + 1)
+        elif _dataset_list(v):
+            desc[k] = [describe_dataset(d, _depth + 1) for d in v]
+        elif isinstance(v, os.PathLike) or (isinstance(v, str) and k in _PATH_ATTRS):
+            desc[k] = str(Path(v).resolve())
+        elif isinstance(v, _SCALARS):
+            desc[k] = v if isinstance(v, str | int | float | bool | type(None)) else repr(v)
+        elif isinstance(v, Tensor | np.ndarray) or (
+            isinstance(v, list | tuple) and _stable_list(v)
+        ):
+            desc[f"{k}#sha"] = _digest(v)
     return desc
 
 
-def _transforms(dataset: Dataset) -> Any:
-    """The transforms a dataset applies, following Subset/ConcatDataset wrappers."""
-    if isinstance(dataset, Subset):
-        return _transforms(dataset.dataset)
-    if isinstance(dataset, ConcatDataset):
-        return [_transforms(d) for d in dataset.datasets]
-    return {
-        "transform": repr(getattr(dataset, "transform", None)),
-        "target_transform": repr(getattr(dataset, "target_transform", None)),
-    }
+def describe_transforms(dataset: Dataset, _depth: int = 0) -> dict[str, Any]:
+    """The ``repr`` of every ``*transform*`` attribute along a chain of dataset wrappers."""
+    out: dict[str, Any] = {}
+    if _depth >= _MAX_DEPTH:
+        return out
+    for k, v in _attrs(dataset):
+        if "transform" in k:
+            out[k] = repr(v)
+        elif isinstance(v, Dataset):
+            sub = describe_transforms(v, _depth + 1)
+            if sub:
+                out[k] = sub
+        elif _dataset_list(v):
+            subs = [describe_transforms(d, _depth + 1) for d in v]
+            if any(subs):
+                out[k] = subs
+    return out
 
 
 def describe_loader(loader: DataLoader) -> tuple[str, str]:
@@ -247,11 +269,18 @@ def describe_loader(loader: DataLoader) -> tuple[str, str]:
     """
     dataset = loader.dataset
     dataset_id = json.dumps(describe_dataset(dataset), sort_keys=True, default=str)
-    transform_id = json.dumps(_transforms(dataset), sort_keys=True, default=str)
-    if "Random" in transform_id:
+    transform_id = json.dumps(describe_transforms(dataset), sort_keys=True, default=str)
+    name = type(dataset).__name__
+    if " at 0x" in transform_id:
         warnings.warn(
-            f"the transform of {type(dataset).__name__} looks random ({transform_id[:200]}); "
-            "cached features freeze one draw of it",
+            f"a transform of {name} has no stable repr ({transform_id[:200]}); its cache "
+            "entries will never be found again. Give it a __repr__ or pass transform_id=",
+            stacklevel=2,
+        )
+    elif "Random" in transform_id:
+        warnings.warn(
+            f"a transform of {name} looks random ({transform_id[:200]}); cached features "
+            "freeze one draw of it",
             stacklevel=2,
         )
     return dataset_id, transform_id
@@ -335,6 +364,7 @@ def _atomic_save(obj: Any, path: Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a shared cache must stay readable
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -342,18 +372,17 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def _slug(text: str) -> str:
-    """A short readable folder prefix from a dataset id (class name and length)."""
+    """A readable folder prefix from a dataset id: innermost class, outermost length."""
     try:
         d = json.loads(text)
     except (TypeError, ValueError):
         d = None
-    while isinstance(d, dict) and "of" in d:
-        d = d["of"]
-    raw = (
-        f"{str(d.get('class', '')).rsplit('.', 1)[-1]}-{d.get('len')}"
-        if isinstance(d, dict)
-        else text
-    )
+    if not isinstance(d, dict):
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:40].strip("_.") or "dataset"
+    n = d.get("len")
+    while isinstance(d.get("dataset"), dict):
+        d = d["dataset"]
+    raw = f"{str(d.get('class', 'dataset')).rsplit('.', 1)[-1]}-{n}"
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", raw)[:40].strip("_.") or "dataset"
 
 
@@ -469,7 +498,7 @@ class FeatureCache:
                 **{f"taps.{k}": list(v.shape) for k, v in cached.taps.items()},
             },
             "dtypes": {"features": str(cached.features.dtype), "logits": str(cached.logits.dtype)},
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),
         }
         obj = {
             "meta": meta,

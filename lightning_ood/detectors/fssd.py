@@ -2,9 +2,10 @@
 
 Uniform-noise inputs collapse onto one point of each layer's feature space, the *feature space
 singularity* (FSS); in-distribution samples lie far from it, OOD samples close to it. Per tap
-``l`` the score is ``FSSD_l(x) = ||F_l(x) - FSS_l||_2`` (paper eq. 2), higher = more
-in-distribution, and the layers are combined by a logistic regression fitted on held-out
-ID + OOD validation samples (paper §4.1; the reference's ``train_lr``).
+``l`` the score is ``FSSD_l(x) = ||F_l(x) - FSS_l||_2`` (the paper's definition of FSSD),
+higher = more in-distribution, and the layers are combined by a logistic regression fitted on
+held-out ID + OOD validation samples (the paper's ensemble; the reference's ``train_lr``).
+Paper/reference differences follow ``METHODS.md`` (FSSD items 2, 4, 5).
 
 This module also holds :class:`LayerEnsembleDetector`, the per-tap-components + logistic
 combiner base shared with :mod:`lightning_ood.detectors.mahalanobis`, and the input-gradient
@@ -138,6 +139,8 @@ class LayerEnsembleDetector(Detector):
     """
 
     needs_validation: ClassVar[bool] = True
+    #: Input pre-processing magnitude; subclasses set it (0 = off).
+    epsilon: float
 
     def __init__(
         self,
@@ -168,8 +171,6 @@ class LayerEnsembleDetector(Detector):
         self.register_buffer("combiner_mean", torch.zeros(0, dtype=f64))
         self.register_buffer("combiner_scale", torch.ones(0, dtype=f64))
         self.register_buffer("combiner_fitted", torch.tensor(False))
-
-    epsilon: float
 
     @property
     def needs_input_grad(self) -> bool:  # type: ignore[override]
@@ -303,7 +304,8 @@ class FSSD(LayerEnsembleDetector):
             K forward passes per batch.
         direction: ``"reference"``: x̃ = x + ε·ĝ/std with ĝ the standardised gradient of
             -mean(FSSD_l), i.e. a step that *lowers* FSSD (reference code); ``"paper"``:
-            x̃ = x + ε·sign(∇ₓ FSSD_l)/std, raising FSSD (paper eq. 4).
+            x̃ = x + ε·sign(∇ₓ FSSD_l)/std (sign 0 where the gradient is 0), raising FSSD
+            (the paper's pre-processing).
         grad_norm: standardisation of the reference direction: ``"batch"`` = (g - mean)/std
             over the whole batch tensor (reference code, makes a score depend on its
             batch-mates); ``"sample"`` = over each sample's own gradient.
@@ -395,7 +397,7 @@ class FSSD(LayerEnsembleDetector):
         return torch.rand(shape, generator=g)
 
     def finalize(self, model: OODBackbone, reducer: Reducer | None = None) -> None:
-        """Compute FSS_l = mean over the noise of F_l(noise), flattened (paper eq. 1).
+        """Compute FSS_l = mean over the noise of F_l(noise), flattened (the paper's FSS).
 
         Runs the model in eval mode (restoring its mode). Every rank draws the same noise, so
         nothing is reduced across DDP ranks.

@@ -265,14 +265,24 @@ class LINe(Detector):
             return torch.logsumexp(logits, dim=1)
         pred = logits.argmax(dim=1)
         z = torch.empty_like(logits)
-        # One group per predicted class: at most one L×q mask alive at a time.
+        weight = self.weight
+        if self.weight_prune:
+            # One reusable L×q work buffer and mask for all groups: bounded memory, and no
+            # fresh multi-MB allocation (page faults) per predicted class.
+            abs_c = self.contribution_matrix.T.abs()  # (L, q): row k is |C[:, k]|
+            work = torch.empty_like(weight)
+            keep = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
+        # One group per predicted class, not one iteration per sample.
         for k in pred.unique().tolist():
             idx = (pred == k).nonzero().flatten()
             hk = h[idx]
             if self.act_prune:
                 hk = hk * self.act_mask[k]
-            w = self.weight
+            w = weight
             if self.weight_prune:
-                w = torch.where(self.weight_mask(k), w, w.new_zeros(()))
+                # M_w^k = 1[|C[:, k]|ᵀ ⊙ W > t_k], the same product as in finalize (bit-exact).
+                torch.mul(weight, abs_c[k], out=work)
+                torch.gt(work, self.weight_threshold[k], out=keep)
+                w = torch.mul(weight, keep, out=work)  # W ⊙ M_w^k
             z[idx] = hk @ w.T + self.bias
         return torch.logsumexp(z, dim=1)

@@ -2,10 +2,11 @@
 Out-of-Distribution Samples and Adversarial Attacks").
 
 Per tap, a class-conditional Gaussian with class means μ_k and ONE shared (tied) covariance Σ
-(paper eq. 1) is fitted on the training set; the score is the negated distance to the closest
-class, ``M(x) = -min_k (f(x) - μ_k)ᵀ Σ⁻¹ (f(x) - μ_k)`` (paper eq. 2; the reference codes use
-``-½·`` the same quantity, a rescaling). Optional input pre-processing (paper eq. 4) and a
-logistic-regression ensemble over taps (paper §2, "feature ensemble") as in FSSD.
+is fitted on the training set; the score is the negated distance to the closest class,
+``M(x) = -min_k (f(x) - μ_k)ᵀ Σ⁻¹ (f(x) - μ_k)`` (the paper's confidence score; the reference
+codes use ``-½·`` the same quantity, a rescaling). Optional input pre-processing and a
+logistic-regression "feature ensemble" over taps (both in the paper's Algorithm 1), shared with
+FSSD.
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ class Mahalanobis(LayerEnsembleDetector):
         return ((diff @ self.precision(i)) * diff).sum(dim=1)
 
     def perturb(self, model: OODBackbone, x: Tensor, i: int) -> Tensor:
-        """x̃ = x - ε·sign(∇ₓ d_k̂)/input_std for tap ``i`` (Lee et al. eq. 4)."""
+        """x̃ = x - ε·sign(∇ₓ d_k̂)/input_std for tap ``i`` (Lee et al.'s input pre-processing)."""
         grad = input_gradient(model, x, self._tap_list[i], lambda f: self._closest_distance(f, i))
         sign = torch.where(grad >= 0, 1.0, -1.0).to(grad.dtype)
         return (x - self.epsilon * divide_by_input_std(sign, self.input_std)).detach()

@@ -81,7 +81,7 @@ def _unnest(obj: object, path: Path) -> dict[str, Tensor]:
 
 
 def strip_prefix(state: Mapping[str, Tensor], expected: set[str]) -> dict[str, Tensor]:
-    """Remove the key prefix (``module.``, ``model.``, ``model.net.``...) that best fits ``expected``.
+    """Remove the key prefix (``module.``, ``model.``, ``model.net.``...) that best fits the model.
 
     Every dotted prefix of every key is a candidate; the one under which most keys become model
     keys wins (ties: the shorter). Keys outside the winning prefix belong to other parts of the

@@ -1,0 +1,41 @@
+"""Data: LightningDataModules for the ID sets, named OOD sets, readers and transforms."""
+
+from lightning_ood.data.datamodules import (
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    CIFARDataModule,
+    FashionMNISTDataModule,
+    GenomeDataModule,
+    MNISTDataModule,
+    OODDataModule,
+)
+from lightning_ood.data.genome import read_genome_tsv, write_synthetic_genome
+from lightning_ood.data.ood import (
+    OOD_SETS,
+    OODSetInfo,
+    OODSpec,
+    build_ood_dataset,
+    parse_ood_spec,
+    register_ood_set,
+)
+from lightning_ood.data.paths import DATA_ROOT_ENV, default_data_root
+
+__all__ = [
+    "DATA_ROOT_ENV",
+    "OOD_SETS",
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "CIFARDataModule",
+    "FashionMNISTDataModule",
+    "GenomeDataModule",
+    "MNISTDataModule",
+    "OODDataModule",
+    "OODSetInfo",
+    "OODSpec",
+    "build_ood_dataset",
+    "default_data_root",
+    "parse_ood_spec",
+    "read_genome_tsv",
+    "register_ood_set",
+    "write_synthetic_genome",
+]

@@ -1,0 +1,635 @@
+"""LightningDataModules: one OOD-aware base class and the in-distribution sets.
+
+:class:`OODDataModule` is the contract the task and the OOD callback rely on: an ID set
+(train / val / test, plus the training set under the eval transform for detector fitting),
+named OOD test sets that are reported, and OOD validation sets that only tune
+hyperparameters. ``__init__`` only stores and validates arguments; files are read in
+:meth:`~OODDataModule.setup` and downloaded (only when allowed) in
+:meth:`~OODDataModule.prepare_data`.
+
+Validation of the classifier: with ``val_size: 0`` (default) the ID test set doubles as the
+validation set, as in the DICE/LINe/FSSD training scripts; ``val_size: n`` holds out ``n``
+seeded training samples instead (they are then excluded from training and detector fitting).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets as tvd
+
+from lightning_ood.data.genome import GENOME_DIR, GENOME_FILES, GenomeSequences
+from lightning_ood.data.genome import write_synthetic_genome as _write_genome
+from lightning_ood.data.ood import (
+    OOD_SETS,
+    OODSpec,
+    build_ood_dataset,
+    download_ood_set,
+    parse_ood_spec,
+)
+from lightning_ood.data.paths import guarded_download, resolve_root
+from lightning_ood.data.readers import (
+    CIFAR10_CLASSES,
+    CIFAR_PICKLES,
+    CIFARPickles,
+    Transformed,
+    take_every,
+)
+from lightning_ood.data.transforms import (
+    FASHIONMNIST_MEAN,
+    FASHIONMNIST_STD,
+    MNIST_MEAN,
+    MNIST_STD,
+    Normalization,
+    cifar_normalization,
+    cifar_train_transform,
+    eval_transform,
+)
+
+OODEntry = str | dict[str, Any]
+
+
+class OODDataModule(LightningDataModule):
+    """Base datamodule: an ID set plus named OOD sets, with one shared eval pipeline.
+
+    Args:
+        root: data root; ``None`` uses :func:`~lightning_ood.data.default_data_root`
+            (``$LIGHTNING_OOD_DATA``, ``../shared/data``, else ``./data``).
+        batch_size: training batch size.
+        eval_batch_size: batch size of every other loader (default: ``batch_size``).
+        num_workers: DataLoader worker processes.
+        ood_sets: reported OOD test sets: registry names or dicts
+            ``{name, kind?, path?, every?, ...}`` (see :mod:`lightning_ood.data.ood`).
+        val_ood_sets: OOD sets used only for hyperparameter selection, never reported.
+        train_every: keep every n-th training sample (file order), for fast runs.
+        test_every: keep every n-th ID test/validation sample.
+        ood_every: keep every n-th sample of each OOD set (an entry's ``every`` wins).
+        val_size: training samples held out (seeded) for validation; 0 = validate on the ID
+            test set, as the reference training scripts do.
+        val_seed: seed of the held-out split.
+        download: allow torchvision downloads; ``None`` = only when ``root`` fell back to
+            ``./data``.
+        pin_memory: DataLoader ``pin_memory``.
+    """
+
+    #: Name of the ID set, first entry of ``test_set_names``.
+    id_name: ClassVar[str] = "id"
+    #: Human name used in messages ("FashionMNIST", "CIFAR-10").
+    display_name: ClassVar[str] = "the ID set"
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        ood_sets: list[OODEntry] | None = None,
+        val_ood_sets: list[OODEntry] | None = None,
+        train_every: int = 1,
+        test_every: int = 1,
+        ood_every: int = 1,
+        val_size: int = 0,
+        val_seed: int = 0,
+        download: bool | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        for name, value in {
+            "batch_size": batch_size,
+            "train_every": train_every,
+            "test_every": test_every,
+            "ood_every": ood_every,
+        }.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
+        if num_workers < 0 or val_size < 0:
+            raise ValueError(
+                f"num_workers and val_size must be >= 0, got {num_workers} and {val_size}"
+            )
+        self.root = root
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.train_every = train_every
+        self.test_every = test_every
+        self.ood_every = ood_every
+        self.val_size = val_size
+        self.val_seed = val_seed
+        self.download = download
+        self.pin_memory = pin_memory
+        # Parsing validates names and keys; it reads nothing from disk.
+        self.ood_specs: list[OODSpec] = [parse_ood_spec(s) for s in ood_sets or []]
+        self.val_ood_specs: list[OODSpec] = [parse_ood_spec(s) for s in val_ood_sets or []]
+        self._check_names()
+        self._resolved: tuple[Path, bool] | None = None
+        self._sets: dict[str, Dataset] | None = None
+        self._ood: list[Dataset] = []
+        self._val_ood: dict[str, Dataset] = {}
+        self._data_version: str | None = None
+
+    # -- what subclasses provide ------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        """Number of ID classes."""
+        raise NotImplementedError
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Model input: (C, H, W) for images, (seq_len,) for token sequences."""
+        raise NotImplementedError
+
+    @property
+    def normalization(self) -> Normalization | None:
+        """The ID (mean, std) every image set is normalised with; None for token data."""
+        return None
+
+    def _id_present(self, root: Path) -> bool:
+        raise NotImplementedError
+
+    def _download_id(self, root: Path) -> None:
+        """Fetch the ID data into ``root`` (called inside :func:`guarded_download`)."""
+
+    def _load_id(self, root: Path) -> dict[str, Dataset]:
+        """Raw ``(image, label)`` readers: keys "train", "test" and optionally "val"."""
+        raise NotImplementedError
+
+    def _train_transform(self) -> Any:
+        return self._eval_transform()
+
+    def _eval_transform(self) -> Any:
+        norm = self.normalization
+        if norm is None:
+            return None
+        return eval_transform(self.input_shape, *norm)
+
+    # -- names --------------------------------------------------------------------------------
+    def _check_names(self) -> None:
+        for label, specs in (("ood_sets", self.ood_specs), ("val_ood_sets", self.val_ood_specs)):
+            names = [s.name for s in specs]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{label} names must be unique; repeated: {dupes}")
+            if self.id_name in names:
+                raise ValueError(
+                    f"{label} contains {self.id_name!r}, the in-distribution set of "
+                    f"{type(self).__name__}; name an OOD set that differs from the ID data"
+                )
+        test = {s.name: s for s in self.ood_specs}
+        for spec in self.val_ood_specs:
+            other = test.get(spec.name)
+            if other is None:
+                continue
+            separate = OOD_SETS[spec.kind].val_subpath is not None and spec.path is None
+            if not separate and other.kind == spec.kind and other.path == spec.path:
+                raise ValueError(
+                    f"OOD set {spec.name!r} is both reported (ood_sets) and used for tuning "
+                    "(val_ood_sets) with the same samples; tune on a different set or give "
+                    "the validation entry its own path"
+                )
+
+    @property
+    def test_set_names(self) -> list[str]:
+        """``[id_name, *OOD names]``, in the order of :meth:`test_dataloader`."""
+        return [self.id_name, *(s.name for s in self.ood_specs)]
+
+    @property
+    def val_ood_names(self) -> list[str]:
+        """Names of the tuning-only OOD sets, the keys of :meth:`val_ood_dataloaders`."""
+        return [s.name for s in self.val_ood_specs]
+
+    @property
+    def data_version(self) -> str:
+        """Which copy of the ID data was read (results must name it); known after setup."""
+        return self._data_version or self.id_name
+
+    # -- data root / lifecycle ------------------------------------------------------------------
+    def resolved_root(self) -> tuple[Path, bool]:
+        """``(data root, download allowed)`` after applying the defaults."""
+        if self._resolved is None:
+            self._resolved = resolve_root(self.root, self.download)
+        return self._resolved
+
+    def prepare_data(self) -> None:
+        """Download missing ID/OOD data where allowed (``download``) and possible."""
+        root, download = self.resolved_root()
+        if not download:
+            return
+        if not self._id_present(root):
+            guarded_download(self.display_name, root, lambda: self._download_id(root))
+        for spec in [*self.ood_specs, *self.val_ood_specs]:
+            download_ood_set(spec, root)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open every set (ID train/val/test, OOD test, OOD val) for any stage.
+
+        All stages build everything: the detector-fitting pass needs the training set at
+        test time, and a wrong OOD path should fail before training rather than after it.
+        """
+        if self._sets is not None:
+            return
+        root, _ = self.resolved_root()
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"data root {root} does not exist ({self.display_name} is read from there); "
+                "pass --data.root, set LIGHTNING_OOD_DATA, or set download: true"
+            )
+        raw = self._load_id(root)
+        train_idx, val_idx = self._split(len(raw["train"]))  # type: ignore[arg-type]
+        train_idx = train_idx[:: self.train_every]
+        eval_tf = self._eval_transform()
+        sets: dict[str, Dataset] = {
+            "train": Transformed(Subset(raw["train"], train_idx), self._train_transform()),
+            "fit": Transformed(Subset(raw["train"], train_idx), eval_tf),
+            "test": Transformed(take_every(raw["test"], self.test_every), eval_tf),
+        }
+        if val_idx:
+            sets["val"] = Transformed(Subset(raw["train"], val_idx[:: self.test_every]), eval_tf)
+        else:
+            val_raw = raw.get("val", raw["test"])
+            sets["val"] = Transformed(take_every(val_raw, self.test_every), eval_tf)
+        for split, ds in sets.items():
+            if len(ds) == 0:  # type: ignore[arg-type]
+                raise ValueError(
+                    f"{self.display_name} {split} set under {root} is empty (train_every="
+                    f"{self.train_every}, test_every={self.test_every}, val_size={self.val_size})"
+                )
+        self._ood = [self._build_ood(s, root, "test") for s in self.ood_specs]
+        self._val_ood = {s.name: self._build_ood(s, root, "val") for s in self.val_ood_specs}
+        self._sets = sets
+
+    def _build_ood(self, spec: OODSpec, root: Path, split: Literal["test", "val"]) -> Dataset:
+        return build_ood_dataset(
+            spec, root, self.input_shape, self.normalization, every=self.ood_every, split=split
+        )
+
+    def _split(self, n: int) -> tuple[list[int], list[int]]:
+        if self.val_size == 0:
+            return list(range(n)), []
+        if self.val_size >= n:
+            raise ValueError(f"val_size={self.val_size} leaves no training samples out of {n}")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.val_seed))
+        return sorted(perm[self.val_size :].tolist()), sorted(perm[: self.val_size].tolist())
+
+    def _ready(self) -> dict[str, Dataset]:
+        if self._sets is None:
+            self.setup()
+        assert self._sets is not None
+        return self._sets
+
+    # -- loaders ------------------------------------------------------------------------------
+    def _loader(
+        self, dataset: Dataset, train: bool = False, persistent: bool = False
+    ) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=persistent and self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Training set, training transform (augmented where the recipe augments), shuffled."""
+        return self._loader(self._ready()["train"], train=True, persistent=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """ID validation set (the ID test set unless ``val_size`` > 0), eval transform."""
+        return self._loader(self._ready()["val"], persistent=True)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """``[ID test, *OOD sets]`` in ``test_set_names`` order; eval transform, no shuffle."""
+        sets = self._ready()
+        return [self._loader(sets["test"]), *(self._loader(ds) for ds in self._ood)]
+
+    def predict_dataloader(self) -> DataLoader:
+        """The ID test set."""
+        return self._loader(self._ready()["test"])
+
+    def fit_dataloader(self) -> DataLoader:
+        """The training set under the EVAL transform, in order: the detector-fitting pass."""
+        return self._loader(self._ready()["fit"])
+
+    def val_ood_dataloaders(self) -> dict[str, DataLoader]:
+        """Tuning-only OOD sets by name (never part of the reported tables)."""
+        self._ready()
+        return {name: self._loader(ds) for name, ds in self._val_ood.items()}
+
+
+# -- MNIST family ------------------------------------------------------------------------------
+IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+class _IdxDataModule(OODDataModule):
+    """MNIST-family ID set from the uncompressed idx files in ``<root>/<folder>/raw``.
+
+    No training augmentation: the FSSD LeNet recipe trains on the eval pipeline.
+    """
+
+    folder: ClassVar[str]
+    torchvision_class: ClassVar[type[tvd.MNIST]]
+    mean: ClassVar[tuple[float, ...]]
+    std: ClassVar[tuple[float, ...]]
+
+    @property
+    def num_classes(self) -> int:
+        return 10
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (1, 28, 28)
+
+    @property
+    def normalization(self) -> Normalization:
+        return self.mean, self.std
+
+    def _raw_dir(self, root: Path) -> Path:
+        return root / self.folder / "raw"
+
+    def _id_present(self, root: Path) -> bool:
+        return all((self._raw_dir(root) / f).is_file() for f in IDX_FILES)
+
+    def _download_id(self, root: Path) -> None:
+        self.torchvision_class(str(root), train=True, download=True)
+
+    def _load_id(self, root: Path) -> dict[str, Dataset]:
+        raw = self._raw_dir(root)
+        missing = [f for f in IDX_FILES if not (raw / f).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{self.display_name} not found under {raw}: expected {', '.join(IDX_FILES)} "
+                f"(uncompressed idx files; missing: {', '.join(missing)}); pass --data.root or "
+                "set download: true"
+            )
+        self._data_version = f"{self.display_name} (original idx files)"
+        return {
+            "train": self.torchvision_class(str(root), train=True),
+            "test": self.torchvision_class(str(root), train=False),
+        }
+
+
+class FashionMNISTDataModule(_IdxDataModule):
+    """FashionMNIST (``<root>/FashionMNIST/raw``), Normalize(0.2860, 0.3530) as in FSSD."""
+
+    id_name = "fashionmnist"
+    display_name = "FashionMNIST"
+    folder = "FashionMNIST"
+    torchvision_class = tvd.FashionMNIST
+    mean = FASHIONMNIST_MEAN
+    std = FASHIONMNIST_STD
+
+
+class MNISTDataModule(_IdxDataModule):
+    """MNIST (``<root>/MNIST/raw``), Normalize(0.1307, 0.3081)."""
+
+    id_name = "mnist"
+    display_name = "MNIST"
+    folder = "MNIST"
+    torchvision_class = tvd.MNIST
+    mean = MNIST_MEAN
+    std = MNIST_STD
+
+
+# -- CIFAR ---------------------------------------------------------------------------------
+class CIFARDataModule(OODDataModule):
+    """CIFAR-10/100 from the original pickles or from a JPEG ImageFolder copy.
+
+    Layout under the data root: ``cifar-10-batches-py/`` (``cifar-100-python/``) as
+    torchvision downloads it, or ``cifar10-jpeg-q75/{train,test}/<class>/*.jpg``
+    (``cifar100-jpeg-q75`` likewise) whose alphabetically sorted class folders equal the
+    CIFAR label order (checked). Train: RandomCrop(32, pad 4) + flip; eval: the reference
+    Resize(32) + CenterCrop(32) + Normalize for the ID set and every OOD set.
+
+    Args:
+        source: "pickle", "jpeg", or "auto" (pickles when present, else the JPEG copy).
+            ``data_version`` records which one was read.
+        normalization: "reference" (the DICE/LINe constants, also for CIFAR-100) or
+            "true_std" (the set's true training statistics).
+        **kwargs: the :class:`OODDataModule` arguments.
+    """
+
+    variant: ClassVar[Literal["cifar10", "cifar100"]] = "cifar10"
+    id_name = "cifar10"
+    display_name = "CIFAR-10"
+
+    def __init__(
+        self,
+        source: Literal["auto", "pickle", "jpeg"] = "auto",
+        normalization: Literal["reference", "true_std"] = "reference",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if source not in ("auto", "pickle", "jpeg"):
+            raise ValueError(f"source must be 'auto', 'pickle' or 'jpeg', got {source!r}")
+        self.source = source
+        self.normalization_name = normalization
+        self._norm = cifar_normalization(self.variant, normalization)
+
+    @property
+    def num_classes(self) -> int:
+        return 10 if self.variant == "cifar10" else 100
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (3, 32, 32)
+
+    @property
+    def normalization(self) -> Normalization:
+        return self._norm
+
+    def _train_transform(self) -> Any:
+        return cifar_train_transform(*self._norm)
+
+    def _dirs(self, root: Path) -> tuple[Path, Path]:
+        return root / CIFAR_PICKLES[self.variant][0], root / f"{self.variant}-jpeg-q75"
+
+    def _resolve_source(self, root: Path) -> Literal["pickle", "jpeg"] | None:
+        pickles, jpeg = self._dirs(root)
+        if self.source != "auto":
+            return self.source  # type: ignore[return-value]
+        if pickles.is_dir():
+            return "pickle"
+        if jpeg.is_dir():
+            return "jpeg"
+        return None
+
+    def _id_present(self, root: Path) -> bool:
+        pickles, jpeg = self._dirs(root)
+        source = self._resolve_source(root)
+        return (source == "pickle" and pickles.is_dir()) or (source == "jpeg" and jpeg.is_dir())
+
+    def _download_id(self, root: Path) -> None:
+        if self.source == "jpeg":  # the JPEG copy has no download; setup says what is missing
+            return
+        cls = tvd.CIFAR10 if self.variant == "cifar10" else tvd.CIFAR100
+        cls(str(root), train=True, download=True)
+
+    def _load_id(self, root: Path) -> dict[str, Dataset]:
+        pickles, jpeg = self._dirs(root)
+        folder, train_files, test_files, key = CIFAR_PICKLES[self.variant]
+        source = self._resolve_source(root)
+        layout = (
+            f"{folder}/{{{','.join((*train_files, *test_files))}}} (the original pickles) "
+            f"or {jpeg.name}/{{train,test}}/<class>/*.jpg"
+        )
+        if source is None:
+            raise FileNotFoundError(
+                f"{self.display_name} not found under {root}: expected {layout}; pass "
+                "--data.root or set download: true"
+            )
+        if source == "pickle":
+            missing = [f for f in (*train_files, *test_files) if not (pickles / f).is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"{self.display_name} pickles incomplete under {pickles}: missing "
+                    f"{', '.join(missing)}; pass --data.root or set download: true"
+                )
+            train = CIFARPickles(pickles, train_files, key)
+            test = CIFARPickles(pickles, test_files, key)
+            for split, ds in (("train", train), ("test", test)):
+                if ds.labels.min() < 0 or ds.labels.max() >= self.num_classes:
+                    raise ValueError(
+                        f"{pickles} {split} labels span {ds.labels.min()}..{ds.labels.max()}, "
+                        f"expected 0..{self.num_classes - 1}"
+                    )
+            self._data_version = f"{self.display_name} original (python pickles)"
+            return {"train": train, "test": test}
+        splits = {}
+        for split in ("train", "test"):
+            folder_path = jpeg / split
+            if not folder_path.is_dir():
+                raise FileNotFoundError(
+                    f"{self.display_name} JPEG copy incomplete: {folder_path} does not exist; "
+                    f"expected {layout}"
+                )
+            ds = tvd.ImageFolder(str(folder_path))
+            self._check_classes(ds.classes, folder_path)
+            splits[split] = ds
+        self._data_version = f"{self.display_name} JPEG copy ({jpeg.name}, lossy re-encoding)"
+        return splits
+
+    def _check_classes(self, classes: list[str], folder: Path) -> None:
+        if self.variant == "cifar10" and tuple(classes) != CIFAR10_CLASSES:
+            raise ValueError(
+                f"class folders of {folder} are {classes}; expected the CIFAR-10 classes "
+                f"{list(CIFAR10_CLASSES)} (their sorted order is the label order)"
+            )
+        if len(classes) != self.num_classes:
+            raise ValueError(
+                f"{folder} has {len(classes)} class folders, expected {self.num_classes}"
+            )
+
+
+class CIFAR10DataModule(CIFARDataModule):
+    """CIFAR-10 (see :class:`CIFARDataModule`)."""
+
+    variant = "cifar10"
+    id_name = "cifar10"
+    display_name = "CIFAR-10"
+
+
+class CIFAR100DataModule(CIFARDataModule):
+    """CIFAR-100 fine labels (see :class:`CIFARDataModule`); CIFAR-100's fine label names
+    are alphabetical, so a sorted ImageFolder copy also keeps the label order."""
+
+    variant = "cifar100"
+    id_name = "cifar100"
+    display_name = "CIFAR-100"
+
+
+# -- genome ------------------------------------------------------------------------------------
+class GenomeDataModule(OODDataModule):
+    """Bacteria-genome style sequences from ``<root>/genome/*.tsv`` (format:
+    :mod:`lightning_ood.data.genome`); samples are ``(tokens (seq_len,) long, label)``.
+
+    Validation uses ``val.tsv``; ``ood_sets: [genome_ood]`` reads ``ood_test.tsv`` and
+    ``val_ood_sets: [genome_ood]`` reads ``ood_val.tsv``.
+
+    Args:
+        seq_len: sequence length (250 in the benchmark).
+        num_classes: number of ID classes (10).
+        synthetic: when the files are missing, write the seeded synthetic stand-in
+            (:func:`~lightning_ood.data.write_synthetic_genome`) into ``<root>/genome`` in
+            ``prepare_data`` (``root`` must then be writable).
+        **kwargs: the :class:`OODDataModule` arguments.
+    """
+
+    id_name = "genome"
+    display_name = "Genome"
+
+    def __init__(
+        self, seq_len: int = 250, num_classes: int = 10, synthetic: bool = False, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        if seq_len < 1 or num_classes < 2:
+            raise ValueError(
+                f"need seq_len >= 1 and num_classes >= 2, got {seq_len}, {num_classes}"
+            )
+        self.seq_len = seq_len
+        self._num_classes = num_classes
+        self.synthetic = synthetic
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.seq_len,)
+
+    def _files(self, root: Path) -> dict[str, Path]:
+        return {s: root / GENOME_DIR / GENOME_FILES[s] for s in ("train", "val", "test")}
+
+    def _id_present(self, root: Path) -> bool:
+        return all(p.is_file() for p in self._files(root).values())
+
+    def prepare_data(self) -> None:
+        root, _ = self.resolved_root()
+        if self.synthetic and not self._id_present(root):
+            folder = root / GENOME_DIR
+            existing = [n for n in GENOME_FILES.values() if (folder / n).is_file()]
+            if existing:
+                raise FileExistsError(
+                    f"{folder} already holds {existing} but not every ID file; refusing to "
+                    "overwrite it with synthetic data (set synthetic: false or clear the folder)"
+                )
+            _write_genome(root, num_classes=self._num_classes, seq_len=self.seq_len)
+        super().prepare_data()
+
+    def _load_id(self, root: Path) -> dict[str, Dataset]:
+        files = self._files(root)
+        missing = [p.name for p in files.values() if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"Genome data not found under {root / GENOME_DIR}: expected "
+                f"{', '.join(GENOME_FILES.values())} (missing: {', '.join(missing)}); see "
+                "lightning_ood.data.genome for the format, or set synthetic: true to write a "
+                "synthetic stand-in"
+            )
+        sets = {split: GenomeSequences(path, self.seq_len) for split, path in files.items()}
+        for split, ds in sets.items():
+            lo, hi = int(ds.labels.min()), int(ds.labels.max())
+            if lo < 0 or hi >= self._num_classes:
+                raise ValueError(
+                    f"{files[split]}: ID labels span {lo}..{hi}, expected 0.."
+                    f"{self._num_classes - 1} (num_classes={self._num_classes})"
+                )
+        version = root / GENOME_DIR / "VERSION"
+        self._data_version = (
+            version.read_text().strip()
+            if version.is_file()
+            else f"genome TSV ({root / GENOME_DIR})"
+        )
+        return dict(sets)

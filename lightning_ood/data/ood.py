@@ -1,0 +1,375 @@
+"""Named OOD test sets: a registry ``name -> how to find, read and (maybe) download it``.
+
+A config names a set (``ood_sets: [mnist, lsun_crop]``) or overrides its location / kind::
+
+    ood_sets:
+      - svhn_1k
+      - {name: lsun_crop, path: /data/LSUN}
+      - {name: my_textures, kind: folder, path: /data/my_textures}
+      - {name: mnist_half, kind: mnist, every: 2}
+
+Every OOD set is adapted to the ID model's input (channels, then ``Resize``+``CenterCrop``)
+and normalised with the ID set's constants (:func:`~lightning_ood.data.transforms.eval_transform`),
+and yields label -1. Default locations are relative to the data root:
+
+============================  =========================================================
+name                          default location (under the data root)
+============================  =========================================================
+mnist, fashionmnist, kmnist   ``MNIST/raw``, ``FashionMNIST/raw``, ``KMNIST/raw`` (test idx)
+svhn, svhn_1k                 ``svhn/test_32x32.mat``
+lsun_crop, lsun_resize        ``LSUN``, ``LSUN_resize``
+isun, textures, places365     ``iSUN``, ``dtd/images``, ``places365``
+tinyimagenet_crop/_resize     ``tiny-imagenet-200/test/images``
+cifar10, cifar100             the data root (pickles or ``cifar10-jpeg-q75``), test split
+folder                        no default: needs ``path``
+genome_ood                    ``genome/ood_test.tsv`` (``genome/ood_val.tsv`` as a val set)
+============================  =========================================================
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from torch.utils.data import Dataset, Subset
+from torchvision import datasets as tvd
+
+from lightning_ood.data.genome import GENOME_DIR, GENOME_FILES, GenomeSequences
+from lightning_ood.data.paths import guarded_download
+from lightning_ood.data.readers import (
+    CIFAR_PICKLES,
+    CIFARPickles,
+    FixedCrops,
+    IdxImages,
+    ImageFiles,
+    SVHNMat,
+    Transformed,
+    first_per_class,
+    list_images,
+    take_every,
+)
+from lightning_ood.data.transforms import Normalization, eval_transform
+
+Builder = Callable[..., Dataset]
+IDX_TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+@dataclass(frozen=True)
+class OODSetInfo:
+    """How to find and read one named OOD set.
+
+    Attributes:
+        builder: ``builder(location, input_shape, **options) -> Dataset`` of raw
+            ``(PIL image or tokens, label)`` samples.
+        subpath: default location relative to the data root (None: a path is required).
+        expects: what belongs at the location, for error messages.
+        download: ``download(root)`` fetching the set into its default location, if possible.
+        val_subpath: a separate location for the validation variant (``val_ood_sets``); None
+            means the val variant reads the same samples as the test variant.
+        kind: "image" sets feed (C, H, W) models, "tokens" sets feed sequence models.
+        present: ``present(location) -> bool``, whether the set is complete there (default:
+            the location exists); decides whether ``prepare_data`` downloads it.
+    """
+
+    builder: Builder
+    subpath: str | None
+    expects: str
+    download: Callable[[Path], None] | None = None
+    val_subpath: str | None = None
+    kind: Literal["image", "tokens"] = "image"
+    present: Callable[[Path], bool] | None = None
+
+
+@dataclass(frozen=True)
+class OODSpec:
+    """One parsed ``ood_sets`` entry: the reported ``name``, the registry ``kind`` it is read
+    with, an optional location override, subset step and builder options."""
+
+    name: str
+    kind: str
+    path: Path | None = None
+    every: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+OOD_SETS: dict[str, OODSetInfo] = {}
+
+
+def register_ood_set(name: str, info: OODSetInfo) -> None:
+    """Add a named OOD set to :data:`OOD_SETS` (names are unique)."""
+    if name in OOD_SETS:
+        raise ValueError(f"OOD set {name!r} is already registered")
+    OOD_SETS[name] = info
+
+
+def parse_ood_spec(item: str | Mapping[str, Any]) -> OODSpec:
+    """Validate one ``ood_sets`` entry (a registry name or a dict) without touching the disk."""
+    if isinstance(item, str):
+        item = {"name": item}
+    if not isinstance(item, Mapping):
+        raise TypeError(f"an ood_sets entry must be a name or a dict, got {item!r}")
+    spec = dict(item)
+    name = spec.pop("name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"ood_sets entry {dict(item)} needs a 'name'")
+    kind = spec.pop("kind", name)
+    if kind not in OOD_SETS:
+        raise ValueError(
+            f"unknown OOD set {kind!r} (entry {dict(item)}); known: {sorted(OOD_SETS)}. For "
+            "any folder of images use {name: <your name>, kind: folder, path: <folder>}"
+        )
+    path = spec.pop("path", None)
+    every = spec.pop("every", None)
+    if every is not None and (not isinstance(every, int) or every < 1):
+        raise ValueError(f"ood_sets entry {name!r}: 'every' must be an integer >= 1, got {every}")
+    info = OOD_SETS[kind]
+    accepted = [
+        p.name
+        for p in list(inspect.signature(info.builder).parameters.values())[2:]
+        if p.kind is p.KEYWORD_ONLY
+    ]
+    unknown = sorted(set(spec) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"ood_sets entry {name!r}: unknown keys {unknown}; allowed: name, kind, path, every"
+            + (f", {', '.join(accepted)}" if accepted else "")
+        )
+    if path is None and info.subpath is None:
+        raise ValueError(f"ood_sets entry {name!r} of kind {kind!r} needs a 'path'")
+    return OODSpec(name, kind, Path(path).expanduser() if path else None, every, spec)
+
+
+def ood_location(spec: OODSpec, root: Path, split: Literal["test", "val"] = "test") -> Path:
+    """Where a set is read from: its ``path`` override, else its default under ``root``."""
+    if spec.path is not None:
+        return spec.path
+    info = OOD_SETS[spec.kind]
+    sub = info.val_subpath if split == "val" and info.val_subpath else info.subpath
+    return root / sub if sub else root
+
+
+def download_ood_set(spec: OODSpec, root: Path) -> bool:
+    """Download a missing, downloadable set into its default location; True if it tried."""
+    info = OOD_SETS[spec.kind]
+    location = ood_location(spec, root)
+    present = info.present(location) if info.present else location.exists()
+    if info.download is None or spec.path is not None or present:
+        return False
+    guarded_download(f"OOD set {spec.name!r}", root, lambda: info.download(root))  # type: ignore[misc]
+    return True
+
+
+def build_ood_dataset(
+    spec: str | Mapping[str, Any] | OODSpec,
+    root: str | Path,
+    input_shape: Sequence[int],
+    normalization: Normalization | None,
+    every: int = 1,
+    split: Literal["test", "val"] = "test",
+) -> Dataset:
+    """Build a ready-to-load OOD dataset: samples ``(x, -1)`` in the ID model's input format.
+
+    Args:
+        spec: a registry name, an ``ood_sets`` dict or a parsed :class:`OODSpec`.
+        root: the data root the default locations are relative to.
+        input_shape: the ID model's input, (C, H, W) for images or (seq_len,) for tokens.
+        normalization: the ID set's (mean, std); ignored for token sets.
+        every: take every n-th sample in file order (the entry's own ``every`` wins).
+        split: "val" reads a set's separate validation location where it has one.
+
+    Raises:
+        FileNotFoundError: the set's location is missing.
+        ValueError: the set (or its every-n subset) is empty, or it does not fit the model.
+    """
+    if not isinstance(spec, OODSpec):
+        spec = parse_ood_spec(spec)
+    info = OOD_SETS[spec.kind]
+    location = ood_location(spec, Path(root), split)
+    shape = tuple(int(v) for v in input_shape)
+    if info.kind == "image" and len(shape) != 3:
+        raise ValueError(
+            f"OOD set {spec.name!r} holds images but the model's input_shape is {shape}"
+        )
+    if info.kind == "tokens" and len(shape) != 1:
+        raise ValueError(
+            f"OOD set {spec.name!r} holds token sequences but the model's input_shape is {shape}"
+        )
+    if not location.exists():
+        hint = " or set download: true" if info.download is not None else ""
+        raise FileNotFoundError(
+            f"OOD set {spec.name!r} not found: {location} does not exist; expected "
+            f"{info.expects}. Put it there, give its location with "
+            f"{{name: {spec.name}, path: /your/path}} in ood_sets, or change --data.root{hint}."
+        )
+    raw = info.builder(location, shape, **spec.options)
+    if len(raw) == 0:  # type: ignore[arg-type]
+        raise ValueError(f"OOD set {spec.name!r} at {location} holds no samples ({info.expects})")
+    step = spec.every or every
+    subset = take_every(raw, step)
+    if len(subset) == 0:  # type: ignore[arg-type]
+        raise ValueError(f"OOD set {spec.name!r} at {location}: every-{step} subset is empty")
+    if info.kind == "tokens":
+        return Transformed(subset, None, label=-1)
+    if normalization is None:
+        raise ValueError(f"OOD set {spec.name!r} is an image set and needs the ID normalisation")
+    mean, std = normalization
+    return Transformed(subset, eval_transform(shape, mean, std), label=-1)
+
+
+# -- builders ---------------------------------------------------------------------------------
+def _require_files(set_name: str, folder: Path, names: Sequence[str], expects: str) -> None:
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{set_name} not found under {folder}: expected {', '.join(names)} "
+            f"(missing: {', '.join(missing)}); {expects}"
+        )
+
+
+def _idx_builder(display: str) -> Builder:
+    def build(location: Path, input_shape: tuple[int, ...]) -> Dataset:
+        _require_files(display, location, IDX_TEST_FILES, "the uncompressed test idx files")
+        return IdxImages(location / IDX_TEST_FILES[0], location / IDX_TEST_FILES[1])
+
+    return build
+
+
+def _tv_download(cls: type, train: bool = False) -> Callable[[Path], None]:
+    def fetch(root: Path) -> None:
+        cls(str(root), train=train, download=True)
+
+    return fetch
+
+
+def _svhn_file(location: Path) -> Path:
+    return location / "test_32x32.mat" if location.is_dir() else location
+
+
+def _build_svhn(location: Path, input_shape: tuple[int, ...]) -> Dataset:
+    return SVHNMat(_svhn_file(location))
+
+
+def _build_svhn_1k(
+    location: Path, input_shape: tuple[int, ...], *, per_class: int = 1000
+) -> Dataset:
+    """The first ``per_class`` test images of each digit in file order (10,000 for SVHN)."""
+    ds = SVHNMat(_svhn_file(location))
+    return Subset(ds, first_per_class(ds.labels, per_class).tolist())
+
+
+def _download_svhn(root: Path) -> None:
+    tvd.SVHN(str(root / "svhn"), split="test", download=True)
+
+
+def _build_folder(location: Path, input_shape: tuple[int, ...]) -> Dataset:
+    return ImageFiles(list_images(location))
+
+
+def _build_tin_crop(
+    location: Path, input_shape: tuple[int, ...], *, seed: int = 0, crop: int = 32
+) -> Dataset:
+    return FixedCrops(list_images(location), crop=crop, image_size=64, seed=seed)
+
+
+def _build_cifar_test(variant: str) -> Builder:
+    def build(location: Path, input_shape: tuple[int, ...]) -> Dataset:
+        folder, _, test_files, key = CIFAR_PICKLES[variant]
+        if (location / folder).is_dir():
+            _require_files(variant, location / folder, test_files, "the original CIFAR pickles")
+            return CIFARPickles(location / folder, test_files, key)
+        jpeg = location / f"{variant}-jpeg-q75" / "test"
+        if jpeg.is_dir():
+            return tvd.ImageFolder(str(jpeg))
+        raise FileNotFoundError(
+            f"{variant} (as an OOD set) not found under {location}: expected {folder}/ "
+            f"(the original pickles) or {variant}-jpeg-q75/test/<class>/*.jpg"
+        )
+
+    return build
+
+
+def _build_genome(location: Path, input_shape: tuple[int, ...]) -> Dataset:
+    return GenomeSequences(location, seq_len=input_shape[0])
+
+
+_IDX: dict[str, tuple[str, type[tvd.MNIST]]] = {
+    "mnist": ("MNIST", tvd.MNIST),
+    "fashionmnist": ("FashionMNIST", tvd.FashionMNIST),
+    "kmnist": ("KMNIST", tvd.KMNIST),  # test split only here: read directly, not via KMNIST
+}
+for _name, (_folder, _cls) in _IDX.items():
+    register_ood_set(
+        _name,
+        OODSetInfo(
+            _idx_builder(_folder),
+            f"{_folder}/raw",
+            f"the {_folder} test idx files ({', '.join(IDX_TEST_FILES)}), 10,000 28x28 images",
+            download=_tv_download(_cls),
+            present=lambda loc: all((loc / n).is_file() for n in IDX_TEST_FILES),
+        ),
+    )
+_SVHN_EXPECTS = "SVHN's test_32x32.mat (26,032 32x32 digits; torchvision layout)"
+register_ood_set(
+    "svhn", OODSetInfo(_build_svhn, "svhn/test_32x32.mat", _SVHN_EXPECTS, _download_svhn)
+)
+register_ood_set(
+    "svhn_1k",
+    OODSetInfo(_build_svhn_1k, "svhn/test_32x32.mat", _SVHN_EXPECTS, _download_svhn),
+)
+_FOLDERS = {
+    "lsun_crop": ("LSUN", "LSUN (crop): 10,000 32x32 image crops (ODIN's LSUN.tar.gz)"),
+    "lsun_resize": ("LSUN_resize", "LSUN (resize): 10,000 32x32 images (LSUN_resize.tar.gz)"),
+    "isun": ("iSUN", "iSUN: 8,925 32x32 images (iSUN.tar.gz)"),
+    "textures": ("dtd/images", "the DTD textures: 5,640 images in 47 class folders"),
+    "places365": ("places365", "the Places365 OOD images (class folders of JPEGs)"),
+    "tinyimagenet_resize": (
+        "tiny-imagenet-200/test/images",
+        "Tiny-ImageNet's 10,000 64x64 test JPEGs (downscaled to the model's size)",
+    ),
+}
+for _name, (_sub, _expects) in _FOLDERS.items():
+    register_ood_set(_name, OODSetInfo(_build_folder, _sub, f"a folder of images: {_expects}"))
+register_ood_set(
+    "tinyimagenet_crop",
+    OODSetInfo(
+        _build_tin_crop,
+        "tiny-imagenet-200/test/images",
+        "Tiny-ImageNet's 10,000 64x64 test JPEGs (one fixed random 32x32 crop each, seed 0)",
+    ),
+)
+register_ood_set("folder", OODSetInfo(_build_folder, None, "a folder of images (recursive)"))
+register_ood_set(
+    "cifar10",
+    OODSetInfo(
+        _build_cifar_test("cifar10"),
+        "",
+        "cifar-10-batches-py/ or cifar10-jpeg-q75/test/ (CIFAR-10 test split)",
+        download=lambda root: tvd.CIFAR10(str(root), train=False, download=True),
+        present=lambda loc: (
+            (loc / "cifar-10-batches-py").is_dir() or (loc / "cifar10-jpeg-q75").is_dir()
+        ),
+    ),
+)
+register_ood_set(
+    "cifar100",
+    OODSetInfo(
+        _build_cifar_test("cifar100"),
+        "",
+        "cifar-100-python/ (CIFAR-100 test split)",
+        download=lambda root: tvd.CIFAR100(str(root), train=False, download=True),
+        present=lambda loc: (loc / "cifar-100-python").is_dir(),
+    ),
+)
+register_ood_set(
+    "genome_ood",
+    OODSetInfo(
+        _build_genome,
+        f"{GENOME_DIR}/{GENOME_FILES['ood_test']}",
+        "OOD genome sequences, one '<sequence>\\t<label>' per line (lightning_ood.data.genome)",
+        val_subpath=f"{GENOME_DIR}/{GENOME_FILES['ood_val']}",
+        kind="tokens",
+    ),
+)

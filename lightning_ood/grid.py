@@ -452,6 +452,15 @@ def grid_search(
             cood = {
                 n: score_cached(det, c, batch_size, components=True) for n, c in ood_val.items()
             }
+            bad = int((~torch.isfinite(cid)).sum()) + sum(
+                int((~torch.isfinite(c)).sum()) for c in cood.values()
+            )
+            if bad:  # no combiner can be fitted: this combination ranks last (NaN)
+                nan = dict.fromkeys(METRIC_NAMES, math.nan)
+                return {
+                    n: {**nan, "n_id": len(id_sel), "n_ood": len(ood_idx[n][1]), "nonfinite": bad}
+                    for n in cood
+                }
             det.fit_combiner(cid[id_fit], torch.cat([cood[n][ood_idx[n][0]] for n in cood]))
             s_id = det.combine(cid[id_sel])
             for n in cood:
@@ -604,9 +613,6 @@ def main(args: Sequence[str] | None = None) -> GridResult:
     cli_args: list[str] = []
     for cfg in ns.config:
         cli_args += ["--config", cfg]
-    user_sets_val = any(a.split("=")[0].endswith(".val_ood_sets") for a in extra)
-    if spec_val is not None and not user_sets_val:  # the grid spec configures the datamodule
-        cli_args += ["--data.init_args.val_ood_sets", json.dumps(spec_val)]
     with warnings.catch_warnings():  # our own argv is not LightningCLI's: that is intended
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
         cli = cli_main([*cli_args, *extra], run=False)
@@ -619,34 +625,41 @@ def main(args: Sequence[str] | None = None) -> GridResult:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     backbone.to(device).eval()
 
-    dm.prepare_data()
-    dm.setup("test")
-    val_loaders = dict(dm.val_ood_dataloaders())
+    user_val = any(a.split("=")[0].endswith(".val_ood_sets") for a in extra)
+    if spec_val is not None and not user_val:  # the grid spec names the validation sets
+        from lightning_ood.data import parse_ood_spec
+
+        dm.val_ood_specs = [parse_ood_spec(e) for e in spec_val]
+    val_names = list(dm.val_ood_names)
     if spec_val is not None:
         wanted = [e if isinstance(e, str) else e.get("name") for e in spec_val]
-        missing = [n for n in wanted if n not in val_loaders]
+        missing = [n for n in wanted if n not in val_names]
         if missing:
             raise ValueError(
-                f"grid spec {ns.grid!r} names validation OOD sets {missing}, but the datamodule "
-                f"provides {sorted(val_loaders)} (--data.init_args.val_ood_sets overrides it)"
+                f"grid spec {ns.grid!r} names validation OOD sets {missing}, but "
+                f"--data.init_args.val_ood_sets sets {val_names}; make them agree"
             )
-        val_loaders = {n: val_loaders[n] for n in wanted}
-    if not val_loaders:
+        val_names = wanted
+    if not val_names:
         raise ValueError(
             "no validation OOD set: name some in the grid spec (val_ood_sets: [...]) or with "
             "--data.init_args.val_ood_sets; they must differ from the reported ood_sets"
         )
     names = list(dm.test_set_names)
-    test_loaders = dm.test_dataloader()
-    test_loaders = test_loaders if isinstance(test_loaders, list | tuple) else [test_loaders]
-    overlap = sorted(set(val_loaders) & set(names[1:]))
-    if overlap:
+    overlap = sorted(set(val_names) & set(names[1:]))
+    if overlap:  # checked before any data is read
         raise ValueError(
             f"validation OOD sets {overlap} are also reported test sets {names[1:]}; drop them "
             "from the test sets (--data.init_args.ood_sets [...]) or validate on other sets "
             "(a registry set with its own validation split can be named apart: "
             "{name: <set>_val, kind: <set>})"
         )
+    dm.prepare_data()
+    dm.setup("test")
+    all_val = dm.val_ood_dataloaders()
+    val_loaders = {n: all_val[n] for n in val_names}
+    test_loaders = dm.test_dataloader()
+    test_loaders = test_loaders if isinstance(test_loaders, list | tuple) else [test_loaders]
 
     kind = spec["detector"]
     base = dict(spec.get("base") or {})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -409,3 +410,12 @@ def test_main_refuses_validation_on_a_reported_set(tmp_path: Path, shared_data: 
     with pytest.raises(ValueError, match=r"'mnist'.*(both reported|also reported)"):
         grid_main(_main_args(tmp_path, shared_data, grid_file, "out"))
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_nonfinite_scores_rank_last_and_are_reported(setting: dict) -> None:
+    # T = 1e-40 overflows logits / T to inf in float32: every energy score is non-finite.
+    result = _run(setting, "energy", {"temperature": [1e-40, 1.0]}, {}, ["noise"])
+    bad = result.rows[0]["val"]["noise"]
+    assert bad["nonfinite"] > 0 and all(math.isnan(bad[m]) for m in METRIC_NAMES)
+    assert result.best == 1 and result.best_params == {"temperature": 1.0}
+    assert "| 1e-40 | nan | nan |" in result.to_markdown()

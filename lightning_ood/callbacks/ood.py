@@ -353,7 +353,8 @@ class OODEvaluation(Callback):
 
 
 def _combiner_state(det: Detector) -> dict[str, Any]:
-    return {k: v.tolist() for k, v in det.named_buffers() if "combiner" in k or "coef" in k or "intercept" in k}
+    """The fitted layer-ensemble weights (``combiner_*`` buffers), for the results JSON."""
+    return {k: v.tolist() for k, v in det.named_buffers() if k.startswith("combiner_")}
 
 
 def _nanmean(values: Sequence[float]) -> float:
@@ -414,6 +415,8 @@ def format_markdown(results: Mapping[str, Any]) -> str:
     ]
     for dname, per_set in results["metrics"].items():
         for ood, vals in per_set.items():
+            if ood == "average" and len(per_set) == 2:  # one OOD set: the average repeats it
+                continue
             cells = [f"{100 * vals[m]:.2f}" if not math.isnan(vals[m]) else "nan" for m in METRIC_NAMES]
             label = f"**{ood}**" if ood == "average" else ood
             lines.append(f"| {dname} | {label} | " + " | ".join(cells) + " |")

@@ -6,6 +6,7 @@ from lightning_ood.data.datamodules import (
     CIFARDataModule,
     FashionMNISTDataModule,
     GenomeDataModule,
+    ImageNetDataModule,
     MNISTDataModule,
     OODDataModule,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "CIFARDataModule",
     "FashionMNISTDataModule",
     "GenomeDataModule",
+    "ImageNetDataModule",
     "MNISTDataModule",
     "OODDataModule",
     "OODSetInfo",

@@ -130,9 +130,10 @@ def test_checkpoint_round_trip_is_bit_exact(run: dict) -> None:
     live: ClassificationTask = run["fit"].model.cpu().eval()
     loaded = ClassificationTask.load_from_checkpoint(run["ckpt"], map_location="cpu").eval()
     assert set(loaded.detectors) == set(DETECTORS)
-    live_buffers = dict(live.named_buffers())
-    for name, buf in loaded.named_buffers():
-        assert torch.equal(buf, live_buffers[name]), name
+    live_state = live.state_dict()
+    assert set(loaded.state_dict()) == set(live_state)
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, live_state[name]), name
     x = torch.stack([run["fit"].datamodule.fit_dataloader().dataset[i][0] for i in range(16)])
     with torch.no_grad():
         out_a, out_b = live.extract(x), loaded.extract(x)

@@ -98,10 +98,12 @@ def _download(weights: tvm.WeightsEnum, arch: str) -> dict[str, Tensor]:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # torch.hub's urlopen sets no timeout itself
     try:
-        return weights.get_state_dict(progress=False, check_hash=True)
+        return weights.get_state_dict(
+            progress=False, check_hash=True, weights_only=True, map_location="cpu"
+        )
     except (urllib.error.URLError, OSError) as err:
         raise RuntimeError(
-            f"could not download the torchvision {arch} weights {weights._name_} from "
+            f"could not download the torchvision {arch} weights {weights.name} from "
             f"{weights.url} ({err}). This machine probably has no network: download that file "
             "on a machine that has, copy it here and pass its path as weights='/path/to/"
             f"{weights.url.rsplit('/', 1)[-1]}'."

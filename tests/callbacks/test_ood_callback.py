@@ -1,0 +1,151 @@
+"""OODEvaluation on a toy datamodule: fitting at test start, reporting, and bad input."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+from lightning.pytorch import LightningDataModule, Trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_ood.callbacks import OODEvaluation
+from lightning_ood.callbacks.ood import format_markdown
+from lightning_ood.detectors import DETECTORS, Energy
+from lightning_ood.metrics import ood_metrics
+from lightning_ood.task import ClassificationTask
+
+
+class ToyData(LightningDataModule):
+    """Random 1x28x28 images: 'toy' (ID) and a shifted 'far' OOD set."""
+
+    id_name = "toy"
+    data_version = "toy random tensors"
+
+    def __init__(self, n_ood: int = 48) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.train = TensorDataset(torch.rand(96, 1, 28, 28, generator=g), torch.arange(96) % 10)
+        self.test = TensorDataset(torch.rand(40, 1, 28, 28, generator=g), torch.arange(40) % 10)
+        self.ood = TensorDataset(
+            3 + torch.rand(n_ood, 1, 28, 28, generator=g), torch.full((n_ood,), -1)
+        )
+        self.test_set_names = ["toy", "far"]
+
+    def fit_dataloader(self) -> DataLoader:
+        return DataLoader(self.train, batch_size=32)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [DataLoader(self.test, batch_size=16), DataLoader(self.ood, batch_size=16)]
+
+
+def _trainer(tmp_path: Path, cb: OODEvaluation, **kw: object) -> Trainer:
+    return Trainer(
+        default_root_dir=tmp_path,
+        callbacks=[cb],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=kw.pop("inference_mode", False),
+        **kw,
+    )
+
+
+def test_fits_at_test_start_and_reports_exact_metrics(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cb = OODEvaluation(detectors={"energy": {}, "line": {}}, results_dir=str(tmp_path), progress=False)
+    task = ClassificationTask(model="lenet", num_classes=10)
+    with caplog.at_level(logging.INFO):
+        _trainer(tmp_path, cb).test(task, datamodule=ToyData())
+    assert "holds no fitted state for detectors ['line']" in caplog.text
+    assert task.detectors["line"].is_fitted
+    # the reported energy metrics equal the functional metrics on the scores computed directly
+    dm = ToyData()
+    task.eval()
+    with torch.no_grad():
+        s_id = Energy().score(task.extract(dm.test.tensors[0]))
+        s_ood = Energy().score(task.extract(dm.ood.tensors[0]))
+    expected = ood_metrics(s_id.double(), s_ood.double())
+    got = cb.results["metrics"]["energy"]["far"]
+    for k, v in expected.items():
+        assert got[k] == pytest.approx(v, abs=1e-6), k
+    assert (got["n_id"], got["n_ood"]) == (40, 48)
+    assert (tmp_path / "ood_results.md").read_text() == format_markdown(cb.results)
+    assert not list(tmp_path.glob(".ood_results*"))  # no temp files left behind
+
+
+class NaNDetector(Energy):
+    kind: ClassVar[str] = "nan_test"
+
+    def score(self, out, model=None, inputs=None):  # type: ignore[no-untyped-def]
+        s = super().score(out).clone()
+        s[:2] = math.nan
+        return s
+
+
+def test_non_finite_scores_are_reported_not_folded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(DETECTORS, "nan_test", NaNDetector)
+    cb = OODEvaluation(detectors={"nan_test": {}, "energy": {}}, results_dir=str(tmp_path), progress=False)
+    task = ClassificationTask(model="lenet", num_classes=10)
+    with pytest.warns(UserWarning, match="non-finite scores on 'far'"):
+        _trainer(tmp_path, cb).test(task, datamodule=ToyData())
+    bad = cb.results["metrics"]["nan_test"]["far"]
+    assert math.isnan(bad["auroc"]) and math.isnan(bad["fpr95"])
+    assert (bad["nonfinite_id"], bad["nonfinite_ood"]) == (6, 6)  # 2 per batch of 16/8
+    assert not math.isnan(cb.results["metrics"]["energy"]["far"]["auroc"])
+
+
+def test_unknown_detector_name_is_rejected_at_config_time() -> None:
+    with pytest.raises(ValueError, match=r"unknown detector 'lien'.*known detectors: \[.*'line'"):
+        OODEvaluation(detectors={"lien": {}})
+    with pytest.raises(ValueError, match="unknown detector 'nope' \\(config entry 'x'\\)"):
+        OODEvaluation(detectors={"x": {"type": "nope"}})
+
+
+@pytest.mark.parametrize(
+    ("spec", "param"),
+    [
+        ({"line": {"p_a": 100}}, "p_a"),
+        ({"line": {"p_w": -1}}, "p_w"),
+        ({"line": {"delta": 0.0}}, "delta"),
+        ({"odin": {"epsilon": -0.1}}, "epsilon"),
+        ({"odin": {"temperature": 0.0}}, "temperature"),
+        ({"dice": {"p": 100.0}}, "p"),
+        ({"fssd": {"epsilon": -1.0}}, "epsilon"),
+    ],
+)
+def test_out_of_range_hyperparameters_fail_at_config_time(spec: dict, param: str) -> None:
+    with pytest.raises(ValueError, match=param):
+        OODEvaluation(detectors=spec)
+
+
+def test_empty_ood_set_is_an_error(tmp_path: Path) -> None:
+    cb = OODEvaluation(detectors={"energy": {}}, results_dir=str(tmp_path), progress=False)
+    task = ClassificationTask(model="lenet", num_classes=10)
+    with pytest.raises(ValueError, match="test set 'far' produced no samples"):
+        _trainer(tmp_path, cb).test(task, datamodule=ToyData(n_ood=0))
+
+
+def test_gradient_detectors_refuse_inference_mode(tmp_path: Path) -> None:
+    cb = OODEvaluation(detectors={"odin": {}}, results_dir=str(tmp_path), progress=False)
+    task = ClassificationTask(model="lenet", num_classes=10)
+    with pytest.raises(RuntimeError, match="inference_mode: false"):
+        _trainer(tmp_path, cb, inference_mode=True).test(task, datamodule=ToyData())
+
+
+def test_validation_holdout_is_shared_by_all_detectors(tmp_path: Path) -> None:
+    cb = OODEvaluation(
+        detectors={"energy": {}, "fssd": {"taps": ["conv2", "fc1"], "n_noise": 8}},
+        validation_size=10,
+        results_dir=str(tmp_path),
+        progress=False,
+    )
+    task = ClassificationTask(model="lenet", num_classes=10)
+    _trainer(tmp_path, cb).test(task, datamodule=ToyData())
+    for det in ("energy", "fssd"):
+        assert (cb.results["metrics"][det]["far"]["n_id"], cb.results["metrics"][det]["far"]["n_ood"]) == (30, 38)
+    assert set(cb.results["combiners"]["fssd"]["far"]) >= {"combiner_coef", "combiner_intercept"}

@@ -149,3 +149,24 @@ def test_validation_holdout_is_shared_by_all_detectors(tmp_path: Path) -> None:
     for det in ("energy", "fssd"):
         assert (cb.results["metrics"][det]["far"]["n_id"], cb.results["metrics"][det]["far"]["n_ood"]) == (30, 38)
     assert set(cb.results["combiners"]["fssd"]["far"]) >= {"combiner_coef", "combiner_intercept"}
+
+
+def test_ddp_fit_and_scores_match_single_process(tmp_path: Path) -> None:
+    """Two CPU ranks (gloo): sharded fitting pass + all-reduced sums + gathered scores give
+    the single-process metrics."""
+    results = {}
+    for name, kw in {"single": {}, "ddp": {"strategy": "ddp_spawn", "devices": 2}}.items():
+        out = tmp_path / name
+        torch.manual_seed(0)
+        task = ClassificationTask(model="lenet", num_classes=10)
+        cb = OODEvaluation(
+            detectors={"energy": {}, "line": {}, "dice": {}, "mahalanobis": {}},
+            results_dir=str(out),
+            progress=False,
+            validation_size=0,
+        )
+        _trainer(out, cb, accelerator="cpu", **kw).test(task, datamodule=ToyData())
+        results[name] = __import__("json").loads((out / "ood_results.json").read_text())["metrics"]
+    for det, per_set in results["single"].items():
+        for metric, value in per_set["far"].items():
+            assert results["ddp"][det]["far"][metric] == pytest.approx(value, abs=1e-6), (det, metric)

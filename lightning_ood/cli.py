@@ -44,6 +44,9 @@ class OODCLI(LightningCLI):
                     mode="max",
                     save_top_k=1,
                     save_last=True,
+                    # re-running an experiment overwrites last.ckpt instead of last-v1.ckpt,
+                    # so `--ckpt_path checkpoints/<experiment>/last.ckpt` stays valid
+                    enable_version_counter=False,
                 )
             )
         if not any(isinstance(c, LearningRateMonitor) for c in callbacks):

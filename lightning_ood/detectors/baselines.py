@@ -18,7 +18,7 @@ from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 
 def energy_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Negative free energy T·logsumexp(f/T) (Liu et al. 2020, eq. 7); shape (B,)."""
+    """Negative free energy T·logsumexp(f/T) (Liu et al. 2020); shape (B,)."""
     return temperature * torch.logsumexp(logits / temperature, dim=1)
 
 
@@ -26,6 +26,7 @@ class MSP(Detector):
     """Maximum softmax probability, max_k softmax(f(x))_k."""
 
     kind = "msp"
+    uses_training_data = False
 
     def __init__(self, name: str | None = None) -> None:
         super().__init__(name)
@@ -48,6 +49,7 @@ class Energy(Detector):
     """
 
     kind = "energy"
+    uses_training_data = False
 
     def __init__(self, temperature: float = 1.0, name: str | None = None) -> None:
         super().__init__(name)
@@ -82,6 +84,7 @@ class ODIN(Detector):
     """
 
     kind = "odin"
+    uses_training_data = False
     needs_input_grad = True
 
     def __init__(
@@ -104,7 +107,7 @@ class ODIN(Detector):
         self.input_std = input_std
 
     def perturb(self, model: OODBackbone, inputs: Tensor) -> Tensor:
-        """The ODIN input x' = x − ε·sign(∇ₓ(−log S_ŷ(x; T))) (Liang et al. 2018, eq. 2)."""
+        """The ODIN input x' = x − ε·sign(∇ₓ(−log S_ŷ(x; T))) (Liang et al. 2018)."""
         if not inputs.is_floating_point():
             raise ValueError(
                 f"ODIN needs floating-point inputs to perturb, got {inputs.dtype} (token "
@@ -300,7 +303,7 @@ class ReAct(_ActivationSampler, _LinearHeadDetector):
 
 
 class DICE(_LinearHeadDetector):
-    """DICE: energy of logits from a sparsified head, (W ⊙ M) h + b (Sun & Li 2022, eq. 3–4).
+    """DICE: energy of logits from a sparsified head, (W ⊙ M) h + b (Sun & Li 2022).
 
     ā is the mean penultimate feature over the whole training set (all classes, unclipped);
     V = ā ⊙ W (broadcast over the L rows); M = 1[V > percentile(V, p)] over all L·q entries.
@@ -360,7 +363,8 @@ class DICE(_LinearHeadDetector):
         self.mask = contrib > self.threshold
         self.feature_mean = mean
         self.clip_value = self._clip_value(reducer).to(weight)
-        self.feature_sum = self.feature_sum.new_zeros(0)
+        self.feature_sum = self.feature_sum.new_zeros(0)  # not needed to score
+        self.count = count  # training samples over all ranks, kept for the record
         self.fitted.fill_(True)
 
     def score(

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from lightning_ood.detectors.base import Reducer, percentile
 from lightning_ood.detectors.line import LINe, row_percentile
-from lightning_ood.models.base import OODBackbone
+from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -243,8 +243,8 @@ def test_row_percentile_matches_numpy_with_ties() -> None:
         np.testing.assert_allclose(got.numpy(), np.percentile(x.numpy(), p, axis=1), rtol=1e-6)
 
 
-def test_autograd_equals_closed_form_on_real_images(shared_data: Path) -> None:
-    """∂f_y/∂h ⊙ h by one backward per batch equals W[y] ⊙ h on a real CNN and CIFAR images."""
+def cifar_train_images(shared_data: Path, per_class: int = 7) -> tuple[Tensor, Tensor]:
+    """64 real CIFAR-10 training images under the reference evaluation transform."""
     from PIL import Image
     from torchvision import transforms
 
@@ -257,24 +257,47 @@ def test_autograd_equals_closed_form_on_real_images(shared_data: Path) -> None:
         ]
     )
     root = shared_data / "cifar10-jpeg-q75" / "train"
-    classes = sorted(p.name for p in root.iterdir())
     images, labels = [], []
-    for label, cls in enumerate(classes):
-        for f in sorted((root / cls).glob("*.jpg"))[:7]:
+    for label, cls in enumerate(sorted(p.name for p in root.iterdir())):
+        for f in sorted((root / cls).glob("*.jpg"))[:per_class]:
             images.append(tf(Image.open(f).convert("RGB")))
             labels.append(label)
-    x, y = torch.stack(images[:64]), torch.tensor(labels[:64])
-    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
-    model = SmallConvNet()
-    closed = fit(LINe(), model, batches)
-    auto = fit(LINe(contribution="autograd"), model, batches)
+    return torch.stack(images[:64]), torch.tensor(labels[:64])
+
+
+def reference_densenet(shared_data: Path) -> OODBackbone:
+    from lightning_ood.models import create_model
+
+    ckpt = shared_data / "checkpoints" / "densenet100_cifar10_reference.pth.tar"
+    return create_model("densenet100", num_classes=10, weights=str(ckpt))
+
+
+@pytest.mark.parametrize("backbone", ["small_cnn", "densenet100"])
+def test_autograd_equals_closed_form_on_real_images(shared_data: Path, backbone: str) -> None:
+    """h ⊙ ∂f_y/∂h by one backward per batch equals W[y] ⊙ h on a real CNN and CIFAR images."""
+    x, y = cifar_train_images(shared_data)
+    model = SmallConvNet() if backbone == "small_cnn" else reference_densenet(shared_data)
+    model.eval()
+    with torch.no_grad():  # one network pass (DenseNet-100 takes seconds on CPU), reused
+        out = model.extract(x)
+    if backbone == "densenet100":  # the reference checkpoint really is loaded
+        assert (out.logits.argmax(1) == y).float().mean() > 0.6
+    dets = {"closed_form": LINe(), "autograd": LINe(contribution="autograd")}
+    for det in dets.values():
+        det.reset()
+        with torch.no_grad():
+            for i in range(0, 64, 16):
+                part = BackboneOutput(out.features[i : i + 16], out.logits[i : i + 16])
+                det.update(part, y[i : i + 16], model)
+        det.finalize(model)
+    closed, auto = dets["closed_form"], dets["autograd"]
     torch.testing.assert_close(
         auto.contribution_matrix, closed.contribution_matrix, rtol=1e-5, atol=1e-6
     )
     assert torch.equal(auto.act_mask, closed.act_mask)
     torch.testing.assert_close(auto.weight_threshold, closed.weight_threshold, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(score(auto, model, x), score(closed, model, x), rtol=1e-5, atol=1e-5)
-    assert all(p.grad is None for p in model.parameters())  # inputs-only gradients
+    torch.testing.assert_close(auto.score(out), closed.score(out), rtol=1e-5, atol=1e-5)
+    assert all(p.grad is None for p in model.parameters())  # gradients w.r.t. h only
 
 
 def test_autograd_on_nonlinear_head_matches_per_sample_backward() -> None:
@@ -360,7 +383,7 @@ def test_unfitted_and_mismatched_inputs_raise_clear_errors() -> None:
 
 _MEMORY_PROBE = textwrap.dedent(
     """
-    import json, resource, sys, time
+    import json, sys, time
     import torch
     torch.set_num_threads(1)
     from lightning_ood.detectors.line import LINe
@@ -381,16 +404,27 @@ _MEMORY_PROBE = textwrap.dedent(
             fc.weight.data, fc.bias.data = weight, bias
             return fc
 
-    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux)
+    # Peak RSS of this process since the last reset, in MiB. ru_maxrss would not do: it starts
+    # at the forking parent's RSS (pytest's), hiding anything below that.
+    def status_mib(key):
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith(key + ":")) / 1024
+
+    def start():  # reset the high-water mark to the current RSS, return that RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return status_mib("VmRSS")
+
+    peak = lambda: status_mib("VmHWM")
     result = {}
     if fit_mode == "fit":
         det.reset()
         for _ in range(4):
             h = torch.rand(B, q, generator=g)
             det.update(BackboneOutput(h, h @ weight.T + bias), torch.randint(0, L, (B,)))
-        before, t0 = rss(), time.perf_counter()
+        before, t0 = start(), time.perf_counter()
         det.finalize(Head())
-        result["finalize_extra_mib"] = rss() - before
+        result["finalize_extra_mib"] = peak() - before
         result["finalize_s"] = time.perf_counter() - t0
     else:  # random fitted state of the right shapes, loaded like a checkpoint
         contrib = torch.randn(q, L, generator=g)
@@ -409,21 +443,24 @@ _MEMORY_PROBE = textwrap.dedent(
     h[torch.arange(B), torch.arange(B) * 3] = 1.0
     out = BackboneOutput(h, h @ weight.T + bias)
     result["distinct_predicted"] = det.predict(h).unique().numel()
-    before, t0 = rss(), time.perf_counter()
+    before, t0 = start(), time.perf_counter()
     s = det.score(out)
-    result["score_extra_mib"] = rss() - before
+    result["score_extra_mib"] = peak() - before
     result["score_s"] = time.perf_counter() - t0
     result["finite"] = bool(torch.isfinite(s).all())
     # The probe sees torch allocations: touching 400 MiB must raise the peak by about that.
-    before = rss()
+    before = start()
     big = torch.ones(100 * 1024 * 1024)
-    result["probe_400mib_extra_mib"] = rss() - before
+    result["probe_400mib_extra_mib"] = peak() - before
     print(json.dumps(result))
     """
 )
 
 
 def run_memory_probe(mode: str) -> dict:
+    """Run the probe in a fresh process; peak RSS is read from Linux's /proc (VmHWM)."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("the memory probe reads and resets the peak RSS through Linux /proc")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), *sys.path])}
     proc = subprocess.run(
         [sys.executable, "-c", _MEMORY_PROBE, mode],

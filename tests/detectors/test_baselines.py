@@ -1,0 +1,318 @@
+"""Baselines (MSP, ODIN, Energy, ReAct, DICE, DICE+ReAct) on hand-computed toy cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_ood.detectors.base import Detector, Reducer
+from lightning_ood.detectors.baselines import DICE, MSP, ODIN, DICEReAct, Energy, ReAct
+from lightning_ood.models.base import BackboneOutput, OODBackbone
+
+
+class LinearHeadNet(OODBackbone):
+    """Inputs are the penultimate features themselves; the head is one linear layer."""
+
+    def __init__(self, weight: Tensor, bias: Tensor) -> None:
+        super().__init__()
+        self.num_classes, self.num_features = weight.shape
+        self.input_shape = (self.num_features,)
+        self.fc = nn.Linear(self.num_features, self.num_classes, dtype=weight.dtype)
+        with torch.no_grad():
+            self.fc.weight.copy_(weight)
+            self.fc.bias.copy_(bias)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return x
+
+    def get_classifier(self) -> nn.Linear:
+        return self.fc
+
+
+def d64(*rows: object) -> Tensor:
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def lse(*z: float) -> float:
+    m = max(z)
+    return m + math.log(sum(math.exp(v - m) for v in z))
+
+
+def logits_only(*rows: list[float]) -> BackboneOutput:
+    logits = d64(*rows)
+    return BackboneOutput(torch.zeros(len(rows), 1, dtype=torch.float64), logits)
+
+
+def fit(
+    det: Detector,
+    model: OODBackbone,
+    batches: list[Tensor],
+    reducer: Reducer | None = None,
+) -> Detector:
+    det.reset()
+    with torch.no_grad():
+        for x in batches:
+            det.update(model.extract(x), torch.zeros(len(x), dtype=torch.long), model)
+    det.finalize(model, reducer)
+    return det
+
+
+def score(det: Detector, model: OODBackbone, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return det.score(model.extract(x), model, x)
+
+
+# -- logit-only scores -----------------------------------------------------------------------
+def test_msp_by_hand() -> None:
+    out = logits_only([2.0, 0.0, 0.0], [0.0, 0.0, 0.0])
+    e2 = math.exp(2.0)
+    torch.testing.assert_close(MSP().score(out), d64(e2 / (e2 + 2), 1 / 3))
+
+
+def test_energy_by_hand() -> None:
+    out = logits_only([1.0, 2.0], [-1.0, 3.0])
+    torch.testing.assert_close(Energy().score(out), d64(lse(1, 2), lse(-1, 3)))
+    # T = 2: 2 * log(e^(1/2) + e^(2/2)).
+    torch.testing.assert_close(
+        Energy(temperature=2.0).score(out), d64(2 * lse(0.5, 1.0), 2 * lse(-0.5, 1.5))
+    )
+
+
+# -- ODIN ------------------------------------------------------------------------------------
+def test_odin_without_perturbation_is_msp_of_scaled_logits() -> None:
+    out = logits_only([2.0, 0.0, 1.0], [0.5, 0.4, -3.0])
+    expected = MSP().score(logits_only([0.2, 0.0, 0.1], [0.05, 0.04, -0.3]))
+    torch.testing.assert_close(ODIN(temperature=10.0, epsilon=0.0).score(out), expected)
+
+
+def toy_linear() -> LinearHeadNet:
+    return LinearHeadNet(torch.eye(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+
+
+def test_odin_perturbation_by_hand() -> None:
+    # f(x) = x, x = [.5, .2] -> ŷ = 0; ∇ₓ(−log S_0) = S − e_0 = [−, +]; x' = x − ε·[−1, +1].
+    model, x = toy_linear(), d64([0.5, 0.2])
+    odin = ODIN(temperature=1.0, epsilon=0.1)
+    torch.testing.assert_close(odin.perturb(model, x), d64([0.6, 0.1]))
+    sigmoid = lambda t: 1 / (1 + math.exp(-t))  # noqa: E731 - 2-class softmax max
+    torch.testing.assert_close(score(odin, model, x), d64(sigmoid(0.5)))
+    # input_std divides the signed step per channel (dim 1): [-1/2, +1/0.5] * 0.1.
+    scaled = ODIN(temperature=1.0, epsilon=0.1, input_std=[2.0, 0.5])
+    torch.testing.assert_close(scaled.perturb(model, x), d64([0.55, 0.0]))
+    torch.testing.assert_close(score(scaled, model, x), d64(sigmoid(0.55)))
+
+
+def test_odin_step_raises_max_softmax_and_leaves_no_parameter_grads() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+
+    class Net(OODBackbone):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.fc = model[:3], model[3]
+
+        def forward_features(self, x: Tensor) -> Tensor:
+            return self.body(x)
+
+        def get_classifier(self) -> nn.Linear:
+            return self.fc
+
+    net = Net().eval()
+    x = torch.randn(16, 3, 8, 8)
+    odin = ODIN(temperature=1000.0, epsilon=0.002)
+    with torch.no_grad():  # the callback scores under no_grad
+        before = ODIN(temperature=1000.0, epsilon=0.0).score(net.extract(x))
+        after = odin.score(net.extract(x), net, x)
+    assert (after > before).all()
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_odin_errors() -> None:
+    with pytest.raises(ValueError, match="needs `model` and `inputs`"):
+        ODIN().score(logits_only([1.0, 2.0]))
+    with pytest.raises(ValueError, match="floating-point"):
+        ODIN().perturb(toy_linear(), torch.tensor([[1, 0]]))
+    with pytest.raises(ValueError, match="input_std has 3 entries"):
+        ODIN(input_std=[0.2, 0.2, 0.2]).perturb(toy_linear(), d64([0.5, 0.2]))
+
+
+# -- ReAct -----------------------------------------------------------------------------------
+REACT_W, REACT_B = d64([1.0, -1.0], [0.5, 2.0]), d64(0.0, 1.0)
+
+
+def test_react_fixed_clip_by_hand() -> None:
+    model = LinearHeadNet(REACT_W, REACT_B)
+    x = d64([2.0, 0.5])  # clipped at 1: [1, .5] -> z = [1 - .5, .5 + 1 + 1]
+    det = fit(ReAct(clip=1.0), model, [])
+    torch.testing.assert_close(score(det, model, x), d64(lse(0.5, 2.5)))
+    det_t = fit(ReAct(clip=1.0, temperature=2.0), model, [])
+    torch.testing.assert_close(score(det_t, model, x), d64(2 * lse(0.25, 1.25)))
+
+
+def test_react_percentile_by_hand() -> None:
+    model = LinearHeadNet(REACT_W, REACT_B)
+    # 6 training activations 0..5; 90th percentile: position 4.5 -> 4.5.
+    det = fit(ReAct(), model, [d64([0.0, 1.0], [2.0, 3.0]), d64([4.0, 5.0])])
+    assert float(det.clip_value) == 4.5
+    # [5, 6] -> [4.5, 4.5]: z = [0, 2.25 + 9 + 1].
+    torch.testing.assert_close(score(det, model, d64([5.0, 6.0])), d64(lse(0.0, 12.25)))
+    assert det.act_sample.numel() == 0  # the sample is not kept in the checkpoint
+
+
+def test_react_percentile_equals_numpy_when_all_values_fit() -> None:
+    torch.manual_seed(1)
+    h = torch.rand(300, 8) * 3
+    model = LinearHeadNet(torch.randn(3, 8), torch.zeros(3))
+    det = fit(ReAct(percentile=87.5), model, list(h.split(64)))
+    assert float(det.clip_value) == pytest.approx(np.percentile(h.numpy(), 87.5), rel=1e-6)
+
+
+def test_react_subsample_is_an_exact_stride_of_the_stream() -> None:
+    torch.manual_seed(2)
+    h = torch.rand(203, 4)
+    model = LinearHeadNet(torch.randn(3, 4), torch.zeros(3))
+    det = ReAct(max_samples=100)  # at most 25 rows of 4 values
+    det.reset()
+    with torch.no_grad():
+        for x in h.split(17):
+            det.update(model.extract(x), torch.zeros(len(x), dtype=torch.long))
+    stride = det._stride
+    assert stride == 16  # 203 rows halved until <= 25 rows remain: stride 16 keeps 13
+    torch.testing.assert_close(det.act_sample, h[::stride])
+    det.finalize(model)
+    assert float(det.clip_value) == pytest.approx(
+        np.percentile(h[::stride].numpy(), 90.0), rel=1e-6
+    )
+
+
+class TwoRanks(Reducer):
+    """Rank 0's view of a 2-rank run: add/concatenate the other rank's tensors in call order."""
+
+    def __init__(self, other: list[Tensor]) -> None:
+        self.other = list(other)
+
+    def sum(self, t: Tensor) -> Tensor:
+        return t + self.other.pop(0)
+
+    def cat(self, t: Tensor) -> Tensor:
+        return torch.cat([t, self.other.pop(0)])
+
+
+class Recorder(Reducer):
+    def __init__(self) -> None:
+        self.seen: list[Tensor] = []
+
+    def sum(self, t: Tensor) -> Tensor:
+        self.seen.append(t.clone())
+        return t
+
+    def cat(self, t: Tensor) -> Tensor:
+        self.seen.append(t.clone())
+        return t
+
+
+@pytest.mark.parametrize("make", [ReAct, DICE, DICEReAct])
+def test_two_rank_fit_equals_single_process(make: type[Detector]) -> None:
+    torch.manual_seed(3)
+    h = torch.rand(120, 6) * 2
+    model = LinearHeadNet(torch.randn(4, 6), torch.randn(4))
+    single = fit(make(), model, list(h.split(32)))
+    rank1 = Recorder()
+    fit(make(), model, [h[60:]], rank1)
+    rank0 = fit(make(), model, [h[:60]], TwoRanks(rank1.seen))
+    for (name, a), (_, b) in zip(single.named_buffers(), rank0.named_buffers(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+# -- DICE ------------------------------------------------------------------------------------
+DICE_W, DICE_B = d64([1.0, -2.0, 3.0], [2.0, 1.0, -1.0]), d64(0.0, 0.5)
+DICE_TRAIN = [d64([1.0, 2.0, 0.0]), d64([3.0, 0.0, 2.0])]  # mean [2, 1, 1]
+
+
+def test_dice_by_hand() -> None:
+    model = LinearHeadNet(DICE_W, DICE_B)
+    det = fit(DICE(p=50.0), model, DICE_TRAIN)
+    torch.testing.assert_close(det.feature_mean, d64(2.0, 1.0, 1.0))
+    # V = ā ⊙ W = [[2, -2, 3], [4, 1, -1]]; sorted [-2, -1, 1, 2, 3, 4]: position 2.5 -> 1.5.
+    assert float(det.threshold) == 1.5
+    assert det.mask.tolist() == [[True, False, True], [True, False, False]]
+    # h = [1, 1, 1]: z = [1 + 3, 2 + .5].
+    torch.testing.assert_close(score(det, model, d64([1.0, 1.0, 1.0])), d64(lse(4.0, 2.5)))
+    # DICE with a fixed clip of .5: z = [.5 + 1.5, 1 + .5].
+    clipped = fit(DICE(p=50.0, clip=0.5), model, DICE_TRAIN)
+    torch.testing.assert_close(score(clipped, model, d64([1.0, 1.0, 1.0])), d64(lse(2.0, 1.5)))
+
+
+def test_dice_react_by_hand() -> None:
+    model = LinearHeadNet(DICE_W, DICE_B)
+    det = fit(DICEReAct(p=50.0, percentile=50.0), model, DICE_TRAIN)
+    # Same mask as DICE (unclipped mean); c = percentile([0, 0, 1, 2, 2, 3], 50) = 1.5.
+    assert det.mask.tolist() == [[True, False, True], [True, False, False]]
+    assert float(det.clip_value) == 1.5
+    # h = [2, 1, 3] -> [1.5, 1, 1.5]: z = [1.5 + 4.5, 3 + .5].
+    torch.testing.assert_close(score(det, model, d64([2.0, 1.0, 3.0])), d64(lse(6.0, 3.5)))
+
+
+def test_dice_matches_numpy_reference() -> None:
+    torch.manual_seed(4)
+    h = torch.rand(200, 30).double()
+    model = LinearHeadNet(torch.randn(10, 30).double(), torch.randn(10).double())
+    det = fit(DICE(p=90.0), model, list(h.split(50)))
+    w, b = model.fc.weight.detach().numpy(), model.fc.bias.detach().numpy()
+    v = h.numpy().mean(axis=0)[None, :] * w
+    masked = w * (v > np.percentile(v, 90.0))
+    x = torch.rand(20, 30).double()
+    z = x.numpy() @ masked.T + b
+    expected = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+    np.testing.assert_allclose(score(det, model, x).numpy(), expected, rtol=1e-12)
+    assert int(det.mask.sum()) == 30  # strict > keeps 10 % of the 300 weights
+
+
+# -- checkpoints and validation --------------------------------------------------------------
+@pytest.mark.parametrize(
+    "det", [ReAct(), ReAct(clip=0.7), DICE(p=70.0), DICEReAct(p=80.0, percentile=95.0)]
+)
+def test_state_dict_round_trip(det: Detector) -> None:
+    torch.manual_seed(5)
+    h = torch.rand(90, 6)
+    model = LinearHeadNet(torch.randn(4, 6), torch.randn(4))
+    fit(det, model, list(h.split(30)))
+    config = det.config()
+    fresh = type(det)(**{k: v for k, v in config.items() if k != "type"})
+    assert not fresh.is_fitted
+    fresh.load_state_dict(det.state_dict())
+    x = torch.rand(10, 6)
+    assert torch.equal(score(fresh, model, x), score(det, model, x))
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda: Energy(temperature=0.0), "temperature"),
+        (lambda: ODIN(temperature=-1.0), "temperature"),
+        (lambda: ODIN(epsilon=-0.1), "epsilon"),
+        (lambda: ODIN(input_std=[0.2, 0.0, 0.2]), "input_std"),
+        (lambda: ReAct(clip=0.0), "clip"),
+        (lambda: ReAct(percentile=0.0), "percentile"),
+        (lambda: ReAct(percentile=101.0), "percentile"),
+        (lambda: ReAct(temperature=math.inf), "temperature"),
+        (lambda: ReAct(max_samples=0), "max_samples"),
+        (lambda: DICE(p=100.0), "p="),
+        (lambda: DICE(p=-5.0), "p="),
+        (lambda: DICE(clip=-1.0), "clip"),
+        (lambda: DICEReAct(percentile=200.0), "percentile"),
+    ],
+)
+def test_bad_hyperparameters_name_the_parameter(make: object, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        make()
+
+
+def test_unfitted_detectors_refuse_to_score() -> None:
+    for det in (ReAct(), DICE(), DICEReAct()):
+        with pytest.raises(RuntimeError, match="not fitted"):
+            det.score(BackboneOutput(torch.rand(2, 3), torch.rand(2, 2)))

@@ -52,7 +52,9 @@ class ClassificationTask(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.backbone: OODBackbone = create_model(model, num_classes=num_classes, **(model_kwargs or {}))
+        self.backbone: OODBackbone = create_model(
+            model, num_classes=num_classes, **(model_kwargs or {})
+        )
         self.detectors = build_detectors(detectors or {})
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
@@ -65,9 +67,8 @@ class ClassificationTask(LightningModule):
         """Replace the detectors (keeping fitted state of those whose config is unchanged)."""
         new = build_detectors(specs)
         for name, det in new.items():
-            old = self.detectors[name] if name in self.detectors else None
-            if old is not None and old.config() == det.config():
-                new[name] = old
+            if name in self.detectors and self.detectors[name].config() == det.config():
+                new[name] = self.detectors[name]
         self.detectors = new.to(self.device)
         self.hparams["detectors"] = {n: d.config() for n, d in self.detectors.items()}
 
@@ -133,7 +134,10 @@ class ClassificationTask(LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
 
     # -- checkpoint plumbing ----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -172,7 +176,11 @@ class ClassificationTask(LightningModule):
             {k[len(prefix) :].split(".")[0] for k in state if k.startswith(prefix)}
             - set(self.detectors)
         )
-        for k in [k for k in state if k.startswith(prefix) and k[len(prefix) :].split(".")[0] in dropped]:
+        for k in [
+            k for k in state if k.startswith(prefix) and k[len(prefix) :].split(".")[0] in dropped
+        ]:
             del state[k]
         if dropped:
-            rank_zero_info(f"[lightning_ood] checkpoint detectors not configured, ignored: {dropped}")
+            rank_zero_info(
+                f"[lightning_ood] checkpoint detectors not configured, ignored: {dropped}"
+            )

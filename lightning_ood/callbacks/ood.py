@@ -186,7 +186,9 @@ class OODEvaluation(Callback):
         dets = list(pl_module.detectors.values())
         for det in dets:
             det.fitted.fill_(not det.requires_fit)
-        rank_zero_info(f"[lightning_ood] fitting detectors after training: {[d.name for d in dets]}")
+        rank_zero_info(
+            f"[lightning_ood] fitting detectors after training: {[d.name for d in dets]}"
+        )
         fit_detectors(trainer, pl_module, dets, self.progress)
         ckpt_cb = trainer.checkpoint_callback
         if ckpt_cb is not None and getattr(ckpt_cb, "dirpath", None):
@@ -272,9 +274,14 @@ class OODEvaluation(Callback):
         sizes = [len(t) for t in next(iter(banks.values()))] if banks else []
         for set_name, n in zip(names, sizes, strict=True):
             if n == 0:
-                raise ValueError(f"test set {set_name!r} produced no samples; check its path/subset")
+                raise ValueError(
+                    f"test set {set_name!r} produced no samples; check its path/subset"
+                )
         holdout = self.validation_size > 0 and any(d.needs_validation for d in dets.values())
-        splits = [self._split(n, s) if holdout else (None, None) for s, n in zip(names, sizes, strict=True)]
+        splits = [
+            self._split(n, s) if holdout else (None, None)
+            for s, n in zip(names, sizes, strict=True)
+        ]
 
         def reported(t: Tensor, i: int) -> Tensor:
             return t if splits[i][1] is None else t[splits[i][1]]
@@ -323,14 +330,18 @@ class OODEvaluation(Callback):
             self._write_tables(trainer)
 
     # -- reporting ---------------------------------------------------------------------------
-    def _log_figures(self, trainer: Trainer, scores: dict[str, dict[str, tuple[Tensor, Tensor]]]) -> None:
+    def _log_figures(
+        self, trainer: Trainer, scores: dict[str, dict[str, tuple[Tensor, Tensor]]]
+    ) -> None:
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not loggers or not trainer.is_global_zero:
             return
         tb = loggers[0].experiment
         step = trainer.global_step
         for dname, per_set in scores.items():
-            finite = {o: (a[torch.isfinite(a)], b[torch.isfinite(b)]) for o, (a, b) in per_set.items()}
+            finite = {
+                o: (a[torch.isfinite(a)], b[torch.isfinite(b)]) for o, (a, b) in per_set.items()
+            }
             if self.log_histograms:
                 first = next(iter(finite.values()))[0]
                 if len(first):
@@ -366,7 +377,12 @@ def _evaluate(detector: str, ood: str, s_id: Tensor, s_ood: Tensor) -> dict[str,
     """Metrics for one (detector, OOD set); non-finite scores are reported, never folded in."""
     bad_id = int((~torch.isfinite(s_id)).sum())
     bad_ood = int((~torch.isfinite(s_ood)).sum())
-    counts = {"n_id": len(s_id), "n_ood": len(s_ood), "nonfinite_id": bad_id, "nonfinite_ood": bad_ood}
+    counts = {
+        "n_id": len(s_id),
+        "n_ood": len(s_ood),
+        "nonfinite_id": bad_id,
+        "nonfinite_ood": bad_ood,
+    }
     if bad_id or bad_ood:
         rank_zero_warn(
             f"[lightning_ood] detector {detector!r} produced non-finite scores on {ood!r}: "
@@ -417,7 +433,9 @@ def format_markdown(results: Mapping[str, Any]) -> str:
         for ood, vals in per_set.items():
             if ood == "average" and len(per_set) == 2:  # one OOD set: the average repeats it
                 continue
-            cells = [f"{100 * vals[m]:.2f}" if not math.isnan(vals[m]) else "nan" for m in METRIC_NAMES]
+            cells = [
+                f"{100 * vals[m]:.2f}" if not math.isnan(vals[m]) else "nan" for m in METRIC_NAMES
+            ]
             label = f"**{ood}**" if ood == "average" else ood
             lines.append(f"| {dname} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -430,7 +448,9 @@ def format_csv(results: Mapping[str, Any]) -> str:
     writer.writerow(["detector", "ood_set", *METRIC_NAMES, *extra])
     for dname, per_set in results["metrics"].items():
         for ood, vals in per_set.items():
-            writer.writerow([dname, ood, *(vals[m] for m in METRIC_NAMES), *(vals.get(k, "") for k in extra)])
+            writer.writerow(
+                [dname, ood, *(vals[m] for m in METRIC_NAMES), *(vals.get(k, "") for k in extra)]
+            )
     return buf.getvalue()
 
 

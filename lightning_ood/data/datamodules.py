@@ -706,6 +706,8 @@ class ImageNetDataModule(OODDataModule):
                 )
             sets[split] = tvd.ImageFolder(str(path))
             if len(sets[split].classes) != 1000:
-                raise ValueError(f"{path} has {len(sets[split].classes)} class folders, expected 1000")
+                raise ValueError(
+                    f"{path} has {len(sets[split].classes)} class folders, expected 1000"
+                )
         self._data_version = f"ImageNet-1k ({root / self.folder})"
         return {"train": sets["train"], "test": sets["val"]}

@@ -22,7 +22,7 @@ def build_detector(name: str, spec: Mapping[str, Any] | None = None) -> Detector
     """Build one detector from a config entry ``name: {type: kind, **hyperparameters}``.
 
     ``type`` defaults to ``name``, so ``line: {p_a: 90}`` and ``line_no_wp: {type: line,
-    weight_pruning: false}`` both work.
+    weight_prune: false}`` both work.
     """
     args = dict(spec or {})
     kind = args.pop("type", name)

@@ -77,9 +77,7 @@ class Detector(nn.Module):
     def reset(self) -> None:
         """Zero the accumulators before a fitting pass."""
 
-    def update(
-        self, out: BackboneOutput, target: Tensor, model: OODBackbone | None = None
-    ) -> None:
+    def update(self, out: BackboneOutput, target: Tensor, model: OODBackbone | None = None) -> None:
         """Accumulate sufficient statistics from one eval-mode training batch.
 
         ``out`` comes from ``model.extract(x, taps=self.taps)`` under ``torch.no_grad``; the
@@ -168,8 +166,16 @@ def percentile(x: Tensor, p: float, dim: int = -1) -> Tensor:
     return a + (b - a) * frac
 
 
-def check_range(name: str, value: float, *, low: float | None = None, high: float | None = None,
-                low_open: bool = False, high_open: bool = True, owner: str = "") -> float:
+def check_range(
+    name: str,
+    value: float,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = True,
+    owner: str = "",
+) -> float:
     """Validate a hyperparameter, naming it and the allowed interval in the error."""
     v = float(value)
     ok = math.isfinite(v)
@@ -182,5 +188,7 @@ def check_range(name: str, value: float, *, low: float | None = None, high: floa
         rb = ")" if high_open else "]"
         interval = f"{lb}{'-inf' if low is None else low}, {'inf' if high is None else high}{rb}"
         where = f"{owner}: " if owner else ""
-        raise ValueError(f"{where}hyperparameter {name}={value!r} is out of range; it must lie in {interval}")
+        raise ValueError(
+            f"{where}hyperparameter {name}={value!r} is out of range; it must lie in {interval}"
+        )
     return v

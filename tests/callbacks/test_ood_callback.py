@@ -57,7 +57,9 @@ def _trainer(tmp_path: Path, cb: OODEvaluation, **kw: object) -> Trainer:
 def test_fits_at_test_start_and_reports_exact_metrics(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cb = OODEvaluation(detectors={"energy": {}, "line": {}}, results_dir=str(tmp_path), progress=False)
+    cb = OODEvaluation(
+        detectors={"energy": {}, "line": {}}, results_dir=str(tmp_path), progress=False
+    )
     task = ClassificationTask(model="lenet", num_classes=10)
     with caplog.at_level(logging.INFO):
         _trainer(tmp_path, cb).test(task, datamodule=ToyData())
@@ -87,9 +89,13 @@ class NaNDetector(Energy):
         return s
 
 
-def test_non_finite_scores_are_reported_not_folded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_non_finite_scores_are_reported_not_folded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(DETECTORS, "nan_test", NaNDetector)
-    cb = OODEvaluation(detectors={"nan_test": {}, "energy": {}}, results_dir=str(tmp_path), progress=False)
+    cb = OODEvaluation(
+        detectors={"nan_test": {}, "energy": {}}, results_dir=str(tmp_path), progress=False
+    )
     task = ClassificationTask(model="lenet", num_classes=10)
     with pytest.warns(UserWarning, match="non-finite scores on 'far'"):
         _trainer(tmp_path, cb).test(task, datamodule=ToyData())
@@ -147,7 +153,10 @@ def test_validation_holdout_is_shared_by_all_detectors(tmp_path: Path) -> None:
     task = ClassificationTask(model="lenet", num_classes=10)
     _trainer(tmp_path, cb).test(task, datamodule=ToyData())
     for det in ("energy", "fssd"):
-        assert (cb.results["metrics"][det]["far"]["n_id"], cb.results["metrics"][det]["far"]["n_ood"]) == (30, 38)
+        assert (
+            cb.results["metrics"][det]["far"]["n_id"],
+            cb.results["metrics"][det]["far"]["n_ood"],
+        ) == (30, 38)
     assert set(cb.results["combiners"]["fssd"]["far"]) >= {"combiner_coef", "combiner_intercept"}
 
 
@@ -169,4 +178,7 @@ def test_ddp_fit_and_scores_match_single_process(tmp_path: Path) -> None:
         results[name] = __import__("json").loads((out / "ood_results.json").read_text())["metrics"]
     for det, per_set in results["single"].items():
         for metric, value in per_set["far"].items():
-            assert results["ddp"][det]["far"][metric] == pytest.approx(value, abs=1e-6), (det, metric)
+            assert results["ddp"][det]["far"][metric] == pytest.approx(value, abs=1e-6), (
+                det,
+                metric,
+            )

@@ -80,7 +80,9 @@ def test_densenet_recipe_learning_rates() -> None:
     group = opt.param_groups[0]
     assert isinstance(opt, torch.optim.SGD)
     assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.9, True, 1e-4)
-    assert cli.datamodule.hparams.get("batch_size", getattr(cli.datamodule, "batch_size", None)) == 64
+    assert (
+        cli.datamodule.hparams.get("batch_size", getattr(cli.datamodule, "batch_size", None)) == 64
+    )
     assert cli.trainer.max_epochs == 100
 
 

@@ -34,12 +34,21 @@ def results(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict
                             "init_args": {
                                 "progress": False,
                                 "log_roc": False,
-                                "detectors": {"energy": {}, "line": {"delta": 1.0, "p_a": 90, "p_w": 90}},
+                                "detectors": {
+                                    "energy": {},
+                                    "line": {"delta": 1.0, "p_a": 90, "p_w": 90},
+                                },
                             },
                         }
                     ],
                 },
-                "model": {"model_kwargs": {"weights": str(shared_data / "checkpoints" / "densenet100_cifar10_reference.pth.tar")}},
+                "model": {
+                    "model_kwargs": {
+                        "weights": str(
+                            shared_data / "checkpoints" / "densenet100_cifar10_reference.pth.tar"
+                        )
+                    }
+                },
                 "data": {
                     "init_args": {
                         "root": str(shared_data),
@@ -61,8 +70,13 @@ def results(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict
     return cb.results["metrics"]
 
 
-@pytest.mark.parametrize(("ood", "line_ref", "energy_ref"), [("tinyimagenet_crop", 0.318, 0.631), ("mnist", 0.034, 0.369)])
-def test_line_fpr95_below_energy(results: dict, ood: str, line_ref: float, energy_ref: float) -> None:
+@pytest.mark.parametrize(
+    ("ood", "line_ref", "energy_ref"),
+    [("tinyimagenet_crop", 0.318, 0.631), ("mnist", 0.034, 0.369)],
+)
+def test_line_fpr95_below_energy(
+    results: dict, ood: str, line_ref: float, energy_ref: float
+) -> None:
     line, energy = results["line"][ood], results["energy"][ood]
     assert line["n_id"] == 2000 and line["n_ood"] == 2000
     assert line["fpr95"] < energy["fpr95"]

@@ -1,3 +1,3 @@
-from lightning_ood.cli import main
+from lightning_ood.cli import entrypoint
 
-main()
+entrypoint()

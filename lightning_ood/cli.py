@@ -72,5 +72,11 @@ def main(args: ArgsType = None, run: bool = True) -> OODCLI:
     )
 
 
-if __name__ == "__main__":
+def entrypoint() -> None:
+    """Console script: like :func:`main`, but returns nothing (a return value would become
+    the process exit status)."""
     main()
+
+
+if __name__ == "__main__":
+    entrypoint()

@@ -730,5 +730,10 @@ def main(args: Sequence[str] | None = None) -> GridResult:
     return result
 
 
-if __name__ == "__main__":
+def entrypoint() -> None:
+    """Console script ``lightning-ood-grid``; returns nothing (see ``lightning_ood.cli``)."""
     main()
+
+
+if __name__ == "__main__":
+    entrypoint()

@@ -168,6 +168,7 @@ class OODEvaluation(Callback):
         self.log_roc = log_roc
         self.progress = progress
         self.results: dict[str, Any] = {}
+        self._out_dir: Path | None = None
         self._bank: dict[str, list[list[Tensor]]] = {}
         if detectors is not None:  # fail at config time, not after an hour of training
             from lightning_ood.detectors import build_detectors
@@ -320,14 +321,28 @@ class OODEvaluation(Callback):
             "combiners": combiners,
             "metrics": results,
         }
-        for dname, per_set in results.items():
-            for ood, vals in per_set.items():
-                for m, v in vals.items():
-                    if m in METRIC_NAMES:
-                        pl_module.log(f"ood/{dname}/{ood}/{m}", float(v), sync_dist=False)
+        # Straight to the loggers (rank 0): through `self.log` these ~50 scalars per detector
+        # would also flood Lightning's end-of-test printout, which comes after our table.
+        flat = {
+            f"ood/{dname}/{ood}/{m}": float(v)
+            for dname, per_set in results.items()
+            for ood, vals in per_set.items()
+            for m, v in vals.items()
+            if m in METRIC_NAMES
+        }
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(flat, step=trainer.global_step)
+                logger.save()
         self._log_figures(trainer, scores)
         if trainer.is_global_zero:
             self._write_tables(trainer)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # After Lightning's own results printout, so the OOD table ends the terminal output.
+        if stage == "test" and self.results and trainer.is_global_zero:
+            print("\n" + format_markdown(self.results))
+            print(f"[lightning_ood] results written to {self._out_dir}/ood_results.{{md,csv,json}}")
 
     # -- reporting ---------------------------------------------------------------------------
     def _log_figures(
@@ -359,8 +374,7 @@ class OODEvaluation(Callback):
         _atomic_write(out_dir / "ood_results.md", md)
         _atomic_write(out_dir / "ood_results.json", json.dumps(self.results, indent=2, default=str))
         _atomic_write(out_dir / "ood_results.csv", format_csv(self.results))
-        print("\n" + md)
-        print(f"[lightning_ood] results written to {out_dir}/ood_results.{{md,csv,json}}")
+        self._out_dir = out_dir
 
 
 def _combiner_state(det: Detector) -> dict[str, Any]:

@@ -24,7 +24,9 @@ CIFAR_STD = (0.247, 0.243, 0.261)
 def _loader(root: Path, step: int, std: tuple[float, float, float]) -> DataLoader:
     transform = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor(), T.Normalize(MEAN, std)])
     ds = datasets.ImageFolder(str(root), transform=transform)
-    return DataLoader(Subset(ds, list(range(len(ds)))[::step]), batch_size=32)  # small batches run ~2x faster on CPU
+    return DataLoader(
+        Subset(ds, list(range(len(ds)))[::step]), batch_size=32
+    )  # small batches run ~2x faster on CPU
 
 
 def _accuracy(model: DenseNet3, loader: DataLoader) -> float:

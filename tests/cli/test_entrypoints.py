@@ -1,0 +1,40 @@
+"""The console scripts and `python -m lightning_ood` exit 0 (a returned CLI object would not)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        [
+            sys.executable,
+            "-m",
+            "lightning_ood",
+            "test",
+            "--config",
+            "configs/demo.yaml",
+            "--print_config",
+        ],
+        [
+            str(Path(sys.executable).parent / "lightning-ood"),
+            "fit",
+            "--config",
+            "configs/demo.yaml",
+            "--print_config",
+        ],
+    ],
+    ids=["python-m", "console-script"],
+)
+def test_cli_exits_zero(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "class_path: lightning_ood.data.FashionMNISTDataModule" in proc.stdout
+    assert "model: lenet" in proc.stdout

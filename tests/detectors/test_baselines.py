@@ -7,30 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from detector_toys import LinearHeadNet
 from torch import Tensor, nn
 
 from lightning_ood.detectors.base import Detector, Reducer
 from lightning_ood.detectors.baselines import DICE, MSP, ODIN, DICEReAct, Energy, ReAct
 from lightning_ood.models.base import BackboneOutput, OODBackbone
-
-
-class LinearHeadNet(OODBackbone):
-    """Inputs are the penultimate features themselves; the head is one linear layer."""
-
-    def __init__(self, weight: Tensor, bias: Tensor) -> None:
-        super().__init__()
-        self.num_classes, self.num_features = weight.shape
-        self.input_shape = (self.num_features,)
-        self.fc = nn.Linear(self.num_features, self.num_classes, dtype=weight.dtype)
-        with torch.no_grad():
-            self.fc.weight.copy_(weight)
-            self.fc.bias.copy_(bias)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        return x
-
-    def get_classifier(self) -> nn.Linear:
-        return self.fc
 
 
 def d64(*rows: object) -> Tensor:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from detector_toys import LinearHeadNet
 from torch import Tensor, nn
 
 from lightning_ood.detectors.base import Reducer, percentile
@@ -20,25 +21,6 @@ from lightning_ood.detectors.line import LINe, row_percentile
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-class LinearHeadNet(OODBackbone):
-    """Inputs are the penultimate features themselves; the head is one linear layer."""
-
-    def __init__(self, weight: Tensor, bias: Tensor) -> None:
-        super().__init__()
-        self.num_classes, self.num_features = weight.shape
-        self.input_shape = (self.num_features,)
-        self.fc = nn.Linear(self.num_features, self.num_classes, dtype=weight.dtype)
-        with torch.no_grad():
-            self.fc.weight.copy_(weight)
-            self.fc.bias.copy_(bias)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        return x
-
-    def get_classifier(self) -> nn.Linear:
-        return self.fc
 
 
 class MLPHeadNet(LinearHeadNet):

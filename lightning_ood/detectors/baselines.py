@@ -85,7 +85,11 @@ class ODIN(Detector):
 
     kind = "odin"
     uses_training_data = False
-    needs_input_grad = True
+
+    @property
+    def needs_input_grad(self) -> bool:  # type: ignore[override]
+        """Only the input perturbation (epsilon > 0) needs the model and input gradients."""
+        return self.epsilon > 0
 
     def __init__(
         self,
@@ -233,8 +237,8 @@ class ReAct(_ActivationSampler, _LinearHeadDetector):
     ``c`` is ``clip`` when given, else the ``percentile``-th percentile of training activations
     (all q entries of the penultimate features). The percentile is computed on a strided
     subsample of at most ``max_samples`` values (exact when the training set fits); the
-    reference used ID validation images instead. A fitting pass is always run, to copy the
-    head so scoring needs no model.
+    reference used ID validation images instead. With a fixed ``clip`` no training pass is
+    needed: ``finalize`` only copies the head, so scoring needs no model.
 
     Args:
         clip: fixed clipping threshold c > 0, or None to estimate it.
@@ -245,6 +249,11 @@ class ReAct(_ActivationSampler, _LinearHeadDetector):
     """
 
     kind = "react"
+
+    @property
+    def uses_training_data(self) -> bool:  # type: ignore[override]
+        """A fixed ``clip`` needs no training pass (finalize only copies the head)."""
+        return self.clip is None
 
     def __init__(
         self,

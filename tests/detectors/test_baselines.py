@@ -298,3 +298,19 @@ def test_unfitted_detectors_refuse_to_score() -> None:
     for det in (ReAct(), DICE(), DICEReAct()):
         with pytest.raises(RuntimeError, match="not fitted"):
             det.score(BackboneOutput(torch.rand(2, 3), torch.rand(2, 2)))
+
+
+def test_routing_flags_follow_the_hyperparameters() -> None:
+    """ODIN needs input gradients only with epsilon > 0; ReAct reads training data only when
+    its clip is estimated (a fixed clip fits from the head alone)."""
+    assert ODIN(epsilon=0.0).needs_input_grad is False
+    assert ODIN(epsilon=0.001).needs_input_grad is True
+    assert ReAct(clip=1.0).uses_training_data is False
+    assert ReAct().uses_training_data is True
+    w, b = torch.tensor([[1.0, -1.0], [0.5, 2.0]]), torch.tensor([0.0, 0.1])
+    det = ReAct(clip=1.0)
+    det.reset()
+    det.finalize(LinearHeadNet(w, b))  # no update() call: no training data at all
+    h = torch.tensor([[3.0, 0.5]])
+    expected = torch.logsumexp(torch.tensor([[1.0, 0.5]]) @ w.T + b, dim=1)
+    torch.testing.assert_close(det.score(BackboneOutput(h, h @ w.T + b)), expected)

@@ -39,9 +39,9 @@ class ClassificationTask(LightningModule):
         lr_scheduler: scheduler factory, stepped once per epoch.
         detectors: ``{name: {type: kind, **hyperparameters}}``; usually set by the
             :class:`~lightning_ood.callbacks.OODEvaluation` callback, stored for reloading.
-        channels_last: store conv weights in channels-last layout; measured 3x faster
-            DenseNet-BC-100 inference on CPU (69 vs 23 img/s at batch 32 vs 200, 2 cores) and
-            the usual layout for bf16 on GPUs. Scores may differ in the last float bits.
+        channels_last: store conv weights in channels-last layout: faster DenseNet-BC-100
+            inference on CPU (``benchmarks/densenet_cpu_throughput.py``) and the usual layout
+            for bf16 on GPUs. Scores may differ in the last float bits.
     """
 
     def __init__(

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Subset
 from torchmetrics.utilities.distributed import gather_all_tensors
 from tqdm import tqdm
 
-from lightning_ood.detectors import Detector, Reducer
+from lightning_ood.detectors import Detector, Reducer, build_detectors
 from lightning_ood.metrics import METRIC_NAMES, OODMetrics
 from lightning_ood.models import BackboneOutput
 
@@ -171,8 +171,6 @@ class OODEvaluation(Callback):
         self._out_dir: Path | None = None
         self._bank: dict[str, list[list[Tensor]]] = {}
         if detectors is not None:  # fail at config time, not after an hour of training
-            from lightning_ood.detectors import build_detectors
-
             build_detectors(detectors)
 
     # -- attach ------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -175,7 +176,7 @@ def test_ddp_fit_and_scores_match_single_process(tmp_path: Path) -> None:
             validation_size=0,
         )
         _trainer(out, cb, accelerator="cpu", **kw).test(task, datamodule=ToyData())
-        results[name] = __import__("json").loads((out / "ood_results.json").read_text())["metrics"]
+        results[name] = json.loads((out / "ood_results.json").read_text())["metrics"]
     for det, per_set in results["single"].items():
         for metric, value in per_set["far"].items():
             assert results["ddp"][det]["far"][metric] == pytest.approx(value, abs=1e-6), (

@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_ood.callbacks.predictions import PredictionCSVWriter, default_prediction_path
+from lightning_ood.checkpoint import SafeCheckpointIO
 from lightning_ood.data import OODDataModule
 from lightning_ood.task import ClassificationTask
 
@@ -26,6 +29,21 @@ class OODCLI(LightningCLI):
         )
         parser.add_argument("--checkpoint_root", type=str, default="checkpoints")
         parser.add_argument("--log_root", type=str, default="logs")
+        parser.add_argument(
+            "--checkpoint_every_n_steps",
+            type=int,
+            default=200,
+            help="Also write <checkpoint_root>/<experiment>/last.ckpt every N optimizer steps "
+            "(0 = only at epoch ends), so a killed run resumes mid-epoch with "
+            "`fit --ckpt_path last`.",
+        )
+        parser.add_argument(
+            "--predictions",
+            type=str,
+            default=None,
+            help="predict: CSV of per-sample scores and decisions (default "
+            "<log_root>/<experiment>/predictions.csv).",
+        )
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -34,24 +52,51 @@ class OODCLI(LightningCLI):
         if trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = TensorBoardLogger(save_dir=cfg["log_root"], name=experiment)
         callbacks = list(trainer_cfg.get("callbacks") or [])
+        ckpt_dir = str(Path(cfg["checkpoint_root"]) / experiment)
+        every = cfg["checkpoint_every_n_steps"]
+        if every < 0:
+            raise ValueError(f"--checkpoint_every_n_steps must be >= 0, got {every}")
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             callbacks.append(
                 ModelCheckpoint(
-                    dirpath=str(Path(cfg["checkpoint_root"]) / experiment),
+                    dirpath=ckpt_dir,
                     filename="epoch{epoch:03d}-acc{val/acc:.4f}",
                     auto_insert_metric_name=False,
                     monitor="val/acc",
                     mode="max",
                     save_top_k=1,
                     save_last=True,
-                    # re-running an experiment overwrites last.ckpt instead of last-v1.ckpt,
+                    # re-running an experiment overwrites files instead of writing -v1 copies,
                     # so `--ckpt_path checkpoints/<experiment>/last.ckpt` stays valid
                     enable_version_counter=False,
                 )
             )
+            if every:
+                # last.ckpt also every N steps: resumable mid-epoch (ResumableDataLoader)
+                callbacks.append(
+                    ModelCheckpoint(
+                        dirpath=ckpt_dir,
+                        filename="last",
+                        monitor=None,
+                        save_top_k=1,
+                        every_n_train_steps=every,
+                        enable_version_counter=False,
+                    )
+                )
         if not any(isinstance(c, LearningRateMonitor) for c in callbacks):
             callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+        if self.subcommand == "predict" and not any(
+            isinstance(c, PredictionCSVWriter) for c in callbacks
+        ):
+            out = cfg["predictions"] or default_prediction_path(cfg["log_root"], experiment)
+            callbacks.append(PredictionCSVWriter(out))
         kwargs["callbacks"] = callbacks
+        plugins = trainer_cfg.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            # atomic writes, weights-only reads (lightning_ood.checkpoint)
+            plugins.append(SafeCheckpointIO())
+        kwargs["plugins"] = plugins
         return super().instantiate_trainer(**kwargs)
 
 

@@ -64,6 +64,10 @@ class ClassificationTask(LightningModule):
         self.detectors = build_detectors(detectors or {})
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
+        #: What a receiving team needs besides the weights (class names, normalisation, input
+        #: size, data version): taken from the datamodule, stored in every checkpoint.
+        self.data_meta: dict[str, Any] = {}
+        self._rng_to_restore: dict[str, Any] | None = None
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -127,13 +131,22 @@ class ClassificationTask(LightningModule):
         return out
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Logits, prediction, and every fitted, calibrated detector's score and decision."""
         x = batch[0] if isinstance(batch, list | tuple) else batch
         out = self.extract(x)
-        scores = {}
+        scores: dict[str, Tensor] = {}
+        is_ood: dict[str, Tensor] = {}
         for name, det in self.detectors.items():
-            if det.is_fitted and not det.needs_input_grad:
-                scores[name] = det.score(out)
-        return {"logits": out.logits, "pred": out.logits.argmax(1), "scores": scores}
+            if not (det.is_fitted and det.is_calibrated):
+                continue
+            s = det.score(out, self.backbone, x) if det.needs_input_grad else det.score(out)
+            scores[name], is_ood[name] = s, s < det.threshold.to(s.dtype)
+        return {
+            "logits": out.logits,
+            "pred": out.logits.argmax(1),
+            "scores": scores,
+            "is_ood": is_ood,
+        }
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
@@ -145,7 +158,65 @@ class ClassificationTask(LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
         }
 
+    # -- metadata ---------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "hand_off_meta"):
+            meta = dm.hand_off_meta()
+            if meta.get("num_classes") not in (None, self.hparams["num_classes"]):
+                raise ValueError(
+                    f"the datamodule has {meta['num_classes']} classes but the model is built "
+                    f"with num_classes={self.hparams['num_classes']}; set --model.num_classes "
+                    f"{meta['num_classes']}"
+                )
+            self.data_meta = meta
+
     # -- checkpoint plumbing ----------------------------------------------------------------
+    @classmethod
+    def from_checkpoint_dict(
+        cls, ckpt: Mapping[str, Any], source: str = "<dict>"
+    ) -> ClassificationTask:
+        """Rebuild a task from a loaded checkpoint dict (see :func:`lightning_ood.load`)."""
+        hp = ckpt.get("hyper_parameters") if isinstance(ckpt, Mapping) else None
+        if not isinstance(hp, Mapping) or "model" not in hp or "state_dict" not in ckpt:
+            raise ValueError(
+                f"{source} is not a lightning-ood checkpoint (no hyper_parameters/state_dict of "
+                "a ClassificationTask); for bare backbone weights use model_kwargs.weights"
+            )
+        kwargs = {
+            k: hp[k]
+            for k in ("model", "num_classes", "model_kwargs", "detectors", "channels_last")
+            if k in hp
+        }
+        task = cls(**kwargs)
+        task.on_load_checkpoint(dict(ckpt))
+        task.load_state_dict(ckpt["state_dict"])
+        return task
+
+    def _check_compatible(self, checkpoint: Mapping[str, Any]) -> None:
+        """A checkpoint of another architecture or class count fails with both named."""
+        hp = checkpoint.get("hyper_parameters") or {}
+        mine = (self.hparams.get("model"), self.hparams.get("num_classes"))
+        theirs = (hp.get("model"), hp.get("num_classes"))
+        if None not in theirs and theirs != mine:
+            raise ValueError(
+                f"checkpoint was trained as model={theirs[0]!r} with num_classes={theirs[1]}, "
+                f"but this run builds model={mine[0]!r} with num_classes={mine[1]}; use the "
+                "checkpoint's config (or drop --ckpt_path to train from scratch)"
+            )
+        ours = self.backbone.state_dict()
+        bad = []
+        for key, value in (checkpoint.get("state_dict") or {}).items():
+            name = key.removeprefix("backbone.")
+            if key.startswith("backbone.") and name in ours and value.shape != ours[name].shape:
+                shapes = f"checkpoint {tuple(value.shape)} vs model {tuple(ours[name].shape)}"
+                bad.append(f"{name}: {shapes}")
+        if bad:
+            raise ValueError(
+                "checkpoint weights do not fit this model (another architecture or class "
+                f"count?): {'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}"
+            )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The state dict carries the weights; a checkpoint handed to another team must not
         # need the file the backbone was first initialised from.
@@ -154,6 +225,39 @@ class ClassificationTask(LightningModule):
         if kwargs.pop("weights", None) is not None:
             hp["model_kwargs"] = kwargs
         hp["detectors"] = {n: d.config() for n, d in self.detectors.items()}
+        checkpoint["lightning_ood"] = {"format": 1, "data": self.data_meta}
+        checkpoint["rng_states"] = self._gather_rng_states()
+
+    def _gather_rng_states(self) -> dict[str, Any]:
+        """Every rank's torch RNG state (dropout masks, augmentation draws), so a resumed run
+        continues the same random streams; saved on every rank's call, written by rank 0."""
+        cpu = torch.get_rng_state()
+        states: dict[str, Any] = {"world_size": 1, "torch": cpu.unsqueeze(0)}
+        if self._trainer is not None and self.trainer.world_size > 1:
+            gathered = self.all_gather(cpu.to(self.device))
+            states = {"world_size": self.trainer.world_size, "torch": gathered.cpu()}
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            cuda = torch.cuda.get_rng_state(self.device)
+            g = self.all_gather(cuda.to(self.device)) if states["world_size"] > 1 else cuda[None]
+            states["cuda"] = g.cpu()
+        return states
+
+    def on_train_start(self) -> None:
+        # Restored here, not in on_load_checkpoint: Lightning creates the training iterator in
+        # between, which draws from the RNG; the uninterrupted run drew that at epoch start.
+        states, self._rng_to_restore = self._rng_to_restore, None
+        if not states:
+            return
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        if states.get("world_size") != world:
+            rank_zero_info(
+                f"[lightning_ood] the checkpoint's RNG states are from {states.get('world_size')} "
+                f"process(es), this run has {world}; random streams are not continued exactly"
+            )
+            return
+        torch.set_rng_state(states["torch"][rank].cpu())
+        if "cuda" in states and self.device.type == "cuda":
+            torch.cuda.set_rng_state(states["cuda"][rank].cpu(), self.device)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Reconcile stored detector state with the configured detectors.
@@ -162,6 +266,11 @@ class ClassificationTask(LightningModule):
         hyperparameters) starts unfitted and is fitted at test start; stored detectors that
         are no longer configured are dropped. Both are reported.
         """
+        self._check_compatible(checkpoint)
+        stored = checkpoint.get("lightning_ood") or {}
+        if stored.get("data") and not self.data_meta:
+            self.data_meta = dict(stored["data"])
+        self._rng_to_restore = checkpoint.get("rng_states")
         state = checkpoint["state_dict"]
         stored_cfg = (checkpoint.get("hyper_parameters") or {}).get("detectors") or {}
         prefix = "detectors."

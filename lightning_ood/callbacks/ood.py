@@ -25,10 +25,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
 from torchmetrics.utilities.distributed import gather_all_tensors
 from tqdm import tqdm
 
+from lightning_ood.data.samplers import unshard
 from lightning_ood.detectors import Detector, Reducer, build_detectors
 from lightning_ood.metrics import METRIC_NAMES, OODMetrics
 from lightning_ood.models import BackboneOutput
@@ -62,21 +62,6 @@ class StrategyReducer(Reducer):
         return torch.cat(gather_all_tensors(t))
 
 
-def _shard(loader: DataLoader, rank: int, world: int) -> DataLoader:
-    """Split a sequential loader across ranks without the padding DistributedSampler adds
-    (padding would count duplicated samples in the detector sums)."""
-    if world == 1:
-        return loader
-    subset = Subset(loader.dataset, range(rank, len(loader.dataset), world))
-    return DataLoader(
-        subset,
-        batch_size=loader.batch_size,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-    )
-
-
 def fit_detectors(
     trainer: Trainer,
     pl_module: LightningModule,
@@ -86,7 +71,8 @@ def fit_detectors(
     """Fit ``detectors`` together from ONE eval-mode pass over the training set.
 
     The training set is read through ``datamodule.fit_dataloader()`` (eval transform, no
-    augmentation); every batch goes through the backbone once and feeds every detector.
+    augmentation; under DDP each rank reads its unpadded shard, so no sample enters the
+    detector sums twice); every batch goes through the backbone once and feeds every detector.
     """
     if not detectors:
         return
@@ -104,7 +90,7 @@ def fit_detectors(
                 "but the trainer has no datamodule with fit_dataloader(); pass an "
                 "OODDataModule (--data ...)."
             )
-        loader = _shard(dm.fit_dataloader(), trainer.global_rank, trainer.world_size)
+        loader = dm.fit_dataloader()
         taps = tuple(dict.fromkeys(t for d in data_dets for t in d.taps))
         names = ", ".join(d.name for d in data_dets)
         bar = tqdm(
@@ -126,6 +112,54 @@ def fit_detectors(
     pl_module.train(was_training)
 
 
+def calibrate_detectors(
+    trainer: Trainer,
+    pl_module: LightningModule,
+    detectors: Sequence[Detector],
+    tpr: float = 0.95,
+    progress: bool = True,
+) -> None:
+    """Give every detector its decision threshold: ``tpr`` of held-out ID samples are called ID.
+
+    Scores the datamodule's ID validation loader (the ``val_size`` hold-out of the training
+    set, or the ID test set when ``val_size`` is 0, as in the reference scripts) with one
+    forward pass per batch for all detectors; the scores of all ranks are pooled.
+    """
+    if not detectors:
+        return
+    dm = trainer.datamodule
+    if dm is None or not hasattr(dm, "val_dataloader"):
+        raise RuntimeError(
+            "calibrating detector thresholds needs held-out ID data: pass an OODDataModule"
+        )
+    was_training = pl_module.training
+    pl_module.eval()
+    taps = tuple(dict.fromkeys(t for d in detectors for t in d.taps))
+    chunks: dict[str, list[Tensor]] = {d.name: [] for d in detectors}
+    bar = tqdm(
+        dm.val_dataloader(),
+        desc="Calibrating thresholds",
+        disable=not progress or trainer.global_rank != 0,
+        leave=False,
+    )
+    with torch.no_grad():
+        for x, _ in bar:
+            x = x.to(pl_module.device)
+            out = pl_module.backbone.extract(x, taps=taps)
+            for det in detectors:
+                s = (
+                    det.score(out, pl_module.backbone, x)
+                    if det.needs_input_grad
+                    else det.score(out)
+                )
+                chunks[det.name].append(s.detach().double())
+    reducer = StrategyReducer(trainer)
+    for det in detectors:
+        local = torch.cat(chunks[det.name]) if chunks[det.name] else torch.zeros(0).double()
+        det.calibrate(reducer.cat(local.to(pl_module.device)).cpu(), tpr)
+    pl_module.train(was_training)
+
+
 class OODEvaluation(Callback):
     """Fit and evaluate post-hoc OOD detectors.
 
@@ -143,6 +177,12 @@ class OODEvaluation(Callback):
         log_histograms: log ID/OOD score histograms per detector to TensorBoard.
         log_roc: log ROC curves per detector as images to TensorBoard.
         progress: show a progress bar for the fitting pass.
+        refit: at test start, refit every detector even if the checkpoint holds fitted state
+            (e.g. to fit on more ranks or other training data).
+        threshold_tpr: the ID true-positive rate of each detector's stored decision
+            threshold, calibrated on held-out ID data after fitting (0.95 = FPR95's point).
+        save_fitted: when detectors are fitted at test start, save the model with them to
+            ``<checkpoint dir>/fitted.ckpt`` (the after-fit path re-saves ``last.ckpt``).
     """
 
     def __init__(
@@ -155,10 +195,18 @@ class OODEvaluation(Callback):
         log_histograms: bool = True,
         log_roc: bool = True,
         progress: bool = True,
+        refit: bool = False,
+        threshold_tpr: float = 0.95,
+        save_fitted: bool = True,
     ) -> None:
         super().__init__()
         if validation_size < 0:
             raise ValueError(f"validation_size must be >= 0, got {validation_size}")
+        if not 0.0 < threshold_tpr <= 1.0:
+            raise ValueError(f"threshold_tpr must lie in (0, 1], got {threshold_tpr}")
+        self.refit = refit
+        self.threshold_tpr = threshold_tpr
+        self.save_fitted = save_fitted
         self.detector_specs = detectors
         self.fit_after_train = fit_after_train
         self.validation_size = validation_size
@@ -189,6 +237,7 @@ class OODEvaluation(Callback):
             f"[lightning_ood] fitting detectors after training: {[d.name for d in dets]}"
         )
         fit_detectors(trainer, pl_module, dets, self.progress)
+        calibrate_detectors(trainer, pl_module, dets, self.threshold_tpr, self.progress)
         ckpt_cb = trainer.checkpoint_callback
         if ckpt_cb is not None and getattr(ckpt_cb, "dirpath", None):
             path = ckpt_cb.last_model_path or os.path.join(ckpt_cb.dirpath, "last.ckpt")
@@ -202,16 +251,37 @@ class OODEvaluation(Callback):
                 f"detectors {grad_dets} need input gradients in the test loop; set "
                 "`trainer.inference_mode: false` (the lightning-ood CLI default)."
             )
-        unfitted = pl_module.unfitted_detectors()
+        if self.refit:
+            unfitted = list(pl_module.detectors.values())
+            for det in unfitted:
+                det.fitted.fill_(not det.requires_fit)
+            rank_zero_info("[lightning_ood] refit: true; refitting every detector.")
+        else:
+            unfitted = pl_module.unfitted_detectors()
+            if unfitted:
+                rank_zero_info(
+                    "[lightning_ood] the checkpoint holds no fitted state for detectors "
+                    f"{[d.name for d in unfitted]}; fitting them now with one pass over the "
+                    "training set."
+                )
         if unfitted:
-            rank_zero_info(
-                "[lightning_ood] the checkpoint holds no fitted state for detectors "
-                f"{[d.name for d in unfitted]}; fitting them now with one pass over the "
-                "training set."
-            )
             fit_detectors(trainer, pl_module, unfitted, self.progress)
+        uncalibrated = [d for d in pl_module.detectors.values() if not d.is_calibrated]
+        if uncalibrated or unfitted:
+            todo = list(dict.fromkeys([*unfitted, *uncalibrated]))
+            calibrate_detectors(trainer, pl_module, todo, self.threshold_tpr, self.progress)
+            self._save_fitted(trainer)
         n_sets = len(self._test_set_names(trainer))
         self._bank = {name: [[] for _ in range(n_sets)] for name in pl_module.detectors}
+
+    def _save_fitted(self, trainer: Trainer) -> None:
+        ckpt_cb = trainer.checkpoint_callback
+        dirpath = getattr(ckpt_cb, "dirpath", None)
+        if not self.save_fitted or not dirpath:
+            return
+        path = os.path.join(dirpath, "fitted.ckpt")
+        trainer.save_checkpoint(path)
+        rank_zero_info(f"[lightning_ood] saved the model with its fitted detectors to {path}")
 
     # -- scoring -----------------------------------------------------------------------------
     def on_test_batch_end(
@@ -248,9 +318,13 @@ class OODEvaluation(Callback):
         return list(names)
 
     def _gather(self, chunks: list[Tensor], trainer: Trainer) -> Tensor:
+        """This rank's scores of one set, gathered over ranks and put back in dataset order
+        (the loaders shard with :class:`EvalShardedSampler`: no padding, nothing counted
+        twice, and the seeded validation split picks the same samples on any world size)."""
         t = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.float64)
         if trainer.world_size > 1:
-            t = torch.cat([g.cpu() for g in gather_all_tensors(t.to(trainer.strategy.root_device))])
+            parts = gather_all_tensors(t.to(trainer.strategy.root_device))
+            t = unshard([g.cpu() for g in parts])
         return t
 
     def _split(self, n: int, set_name: str) -> tuple[Tensor, Tensor]:
@@ -288,6 +362,11 @@ class OODEvaluation(Callback):
         results: dict[str, dict[str, dict[str, float]]] = {}
         scores: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
         combiners: dict[str, dict[str, Any]] = {}
+        # Per-OOD-set combiners are an evaluation protocol; the model keeps its own.
+        deployed = {
+            n: {k: b.clone() for k, b in d.named_buffers() if k.startswith("combiner_")}
+            for n, d in dets.items()
+        }
         for dname, det in dets.items():
             results[dname], scores[dname] = {}, {}
             for j, ood in enumerate(ood_names, start=1):
@@ -305,6 +384,8 @@ class OODEvaluation(Callback):
             results[dname]["average"] = {
                 m: _nanmean([results[dname][o][m] for o in ood_names]) for m in METRIC_NAMES
             }
+            for k, b in deployed[dname].items():
+                setattr(det, k, b)
         self.results = {
             "id_set": id_name,
             "data_version": getattr(trainer.datamodule, "data_version", id_name),
@@ -316,6 +397,10 @@ class OODEvaluation(Callback):
                 "seed": self.validation_seed,
             },
             "detectors": {n: d.config() for n, d in dets.items()},
+            "thresholds": {
+                n: {"value": float(d.threshold), "id_tpr": float(d.threshold_tpr)}
+                for n, d in dets.items()
+            },
             "combiners": combiners,
             "metrics": results,
         }

@@ -14,6 +14,7 @@ seeded training samples instead (they are then excluded from training and detect
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -38,6 +39,12 @@ from lightning_ood.data.readers import (
     CIFARPickles,
     Transformed,
     take_every,
+)
+from lightning_ood.data.samplers import (
+    EvalShardedSampler,
+    ResumableDataLoader,
+    ShardedSampler,
+    rank_and_world,
 )
 from lightning_ood.data.transforms import (
     FASHIONMNIST_MEAN,
@@ -75,6 +82,8 @@ class OODDataModule(LightningDataModule):
         download: allow torchvision downloads; ``None`` = only when ``root`` fell back to
             ``./data``.
         pin_memory: DataLoader ``pin_memory``.
+        shuffle_seed: seed of the per-epoch training permutation; ``None`` = the
+            ``seed_everything`` seed (``PL_GLOBAL_SEED``), else 0.
     """
 
     #: Name of the ID set, first entry of ``test_set_names``.
@@ -97,6 +106,7 @@ class OODDataModule(LightningDataModule):
         val_seed: int = 0,
         download: bool | None = None,
         pin_memory: bool = False,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -125,6 +135,7 @@ class OODDataModule(LightningDataModule):
         self.val_seed = val_seed
         self.download = download
         self.pin_memory = pin_memory
+        self.shuffle_seed = shuffle_seed
         # Parsing validates names and keys; it reads nothing from disk.
         self.ood_specs: list[OODSpec] = [parse_ood_spec(s) for s in ood_sets or []]
         self.val_ood_specs: list[OODSpec] = [parse_ood_spec(s) for s in val_ood_sets or []]
@@ -134,6 +145,7 @@ class OODDataModule(LightningDataModule):
         self._ood: list[Dataset] = []
         self._val_ood: dict[str, Dataset] = {}
         self._data_version: str | None = None
+        self._class_names: list[str] | None = None
 
     # -- what subclasses provide ------------------------------------------------------------
     @property
@@ -150,6 +162,27 @@ class OODDataModule(LightningDataModule):
     def normalization(self) -> Normalization | None:
         """The ID (mean, std) every image set is normalised with; None for token data."""
         return None
+
+    @property
+    def class_names(self) -> list[str]:
+        """ID class names in label order (from the data files once set up, else indices)."""
+        if self._class_names:
+            return list(self._class_names)
+        return [str(i) for i in range(self.num_classes)]
+
+    def hand_off_meta(self) -> dict[str, Any]:
+        """What a checkpoint must carry for a team that has only the checkpoint."""
+        norm = self.normalization
+        return {
+            "id_set": self.id_name,
+            "data_version": self.data_version,
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "input_shape": list(self.input_shape),
+            "mean": None if norm is None else [float(v) for v in norm[0]],
+            "std": None if norm is None else [float(v) for v in norm[1]],
+            "input_range": "float in [0, 1] (or uint8 0..255), before normalisation",
+        }
 
     def _id_present(self, root: Path) -> bool:
         raise NotImplementedError
@@ -242,6 +275,9 @@ class OODDataModule(LightningDataModule):
                 "pass --data.root, set LIGHTNING_OOD_DATA, or set download: true"
             )
         raw = self._load_id(root)
+        classes = getattr(raw["train"], "classes", None)
+        if isinstance(classes, list | tuple) and len(classes) == self.num_classes:
+            self._class_names = [str(c) for c in classes]
         train_idx, val_idx = self._split(len(raw["train"]))  # type: ignore[arg-type]
         train_idx = train_idx[:: self.train_every]
         eval_tf = self._eval_transform()
@@ -285,21 +321,43 @@ class OODDataModule(LightningDataModule):
         return self._sets
 
     # -- loaders ------------------------------------------------------------------------------
-    def _loader(
-        self, dataset: Dataset, train: bool = False, persistent: bool = False
-    ) -> DataLoader:
+    def _loader(self, dataset: Dataset, persistent: bool = False) -> DataLoader:
+        """An evaluation loader: dataset order, this rank's unpadded shard (every sample is
+        seen exactly once over all ranks; see :class:`EvalShardedSampler`)."""
+        rank, world = rank_and_world(self._trainer_or_none())
         return DataLoader(
             dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            batch_size=self.eval_batch_size,
+            sampler=EvalShardedSampler(dataset, num_replicas=world, rank=rank),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=persistent and self.num_workers > 0,
         )
 
+    def _trainer_or_none(self) -> Any:
+        return getattr(self, "trainer", None)
+
     def train_dataloader(self) -> DataLoader:
-        """Training set, training transform (augmented where the recipe augments), shuffled."""
-        return self._loader(self._ready()["train"], train=True, persistent=True)
+        """Training set, training transform (augmented where the recipe augments), shuffled.
+
+        The order is one permutation per epoch seeded by ``shuffle_seed`` (default: the
+        ``seed_everything`` seed) and sharded over the ranks, so the data order does not
+        depend on the number of devices (per-rank batch ``b`` on ``w`` ranks = batch ``w*b``
+        on one), and the loader is resumable mid-epoch (:class:`ResumableDataLoader`).
+        """
+        rank, world = rank_and_world(self._trainer_or_none())
+        ds = self._ready()["train"]
+        seed = self.shuffle_seed
+        if seed is None:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return ResumableDataLoader(
+            ds,
+            batch_size=self.batch_size,
+            sampler=ShardedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         """ID validation set (the ID test set unless ``val_size`` > 0), eval transform."""
@@ -310,9 +368,10 @@ class OODDataModule(LightningDataModule):
         sets = self._ready()
         return [self._loader(sets["test"]), *(self._loader(ds) for ds in self._ood)]
 
-    def predict_dataloader(self) -> DataLoader:
-        """The ID test set."""
-        return self._loader(self._ready()["test"])
+    def predict_dataloader(self) -> list[DataLoader]:
+        """Same sets as :meth:`test_dataloader` (``[ID test, *OOD sets]``): add a folder of
+        your own images as an OOD set entry (``{name, kind: folder, path}``) to score it."""
+        return self.test_dataloader()
 
     def fit_dataloader(self) -> DataLoader:
         """The training set under the EVAL transform, in order: the detector-fitting pass."""

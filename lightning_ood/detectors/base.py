@@ -7,8 +7,10 @@ scoring buffers. ``score(out, ...)`` returns one float per sample, higher = more
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -56,6 +58,9 @@ class Detector(nn.Module):
         super().__init__()
         self.name = name or self.kind
         self.register_buffer("fitted", torch.tensor(not self.requires_fit))
+        # Decision threshold: scores below it are called OOD. NaN until calibrate().
+        self.register_buffer("threshold", torch.tensor(float("nan"), dtype=torch.float64))
+        self.register_buffer("threshold_tpr", torch.tensor(float("nan"), dtype=torch.float64))
 
     # -- configuration -------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -71,7 +76,22 @@ class Detector(nn.Module):
 
     @property
     def is_fitted(self) -> bool:
-        return bool(self.fitted)
+        return self.flag("fitted")
+
+    def flag(self, name: str) -> bool:
+        """Python value of a 0-d bool buffer. While :func:`frozen_flags` is active (during
+        ``torch.export``, where buffers are symbolic) the value recorded on entry."""
+        frozen = self.__dict__.get("_frozen_flags")
+        if frozen is not None and name in frozen:
+            return frozen[name]
+        return bool(getattr(self, name))
+
+    def int_list(self, name: str) -> list[int]:
+        """Python list of a small 1-d integer buffer (sizes); frozen like :meth:`flag`."""
+        frozen = self.__dict__.get("_frozen_flags")
+        if frozen is not None and name in frozen:
+            return frozen[name]
+        return [int(v) for v in getattr(self, name).tolist()]
 
     # -- fitting -------------------------------------------------------------------------
     def reset(self) -> None:
@@ -120,6 +140,35 @@ class Detector(nn.Module):
         """Score a batch; higher = more in-distribution. Shape (B,)."""
         return self.combine(self.score_components(out, model, inputs))
 
+    # -- decisions -----------------------------------------------------------------------
+    def calibrate(self, id_scores: Tensor, tpr: float = 0.95) -> float:
+        """Set :attr:`threshold` so that a fraction ``tpr`` of ``id_scores`` (held-out ID
+        samples) is at or above it, i.e. called in-distribution: the 95 % TPR operating point
+        of FPR95 (ID positive). Returns the threshold.
+        """
+        check_range(
+            "tpr", tpr, low=0.0, high=1.0, low_open=True, high_open=False, owner="calibrate"
+        )
+        s = id_scores.detach().flatten().double()
+        if s.numel() == 0:
+            raise ValueError(f"{self.name}: calibrate() needs held-out ID scores, got none")
+        if not torch.isfinite(s).all():
+            bad = int((~torch.isfinite(s)).sum())
+            raise ValueError(
+                f"{self.name}: {bad} of {s.numel()} calibration scores are NaN/inf; the detector "
+                "cannot be given a decision threshold"
+            )
+        s, _ = torch.sort(s)
+        # The k-th smallest with k = floor((1 - tpr) n): at least ceil(tpr n) scores are >= it.
+        k = min(math.floor((1.0 - tpr) * s.numel() + 1e-9), s.numel() - 1)
+        self.threshold.fill_(float(s[k]))
+        self.threshold_tpr.fill_(tpr)
+        return float(s[k])
+
+    @property
+    def is_calibrated(self) -> bool:
+        return bool(torch.isfinite(self.threshold))
+
     def check_fitted(self) -> None:
         if not self.is_fitted:
             raise RuntimeError(
@@ -138,6 +187,10 @@ class Detector(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        # Checkpoints written before decision thresholds existed load as uncalibrated.
+        for name in ("threshold", "threshold_tpr"):
+            if prefix + name not in state_dict:
+                state_dict[prefix + name] = torch.tensor(float("nan"), dtype=torch.float64)
         # Buffers are created lazily with backbone-dependent shapes; adopt the stored shape.
         for name, buf in self._buffers.items():
             key = prefix + name
@@ -146,6 +199,32 @@ class Detector(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+@contextlib.contextmanager
+def frozen_flags(detectors: Iterable[Detector]) -> Iterator[None]:
+    """Record every 0-d bool buffer (fitted flags) and small 1-d integer buffer (sizes) of
+    ``detectors`` as Python values for the duration, so that tracing (``torch.export``) sees
+    them as constants, not data."""
+    dets = list(detectors)
+    for det in dets:
+        frozen: dict[str, Any] = {}
+        for n, b in det.named_buffers():
+            if b.dtype == torch.bool and b.dim() == 0:
+                frozen[n] = bool(b)
+            elif b.dtype == torch.long and b.dim() == 1 and b.numel() <= 4096:
+                frozen[n] = [int(v) for v in b.tolist()]
+        det.__dict__["_frozen_flags"] = frozen
+    try:
+        yield
+    finally:
+        for det in dets:
+            det.__dict__.pop("_frozen_flags", None)
+
+
+def exporting() -> bool:
+    """Whether the code runs under ``torch.export``/``torch.compile`` tracing."""
+    return bool(torch.compiler.is_exporting() or torch.compiler.is_compiling())
 
 
 def percentile(x: Tensor, p: float, dim: int = -1) -> Tensor:

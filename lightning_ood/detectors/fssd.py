@@ -247,7 +247,7 @@ class LayerEnsembleDetector(Detector):
     def combine(self, components: Tensor) -> Tensor:
         """Decision function of the fitted combiner, or component ``default_layer``."""
         c = self._components_2d("components", components)
-        if bool(self.combiner_fitted):
+        if self.flag("combiner_fitted"):
             if c.shape[1] != self.combiner_coef.numel():
                 raise ValueError(
                     f"{self.name}: the combiner was fitted on {self.combiner_coef.numel()} "
@@ -426,7 +426,7 @@ class FSSD(LayerEnsembleDetector):
 
     def centres(self) -> list[Tensor]:
         """FSS_l per tap, flattened."""
-        return list(self.fss.split(self.fss_sizes.tolist()))
+        return list(self.fss.split(self.int_list("fss_sizes")))
 
     # -- scoring --------------------------------------------------------------------------
     def _distance(self, feat: Tensor, centre: Tensor, tap: str) -> Tensor:

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_ood.detectors.base import Detector, Reducer, check_range
+from lightning_ood.detectors.base import Detector, Reducer, check_range, exporting
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 #: Upper bound on the number of elements of one chunk of per-class weight scores V_k built in
@@ -267,6 +267,8 @@ class LINe(Detector):
         if not (self.act_prune or self.weight_prune):
             return torch.logsumexp(logits, dim=1)
         pred = logits.argmax(dim=1)
+        if exporting():
+            return torch.logsumexp(self._pruned_logits_static(h, pred), dim=1)
         z = torch.empty_like(logits)
         weight = self.weight
         if self.weight_prune:
@@ -289,3 +291,14 @@ class LINe(Detector):
                 w = torch.mul(weight, keep, out=work)  # W ⊙ M_w^k
             z[idx] = hk @ w.T + self.bias
         return torch.logsumexp(z, dim=1)
+
+    def _pruned_logits_static(self, h: Tensor, pred: Tensor) -> Tensor:
+        """Same logits as the grouped loop in :meth:`score`, with no data-dependent shapes:
+        every class's pruned head is applied to the whole batch and the predicted class's row
+        is kept. L matmuls of (B, q) x (q, L), for ``torch.export``; the eager path groups."""
+        z = torch.zeros(h.shape[0], self.weight.shape[0], dtype=h.dtype, device=h.device)
+        for k in range(self.weight.shape[0]):
+            hk = h * self.act_mask[k] if self.act_prune else h
+            w = self.weight * self.weight_mask(k) if self.weight_prune else self.weight
+            z = torch.where((pred == k)[:, None], hk @ w.T + self.bias, z)
+        return z

@@ -11,12 +11,12 @@ surgery is ever needed. Every failure names the file and says what to do.
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
+
+from lightning_ood.checkpoint import CheckpointError, UnsafeCheckpointError, safe_load
 
 #: Keys under which checkpoints commonly nest their state_dict.
 _NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net")
@@ -42,22 +42,17 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             "state_dict file"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "weights only load failed" in str(err).lower():
-            raise RuntimeError(
-                f"weights file {str(path)!r} stores Python objects besides tensors, which are not "
-                "loaded for safety. If you trust it, re-save only its weights: "
-                "torch.save(torch.load(path, weights_only=False)['state_dict'], new_path)."
-            ) from err
-        raise RuntimeError(
+        obj = safe_load(path)
+    except UnsafeCheckpointError as err:
+        raise UnsafeCheckpointError(
+            f"weights file {str(path)!r} stores Python objects besides tensors, which are not "
+            "loaded for safety. If you trust it, re-save only its weights: "
+            "torch.save(torch.load(path, weights_only=False)['state_dict'], new_path)."
+        ) from err
+    except CheckpointError as err:
+        raise CheckpointError(
             f"could not read weights file {str(path)!r}: it is not a torch checkpoint or it is "
             f"corrupt ({err})"
-        ) from err
-    except Exception as err:  # torch raises RuntimeError/EOFError/... for broken archives
-        raise RuntimeError(
-            f"could not read weights file {str(path)!r}: it is not a torch checkpoint or it is "
-            f"corrupt ({type(err).__name__}: {err})"
         ) from err
     return _unnest(obj, path)
 

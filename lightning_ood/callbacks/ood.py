@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torchmetrics.utilities.distributed import gather_all_tensors
 from tqdm import tqdm
@@ -128,10 +129,13 @@ def calibrate_detectors(
     if not detectors:
         return
     dm = trainer.datamodule
-    if dm is None or not hasattr(dm, "val_dataloader"):
-        raise RuntimeError(
-            "calibrating detector thresholds needs held-out ID data: pass an OODDataModule"
+    if dm is None or not is_overridden("val_dataloader", dm):
+        rank_zero_warn(
+            "[lightning_ood] the datamodule has no val_dataloader (held-out ID data), so the "
+            f"detectors {[d.name for d in detectors]} get no decision threshold; "
+            "lightning_ood.load() and predict will refuse them until they are calibrated."
         )
+        return
     was_training = pl_module.training
     pl_module.eval()
     taps = tuple(dict.fromkeys(t for d in detectors for t in d.taps))

@@ -118,9 +118,11 @@ class ResumableDataLoader(DataLoader):
         sampler: ShardedSampler = self.sampler  # type: ignore[assignment]
         self._epoch = sampler.epoch
         self._yielded = sampler.skip // self.batch_size if sampler.skip_epoch == self._epoch else 0
-        for batch in super().__iter__():
-            self._yielded += 1
-            yield batch
+        # Eager, like DataLoader.__iter__: the base iterator draws its worker seed from the
+        # global RNG now (when Lightning calls iter()), not lazily at the first batch, so a
+        # resumed run's RNG restore (in on_train_start) lands after that draw, as it did in
+        # the uninterrupted run.
+        return _CountingIterator(super().__iter__(), self)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self._epoch, "batches": self._yielded, "batch_size": self.batch_size}
@@ -146,3 +148,22 @@ def rank_and_world(trainer: Any) -> tuple[int, int]:
     if trainer is None:
         return 0, 1
     return int(trainer.global_rank), int(trainer.world_size)
+
+
+class _CountingIterator:
+    """Counts the batches a :class:`ResumableDataLoader` iterator hands out."""
+
+    def __init__(self, inner: Iterator[Any], loader: ResumableDataLoader) -> None:
+        self.inner = inner
+        self.loader = loader
+
+    def __iter__(self) -> _CountingIterator:
+        return self
+
+    def __next__(self) -> Any:
+        batch = next(self.inner)
+        self.loader._yielded += 1
+        return batch
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]

@@ -1,0 +1,83 @@
+"""Helpers: run `lightning-ood` in a fresh process on a small FashionMNIST slice."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+
+def base_config(data_root: Path, **data_args: Any) -> dict[str, Any]:
+    """LeNet on FashionMNIST (the demo recipe), a few thousand images, quiet output."""
+    return {
+        "seed_everything": 1,
+        "trainer": {
+            "max_epochs": 1,
+            "accelerator": "cpu",
+            "devices": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "log_every_n_steps": 10,
+        },
+        "model": {
+            "model": "lenet",
+            "num_classes": 10,
+            "model_kwargs": {"in_channels": 1},
+            "optimizer": {"class_path": "torch.optim.Adadelta", "init_args": {"lr": 1.0}},
+        },
+        "data": {
+            "class_path": "lightning_ood.data.FashionMNISTDataModule",
+            "init_args": {
+                "root": str(data_root),
+                "batch_size": 64,
+                "eval_batch_size": 250,
+                "num_workers": 0,
+                "train_every": 30,
+                **data_args,
+            },
+        },
+    }
+
+
+def ood_callback(detectors: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    return {
+        "class_path": "lightning_ood.callbacks.OODEvaluation",
+        "init_args": {"progress": False, "detectors": detectors, **kw},
+    }
+
+
+def run_cli(
+    tmp: Path, name: str, subcommand: str, config: dict[str, Any], *extra: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    cfg = tmp / f"{name}-{subcommand}.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_ood",
+        subcommand,
+        "--config",
+        str(cfg),
+        "--experiment",
+        name,
+        "--checkpoint_root",
+        str(tmp / "ckpt"),
+        "--log_root",
+        str(tmp / "logs"),
+        *extra,
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)])}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stderr ---\n{proc.stderr[-6000:]}"
+        )
+    return proc

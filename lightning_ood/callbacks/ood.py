@@ -422,8 +422,10 @@ class OODEvaluation(Callback):
                 logger.log_metrics(flat, step=trainer.global_step)
                 logger.save()
         self._log_figures(trainer, scores)
+        # trainer.log_dir broadcasts under DDP: every rank must ask for it
+        out_dir = Path(self.results_dir or trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
-            self._write_tables(trainer)
+            self._write_tables(out_dir)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # After Lightning's own results printout, so the OOD table ends the terminal output.
@@ -454,8 +456,7 @@ class OODEvaluation(Callback):
             if self.log_roc:
                 tb.add_figure(f"ood_roc/{dname}", _roc_figure(dname, finite), step)
 
-    def _write_tables(self, trainer: Trainer) -> None:
-        out_dir = Path(self.results_dir or trainer.log_dir or trainer.default_root_dir)
+    def _write_tables(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         md = format_markdown(self.results)
         _atomic_write(out_dir / "ood_results.md", md)

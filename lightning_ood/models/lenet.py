@@ -23,9 +23,12 @@ class LeNet(OODBackbone):
     Args:
         num_classes: classifier outputs.
         in_channels: image channels (1 for MNIST-style data).
+        dropout: keep the recipe's two dropout layers (0.25, 0.5). ``False`` makes training a
+            deterministic function of the data order, e.g. to check that DDP on ``w`` ranks
+            equals one process (dropout masks are drawn per rank, so they cannot match).
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, dropout: bool = True) -> None:
         super().__init__()
         if num_classes < 1 or in_channels < 1:
             raise ValueError(
@@ -37,10 +40,10 @@ class LeNet(OODBackbone):
         self.conv2 = nn.Conv2d(32, 64, kernel_size=3)
         self.relu2 = nn.ReLU()
         self.pool = nn.MaxPool2d(2)
-        self.dropout1 = nn.Dropout(0.25)
+        self.dropout1 = nn.Dropout(0.25 if dropout else 0.0)
         self.fc1 = nn.Linear(64 * 12 * 12, 128)
         self.relu3 = nn.ReLU()
-        self.dropout2 = nn.Dropout(0.5)
+        self.dropout2 = nn.Dropout(0.5 if dropout else 0.0)
         self.fc2 = nn.Linear(128, num_classes)
 
         self.num_classes = num_classes
@@ -66,10 +69,13 @@ class LeNet(OODBackbone):
 
 @register_model("lenet")
 def lenet(
-    num_classes: int = 10, in_channels: int = 1, weights: str | os.PathLike[str] | None = None
+    num_classes: int = 10,
+    in_channels: int = 1,
+    weights: str | os.PathLike[str] | None = None,
+    dropout: bool = True,
 ) -> LeNet:
     """FSSD's LeNet; ``weights`` is an optional state_dict/.ckpt path."""
-    model = LeNet(num_classes=num_classes, in_channels=in_channels)
+    model = LeNet(num_classes=num_classes, in_channels=in_channels, dropout=dropout)
     if weights is not None:
         load_weights(model, weights, model_name="lenet")
     return model

@@ -43,7 +43,7 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path: Path) -> None:
         safe_load(evil)
     with pytest.raises(UnsafeCheckpointError):
         SafeCheckpointIO().load_checkpoint(evil, weights_only=False)  # a request is overridden
-    with pytest.raises(UnsafeCheckpointError, match="evil.ckpt"):
+    with pytest.raises(UnsafeCheckpointError, match=r"evil\.ckpt"):
         read_checkpoint(evil)  # the backbone weights loader shares the safe path
     assert not marker.exists()
     torch.load(evil, weights_only=False)  # the payload is real: unsafe loading runs it
@@ -57,7 +57,7 @@ def test_truncated_checkpoint_names_the_file(tmp_path: Path) -> None:
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=r"cut\.ckpt.*bytes\) is truncated or corrupt"):
         safe_load(cut)
-    with pytest.raises(FileNotFoundError, match="absent.ckpt"):
+    with pytest.raises(FileNotFoundError, match=r"absent\.ckpt"):
         safe_load(tmp_path / "absent.ckpt")
 
 

@@ -51,7 +51,7 @@ def test_eval_shards_cover_each_sample_once_and_unshard_restores_order(n: int, w
 
 def test_unshard_refuses_padded_chunks() -> None:
     # DistributedSampler's padding would give rank 1 a duplicate: 3 + 3 rows for 5 samples
-    with pytest.raises(ValueError, match="rank 1 returned 3 rows.*EvalShardedSampler gives it 2"):
+    with pytest.raises(ValueError, match=r"rank 1 returned 3 rows.*EvalShardedSampler gives it 2"):
         unshard([torch.zeros(3), torch.zeros(3)], total=5)
 
 
@@ -80,7 +80,7 @@ def test_resumable_loader_continues_mid_epoch() -> None:
 def test_resume_with_another_batch_size_is_refused() -> None:
     ds = _ds(20)
     loader = ResumableDataLoader(ds, batch_size=4, sampler=ShardedSampler(ds))
-    with pytest.raises(ValueError, match="batch_size=3.*now uses batch_size=4"):
+    with pytest.raises(ValueError, match=r"batch_size=3.*now uses batch_size=4"):
         loader.load_state_dict({"epoch": 0, "batches": 2, "batch_size": 3})
 
 

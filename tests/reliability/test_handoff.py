@@ -1,0 +1,151 @@
+"""Hand-off: a fitted checkpoint → `lightning_ood.load` in a fresh process, `predict` CSV,
+`torch.export`, and clear refusals of inputs the model was not trained for."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _cli import ROOT, base_config, ood_callback, run_cli
+from torchvision.datasets import FashionMNIST
+
+import lightning_ood
+from lightning_ood.checkpoint import safe_load
+
+DETECTORS = {
+    "msp": {},
+    "odin": {"temperature": 1000.0, "epsilon": 0.0014},
+    "energy": {},
+    "line": {"delta": 1.0, "p_a": 90, "p_w": 90},
+    "mahalanobis": {"taps": ["conv1", "conv2", "fc1"]},
+    "fssd": {"taps": ["conv1", "conv2", "fc1", "logits"], "noise": "reference"},
+}
+EXPORTABLE = ["msp", "energy", "line", "mahalanobis", "fssd"]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict:
+    tmp = tmp_path_factory.mktemp("handoff")
+    cfg = base_config(shared_data, test_every=20, ood_every=20, ood_sets=["mnist"])
+    cfg["trainer"]["callbacks"] = [ood_callback(DETECTORS, validation_size=100)]
+    run_cli(tmp, "handoff", "fit", cfg)
+    ckpt = tmp / "ckpt" / "handoff" / "last.ckpt"
+    out = tmp / "pred.csv"
+    run_cli(tmp, "handoff", "predict", cfg, "--ckpt_path", str(ckpt), "--predictions", str(out))
+    return {"tmp": tmp, "ckpt": ckpt, "csv": out, "config": cfg}
+
+
+def _test_images(shared_data: Path, every: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    ds = FashionMNIST(str(shared_data), train=False)
+    return ds.data[::every].unsqueeze(1), ds.targets[::every]  # uint8 (N, 1, 28, 28)
+
+
+def test_checkpoint_records_what_a_receiving_team_needs(fitted: dict) -> None:
+    meta = safe_load(fitted["ckpt"])["lightning_ood"]["data"]
+    assert meta["class_names"][:3] == ["T-shirt/top", "Trouser", "Pullover"]
+    assert meta["input_shape"] == [1, 28, 28]
+    assert meta["mean"] == pytest.approx([0.2860]) and meta["std"] == pytest.approx([0.3530])
+    assert meta["data_version"] == "FashionMNIST (original idx files)"
+
+
+def test_load_in_a_fresh_process(fitted: dict, shared_data: Path) -> None:
+    script = f"""
+import json, torch, lightning_ood
+from torchvision.datasets import FashionMNIST
+model = lightning_ood.load({str(fitted["ckpt"])!r})
+ds = FashionMNIST({str(shared_data)!r}, train=False)
+x, y = ds.data[::20].unsqueeze(1), ds.targets[::20]
+out = model(x)
+print(json.dumps({{
+    "type": type(model).__name__, "is_module": isinstance(model, torch.nn.Module),
+    "logits": list(out["logits"].shape), "detectors": sorted(out["scores"]),
+    "acc": float((out["pred"] == y).float().mean()),
+    "flagged": {{k: int(v.sum()) for k, v in out["is_ood"].items()}},
+}}))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["type"] == "OODPredictor" and res["is_module"]
+    assert res["logits"] == [500, 10]
+    assert res["detectors"] == sorted(DETECTORS)
+    assert res["acc"] > 0.6
+    # The calibration set IS this slice (val = ID test set, val_size 0): exactly >= 95 % kept.
+    for det, n_flagged in res["flagged"].items():
+        assert n_flagged <= 25, det  # 5 % of 500
+
+
+def test_thresholds_are_the_95_percent_tpr_point_of_held_out_id_scores(
+    fitted: dict, shared_data: Path
+) -> None:
+    model = lightning_ood.load(fitted["ckpt"])
+    x, _ = _test_images(shared_data)
+    with torch.no_grad():
+        scores = model(x)["scores"]
+    for name, det in model.detectors.items():
+        s = torch.sort(scores[name].double()).values
+        k = int(0.05 * len(s))  # floor((1 - 0.95) * 500) = 25
+        assert float(det.threshold) == pytest.approx(float(s[k]), rel=1e-6, abs=1e-9), name
+        assert float(det.threshold_tpr) == 0.95
+
+
+def test_predict_writes_one_row_per_sample_matching_the_module(
+    fitted: dict, shared_data: Path
+) -> None:
+    rows = list(csv.DictReader(fitted["csv"].open()))
+    assert len(rows) == 500 + 500  # FashionMNIST test [::20] + MNIST test [::20]
+    assert len({(r["set"], r["index"]) for r in rows}) == len(rows)
+    id_rows = [r for r in rows if r["set"] == "fashionmnist"]
+    assert [int(r["index"]) for r in id_rows] == list(range(500))
+    model = lightning_ood.load(fitted["ckpt"])
+    x, y = _test_images(shared_data)
+    out = model(x)
+    assert [int(r["target"]) for r in id_rows] == y.tolist()
+    assert [int(r["pred"]) for r in id_rows] == out["pred"].tolist()
+    assert id_rows[0]["class"] == model.class_names[out["pred"][0]]
+    for det in DETECTORS:
+        csv_scores = torch.tensor([float(r[f"{det}_score"]) for r in id_rows])
+        assert torch.allclose(csv_scores, out["scores"][det].float(), rtol=1e-5, atol=1e-5), det
+        flags = [int(r[f"{det}_is_ood"]) for r in id_rows]
+        assert flags == out["is_ood"][det].int().tolist(), det
+
+
+def test_export_matches_the_module(fitted: dict, shared_data: Path, tmp_path: Path) -> None:
+    model = lightning_ood.load(fitted["ckpt"], detectors=EXPORTABLE)
+    x, _ = _test_images(shared_data)
+    program = model.export(x[:4].float() / 255)
+    path = tmp_path / "predictor.pt2"
+    torch.export.save(program, path)
+    reloaded = torch.export.load(path).module()
+    xs = x[:64].float() / 255
+    expected = model(xs)
+    got = reloaded(xs)  # another batch size than the example: the batch dim is dynamic
+    assert torch.equal(got["logits"], expected["logits"])
+    for det in EXPORTABLE:
+        assert torch.equal(got["scores"][det], expected["scores"][det]), det
+        assert torch.equal(got["is_ood"][det], expected["is_ood"][det]), det
+    with pytest.raises(ValueError, match=r"\['odin'\] need input gradients.*cannot be exported"):
+        lightning_ood.load(fitted["ckpt"]).export(x[:4].float() / 255)
+
+
+def test_bad_inputs_are_refused_with_what_to_do(fitted: dict) -> None:
+    model = lightning_ood.load(fitted["ckpt"], detectors=["energy"])
+    good = torch.rand(3, 1, 28, 28)
+    with pytest.raises(ValueError, match=r"shape \(3, 1, 32, 32\).*\(N, 1, 28, 28\).*Resize"):
+        model(torch.rand(3, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"shape \(3, 3, 28, 28\).*\(N, 1, 28, 28\)"):
+        model(torch.rand(3, 3, 28, 28))
+    bad = good.clone()
+    bad[1, 0, 5, 5] = float("nan")
+    bad[2, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN or Inf values in sample\(s\) \[1, 2\]"):
+        model(bad)
+    with pytest.raises(ValueError, match=r"no fitted, calibrated detector\(s\) \['nope'\]"):
+        lightning_ood.load(fitted["ckpt"], detectors=["nope"])

@@ -11,7 +11,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_ood.callbacks.predictions import PredictionCSVWriter, default_prediction_path
-from lightning_ood.checkpoint import SafeCheckpointIO
+from lightning_ood.checkpoint import SafeCheckpointIO, safe_load
 from lightning_ood.data import OODDataModule
 from lightning_ood.task import ClassificationTask
 
@@ -44,6 +44,16 @@ class OODCLI(LightningCLI):
             help="predict: CSV of per-sample scores and decisions (default "
             "<log_root>/<experiment>/predictions.csv).",
         )
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters before anything else; read the
+        # file through safe_load first so a truncated, corrupt or code-carrying file fails
+        # with an error that names it (LightningCLI itself also loads weights_only).
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        if path and path not in ("last", "best", "hpc", "registry") and Path(path).is_file():
+            safe_load(path)
+        super()._parse_ckpt_path()
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         cfg = self.config[self.subcommand] if self.subcommand else self.config

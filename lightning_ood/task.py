@@ -169,6 +169,15 @@ class ClassificationTask(LightningModule):
                     f"with num_classes={self.hparams['num_classes']}; set --model.num_classes "
                     f"{meta['num_classes']}"
                 )
+            model_shape = tuple(getattr(self.backbone, "input_shape", ()) or ())
+            data_shape = tuple(meta.get("input_shape") or ())
+            if model_shape and data_shape and model_shape != data_shape:
+                raise ValueError(
+                    f"the datamodule {type(dm).__name__} gives inputs of shape {data_shape}, but "
+                    f"the model ({self.hparams['model']}) takes {model_shape}; pick the "
+                    "datamodule the model was trained on, or a model built for this input "
+                    "(e.g. model_kwargs.in_channels)"
+                )
             self.data_meta = meta
 
     # -- checkpoint plumbing ----------------------------------------------------------------

@@ -61,6 +61,10 @@ from lightning_ood.data.transforms import (
 OODEntry = str | dict[str, Any]
 
 
+class CorruptDataError(RuntimeError):
+    """A dataset file exists but cannot be parsed (truncated download, wrong format)."""
+
+
 class OODDataModule(LightningDataModule):
     """Base datamodule: an ID set plus named OOD sets, with one shared eval pipeline.
 
@@ -274,7 +278,16 @@ class OODDataModule(LightningDataModule):
                 f"data root {root} does not exist ({self.display_name} is read from there); "
                 "pass --data.root, set LIGHTNING_OOD_DATA, or set download: true"
             )
-        raw = self._load_id(root)
+        try:
+            raw = self._load_id(root)
+        except FileNotFoundError:
+            raise
+        except (RuntimeError, OSError, EOFError) as err:  # ValueErrors already say what to fix
+            raise CorruptDataError(
+                f"reading {self.display_name} under {root} failed ({type(err).__name__}: {err}); "
+                "its files are probably truncated or corrupt: copy them again (or delete them "
+                "and set download: true)"
+            ) from err
         classes = getattr(raw["train"], "classes", None)
         if isinstance(classes, list | tuple) and len(classes) == self.num_classes:
             self._class_names = [str(c) for c in classes]

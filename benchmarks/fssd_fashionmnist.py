@@ -76,6 +76,7 @@ def batched(fn, x: torch.Tensor, bs: int) -> torch.Tensor:
 def evaluate_ckpt(path: str, dm, names, sets, bs: int) -> dict:
     from lightning_ood.detectors import build_detector
     from lightning_ood.grid import evaluate
+    from lightning_ood.models.base import BackboneOutput
     from lightning_ood.task import ClassificationTask
 
     task = ClassificationTask.load_from_checkpoint(path, map_location="cpu")
@@ -111,21 +112,33 @@ def evaluate_ckpt(path: str, dm, names, sets, bs: int) -> dict:
         with torch.no_grad():
             return bb.extract(x, taps=tuple(det_taps))
 
-    # plain detectors: score the reported samples
+    # plain detectors: one forward pass per set serves all of them
+    outs = {}
+    for n in names:
+        chunks = [extract(c) for c in rep[n].split(bs)]
+        outs[n] = BackboneOutput(torch.cat([o.features for o in chunks]),
+                                 torch.cat([o.logits for o in chunks]), {})  # fmt: skip
     for name, d in dets.items():
         if name == "odin":
             continue
-        s = {n: batched(lambda c, d=d: d.score(extract(c, d.taps)).double(), rep[n], bs)
-             for n in names}  # fmt: skip
+        s = {n: d.score(outs[n]).double() for n in names}
         results[name] = {o: evaluate(s[idn], s[o]) for o in names[1:]}
 
     # epsilon-selected detectors, per OOD set: ensemble split -> combiner, eps split -> eps
-    def components(det, x):
+    memo: dict = {}
+
+    def components(det, x, key=None):
+        if key is not None and (det.name, det.epsilon, key) in memo:
+            return memo[(det.name, det.epsilon, key)]
+
         def fn(c):
             out = extract(c, det.taps)
             return det.score_components(out, bb, c).detach().double()
 
-        return batched(fn, x, bs)
+        r = batched(fn, x, bs)
+        if key is not None:
+            memo[(det.name, det.epsilon, key)] = r
+        return r
 
     def odin_scores(eps, x):
         det = build_detector("odin", {"temperature": 1000.0, "epsilon": eps})
@@ -144,15 +157,17 @@ def evaluate_ckpt(path: str, dm, names, sets, bs: int) -> dict:
             best = None
             for eps in grid:
                 if kind == "odin":
-                    sv_id = odin_scores(eps, sets[idn][0][sp[idn][1]])
+                    if ("odin", eps) not in memo:
+                        memo[("odin", eps)] = odin_scores(eps, sets[idn][0][sp[idn][1]])
+                    sv_id = memo[("odin", eps)]
                     sv_o = odin_scores(eps, sets[o][0][sp[o][1]])
                 else:
                     det = maha if kind == "maha" else fssd
                     det.epsilon = eps
-                    ens_id = components(det, sets[idn][0][sp[idn][0]])
+                    ens_id = components(det, sets[idn][0][sp[idn][0]], "id_ens")
                     ens_o = components(det, sets[o][0][sp[o][0]])
                     det.fit_combiner(ens_id, ens_o)
-                    sv_id = det.combine(components(det, sets[idn][0][sp[idn][1]]))
+                    sv_id = det.combine(components(det, sets[idn][0][sp[idn][1]], "id_eps"))
                     sv_o = det.combine(components(det, sets[o][0][sp[o][1]]))
                 m = evaluate(sv_id.double(), sv_o.double())
                 if best is None or m["auroc"] > best[1]["auroc"]:
@@ -164,9 +179,9 @@ def evaluate_ckpt(path: str, dm, names, sets, bs: int) -> dict:
             else:
                 det = maha if kind == "maha" else fssd
                 det.epsilon = eps
-                det.fit_combiner(components(det, sets[idn][0][sp[idn][0]]),
+                det.fit_combiner(components(det, sets[idn][0][sp[idn][0]], "id_ens"),
                                  components(det, sets[o][0][sp[o][0]]))  # fmt: skip
-                s_id = det.combine(components(det, rep[idn]))
+                s_id = det.combine(components(det, rep[idn], "id_rep"))
                 s_o = det.combine(components(det, rep[o]))
                 sel_info[vname][o]["combiner_coef"] = det.combiner_coef.tolist()
             results[vname][o] = evaluate(s_id.double(), s_o.double())
@@ -195,10 +210,25 @@ def main() -> None:
     torch.manual_seed(0)
     dm, names, sets = load_data(ns.batch_size)
     per_seed = []
+    import hashlib
+    import json
+
+    cache = ROOT / ".cache" / "fssd_per_seed"
+    cache.mkdir(parents=True, exist_ok=True)
     for c in ns.ckpts:
+        key = hashlib.sha256(
+            (f"{Path(c).resolve()}{Path(c).stat().st_mtime}"
+             f"{EPS_GRID}").encode()
+        ).hexdigest()[:16]
+        hit = cache / f"{key}.json"
+        if hit.is_file():
+            per_seed.append(json.loads(hit.read_text()))
+            print(f"{c}: per-seed result from {hit}")
+            continue
         t0 = time.perf_counter()
         r = evaluate_ckpt(c, dm, names, sets, ns.batch_size)
         r["seconds"] = time.perf_counter() - t0
+        hit.write_text(json.dumps(r, default=float))
         per_seed.append(r)
         print(f"{c}: acc {100 * r['test_acc']:.2f} %, {r['seconds']:.0f} s", flush=True)
     methods = ["msp", "odin", "energy", "react", "dice", "line", "mahalanobis", "fssd",

@@ -103,10 +103,11 @@ def stage_odin(ns) -> None:
 
     backbone, dm, loaders, names = build(ns.batch_size, 1, ns.ood_every)
     det = build_detector("odin", ODIN)
-    out = {"every": ns.odin_every, "config": ODIN, "scores": {}, "seconds": {}}
+    out = {"every": ns.odin_every, "id_every": ns.odin_id_every, "config": ODIN, "scores": {}, "seconds": {}}
     for n in names:
         ds = loaders[n].dataset
-        sub = Subset(ds, list(range(0, len(ds), ns.odin_every)))
+        k = ns.odin_id_every if n == names[0] else ns.odin_every
+        sub = Subset(ds, list(range(0, len(ds), k)))
         ld = DataLoader(sub, batch_size=ns.batch_size, shuffle=False)
         t0 = time.perf_counter()
         chunks = []
@@ -115,7 +116,7 @@ def stage_odin(ns) -> None:
         out["scores"][n] = torch.cat(chunks)
         out["seconds"][n] = time.perf_counter() - t0
         print(f"odin {n}: {len(sub)} samples, {out['seconds'][n]:.1f} s", flush=True)
-    path = Path(ns.cache_dir).parent / f"odin_scores_every{ns.odin_every}.pt"
+    path = Path(ns.cache_dir).parent / f"odin_scores_ood{ns.ood_every}_every{ns.odin_every}.pt"
     torch.save(out, path)
     print(f"wrote {path}")
 
@@ -146,7 +147,7 @@ def stage_score(ns, rec: Recorder) -> None:
         if hasattr(det, "clip_value") or name == "react":
             per["_c"] = float(getattr(det, "clip_value", getattr(det, "threshold", float("nan"))))
         timing[name] = round(time.perf_counter() - t0, 3)
-    odin_path = Path(ns.cache_dir).parent / f"odin_scores_every{ns.odin_every}.pt"
+    odin_path = Path(ns.cache_dir).parent / f"odin_scores_ood{ns.ood_every}_every{ns.odin_every}.pt"
     odin_note = None
     if odin_path.is_file():
         o = torch.load(odin_path, weights_only=False)
@@ -155,9 +156,11 @@ def stage_score(ns, rec: Recorder) -> None:
         per["average"] = {m: sum(per[n][m] for n in names[1:]) / len(names[1:]) for m in METRICS}
         rows["odin"] = per
         odin_note = (
-            f"ODIN (T 1000, eps 0.0014, step / std {STD_REF}) on every "
-            f"{o['every']}-th sample of each set (n_id {len(s[idn])}); input gradients "
-            f"cannot be cached. Network time {sum(o['seconds'].values()):.0f} s."
+            f"ODIN (T 1000, eps 0.0014, step / std {STD_REF}) on a slice: every "
+            f"{o.get('id_every', o['every'])}-th ID test image (n {len(s[idn])}) and every "
+            f"{o['every']}-th image of each OOD set above (n "
+            f"{', '.join(str(len(s[n])) for n in names[1:])}); input gradients cannot be cached. "
+            f"Network time {sum(o['seconds'].values()):.0f} s."
         )
     order = ["msp", "odin", "energy", "react", "react_c1", "dice", "dice_react",
              "dice_react_c1", "mahalanobis",
@@ -234,7 +237,8 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--train_every", type=int, default=1)
     p.add_argument("--ood_every", type=int, default=1)
-    p.add_argument("--odin_every", type=int, default=10)
+    p.add_argument("--odin_every", type=int, default=4)
+    p.add_argument("--odin_id_every", type=int, default=20)
     ns = p.parse_args()
     rec = Recorder("line_densenet_cifar10")
     if ns.stage == "features":

@@ -108,7 +108,7 @@ def _rows_to_csv(rows: list[list[Any]]) -> str:
 
 def _set_names(trainer: Trainer) -> list[str]:
     dm = trainer.datamodule
-    return list(getattr(dm, "test_set_names", None) or [])
+    return list(getattr(dm, "predict_set_names", None) or [])
 
 
 def default_prediction_path(log_root: str, experiment: str) -> str:

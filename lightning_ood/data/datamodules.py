@@ -88,6 +88,8 @@ class OODDataModule(LightningDataModule):
         pin_memory: DataLoader ``pin_memory``.
         shuffle_seed: seed of the per-epoch training permutation; ``None`` = the
             ``seed_everything`` seed (``PL_GLOBAL_SEED``), else 0.
+        predict_sets: sets ``lightning-ood predict`` scores after the ID test set (registry
+            names or ``{name, kind: folder, path}`` for your own images); default none.
     """
 
     #: Name of the ID set, first entry of ``test_set_names``.
@@ -111,6 +113,7 @@ class OODDataModule(LightningDataModule):
         download: bool | None = None,
         pin_memory: bool = False,
         shuffle_seed: int | None = None,
+        predict_sets: list[OODEntry] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -140,6 +143,7 @@ class OODDataModule(LightningDataModule):
         self.download = download
         self.pin_memory = pin_memory
         self.shuffle_seed = shuffle_seed
+        self.predict_specs: list[OODSpec] = [parse_ood_spec(s) for s in predict_sets or []]
         # Parsing validates names and keys; it reads nothing from disk.
         self.ood_specs: list[OODSpec] = [parse_ood_spec(s) for s in ood_sets or []]
         self.val_ood_specs: list[OODSpec] = [parse_ood_spec(s) for s in val_ood_sets or []]
@@ -381,10 +385,19 @@ class OODDataModule(LightningDataModule):
         sets = self._ready()
         return [self._loader(sets["test"]), *(self._loader(ds) for ds in self._ood)]
 
-    def predict_dataloader(self) -> list[DataLoader]:
-        """Same sets as :meth:`test_dataloader` (``[ID test, *OOD sets]``): add a folder of
-        your own images as an OOD set entry (``{name, kind: folder, path}``) to score it."""
-        return self.test_dataloader()
+    @property
+    def predict_set_names(self) -> list[str]:
+        """``[id_name, *predict_sets names]``, in the order of :meth:`predict_dataloader`."""
+        return [self.id_name, *(s.name for s in self.predict_specs)]
+
+    def predict_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The ID test set, then every ``predict_sets`` entry (a list when there are any)."""
+        sets = self._ready()
+        if not self.predict_specs:
+            return self._loader(sets["test"])
+        root, _ = self.resolved_root()
+        extra = [self._loader(self._build_ood(s, root, "test")) for s in self.predict_specs]
+        return [self._loader(sets["test"]), *extra]
 
     def fit_dataloader(self) -> DataLoader:
         """The training set under the EVAL transform, in order: the detector-fitting pass."""

@@ -333,7 +333,7 @@ def test_two_identical_ranks_give_the_same_buffers(contribution: str) -> None:
     single = fit(LINe(contribution=contribution), model, train)
     double = fit(LINe(contribution=contribution), model, train, DoublingReducer())
     for (name, a), (_, b) in zip(single.named_buffers(), double.named_buffers(), strict=True):
-        assert torch.equal(a, b), name
+        assert torch.equal(a, b) or (a.isnan().all() and b.isnan().all()), name  # threshold: NaN
 
 
 def test_bad_hyperparameters_name_the_parameter() -> None:

@@ -36,7 +36,11 @@ def fitted(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict:
     run_cli(tmp, "handoff", "fit", cfg)
     ckpt = tmp / "ckpt" / "handoff" / "last.ckpt"
     out = tmp / "pred.csv"
-    run_cli(tmp, "handoff", "predict", cfg, "--ckpt_path", str(ckpt), "--predictions", str(out))
+    pred_cfg = {**cfg, "data": {**cfg["data"], "init_args": {**cfg["data"]["init_args"]}}}
+    pred_cfg["data"]["init_args"]["predict_sets"] = ["mnist"]
+    run_cli(
+        tmp, "handoff", "predict", pred_cfg, "--ckpt_path", str(ckpt), "--predictions", str(out)
+    )
     return {"tmp": tmp, "ckpt": ckpt, "csv": out, "config": cfg}
 
 

@@ -33,6 +33,8 @@ from benchmarks._record import Recorder  # noqa: E402
 OOD = ["mnist", "kmnist"]
 N_ENS, N_EPS, SEED = 500, 500, 42
 EPS_GRID = [0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01, 0.05, 0.1, 0.2]  # Lee et al. grid
+#: epsilon grid of the input pre-processing of Mahalanobis and FSSD (``--pre_grid``; [0] = off)
+PRE_GRID = list(EPS_GRID)
 STD = [0.3530]
 TAPS = ["conv1", "conv2", "fc1", "logits"]
 PLAIN = {  # no validation data, no epsilon
@@ -146,10 +148,11 @@ def evaluate_ckpt(path: str, dm, names, sets, bs: int) -> dict:
 
     variants = {
         "odin": ("odin", EPS_GRID),
-        "mahalanobis": ("maha", EPS_GRID),
+        "mahalanobis": ("maha", PRE_GRID),
         "fssd": ("fssd", [0.0]),
-        "fssd_pre": ("fssd", EPS_GRID),
     }
+    if any(e > 0 for e in PRE_GRID):
+        variants["fssd_pre"] = ("fssd", PRE_GRID)
     sel_info = {}
     for vname, (kind, grid) in variants.items():
         results[vname], sel_info[vname] = {}, {}
@@ -203,9 +206,18 @@ def main() -> None:
         default=None,
         help="override the epsilon grid (e.g. a 2-value grid for a smoke run)",
     )
+    p.add_argument(
+        "--pre_grid",
+        type=float,
+        nargs="+",
+        default=None,
+        help="epsilon grid of the Mahalanobis/FSSD input pre-processing (default: "
+        "the ODIN grid); 0 alone = no pre-processing and no fssd_pre row",
+    )
     ns = p.parse_args()
     if ns.eps_grid:
         EPS_GRID[:] = ns.eps_grid
+    PRE_GRID[:] = ns.pre_grid if ns.pre_grid else EPS_GRID
     rec = Recorder(ns.name)
     torch.manual_seed(0)
     dm, names, sets = load_data(ns.batch_size)
@@ -217,8 +229,7 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     for c in ns.ckpts:
         key = hashlib.sha256(
-            (f"{Path(c).resolve()}{Path(c).stat().st_mtime}"
-             f"{EPS_GRID}").encode()
+            (f"{Path(c).resolve()}{Path(c).stat().st_mtime}{EPS_GRID}{PRE_GRID}").encode()
         ).hexdigest()[:16]
         hit = cache / f"{key}.json"
         if hit.is_file():
@@ -233,6 +244,7 @@ def main() -> None:
         print(f"{c}: acc {100 * r['test_acc']:.2f} %, {r['seconds']:.0f} s", flush=True)
     methods = ["msp", "odin", "energy", "react", "dice", "line", "mahalanobis", "fssd",
                "fssd_pre"]  # fmt: skip
+    methods = [m for m in methods if all(m in r["metrics"] for r in per_seed)]
     agg: dict = {}
     for m in methods:
         agg[m] = {}
@@ -245,10 +257,12 @@ def main() -> None:
     accs = [100 * r["test_acc"] for r in per_seed]
     # targets
     f = agg["fssd"]["mnist"]
-    fp = agg["fssd_pre"]["mnist"]
     base = agg["msp"]["mnist"]["auroc"]["mean"]
     targets = {}
-    for label, a in (("fssd (no pre-processing)", f), ("fssd_pre (eps selected)", fp)):
+    checked = [("fssd (no pre-processing)", f)]
+    if "fssd_pre" in agg:
+        checked.append(("fssd_pre (eps selected)", agg["fssd_pre"]["mnist"]))
+    for label, a in checked:
         targets[label] = {
             "auroc>=99.5": a["auroc"]["mean"] >= 99.5,
             "aupr_in>=99.6": a["aupr_in"]["mean"] >= 99.6,
@@ -258,7 +272,8 @@ def main() -> None:
     label = {"msp": "MSP (Base)", "odin": "ODIN (T 1000, eps selected)", "energy": "Energy",
              "react": "ReAct (p90 clip)", "dice": "DICE (p 90)",
              "line": "LINe (p_w 90, p_a 90, δ 1.0)",
-             "mahalanobis": "Mahalanobis (conv1, conv2, fc1 ensemble, eps selected)",
+             "mahalanobis": "Mahalanobis (conv1, conv2, fc1 ensemble"
+             + (", eps selected)" if any(e > 0 for e in PRE_GRID) else ", no pre-processing)"),
              "fssd": "FSSD (ensemble, no pre-processing)",
              "fssd_pre": "FSSD (ensemble, pre-processing, eps selected)"}  # fmt: skip
     n_rep = per_seed[0]["n_reported"]
@@ -271,7 +286,8 @@ def main() -> None:
         + ", ".join(f"{k} {v}" for k, v in n_rep.items()) + ".",
         "Values in %, mean ± std over seeds; ID is the positive class for AUROC, AUPR-In and "
         "FPR80/FPR95 (papers' convention). epsilon grid " + str(EPS_GRID) + ", selected by "
-        "AUROC on the epsilon split; FSSD noise 'reference', direction 'reference' (step "
+        "AUROC on the epsilon split (ODIN); Mahalanobis/FSSD pre-processing grid "
+        + str(PRE_GRID) + "; FSSD noise 'reference', direction 'reference' (step "
         "lowers FSSD, batch-standardised gradient), step divided by std 0.353.",
         "",
     ]  # fmt: skip
@@ -288,12 +304,19 @@ def main() -> None:
     lines += ["Selected epsilon per seed (ODIN / Mahalanobis / FSSD-pre): "]
     for r in per_seed:
         s = r["selection"]
-        lines.append("- " + Path(r["ckpt"]).parent.name + ": " + "; ".join(
-            f"{o}: {s['odin'][o]['epsilon']} / {s['mahalanobis'][o]['epsilon']} / "
-            f"{s['fssd_pre'][o]['epsilon']}" for o in names[1:]))  # fmt: skip
+        lines.append(
+            "- "
+            + Path(r["ckpt"]).parent.name
+            + ": "
+            + "; ".join(
+                f"{o}: {s['odin'][o]['epsilon']} / {s['mahalanobis'][o]['epsilon']} / "
+                f"{s.get('fssd_pre', {}).get(o, {}).get('epsilon', '-')}"
+                for o in names[1:]
+            )
+        )
     lines += ["", "Targets (MNIST, means): " + str(targets)]
     results = {"per_seed": per_seed, "aggregate": agg, "targets": targets, "test_acc": accs,
-               "eps_grid": EPS_GRID, "split": {"ensemble": N_ENS, "epsilon": N_EPS,
+               "eps_grid": EPS_GRID, "pre_grid": PRE_GRID, "split": {"ensemble": N_ENS, "epsilon": N_EPS,
                                                 "seed": SEED}}  # fmt: skip
     rec.write(results, "\n".join(lines))
     print("\n".join(lines))

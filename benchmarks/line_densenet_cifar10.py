@@ -103,7 +103,13 @@ def stage_odin(ns) -> None:
 
     backbone, dm, loaders, names = build(ns.batch_size, 1, ns.ood_every)
     det = build_detector("odin", ODIN)
-    out = {"every": ns.odin_every, "id_every": ns.odin_id_every, "config": ODIN, "scores": {}, "seconds": {}}
+    out = {
+        "every": ns.odin_every,
+        "id_every": ns.odin_id_every,
+        "config": ODIN,
+        "scores": {},
+        "seconds": {},
+    }
     for n in names:
         ds = loaders[n].dataset
         k = ns.odin_id_every if n == names[0] else ns.odin_every

@@ -280,7 +280,8 @@ def main() -> None:
     lines = [
         "",
         f"LeNet on FashionMNIST, {len(per_seed)} seeds; test accuracy "
-        f"{statistics.fmean(accs):.2f} ± {statistics.stdev(accs) if len(accs) > 1 else math.nan:.2f} %"
+        f"{statistics.fmean(accs):.2f} ± "
+        f"{statistics.stdev(accs) if len(accs) > 1 else math.nan:.2f} %"
         f" ({', '.join(f'{a:.2f}' for a in accs)}).",
         f"Reported samples per set (after the 500 ensemble + 500 epsilon hold-out, seed {SEED}): "
         + ", ".join(f"{k} {v}" for k, v in n_rep.items()) + ".",
@@ -293,7 +294,8 @@ def main() -> None:
     ]  # fmt: skip
     for o in names[1:]:
         lines += [f"### FashionMNIST (ID) vs {o}", "",
-                  "| method | AUROC↑ | AUPR-In↑ | AUPR-Out↑ | FPR80↓ (ID+) | FPR95↓ (ID+) | paper AUROC/AUPR/FPR80 |",
+                  "| method | AUROC↑ | AUPR-In↑ | AUPR-Out↑ | FPR80↓ (ID+) | FPR95↓ (ID+) "
+                  "| paper AUROC/AUPR/FPR80 |",
                   "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
         for m in methods:
             cells = [f"{agg[m][o][k]['mean']:.2f} ± {agg[m][o][k]['std']:.2f}" for k in METRICS]
@@ -316,7 +318,8 @@ def main() -> None:
         )
     lines += ["", "Targets (MNIST, means): " + str(targets)]
     results = {"per_seed": per_seed, "aggregate": agg, "targets": targets, "test_acc": accs,
-               "eps_grid": EPS_GRID, "pre_grid": PRE_GRID, "split": {"ensemble": N_ENS, "epsilon": N_EPS,
+               "eps_grid": EPS_GRID, "pre_grid": PRE_GRID,
+               "split": {"ensemble": N_ENS, "epsilon": N_EPS,
                                                 "seed": SEED}}  # fmt: skip
     rec.write(results, "\n".join(lines))
     print("\n".join(lines))

@@ -101,7 +101,7 @@ def stage_odin(ns) -> None:
 
     from lightning_ood.detectors import build_detector
 
-    backbone, dm, loaders, names = build(ns.batch_size, 1, ns.ood_every)
+    backbone, _dm, loaders, names = build(ns.batch_size, 1, ns.ood_every)
     det = build_detector("odin", ODIN)
     out = {
         "every": ns.odin_every,
@@ -230,7 +230,8 @@ def stage_score(ns, rec: Recorder) -> None:
     results = {
         "id_set": idn, "sizes": sizes, "n_train": len(train), "test_acc": acc,
         "train_acc": train_acc, "detectors": {**DETECTORS, "odin": ODIN}, "metrics": rows,
-        "ordering": checks, "ordering_c1": checks_c1, "odin_note": odin_note, "fit_and_score_seconds": timing,
+        "ordering": checks, "ordering_c1": checks_c1, "odin_note": odin_note,
+        "fit_and_score_seconds": timing,
     }  # fmt: skip
     rec.write(results, "\n".join(lines))
     print("\n".join(lines))

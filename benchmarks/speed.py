@@ -1,10 +1,12 @@
 """Issue item 3: speed ratios, each measured in one run on this machine.
 
-    nice -n 19 .venv/bin/python benchmarks/speed.py a   # contribution matrix: closed form vs per-image autograd
-    nice -n 19 .venv/bin/python benchmarks/speed.py b   # LINe scoring vs the network forward pass
-    nice -n 19 .venv/bin/python benchmarks/speed.py c   # 5x5 (p_a, p_w) grid: feature cache vs re-running the network
-    nice -n 19 .venv/bin/python benchmarks/speed.py d   # Trainer.fit vs a plain PyTorch loop (LeNet, DenseNet)
-    nice -n 19 .venv/bin/python benchmarks/speed.py e   # ImageNet-scale LINe head: peak memory and time
+    nice -n 19 .venv/bin/python benchmarks/speed.py ITEM
+
+    a: contribution matrix, closed form vs per-image autograd
+    b: LINe scoring vs the network forward pass
+    c: 5x5 (p_a, p_w) grid, feature cache vs re-running the network
+    d: Trainer.fit vs a plain PyTorch loop (LeNet, DenseNet)
+    e: ImageNet-scale LINe head, peak memory and time
 
 Each writes ``benchmarks/results/speed_<item>.{json,md}``. Timings are wall-clock
 (``time.perf_counter``) on a 2-core CPU that other processes share: variants are interleaved
@@ -449,7 +451,8 @@ def item_d(ns, rec):
         "channels_last). 'lightning': Trainer.fit(ClassificationTask) without logger, "
         "checkpointing and progress bar; 'CLI-like': with TensorBoard logger and progress bar. "
         f"Best of {ns.repeats}, interleaved.\n\n"
-        "| model | batches | plain img/s | Lightning img/s | CLI-like img/s | ratio | ratio CLI-like | target >= 0.95 |\n"
+        "| model | batches | plain img/s | Lightning img/s | CLI-like img/s | ratio "
+        "| ratio CLI-like | target >= 0.95 |\n"
         "|---|---|---:|---:|---:|---:|---:|---|\n" + "\n".join(lines) + "\n\n"
         f"LeNet with a training_step without the per-step MulticlassAccuracy: "
         f"{res['lenet_no_train_acc']['img_per_s']:.1f} img/s, ratio to plain "
@@ -551,7 +554,8 @@ def item_e(ns, rec):
         "delta 0.8 (ResNet-50 values), random W and class means (seed 0). Peak memory = rise "
         "of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs) above the RSS "
         "before the step.\n\n| step | s | peak extra memory |\n|---|---:|---:|\n"
-        f"| LINe finalize (C, masks, per-class thresholds) | {t_fin:.2f} | {peak_fin / gb:.3f} GB |\n"
+        f"| LINe finalize (C, masks, per-class thresholds) | {t_fin:.2f} "
+        f"| {peak_fin / gb:.3f} GB |\n"
         f"| LINe score, one batch of {B} | {t_score:.3f} | {peak_score / gb:.3f} GB |\n"
         f"| reference: materialise W⊙M_w^k for {kc} of {L} classes | {t_mat:.2f} | "
         f"{peak_ref / gb:.3f} GB |\n"

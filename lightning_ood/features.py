@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_ood.checkpoint import atomic_save
 from lightning_ood.models.base import FEATURES, LOGITS, BackboneOutput
 
 #: Bumped when the stored layout changes; part of every key, so old entries are never misread.
@@ -356,21 +356,6 @@ def compute_features(
 
 
 # -- the cache -----------------------------------------------------------------------------------
-def _atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a shared cache must stay readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _slug(text: str) -> str:
     """A readable folder prefix from a dataset id: innermost class, outermost length."""
     try:
@@ -507,7 +492,7 @@ class FeatureCache:
             "taps": {k: v.contiguous() for k, v in cached.taps.items()},
             "targets": cached.targets.contiguous(),
         }
-        _atomic_save(obj, path)
+        atomic_save(obj, path)
         cached.meta = {**cached.meta, **meta}
         return path
 

@@ -104,7 +104,9 @@ class ClassificationTask(LightningModule):
         x, y = batch
         logits = self.backbone(x)
         loss = F.cross_entropy(logits, y)
-        self.train_acc(logits, y)
+        # update(), not forward(): forward() deep-copies the metric state to return a per-batch
+        # value that on_step=False never logs (6 % of a LeNet step, benchmarks/README.md 3d).
+        self.train_acc.update(logits.detach(), y)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss

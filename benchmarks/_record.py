@@ -64,7 +64,9 @@ class Recorder:
         self.name = name
         argv = sys.argv if argv is None else argv
         script = os.path.relpath(Path(argv[0]).resolve(), ROOT)
-        self.command = "nice -n 19 .venv/bin/python " + shlex.join([script, *argv[1:]])
+        niceness = os.nice(0)
+        prefix = f"nice -n {niceness} " if niceness > 0 else ""
+        self.command = prefix + ".venv/bin/python " + shlex.join([script, *argv[1:]])
         self.t0 = time.perf_counter()
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.load_start = loadavg()
@@ -93,7 +95,8 @@ class Recorder:
             "loadavg_start_1_5_15": self.load_start,
             "loadavg_end_1_5_15": loadavg(),
             "environment": self.environment(),
-            "note": "2-core CPU shared with another engineer's processes; see load averages",
+            "note": "load average counts this benchmark's own threads too; a start load well "
+            "above 0.5 on this 2-core machine means other processes competed for the CPU",
         }
 
     def write(
@@ -116,7 +119,7 @@ class Recorder:
             f"- torch {env['torch']}, Python {env['python']}",
             f"- started {prov['started']}, wall time {prov['wall_time_s']:.1f} s",
             f"- load average (1/5/15 min) at start {prov['loadavg_start_1_5_15']}, at end "
-            f"{prov['loadavg_end_1_5_15']} (2-core machine shared with other processes)",
+            f"{prov['loadavg_end_1_5_15']} (includes this run's own threads)",
             "",
         ]
         md = "\n".join(header) + markdown_body.rstrip() + "\n"

@@ -123,6 +123,10 @@ def item_a(ns, rec):
     t, _r = timed(plain_forward)
     times["forward"].append(t)
     best = {k: min(v) for k, v in times.items()}
+    # Each closed-form run directly follows a forward run: the per-pair ratio and the median
+    # are less sensitive to this VM's +-10 % drift than a ratio of two minima.
+    pairs = [c / f for f, c in zip(times["forward"], times["closed_form"], strict=False)]
+    ratio_median = statistics.median(pairs)
     diff = float((c_cf - c_ref).abs().max())
     rel = diff / float(c_ref.abs().max())
     res = {
@@ -130,8 +134,11 @@ def item_a(ns, rec):
         "ms_per_image": {k: 1000 * v / n for k, v in best.items()},
         "reference_over_closed_form": best["reference"] / best["closed_form"],
         "closed_form_over_forward": best["closed_form"] / best["forward"],
+        "closed_form_over_forward_pairs": pairs,
+        "closed_form_over_forward_median_pair": ratio_median,
         "max_abs_diff": diff, "max_rel_diff": rel,
         "target_closed_form_within_10pct_of_forward": best["closed_form"] / best["forward"] <= 1.10,
+        "target_within_10pct_median_pair": ratio_median <= 1.10,
         "target_max_abs_diff_le_1e-5": diff <= 1e-5,
     }  # fmt: skip
     md = (
@@ -145,7 +152,10 @@ def item_a(ns, rec):
         + f"\n- reference / closed form: **{res['reference_over_closed_form']:.2f}x**\n"
         f"- closed form / plain batched forward (the physical limit): "
         f"**{res['closed_form_over_forward']:.3f}** (target <= 1.10: "
-        f"{'met' if res['target_closed_form_within_10pct_of_forward'] else 'FAILED'})\n"
+        f"{'met' if res['target_closed_form_within_10pct_of_forward'] else 'FAILED'}); "
+        f"median of the {len(pairs)} interleaved (forward, closed form) pairs: "
+        f"**{ratio_median:.3f}** ({', '.join(f'{p:.3f}' for p in pairs)}; "
+        f"{'met' if res['target_within_10pct_median_pair'] else 'FAILED'})\n"
         f"- max |C_closed - C_reference| = **{diff:.3g}** (relative to max |C| {rel:.2g}; "
         f"target <= 1e-5: {'met' if res['target_max_abs_diff_le_1e-5'] else 'FAILED'})\n"
         "- GPU: none on this machine, so the GPU measurement was not made.\n"

@@ -186,6 +186,15 @@ def stage_score(ns, rec: Recorder) -> None:
         pairs = {f"{chain_c1[i]}<{chain_c1[i + 1]}": bool(f[i] < f[i + 1]) for i in range(4)}
         checks_c1[n] = {"holds": all(pairs.values()), "pairs": pairs}
     sizes = {n: len(feats[n]) for n in names}
+    # Why the percentile clip behaves as it does here: quantiles of the penultimate activations.
+    act_stats = {}
+    for label, f in (("id_test", feats[idn].features), ("train", train.features)):
+        v = f.flatten().double()
+        q = torch.quantile(v[:: max(1, v.numel() // 4_000_000)], torch.tensor(
+            [0.5, 0.9, 0.99], dtype=torch.float64))  # fmt: skip
+        act_stats[label] = {"median": float(q[0]), "p90": float(q[1]), "p99": float(q[2]),
+                            "frac_above_delta_1.0": float((v > 1.0).double().mean()),
+                            "n_values": v.numel()}  # fmt: skip
     # markdown
     lines = [
         "",
@@ -200,6 +209,15 @@ def stage_score(ns, rec: Recorder) -> None:
         "Mahalanobis on the penultimate features (342-d, class means + tied covariance, no "
         "input pre-processing, no layer ensemble).",
     ]
+    lines.append(
+        "Penultimate activations (342-d, after the final BN-ReLU-pool): "
+        + "; ".join(
+            f"{k}: median {a['median']:.4f}, p90 {a['p90']:.3f}, p99 {a['p99']:.3f}, "
+            f"{100 * a['frac_above_delta_1.0']:.2f} % above delta 1.0"
+            for k, a in act_stats.items()
+        )
+        + " (quantiles over at most ~4M evenly strided values)."
+    )
     if odin_note:
         lines.append(
             odin_note + " Its average is over those slices, not comparable sample-"
@@ -231,7 +249,7 @@ def stage_score(ns, rec: Recorder) -> None:
         "id_set": idn, "sizes": sizes, "n_train": len(train), "test_acc": acc,
         "train_acc": train_acc, "detectors": {**DETECTORS, "odin": ODIN}, "metrics": rows,
         "ordering": checks, "ordering_c1": checks_c1, "odin_note": odin_note,
-        "fit_and_score_seconds": timing,
+        "fit_and_score_seconds": timing, "activation_stats": act_stats,
     }  # fmt: skip
     rec.write(results, "\n".join(lines))
     print("\n".join(lines))

@@ -178,7 +178,10 @@ def evaluate_ckpt(path: str, dm, names, sets, bs: int) -> dict:
             eps = best[0]
             sel_info[vname][o] = {"epsilon": eps, "val_auroc": best[1]["auroc"]}
             if kind == "odin":
-                s_id, s_o = odin_scores(eps, rep[idn]), odin_scores(eps, rep[o])
+                # the reported ID scores depend on eps only: score them once, not per OOD set
+                if ("odin_rep", eps) not in memo:
+                    memo[("odin_rep", eps)] = odin_scores(eps, rep[idn])
+                s_id, s_o = memo[("odin_rep", eps)], odin_scores(eps, rep[o])
             else:
                 det = maha if kind == "maha" else fssd
                 det.epsilon = eps

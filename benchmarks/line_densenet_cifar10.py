@@ -156,7 +156,7 @@ def stage_score(ns, rec: Recorder) -> None:
     odin_path = Path(ns.cache_dir).parent / f"odin_scores_ood{ns.ood_every}_every{ns.odin_every}.pt"
     odin_note = None
     if odin_path.is_file():
-        o = torch.load(odin_path, weights_only=False)
+        o = torch.load(odin_path, weights_only=True)  # tensors, floats and strings only
         s = o["scores"]
         per = {n: evaluate(s[idn], s[n]) for n in names[1:]}
         per["average"] = {m: sum(per[n][m] for n in names[1:]) / len(names[1:]) for m in METRICS}

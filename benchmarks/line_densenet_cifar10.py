@@ -8,12 +8,14 @@ RGB). Paper hyperparameters: p_w 90, p_a 90, delta 1.0 (METHODS.md).
 
 Stages (features are cached under ``.cache/features``, so stage ``score`` runs no network):
 
-    nice -n 19 .venv/bin/python benchmarks/line_densenet_cifar10.py --stage features
-    nice -n 19 .venv/bin/python benchmarks/line_densenet_cifar10.py --stage odin --odin_every 10
-    nice -n 19 .venv/bin/python benchmarks/line_densenet_cifar10.py --stage score
+    .venv/bin/python benchmarks/line_densenet_cifar10.py --stage features
+    .venv/bin/python benchmarks/line_densenet_cifar10.py --stage odin --odin_every 10 \
+        --odin_id_every 10
+    .venv/bin/python benchmarks/line_densenet_cifar10.py --stage score --odin_every 10
 
-``odin`` needs input gradients (no cache possible); it runs on every ``--odin_every``-th
-sample of each set and writes ``.cache/odin_scores_every<k>.pt``, which ``score`` reads.
+``odin`` needs input gradients (no cache possible); it runs on every ``--odin_id_every``-th ID
+test image and every ``--odin_every``-th image of each OOD set (after ``--ood_every``) and
+writes ``.cache/odin_scores_ood<ood_every>_every<odin_every>.pt``, which ``score`` reads.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ regression), the next 500 that select epsilon (ODIN, FSSD+pre-processing, Mahala
 the remaining samples, which alone are reported, for every method alike. The same ID samples
 are reported against both OOD sets.
 
-    nice -n 19 .venv/bin/python benchmarks/fssd_fashionmnist.py \
+    .venv/bin/python benchmarks/fssd_fashionmnist.py \
         --ckpts checkpoints/bench/lenet_fmnist_e14_seed{1,2,3}/last.ckpt
 """
 

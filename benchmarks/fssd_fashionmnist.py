@@ -66,65 +66,49 @@ def load_data(batch_size: int):
     return dm, names, sets
 
 
-def splits(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SEED))
-    return perm[:N_ENS], perm[N_ENS : N_ENS + N_EPS], perm[N_ENS + N_EPS :]
-
-
-def batched(fn, x: torch.Tensor, bs: int) -> torch.Tensor:
-    return torch.cat([fn(c) for c in x.split(bs)])
+def batches(x: torch.Tensor, bs: int) -> tuple[torch.Tensor, ...]:
+    """Preloaded inputs in batches of ``bs``, in order: a loader for the engine's eval pass."""
+    return x.split(bs)
 
 
 def evaluate_ckpt(path: str, dm, names, sets, bs: int) -> dict:
     from lightning_ood.detectors import build_detector
-    from lightning_ood.grid import evaluate
+    from lightning_ood.engine import eval_pass, fit_from_loader, score_batch, score_loader
     from lightning_ood.models.base import BackboneOutput
+    from lightning_ood.protocol import evaluate_pair
+    from lightning_ood.splits import seeded_parts
     from lightning_ood.task import ClassificationTask
 
     task = ClassificationTask.load_from_checkpoint(path, map_location="cpu")
     bb = task.backbone.eval()
     idn = names[0]
     x_id, y_id = sets[idn]
-    with torch.no_grad():
-        acc = float((batched(bb, x_id, bs).argmax(1) == y_id).double().mean())
+    logits = torch.cat([out.logits for _, _, out in eval_pass(bb, batches(x_id, bs))])
+    acc = float((logits.argmax(1) == y_id).double().mean())
     # fit the training-set detectors in one pass (eval transform)
     dets = {n: build_detector(n, s) for n, s in PLAIN.items()}
     dets["odin"] = build_detector("odin", {"temperature": 1000.0, "epsilon": 0.0})
     maha = build_detector("mahalanobis", {"taps": ["conv1", "conv2", "fc1"], "input_std": STD})
     fssd = build_detector("fssd", {"taps": TAPS, "noise": "reference", "input_std": STD})
     t0 = time.perf_counter()
-    train_dets = [d for d in [*dets.values(), maha] if d.requires_fit and d.uses_training_data]
-    for d in [*dets.values(), maha, fssd]:
-        d.reset()
-    taps = tuple(dict.fromkeys(t for d in train_dets for t in d.taps))
-    with torch.no_grad():
-        for x, y in dm.fit_dataloader():
-            out = bb.extract(x, taps=taps)
-            for d in train_dets:
-                d.update(out, y, bb)
-    for d in [*dets.values(), maha, fssd]:
-        d.finalize(bb)
+    fit_from_loader([*dets.values(), maha, fssd], bb, dm.fit_dataloader())
     fit_s = time.perf_counter() - t0
 
-    sp = {n: splits(len(sets[n][0])) for n in names}
+    # per set: ensemble split (combiner), epsilon split (selection), reported rest
+    sp = {n: seeded_parts(len(sets[n][0]), [N_ENS, N_EPS], SEED, n) for n in names}
     rep = {n: sets[n][0][sp[n][2]] for n in names}
     results: dict[str, dict] = {}
 
-    def extract(x, det_taps=()):
-        with torch.no_grad():
-            return bb.extract(x, taps=tuple(det_taps))
-
-    # plain detectors: one forward pass per set serves all of them
-    outs = {}
+    # plain detectors: one eval pass per set serves all of them, scored on the whole set
+    plain = {name: d for name, d in dets.items() if name != "odin"}
+    scores = {}
     for n in names:
-        chunks = [extract(c) for c in rep[n].split(bs)]
-        outs[n] = BackboneOutput(torch.cat([o.features for o in chunks]),
-                                 torch.cat([o.logits for o in chunks]), {})  # fmt: skip
-    for name, d in dets.items():
-        if name == "odin":
-            continue
-        s = {n: d.score(outs[n]).double() for n in names}
-        results[name] = {o: evaluate(s[idn], s[o]) for o in names[1:]}
+        outs = [out for _, _, out in eval_pass(bb, batches(rep[n], bs))]
+        whole = BackboneOutput(torch.cat([o.features for o in outs]),
+                               torch.cat([o.logits for o in outs]), {})  # fmt: skip
+        scores[n] = {name: v.double() for name, v in score_batch(plain, whole).items()}
+    for name in plain:
+        results[name] = {o: evaluate_pair(scores[idn][name], scores[o][name]) for o in names[1:]}
 
     # epsilon-selected detectors, per OOD set: ensemble split -> combiner, eps split -> eps
     memo: dict = {}
@@ -132,19 +116,14 @@ def evaluate_ckpt(path: str, dm, names, sets, bs: int) -> dict:
     def components(det, x, key=None):
         if key is not None and (det.name, det.epsilon, key) in memo:
             return memo[(det.name, det.epsilon, key)]
-
-        def fn(c):
-            out = extract(c, det.taps)
-            return det.score_components(out, bb, c).detach().double()
-
-        r = batched(fn, x, bs)
+        r = score_loader({det.name: det}, bb, batches(x, bs), components=True)[det.name]
         if key is not None:
             memo[(det.name, det.epsilon, key)] = r
         return r
 
     def odin_scores(eps, x):
         det = build_detector("odin", {"temperature": 1000.0, "epsilon": eps})
-        return batched(lambda c: det.score(extract(c), bb, c).detach().double(), x, bs)
+        return score_loader({"odin": det}, bb, batches(x, bs))["odin"]
 
     variants = {
         "odin": ("odin", EPS_GRID),
@@ -172,7 +151,7 @@ def evaluate_ckpt(path: str, dm, names, sets, bs: int) -> dict:
                     det.fit_combiner(ens_id, ens_o)
                     sv_id = det.combine(components(det, sets[idn][0][sp[idn][1]], "id_eps"))
                     sv_o = det.combine(components(det, sets[o][0][sp[o][1]]))
-                m = evaluate(sv_id.double(), sv_o.double())
+                m = evaluate_pair(sv_id.double(), sv_o.double())
                 if best is None or m["auroc"] > best[1]["auroc"]:
                     best = (eps, m)
             eps = best[0]
@@ -190,7 +169,7 @@ def evaluate_ckpt(path: str, dm, names, sets, bs: int) -> dict:
                 s_id = det.combine(components(det, rep[idn], "id_rep"))
                 s_o = det.combine(components(det, rep[o]))
                 sel_info[vname][o]["combiner_coef"] = det.combiner_coef.tolist()
-            results[vname][o] = evaluate(s_id.double(), s_o.double())
+            results[vname][o] = evaluate_pair(s_id.double(), s_o.double())
         print(f"  {vname}: {sel_info[vname]}", flush=True)
     n_rep = {n: len(rep[n]) for n in names}
     return {"ckpt": path, "test_acc": acc, "fit_seconds": fit_s, "metrics": results,

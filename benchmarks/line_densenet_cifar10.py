@@ -102,9 +102,10 @@ def stage_odin(ns) -> None:
     from torch.utils.data import DataLoader, Subset
 
     from lightning_ood.detectors import build_detector
+    from lightning_ood.engine import score_loader
 
     backbone, _dm, loaders, names = build(ns.batch_size, 1, ns.ood_every)
-    det = build_detector("odin", ODIN)
+    dets = {"odin": build_detector("odin", ODIN)}
     out = {
         "every": ns.odin_every,
         "id_every": ns.odin_id_every,
@@ -118,10 +119,7 @@ def stage_odin(ns) -> None:
         sub = Subset(ds, list(range(0, len(ds), k)))
         ld = DataLoader(sub, batch_size=ns.batch_size, shuffle=False)
         t0 = time.perf_counter()
-        chunks = []
-        for x, _ in ld:
-            chunks.append(det.score(None, backbone, x).double())
-        out["scores"][n] = torch.cat(chunks)
+        out["scores"][n] = score_loader(dets, backbone, ld)["odin"]
         out["seconds"][n] = time.perf_counter() - t0
         print(f"odin {n}: {len(sub)} samples, {out['seconds'][n]:.1f} s", flush=True)
     path = Path(ns.cache_dir).parent / f"odin_scores_ood{ns.ood_every}_every{ns.odin_every}.pt"
@@ -131,8 +129,8 @@ def stage_odin(ns) -> None:
 
 def stage_score(ns, rec: Recorder) -> None:
     from lightning_ood.detectors import build_detector
-    from lightning_ood.features import FeatureCache
-    from lightning_ood.grid import evaluate, fit_from_cache, score_cached
+    from lightning_ood.features import FeatureCache, fit_from_cache, score_cached
+    from lightning_ood.protocol import average, evaluate_pair
 
     backbone, dm, loaders, names = build(ns.batch_size, ns.train_every, ns.ood_every)
     cache = FeatureCache(ns.cache_dir)
@@ -147,10 +145,12 @@ def stage_score(ns, rec: Recorder) -> None:
     timing = {}
     for name, spec in DETECTORS.items():
         t0 = time.perf_counter()
-        det = fit_from_cache(build_detector(name, spec), backbone, train)
-        s_id = score_cached(det, feats[idn])
-        per = {n: evaluate(s_id, score_cached(det, feats[n])) for n in names[1:]}
-        per["average"] = {m: sum(per[n][m] for n in names[1:]) / len(names[1:]) for m in METRICS}
+        det = build_detector(name, spec)
+        fit_from_cache([det], backbone, train)
+        s_id = score_cached({name: det}, feats[idn])[name]
+        per = {n: evaluate_pair(s_id, score_cached({name: det}, feats[n])[name]) for n in names[1:]}
+        avg = average(per)
+        per["average"] = {m: avg[m] for m in METRICS}
         rows[name] = per
         if hasattr(det, "clip_value") or name == "react":
             per["_c"] = float(getattr(det, "clip_value", getattr(det, "threshold", float("nan"))))
@@ -160,8 +160,9 @@ def stage_score(ns, rec: Recorder) -> None:
     if odin_path.is_file():
         o = torch.load(odin_path, weights_only=True)  # tensors, floats and strings only
         s = o["scores"]
-        per = {n: evaluate(s[idn], s[n]) for n in names[1:]}
-        per["average"] = {m: sum(per[n][m] for n in names[1:]) / len(names[1:]) for m in METRICS}
+        per = {n: evaluate_pair(s[idn], s[n]) for n in names[1:]}
+        avg = average(per)
+        per["average"] = {m: avg[m] for m in METRICS}
         rows["odin"] = per
         odin_note = (
             f"ODIN (T 1000, eps 0.0014, step / std {STD_REF}) on a slice: every "

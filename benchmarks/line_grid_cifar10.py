@@ -11,7 +11,7 @@ the paper's values (δ 1.0, p_a 90, p_w 90), declared in the spec as the referen
     python benchmarks/line_grid_cifar10.py --quick    # every 50th train / 10th test+OOD image
 
 Prints the Markdown table and writes ``benchmarks/results/line_grid_cifar10[_quick]/
-grid_results.{md,json}``. The ID data is the JPEG-q75 copy of CIFAR-10 (see the data README),
+grid_results.{md,json,csv}``. The ID data is the JPEG-q75 copy of CIFAR-10 (see the data README),
 so numbers are comparable only with other methods on that copy, not with the paper's tables.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lightning_ood.grid import main as grid_main  # noqa: E402
+from lightning_ood.cli import grid_main  # noqa: E402
 
 QUICK = [
     "--data.init_args.train_every", "50",  # 1,000 training images

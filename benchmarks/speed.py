@@ -72,6 +72,7 @@ def timed(fn, *args, **kw):
 # -- a: contribution matrix ------------------------------------------------------------------
 def item_a(ns, rec):
     from lightning_ood.detectors import LINe
+    from lightning_ood.engine import fit_from_loader
 
     model = densenet()
     x, y = cifar("train", ns.every_a)["train"]
@@ -85,11 +86,7 @@ def item_a(ns, rec):
 
     def closed_form():
         det = LINe(delta=1.0, p_a=90, p_w=90)
-        det.reset()
-        with torch.no_grad():
-            for c, t in zip(x.split(bs), y.split(bs), strict=True):
-                det.update(model.extract(c), t, model)
-        det.finalize(model)
+        fit_from_loader([det], model, zip(x.split(bs), y.split(bs), strict=True))
         return det.contribution_matrix.clone()
 
     def reference():
@@ -167,29 +164,23 @@ def item_a(ns, rec):
 # -- b: LINe scoring vs forward --------------------------------------------------------------
 def item_b(ns, rec):
     from lightning_ood.detectors import LINe
-    from lightning_ood.features import compute_features
+    from lightning_ood.engine import eval_pass, fit_from_loader, score_batch
+    from lightning_ood.models.base import BackboneOutput
 
     model = densenet()
     train = cifar("train", 250)["train"]  # 200 images fit the detector (timing only)
     x, _y = cifar("test", ns.every_b)["cifar10"]
     bs = 32
     det = LINe(delta=1.0, p_a=90, p_w=90)
-    det.reset()
-    with torch.no_grad():
-        for c, t in zip(train[0].split(bs), train[1].split(bs), strict=True):
-            det.update(model.extract(c), t, model)
-    det.finalize(model)
+    fit_from_loader([det], model, zip(train[0].split(bs), train[1].split(bs), strict=True))
+    dets = {"line": det}
 
     def forward():
-        outs = []
-        with torch.no_grad():
-            for c in x.split(bs):
-                outs.append(model.extract(c))
-        return outs
+        return [out for _, _, out in eval_pass(model, x.split(bs))]
 
     def score(outs):
         with torch.no_grad():
-            return [det.score(o) for o in outs]
+            return [score_batch(dets, o)["line"] for o in outs]
 
     with torch.no_grad():
         model(x[:bs])
@@ -199,8 +190,6 @@ def item_b(ns, rec):
         tf.append(t)
         t, _s = timed(score, outs)
         ts.append(t)
-    from lightning_ood.models.base import BackboneOutput
-
     allout = BackboneOutput(torch.cat([o.features for o in outs]),
                             torch.cat([o.logits for o in outs]), {})  # fmt: skip
     t_all = min(timed(score, [allout])[0] for _ in range(ns.repeats))
@@ -225,14 +214,15 @@ def item_b(ns, rec):
     )  # fmt: skip
     rec.write(res, md)
     print(md)
-    del compute_features
 
 
 # -- c: grid from cache vs re-running --------------------------------------------------------
 def item_c(ns, rec):
+    from torch.utils.data import DataLoader, TensorDataset
+
     from lightning_ood.detectors import LINe
-    from lightning_ood.grid import evaluate
-    from lightning_ood.models.base import BackboneOutput
+    from lightning_ood.features import compute_features, fit_from_cache, score_cached
+    from lightning_ood.protocol import evaluate_pair
 
     model = densenet()
     every = ns.every_c
@@ -242,27 +232,25 @@ def item_c(ns, rec):
     grid = [(pa, pw) for pa in (10, 30, 50, 70, 90) for pw in (10, 30, 50, 70, 90)]
     bs = 32
 
-    def extract(x):
-        with torch.no_grad():
-            outs = [model.extract(c) for c in x.split(bs)]
-        return BackboneOutput(torch.cat([o.features for o in outs]),
-                              torch.cat([o.logits for o in outs]), {})  # fmt: skip
+    def extract(*tensors):
+        """One engine eval pass over preloaded tensors: every output (and target) kept."""
+        return compute_features(model, DataLoader(TensorDataset(*tensors), batch_size=bs))
 
     def cell(pa, pw, tr, i, o):
-        det = LINe(delta=1.0, p_a=pa, p_w=pw)
-        det.reset()
-        det.update(tr, train[1], model)
-        det.finalize(model)
-        return evaluate(det.score(i).double(), det.score(o).double())["fpr95"]
+        # every cached set fits in one batch of len(set): one update, one score call per set
+        det = {"line": LINe(delta=1.0, p_a=pa, p_w=pw)}
+        fit_from_cache(det.values(), model, tr, batch_size=len(tr))
+        s_id = score_cached(det, i, batch_size=len(i))["line"]
+        return evaluate_pair(s_id, score_cached(det, o, batch_size=len(o))["line"])["fpr95"]
 
     def from_cache():
-        tr, i, o = extract(train[0]), extract(idx), extract(ood)  # the one network pass
+        tr, i, o = extract(*train), extract(idx), extract(ood)  # the one network pass
         t_net = time.perf_counter()
         out = [cell(pa, pw, tr, i, o) for pa, pw in grid]
         return out, time.perf_counter() - t_net
 
     def rerun():
-        return [cell(pa, pw, extract(train[0]), extract(idx), extract(ood)) for pa, pw in grid]
+        return [cell(pa, pw, extract(*train), extract(idx), extract(ood)) for pa, pw in grid]
 
     extract(idx[:bs])
     t_cache, (f_cache, t_cells) = timed(from_cache)

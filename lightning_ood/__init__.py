@@ -2,8 +2,22 @@
 
 Hand-off in one call: ``lightning_ood.load("checkpoints/<experiment>/last.ckpt")`` returns an
 ``nn.Module`` from images to logits, per-detector OOD scores and ID/OOD decisions.
+
+The package root imports nothing eagerly: ``import lightning_ood.models`` or
+``lightning_ood.detectors`` (pure torch) never loads Lightning, and ``lightning_ood.load``
+loads only the torch-only hand-off path on first use.
 """
 
-from lightning_ood.predictor import OODPredictor, load
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["OODPredictor", "load"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from lightning_ood import predictor
+
+        return getattr(predictor, name)
+    raise AttributeError(f"module 'lightning_ood' has no attribute {name!r}")

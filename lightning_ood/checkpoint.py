@@ -1,100 +1,25 @@
-"""Checkpoint files: written atomically, read without executing code from them.
-
-* :func:`safe_load` is the one way this project reads a checkpoint (Lightning ``.ckpt``,
-  reference ``.pth.tar``, feature-cache entries): ``torch.load(weights_only=True)``, which
-  unpickles only tensors and primitive containers. A file that needs anything else (a pickled
-  class, a ``__reduce__`` payload) is refused before any of its code runs.
-* :func:`atomic_save` writes to a temporary file in the target's folder, fsyncs it and renames
-  it over the target: a run killed mid-write leaves the previous good file in place.
-* :class:`SafeCheckpointIO` plugs both into Lightning, so every ``.ckpt`` the Trainer writes
-  or resumes from goes through them.
+"""Lightning checkpoint I/O: every ``.ckpt`` the Trainer writes or resumes from goes through
+:func:`lightning_ood.io.atomic_save` (atomic) and :func:`lightning_ood.io.safe_load` (weights
+only). The torch-only helpers live in :mod:`lightning_ood.io` so that models, detectors and the
+hand-off loader never import Lightning; they are re-exported here for existing callers.
 """
 
 from __future__ import annotations
 
-import os
-import pickle
-import tempfile
-import zipfile
-from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from typing_extensions import override
 
+from lightning_ood.io import CheckpointError, UnsafeCheckpointError, atomic_save, safe_load
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing pieces, truncated or corrupt."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint file holds pickled Python objects, which are never executed."""
-
-
-def safe_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
-    """``torch.load(path, weights_only=True)`` with errors that name the file and the fix.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        UnsafeCheckpointError: the file needs arbitrary unpickling (code execution) to load.
-        CheckpointError: the file is truncated, corrupt, or not a torch checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "weights only load failed" in str(err).lower() or "unsupported global" in str(err):
-            raise UnsafeCheckpointError(
-                f"checkpoint {str(path)!r} stores Python objects besides tensors and primitive "
-                "types; it was NOT loaded, because unpickling them could run code from the file. "
-                "Ask its author for a weights-only checkpoint (a state_dict, or a lightning-ood "
-                f".ckpt). Details: {_first_line(err)}"
-            ) from err
-        raise CheckpointError(_corrupt_message(path, err)) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(_corrupt_message(path, err)) from err
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    unsafe = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln]
-    return (unsafe or lines or [type(err).__name__])[0]
-
-
-def _corrupt_message(path: Path, err: BaseException) -> str:
-    size = path.stat().st_size
-    return (
-        f"checkpoint {str(path)!r} ({size} bytes) is truncated or corrupt and cannot be read "
-        f"({type(err).__name__}: {_first_line(err)}). If a run was killed while copying it, "
-        "copy it again; lightning-ood itself never leaves a partly written checkpoint."
-    )
-
-
-def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a hidden temporary file beside ``path``, fsync, then rename.
-
-    The rename is atomic on POSIX filesystems, so readers see the old file or the new one,
-    never a prefix. Stale temporaries of ``path`` (from a process killed mid-write) are
-    removed after a successful save.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
+__all__ = [
+    "CheckpointError",
+    "SafeCheckpointIO",
+    "UnsafeCheckpointError",
+    "atomic_save",
+    "safe_load",
+]
 
 
 class SafeCheckpointIO(TorchCheckpointIO):

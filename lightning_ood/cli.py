@@ -1,10 +1,21 @@
-"""``lightning-ood fit|validate|test|predict``: LightningCLI with the project's defaults."""
+"""``lightning-ood fit|validate|test|predict|grid``: the one command line.
+
+``fit``/``validate``/``test``/``predict`` are a LightningCLI with the project's defaults;
+``grid`` (:func:`grid_main`) grid-searches a detector's hyperparameters from cached features
+(:mod:`lightning_ood.grid`), reading the same ``--config`` files. Library modules never import
+this module.
+"""
 
 from __future__ import annotations
 
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -13,6 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_ood.callbacks.predictions import PredictionCSVWriter, default_prediction_path
 from lightning_ood.checkpoint import SafeCheckpointIO, safe_load
 from lightning_ood.data import OODDataModule
+from lightning_ood.grid import GridResult, load_spec, run_spec, write_grid_results
 from lightning_ood.task import ClassificationTask
 
 
@@ -127,10 +139,83 @@ def main(args: ArgsType = None, run: bool = True) -> OODCLI:
     )
 
 
+def _grid_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lightning-ood grid",
+        description="Grid-search a detector's hyperparameters from cached features; select on "
+        "validation OOD sets, report on the test sets. Unknown arguments go to the "
+        "lightning-ood config parser (e.g. --data.init_args.train_every 10).",
+    )
+    p.add_argument("--config", action="append", required=True, help="lightning-ood config(s)")
+    p.add_argument("--grid", required=True, help="grid YAML (detector, base, grid, ...)")
+    p.add_argument("--cache_dir", default=".cache/features", help="feature cache folder")
+    p.add_argument("--no_cache", action="store_true", help="compute features, store nothing")
+    p.add_argument("--ckpt_path", default=None, help="checkpoint whose backbone weights to use")
+    p.add_argument("--out", default=None, help="results folder (default logs/grid/<experiment>)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def grid_main(args: Sequence[str] | None = None) -> GridResult:
+    """``lightning-ood grid``: build the configured model and datamodule, run the grid spec
+    (:func:`lightning_ood.grid.run_spec`), write ``grid_results.{md,json,csv}``."""
+    from lightning_ood.features import FeatureCache
+    from lightning_ood.models.weights import load_weights
+
+    ns, extra = _grid_parser().parse_known_args(args)
+    spec = load_spec(ns.grid)
+    cli_args: list[str] = []
+    for cfg in ns.config:
+        cli_args += ["--config", cfg]
+    with warnings.catch_warnings():  # our own argv is not LightningCLI's: that is intended
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+        cli = main([*cli_args, *extra], run=False)
+    task, dm = cli.model, cli.datamodule
+    backbone = task.backbone
+    if ns.ckpt_path:
+        load_weights(backbone, ns.ckpt_path, model_name=task.hparams.get("model"))
+    device = ns.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    backbone.to(device).eval()
+    result = run_spec(
+        spec,
+        backbone,
+        dm,
+        spec_name=str(ns.grid),
+        val_names_given=any(a.split("=")[0].endswith(".val_ood_sets") for a in extra),
+        cache=None if ns.no_cache else FeatureCache(ns.cache_dir),
+        progress=not ns.no_progress,
+        info={
+            "model": task.hparams.get("model"),
+            "ckpt_path": ns.ckpt_path,
+            "configs": list(ns.config),
+            "grid_spec": str(ns.grid),
+            "cli_overrides": list(extra),
+        },
+    )
+    experiment = getattr(cli.config, "experiment", None) or "default"
+    out = Path(ns.out or Path("logs") / "grid" / str(experiment))
+    write_grid_results(result, out)
+    print("\n" + result.to_markdown())
+    print(f"[lightning_ood] grid results written to {out}/grid_results.{{md,json,csv}}")
+    return result
+
+
 def entrypoint() -> None:
-    """Console script: like :func:`main`, but returns nothing (a return value would become
-    the process exit status)."""
-    main()
+    """Console script: like :func:`main` (or :func:`grid_main` for ``grid``), but returns
+    nothing (a return value would become the process exit status)."""
+    argv = sys.argv[1:]
+    if argv[:1] == ["grid"]:
+        grid_main(argv[1:])
+    else:
+        main()
+
+
+def grid_entrypoint() -> None:
+    """Console script ``lightning-ood-grid``, the same as ``lightning-ood grid``."""
+    grid_main()
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_ood.checkpoint import atomic_save
+from lightning_ood.detectors.base import Detector
+from lightning_ood.engine import (
+    check_feature_only,
+    eval_pass,
+    fit_detectors,
+    module_device,
+    score_stream,
+)
+from lightning_ood.io import atomic_save
 from lightning_ood.models.base import FEATURES, LOGITS, BackboneOutput
 
 #: Bumped when the stored layout changes; part of every key, so old entries are never misread.
@@ -287,26 +295,6 @@ def describe_loader(loader: DataLoader) -> tuple[str, str]:
 
 
 # -- computing -----------------------------------------------------------------------------------
-def _device(module: nn.Module) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
-    if isinstance(batch, Tensor):
-        return batch, None
-    if isinstance(batch, list | tuple) and batch and isinstance(batch[0], Tensor):
-        y = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
-        return batch[0], y
-    raise TypeError(
-        f"feature extraction expects batches of tensors or (inputs, targets) tuples, got "
-        f"{type(batch).__name__}"
-    )
-
-
 def compute_features(
     backbone: nn.Module,
     loader: DataLoader,
@@ -314,33 +302,19 @@ def compute_features(
     progress: bool = False,
     desc: str = "features",
 ) -> CachedFeatures:
-    """One eval-mode, no-grad pass of ``backbone.extract`` over ``loader``; results on the CPU.
-
-    ``no_grad`` rather than ``inference_mode``: detectors may still differentiate through the
-    head from these features (LINe's autograd contribution).
-    """
-    from tqdm import tqdm
-
+    """Backbone outputs of every sample of ``loader``, on the CPU: one
+    :func:`lightning_ood.engine.eval_pass` (eval mode, one no-grad forward per batch)."""
     hooked = _hooked(taps)
-    device = _device(backbone)
     chunks: dict[str, list[Tensor]] = {"features": [], "logits": [], "targets": []}
     tap_chunks: dict[str, list[Tensor]] = {t: [] for t in hooked}
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        with torch.no_grad():
-            for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-                x, y = _split_batch(batch)
-                out = backbone.extract(x.to(device), taps=hooked)  # type: ignore[operator]
-                chunks["features"].append(out.features.cpu())
-                chunks["logits"].append(out.logits.cpu())
-                if y is None:
-                    y = torch.full((x.shape[0],), -1, dtype=torch.long)
-                chunks["targets"].append(y.reshape(-1).long().cpu())
-                for t in hooked:
-                    tap_chunks[t].append(out.taps[t].cpu())
-    finally:
-        backbone.train(was_training)
+    for x, y, out in eval_pass(backbone, loader, hooked, progress=progress, desc=desc):  # type: ignore[arg-type]
+        chunks["features"].append(out.features.cpu())
+        chunks["logits"].append(out.logits.cpu())
+        if y is None:
+            y = torch.full((x.shape[0],), -1, dtype=torch.long)
+        chunks["targets"].append(y.reshape(-1).long().cpu())
+        for t in hooked:
+            tap_chunks[t].append(out.taps[t].cpu())
     if not chunks["features"]:
         raise ValueError(
             f"the loader over {type(loader.dataset).__name__} yielded no batch; check the "
@@ -353,6 +327,41 @@ def compute_features(
         torch.cat(chunks["targets"]),
         {"taps": hooked},
     )
+
+
+def fit_from_cache(
+    detectors: Iterable[Detector],
+    backbone: nn.Module,
+    train: CachedFeatures | None,
+    batch_size: int = 4096,
+    *,
+    finalize: bool = True,
+) -> None:
+    """:func:`lightning_ood.engine.fit_detectors` from cached training features: the same
+    state as an eval pass over the training loader, without the network pass."""
+    dets = list(detectors)
+    device = module_device(backbone)
+    for det in dets:
+        det.to(device)
+    outputs = None if train is None else train.as_batches(batch_size, device)
+    fit_detectors(dets, backbone, outputs, finalize=finalize)  # type: ignore[arg-type]
+
+
+def score_cached(
+    detectors: Mapping[str, Detector],
+    cached: CachedFeatures,
+    batch_size: int = 4096,
+    *,
+    components: bool = False,
+) -> dict[str, Tensor]:
+    """Every detector's scores of the cached samples (float64, CPU) through
+    :func:`lightning_ood.engine.score_stream`; detectors needing input gradients are
+    refused (features carry no inputs)."""
+    for det in detectors.values():
+        check_feature_only(det)
+    device = next(iter(detectors.values())).fitted.device if detectors else None
+    batches = ((None, out) for out, _ in cached.as_batches(batch_size, device))
+    return score_stream(detectors, batches, components=components)
 
 
 # -- the cache -----------------------------------------------------------------------------------

@@ -11,26 +11,26 @@ is then scored once on the test sets. Selection data and reported data never ove
 * layer-ensemble combiners (FSSD, Mahalanobis): fitted on a seeded ``combiner_fraction`` of
   each validation set, the selection metric is computed on the remaining part.
 
-Command line (``lightning-ood-grid`` or ``python -m lightning_ood.grid``)::
+Command line: ``lightning-ood grid`` (see :mod:`lightning_ood.cli`)::
 
-    python -m lightning_ood.grid --config configs/line_densenet_cifar10.yaml \\
+    lightning-ood grid --config configs/line_densenet_cifar10.yaml \\
         --grid configs/grid/line_densenet_cifar10.yaml [--cache_dir .cache/features] \\
         [--ckpt_path X] [--out DIR] [--data.init_args.train_every 10 ...]
 
-Arguments the grid command does not know are passed to the ``lightning-ood`` CLI parser.
+Fitting, scoring and metrics go through :mod:`lightning_ood.engine` and
+:mod:`lightning_ood.protocol`; the tables through :mod:`lightning_ood.report`. Which
+hyperparameters can share one accumulation pass is each detector class's
+``finalize_only``; which taps it reads, its ``tap_names``.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 import json
 import math
 import os
-import tempfile
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,37 +39,22 @@ from typing import Any
 import torch
 import yaml
 from torch import Tensor
+from tqdm import tqdm
 
+from lightning_ood import engine, report
 from lightning_ood.detectors import Detector, build_detector
-from lightning_ood.features import CachedFeatures, FeatureCache, compute_features
-from lightning_ood.metrics import METRIC_NAMES, ood_metrics
-from lightning_ood.models.base import FEATURES, LOGITS, OODBackbone
-
-#: Metrics where lower is better; every other metric of ``METRIC_NAMES`` is higher-is-better.
-LOWER_IS_BETTER = frozenset({"fpr95", "fpr80", "fpr95_oodpos"})
-
-#: Per detector kind, hyperparameters that only enter ``finalize``/``score``: combinations that
-#: differ only in these share one accumulation pass (``update``) over the training features.
-FINALIZE_ONLY: dict[str, frozenset[str]] = {
-    "line": frozenset(
-        {"delta", "p_a", "p_w", "clip", "act_prune", "weight_prune", "abs_contribution"}
-    ),
-    "dice": frozenset({"p", "clip"}),
-    "dice_react": frozenset({"p", "percentile"}),
-    "react": frozenset({"percentile", "temperature"}),
-    "mahalanobis": frozenset({"combiner", "standardize", "default_layer"}),
-}
-
-#: Table headers; every FPR names its positive class.
-HEADERS = {
-    "fpr95": "FPR95↓ (ID+)",
-    "fpr80": "FPR80↓ (ID+)",
-    "fpr95_oodpos": "FPR95↓ (OOD+)",
-    "auroc": "AUROC↑",
-    "aupr_in": "AUPR-In↑",
-    "aupr_out": "AUPR-Out↑",
-    "detection_acc": "DetAcc↑",
-}
+from lightning_ood.features import (
+    CachedFeatures,
+    FeatureCache,
+    compute_features,
+    fit_from_cache,
+    score_cached,
+)
+from lightning_ood.metrics import METRIC_NAMES
+from lightning_ood.models.base import OODBackbone
+from lightning_ood.protocol import CONVENTION, average, evaluate_pair
+from lightning_ood.report import HEADERS, LOWER_IS_BETTER
+from lightning_ood.splits import fraction_size, seeded_parts
 
 #: Keys a grid YAML may hold.
 SPEC_KEYS = (
@@ -127,10 +112,6 @@ class GridResult:
         return format_markdown(self)
 
 
-def _pct(v: float) -> str:
-    return "nan" if math.isnan(v) else f"{100 * v:.2f}"
-
-
 def format_markdown(result: GridResult) -> str:
     """Validation table of every combination, then the selected one's test table (in %)."""
     meta = result.meta
@@ -159,55 +140,29 @@ def format_markdown(result: GridResult) -> str:
         cells = [str(row["params"][k]) for k in keys]
         mark = "**selected**" if i == result.best else ""
         vm = row["val_mean"]
-        lines.append(f"| {' | '.join(cells)} | {_pct(vm[sel])} | {_pct(vm[second])} | {mark} |")
+        lines.append(
+            f"| {' | '.join(cells)} | {report.pct(vm[sel])} | {report.pct(vm[second])} | {mark} |"
+        )
     chosen = ", ".join(f"{k}={v}" for k, v in result.best_params.items())
     lines += [
         "",
         f"#### Test sets, selected configuration ({chosen}); "
         f"{meta.get('n_id_test')} ID test samples",
         "",
-        "| OOD set | " + " | ".join(HEADERS[m] for m in METRIC_NAMES) + " |",
-        "|---|" + "---:|" * len(METRIC_NAMES),
+        *report.metrics_table({f"{result.kind} (selected)": result.test}),
     ]
-    for ood, vals in result.test.items():
-        label = f"**{ood}**" if ood == "average" else ood
-        lines.append(f"| {label} | " + " | ".join(_pct(vals[m]) for m in METRIC_NAMES) + " |")
     if result.reference is not None:
         ref = ", ".join(f"{k}={v}" for k, v in result.reference["params"].items())
         lines += [
             "",
             f"#### Reference configuration ({ref}), declared before the run, not selected",
             "",
-            "| OOD set | " + " | ".join(HEADERS[m] for m in METRIC_NAMES) + " |",
-            "|---|" + "---:|" * len(METRIC_NAMES),
+            *report.metrics_table({f"{result.kind} (reference)": result.reference["test"]}),
         ]
-        for ood, vals in result.reference["test"].items():
-            label = f"**{ood}**" if ood == "average" else ood
-            lines.append(f"| {label} | " + " | ".join(_pct(vals[m]) for m in METRIC_NAMES) + " |")
     return "\n".join(lines) + "\n"
 
 
 # -- building blocks -------------------------------------------------------------------------
-def check_feature_only(det: Detector) -> None:
-    """Refuse detectors whose score needs the network and the inputs (input gradients)."""
-    # ODIN declares needs_input_grad as a class constant, but with epsilon == 0 it only reads
-    # the logits; FSSD/Mahalanobis already report it per instance.
-    eps = getattr(det, "epsilon", None)
-    if det.needs_input_grad and not (eps is not None and float(eps) == 0.0):
-        raise ValueError(
-            f"detector {det.name!r} ({type(det).__name__}, config {det.config()}) needs input "
-            "gradients to score (input pre-processing, epsilon > 0), which cached features "
-            "cannot provide; grid it with epsilon: 0, or score it with `lightning-ood test`"
-        )
-
-
-def detector_taps(det: Detector, backbone: OODBackbone) -> list[str]:
-    """Taps ``det`` reads, resolving FSSD's ``taps=None`` against the backbone."""
-    resolve = getattr(det, "resolve_taps", None)
-    taps = resolve(backbone) if callable(resolve) and not det.taps else det.taps
-    return [t for t in taps if t not in (FEATURES, LOGITS)]
-
-
 def _require_taps(cached: CachedFeatures, taps: Sequence[str], what: str) -> CachedFeatures:
     missing = [t for t in taps if t not in cached.taps]
     if missing:
@@ -218,83 +173,18 @@ def _require_taps(cached: CachedFeatures, taps: Sequence[str], what: str) -> Cac
     return cached
 
 
-def _device(backbone: OODBackbone) -> torch.device:
-    return next((p.device for p in backbone.parameters()), torch.device("cpu"))
-
-
-def accumulate(
-    det: Detector, backbone: OODBackbone, train: CachedFeatures | None, batch_size: int = 4096
-) -> None:
-    """``reset`` then ``update`` over the cached training features (no ``finalize``)."""
-    device = _device(backbone)
-    det.to(device)
-    det.reset()
-    if det.requires_fit and det.uses_training_data:
-        if train is None:
-            raise ValueError(f"detector {det.name!r} is fitted on the training set: pass `train`")
-        for out, target in train.as_batches(batch_size, device):
-            det.update(out, target, backbone)
-
-
-def fit_from_cache(
-    det: Detector, backbone: OODBackbone, train: CachedFeatures | None, batch_size: int = 4096
-) -> Detector:
-    """Fit ``det`` from cached training features exactly as one eval pass would."""
-    accumulate(det, backbone, train, batch_size)
-    det.finalize(backbone)
-    return det
-
-
-def score_cached(
-    det: Detector, cached: CachedFeatures, batch_size: int = 4096, components: bool = False
-) -> Tensor:
-    """Scores (N,) — or per-layer components (N, K) with ``components`` — in float64 on CPU."""
-    device = det.fitted.device
-    fn = det.score_components if components else det.score
-    chunks = [
-        fn(out).detach().to("cpu", torch.float64)
-        for out, _ in cached.as_batches(batch_size, device)
-    ]
-    return torch.cat(chunks)
-
-
 def split_cached(
     cached: CachedFeatures, fraction: float, seed: int
 ) -> tuple[CachedFeatures, CachedFeatures]:
     """Seeded split: (first ``round(fraction·N)`` of a permutation, the rest)."""
     n = len(cached)
-    k = round(fraction * n)
-    if not 0 < k < n:
-        raise ValueError(
-            f"cannot split {n} samples with fraction={fraction}: both parts need >= 1 sample"
-        )
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return cached.subset(perm[:k]), cached.subset(perm[k:])
+    head, rest = seeded_parts(n, [fraction_size(n, fraction)], seed, f"fraction={fraction} split")
+    return cached.subset(head), cached.subset(rest)
 
 
 def _split_index(n: int, fraction: float, seed: int, what: str) -> tuple[Tensor, Tensor]:
-    k = round(fraction * n)
-    if not 0 < k < n:
-        raise ValueError(
-            f"{what}: cannot hold out combiner_fraction={fraction} of {n} samples (both parts "
-            "need >= 1 sample)"
-        )
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[:k], perm[k:]
-
-
-def evaluate(s_id: Tensor, s_ood: Tensor) -> dict[str, float]:
-    """:func:`ood_metrics` plus counts; NaN metrics when any score is non-finite."""
-    bad = int((~torch.isfinite(s_id)).sum()) + int((~torch.isfinite(s_ood)).sum())
-    counts = {"n_id": len(s_id), "n_ood": len(s_ood), "nonfinite": bad}
-    if bad:
-        return {**dict.fromkeys(METRIC_NAMES, math.nan), **counts}
-    return {**ood_metrics(s_id, s_ood), **counts}
-
-
-def _mean(per_set: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """Average over sets; NaN if any set is NaN (a broken set must not vanish from a mean)."""
-    return {m: sum(v[m] for v in per_set.values()) / len(per_set) for m in METRIC_NAMES}
+    head, rest = seeded_parts(n, [fraction_size(n, fraction)], seed, f"{what} (combiner_fraction)")
+    return head, rest
 
 
 def _rank_key(row: Mapping[str, Any], select: str, index: int) -> tuple[float, ...]:
@@ -306,10 +196,6 @@ def _rank_key(row: Mapping[str, Any], select: str, index: int) -> tuple[float, .
     p = primary if select in LOWER_IS_BETTER else -primary
     t = tie if second in LOWER_IS_BETTER else -tie
     return (0.0, p, math.inf if math.isnan(t) else t, float(index))
-
-
-def _combiner_state(det: Detector) -> dict[str, Any]:
-    return {k: v.tolist() for k, v in det.named_buffers() if k.startswith("combiner")}
 
 
 # -- the grid --------------------------------------------------------------------------------
@@ -376,8 +262,6 @@ def grid_search(
         ValueError: bad grid/metric, validation OOD set also reported, detector needing
             input gradients, missing taps.
     """
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     base = dict(base or {})
     if select_metric not in METRIC_NAMES:
@@ -409,9 +293,9 @@ def grid_search(
     dets = [build_detector(kind, {**base, **c}) for c in combos]  # validates every value first
     ref_det = None if reference is None else build_detector(kind, {**base, **reference})
     for det in [*dets, *([ref_det] if ref_det is not None else [])]:
-        check_feature_only(det)
-    taps = sorted({t for d in dets for t in detector_taps(d, backbone)})
-    if dets[0].uses_training_data and dets[0].requires_fit:
+        engine.check_feature_only(det)
+    taps = engine.detector_taps(dets, backbone)
+    if engine.reads_training_data(dets[0]):
         if train is None:
             raise ValueError(f"detector {kind!r} is fitted on the training set: pass `train`")
         _require_taps(train, taps, "the training set")
@@ -438,49 +322,48 @@ def grid_search(
             for n, c in ood_val.items()
         }
 
-    free = FINALIZE_ONLY.get(kind, frozenset())
+    # Combinations that differ only in finalize-only hyperparameters share one accumulation.
+    free = type(dets[0]).finalize_only if engine.reads_training_data(dets[0]) else frozenset()
     groups: dict[str, list[int]] = {}
     for i, det in enumerate(dets):
         key = {k: v for k, v in det.config().items() if k not in free and k != "name"}
         groups.setdefault(json.dumps(key, sort_keys=True, default=repr), []).append(i)
 
+    def scores(det: Detector, cached: CachedFeatures, components: bool = False) -> Tensor:
+        return score_cached({det.name: det}, cached, batch_size, components=components)[det.name]
+
     def validate(det: Detector) -> dict[str, dict[str, float]]:
         """Validation metrics per validation OOD set (fits the combiner first if any)."""
-        val: dict[str, dict[str, float]] = {}
-        if needs_val:
-            cid = score_cached(det, id_val, batch_size, components=True)
-            cood = {
-                n: score_cached(det, c, batch_size, components=True) for n, c in ood_val.items()
-            }
-            bad = int((~torch.isfinite(cid)).sum()) + sum(
-                int((~torch.isfinite(c)).sum()) for c in cood.values()
-            )
-            if bad:  # no combiner can be fitted: this combination ranks last (NaN)
-                nan = dict.fromkeys(METRIC_NAMES, math.nan)
-                return {
-                    n: {**nan, "n_id": len(id_sel), "n_ood": len(ood_idx[n][1]), "nonfinite": bad}
-                    for n in cood
-                }
-            det.fit_combiner(cid[id_fit], torch.cat([cood[n][ood_idx[n][0]] for n in cood]))
-            s_id = det.combine(cid[id_sel])
-            for n in cood:
-                val[n] = evaluate(s_id, det.combine(cood[n][ood_idx[n][1]]))
-        else:
-            s_id = score_cached(det, id_val, batch_size)
-            for n, c in ood_val.items():
-                val[n] = evaluate(s_id, score_cached(det, c, batch_size))
-        return val
+        if not needs_val:
+            s_id = scores(det, id_val)
+            return {n: evaluate_pair(s_id, scores(det, c)) for n, c in ood_val.items()}
+        cid = scores(det, id_val, components=True)
+        cood = {n: scores(det, c, components=True) for n, c in ood_val.items()}
+        if not all(bool(t.isfinite().all()) for t in (cid, *cood.values())):
+            # no combiner can be fitted: this combination ranks last (NaN), counts reported
+            def bad(c: Tensor) -> int:  # samples with any non-finite component
+                return int((~c.isfinite()).any(1).sum())
 
-    def report(det: Detector) -> dict[str, dict[str, float]]:
+            nan = dict.fromkeys(METRIC_NAMES, math.nan)
+            return {
+                n: {**nan, "n_id": len(id_sel), "n_ood": len(ood_idx[n][1]),
+                    "nonfinite_id": bad(cid), "nonfinite_ood": bad(c)}
+                for n, c in cood.items()
+            }  # fmt: skip
+        det.fit_combiner(cid[id_fit], torch.cat([cood[n][ood_idx[n][0]] for n in cood]))
+        s_id = det.combine(cid[id_sel])
+        return {n: evaluate_pair(s_id, det.combine(c[ood_idx[n][1]])) for n, c in cood.items()}
+
+    def test_metrics(det: Detector) -> dict[str, dict[str, float]]:
         """Test metrics per reported OOD set and their average."""
 
-        def scores(c: CachedFeatures) -> Tensor:
-            s = score_cached(det, c, batch_size, components=needs_val)
+        def final(c: CachedFeatures) -> Tensor:
+            s = scores(det, c, components=needs_val)
             return det.combine(s) if needs_val else s
 
-        s_id = scores(id_test)
-        test = {n: evaluate(s_id, scores(c)) for n, c in ood_test.items()}
-        test["average"] = _mean(test)
+        s_id = final(id_test)
+        test = {n: evaluate_pair(s_id, final(c)) for n, c in ood_test.items()}
+        test["average"] = average(test)
         return test
 
     rows: list[dict[str, Any]] = [{}] * len(dets)
@@ -488,7 +371,7 @@ def grid_search(
     bar = tqdm(total=len(dets), desc=f"grid {kind}", disable=not progress, leave=False)
     for members in groups.values():
         proto = copy.deepcopy(dets[members[0]])
-        accumulate(proto, backbone, train, batch_size)  # once per group of combinations
+        fit_from_cache([proto], backbone, train, batch_size, finalize=False)  # once per group
         for i in members:
             det = copy.deepcopy(proto)
             for k in free:
@@ -499,9 +382,9 @@ def grid_search(
                 raise RuntimeError(f"grid: rebuilt {det.config()} != {dets[i].config()}")
             det.finalize(backbone)
             val = validate(det)
-            rows[i] = {"params": combos[i], "val": val, "val_mean": _mean(val)}
+            rows[i] = {"params": combos[i], "val": val, "val_mean": average(val)}
             if needs_val:
-                rows[i]["combiner"] = _combiner_state(det)
+                rows[i]["combiner"] = {k: v.tolist() for k, v in det.combiner_state().items()}
             rank = _rank_key(rows[i], select_metric, i)
             if best is None or rank < best[0]:
                 best = (rank, i, det)
@@ -509,21 +392,20 @@ def grid_search(
     bar.close()
     assert best is not None
     _, best_i, best_det = best
-    test = report(best_det)
+    test = test_metrics(best_det)
 
     ref_out: dict[str, Any] | None = None
     if ref_det is not None and reference is not None:  # declared up front, never selected
-        fit_from_cache(ref_det, backbone, train, batch_size)
+        fit_from_cache([ref_det], backbone, train, batch_size)
         ref_val = validate(ref_det)
         ref_out = {
             "params": dict(reference),
-            "val_mean": _mean(ref_val),
-            "test": report(ref_det),
+            "val_mean": average(ref_val),
+            "test": test_metrics(ref_det),
         }
     meta: dict[str, Any] = {
         **dict(info or {}),
-        "convention": "higher score = more in-distribution; ID is the positive class for "
-        "FPR/AUPR-In (the papers' convention); fpr95_oodpos uses OOD as positive",
+        "convention": CONVENTION,
         "val_ood_sets": list(ood_val),
         "test_ood_sets": list(ood_test),
         "n_train": 0 if train is None else len(train),
@@ -549,7 +431,7 @@ def grid_search(
     )
 
 
-# -- command line ----------------------------------------------------------------------------
+# -- running a grid spec on a datamodule ----------------------------------------------------
 def load_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and check a grid YAML (keys: :data:`SPEC_KEYS`)."""
     p = Path(path)
@@ -572,63 +454,27 @@ def load_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
     return spec
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def run_spec(
+    spec: Mapping[str, Any],
+    backbone: OODBackbone,
+    dm: Any,
+    *,
+    spec_name: str = "<spec>",
+    val_names_given: bool = False,
+    cache: FeatureCache | None = None,
+    progress: bool = True,
+    info: Mapping[str, Any] | None = None,
+) -> GridResult:
+    """Run a grid spec (:func:`load_spec`) on an ``OODDataModule``: features of every set
+    (through ``cache`` when given), then :func:`grid_search`.
 
+    The validation OOD sets come from the spec (``val_ood_sets``) unless the datamodule was
+    configured with its own (``val_names_given``); either way they may not be reported.
+    """
+    from lightning_ood.data import parse_ood_spec
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lightning-ood-grid",
-        description="Grid-search a detector's hyperparameters from cached features; select on "
-        "validation OOD sets, report on the test sets. Unknown arguments go to the "
-        "lightning-ood CLI (e.g. --data.init_args.train_every 10).",
-    )
-    p.add_argument("--config", action="append", required=True, help="lightning-ood config(s)")
-    p.add_argument("--grid", required=True, help="grid YAML (detector, base, grid, ...)")
-    p.add_argument("--cache_dir", default=".cache/features", help="feature cache folder")
-    p.add_argument("--no_cache", action="store_true", help="compute features, store nothing")
-    p.add_argument("--ckpt_path", default=None, help="checkpoint whose backbone weights to use")
-    p.add_argument("--out", default=None, help="results folder (default logs/grid/<experiment>)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--no_progress", action="store_true")
-    return p
-
-
-def main(args: Sequence[str] | None = None) -> GridResult:
-    """Entry point of ``lightning-ood-grid`` / ``python -m lightning_ood.grid``."""
-    from lightning_ood.cli import main as cli_main
-    from lightning_ood.models.weights import load_weights
-
-    ns, extra = _parser().parse_known_args(args)
-    spec = load_spec(ns.grid)
     spec_val = spec.get("val_ood_sets")
-    cli_args: list[str] = []
-    for cfg in ns.config:
-        cli_args += ["--config", cfg]
-    with warnings.catch_warnings():  # our own argv is not LightningCLI's: that is intended
-        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
-        cli = cli_main([*cli_args, *extra], run=False)
-    task, dm = cli.model, cli.datamodule
-    backbone: OODBackbone = task.backbone
-    if ns.ckpt_path:
-        load_weights(backbone, ns.ckpt_path, model_name=task.hparams.get("model"))
-    device = ns.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    backbone.to(device).eval()
-
-    user_val = any(a.split("=")[0].endswith(".val_ood_sets") for a in extra)
-    if spec_val is not None and not user_val:  # the grid spec names the validation sets
-        from lightning_ood.data import parse_ood_spec
-
+    if spec_val is not None and not val_names_given:  # the grid spec names the validation sets
         dm.val_ood_specs = [parse_ood_spec(e) for e in spec_val]
     val_names = list(dm.val_ood_names)
     if spec_val is not None:
@@ -636,7 +482,7 @@ def main(args: Sequence[str] | None = None) -> GridResult:
         missing = [n for n in wanted if n not in val_names]
         if missing:
             raise ValueError(
-                f"grid spec {ns.grid!r} names validation OOD sets {missing}, but "
+                f"grid spec {spec_name!r} names validation OOD sets {missing}, but "
                 f"--data.init_args.val_ood_sets sets {val_names}; make them agree"
             )
         val_names = wanted
@@ -664,9 +510,7 @@ def main(args: Sequence[str] | None = None) -> GridResult:
     kind = spec["detector"]
     base = dict(spec.get("base") or {})
     probe = [build_detector(kind, {**base, **c}) for c in combinations(spec["grid"])]
-    taps = sorted({t for d in probe for t in detector_taps(d, backbone)})
-    progress = not ns.no_progress
-    cache = None if ns.no_cache else FeatureCache(ns.cache_dir)
+    taps = engine.detector_taps(probe, backbone)
 
     def features(loader: Any, what: str) -> CachedFeatures:
         if cache is None:
@@ -675,7 +519,7 @@ def main(args: Sequence[str] | None = None) -> GridResult:
 
     t0 = time.perf_counter()
     train = None
-    if probe[0].requires_fit and probe[0].uses_training_data:
+    if engine.reads_training_data(probe[0]):
         train = features(dm.fit_dataloader(), "train")
     id_test = features(test_loaders[0], names[0])
     id_val, id_val_source = None, None
@@ -685,22 +529,17 @@ def main(args: Sequence[str] | None = None) -> GridResult:
         id_val_source = f"{val_size} training samples held out by the datamodule (val_size)"
     ood_test = {n: features(ld, n) for n, ld in zip(names[1:], test_loaders[1:], strict=True)}
     ood_val = {n: features(ld, f"val:{n}") for n, ld in val_loaders.items()}
-    feature_s = time.perf_counter() - t0
-    info = {
+    facts = {
         "id_set": getattr(dm, "id_name", names[0]),
         "data_version": getattr(dm, "data_version", names[0]),
-        "model": task.hparams.get("model"),
-        "ckpt_path": ns.ckpt_path,
-        "configs": list(ns.config),
-        "grid_spec": str(ns.grid),
-        "cli_overrides": list(extra),
-        "feature_seconds": round(feature_s, 3),
+        **dict(info or {}),
+        "feature_seconds": round(time.perf_counter() - t0, 3),
         **({"id_val_source": id_val_source} if id_val_source else {}),
         "cache": None
         if cache is None
         else {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses},
     }
-    result = grid_search(
+    return grid_search(
         kind,
         spec["grid"],
         base,
@@ -716,24 +555,14 @@ def main(args: Sequence[str] | None = None) -> GridResult:
         combiner_fraction=float(spec.get("combiner_fraction", 0.5)),
         batch_size=int(spec.get("batch_size", 4096)),
         reference=spec.get("reference"),
-        info=info,
+        info=facts,
         progress=progress,
     )
-    experiment = getattr(cli.config, "experiment", None) or "default"
-    out = Path(ns.out or Path("logs") / "grid" / str(experiment))
-    out.mkdir(parents=True, exist_ok=True)
-    md = result.to_markdown()
-    _atomic_write(out / "grid_results.md", md)
-    _atomic_write(out / "grid_results.json", json.dumps(result.to_dict(), indent=2, default=str))
-    print("\n" + md)
-    print(f"[lightning_ood] grid results written to {out}/grid_results.{{md,json}}")
-    return result
 
 
-def entrypoint() -> None:
-    """Console script ``lightning-ood-grid``; returns nothing (see ``lightning_ood.cli``)."""
-    main()
-
-
-if __name__ == "__main__":
-    entrypoint()
+def write_grid_results(result: GridResult, out: str | os.PathLike[str]) -> list[Path]:
+    """``grid_results.{md,json,csv}`` (the CSV holds the selected and reference test rows)."""
+    rows = {f"{result.kind} (selected)": result.test}
+    if result.reference is not None:
+        rows[f"{result.kind} (reference)"] = result.reference["test"]
+    return report.write_results(out, "grid_results", result.to_dict(), result.to_markdown(), rows)

@@ -20,9 +20,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_ood import engine
 from lightning_ood.detectors import Detector
 from lightning_ood.detectors.base import exporting, frozen_flags
+from lightning_ood.io import safe_load
 from lightning_ood.models import OODBackbone
+from lightning_ood.state import build_from_checkpoint
 
 
 class OODPredictor(nn.Module):
@@ -65,7 +68,7 @@ class OODPredictor(nn.Module):
         self.register_buffer(
             "std", torch.tensor(std if self.normalizes else [1.0]).view(shape), persistent=False
         )
-        self._taps = tuple(dict.fromkeys(t for d in detectors.values() for t in d.taps))
+        self._taps = engine.detector_taps(detectors.values(), backbone)
 
     @property
     def detector_names(self) -> list[str]:
@@ -114,18 +117,7 @@ class OODPredictor(nn.Module):
     def score_normalized(self, x: Tensor) -> dict[str, Any]:
         """Like :meth:`forward` for inputs already normalised (a datamodule's batches)."""
         out = self.backbone.extract(x, taps=self._taps)
-        scores: dict[str, Tensor] = {}
-        is_ood: dict[str, Tensor] = {}
-        for name, det in self.detectors.items():
-            s = det.score(out, self.backbone, x) if det.needs_input_grad else det.score(out)
-            scores[name] = s
-            is_ood[name] = s < det.threshold.to(s.dtype)
-        return {
-            "logits": out.logits,
-            "pred": out.logits.argmax(dim=1),
-            "scores": scores,
-            "is_ood": is_ood,
-        }
+        return engine.predict_batch(self.detectors, out, self.backbone, x)
 
     # -- deployment --------------------------------------------------------------------------
     def export(self, example: Tensor) -> torch.export.ExportedProgram:
@@ -168,20 +160,17 @@ def load(
         ValueError: the checkpoint is not a lightning-ood checkpoint, holds no fitted detector,
             or lacks a requested one.
     """
-    from lightning_ood.checkpoint import safe_load
-    from lightning_ood.task import ClassificationTask
-
     ckpt = safe_load(path, map_location=map_location)
-    task = ClassificationTask.from_checkpoint_dict(ckpt, source=str(path))
-    task.to(map_location)
-    meta = task.data_meta
+    backbone, fitted, meta = build_from_checkpoint(ckpt, source=str(path))
+    backbone.to(map_location)
+    fitted.to(map_location)
     if not meta.get("input_shape"):
         raise ValueError(
             f"checkpoint {str(path)!r} records no input size/normalisation (written before "
             "lightning-ood stored them, or without a datamodule); re-run `lightning-ood test` "
             "on it to write a complete checkpoint"
         )
-    available = {n: d for n, d in task.detectors.items() if d.is_fitted and d.is_calibrated}
+    available = {n: d for n, d in fitted.items() if d.is_fitted and d.is_calibrated}
     if detectors is None:
         chosen = available
     else:
@@ -198,4 +187,4 @@ def load(
             "detector fitting. Run `lightning-ood test --ckpt_path ...` with the OODEvaluation "
             "callback, which fits, calibrates and saves them."
         )
-    return OODPredictor(task.backbone, chosen, meta).eval()
+    return OODPredictor(backbone, chosen, meta).eval()

@@ -18,8 +18,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_ood import engine
 from lightning_ood.detectors import Detector, build_detectors
 from lightning_ood.models import BackboneOutput, OODBackbone, create_model
+from lightning_ood.state import reconcile_detector_state
 
 DetectorSpecs = Mapping[str, Mapping[str, Any] | None]
 
@@ -84,10 +86,7 @@ class ClassificationTask(LightningModule):
 
     @property
     def detector_taps(self) -> tuple[str, ...]:
-        taps: dict[str, None] = {}
-        for det in self.detectors.values():
-            taps.update(dict.fromkeys(det.taps))
-        return tuple(taps)
+        return engine.detector_taps(self.detectors.values(), self.backbone)
 
     def unfitted_detectors(self) -> list[Detector]:
         return [d for d in self.detectors.values() if not d.is_fitted]
@@ -134,21 +133,9 @@ class ClassificationTask(LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """Logits, prediction, and every fitted, calibrated detector's score and decision."""
-        x = batch[0] if isinstance(batch, list | tuple) else batch
-        out = self.extract(x)
-        scores: dict[str, Tensor] = {}
-        is_ood: dict[str, Tensor] = {}
-        for name, det in self.detectors.items():
-            if not (det.is_fitted and det.is_calibrated):
-                continue
-            s = det.score(out, self.backbone, x) if det.needs_input_grad else det.score(out)
-            scores[name], is_ood[name] = s, s < det.threshold.to(s.dtype)
-        return {
-            "logits": out.logits,
-            "pred": out.logits.argmax(1),
-            "scores": scores,
-            "is_ood": is_ood,
-        }
+        x, _ = engine.split_batch(batch)
+        ready = {n: d for n, d in self.detectors.items() if d.is_fitted and d.is_calibrated}
+        return engine.predict_batch(ready, self.extract(x), self.backbone, x)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
@@ -183,27 +170,6 @@ class ClassificationTask(LightningModule):
             self.data_meta = meta
 
     # -- checkpoint plumbing ----------------------------------------------------------------
-    @classmethod
-    def from_checkpoint_dict(
-        cls, ckpt: Mapping[str, Any], source: str = "<dict>"
-    ) -> ClassificationTask:
-        """Rebuild a task from a loaded checkpoint dict (see :func:`lightning_ood.load`)."""
-        hp = ckpt.get("hyper_parameters") if isinstance(ckpt, Mapping) else None
-        if not isinstance(hp, Mapping) or "model" not in hp or "state_dict" not in ckpt:
-            raise ValueError(
-                f"{source} is not a lightning-ood checkpoint (no hyper_parameters/state_dict of "
-                "a ClassificationTask); for bare backbone weights use model_kwargs.weights"
-            )
-        kwargs = {
-            k: hp[k]
-            for k in ("model", "num_classes", "model_kwargs", "detectors", "channels_last")
-            if k in hp
-        }
-        task = cls(**kwargs)
-        task.on_load_checkpoint(dict(ckpt))
-        task.load_state_dict(ckpt["state_dict"])
-        return task
-
     def _check_compatible(self, checkpoint: Mapping[str, Any]) -> None:
         """A checkpoint of another architecture or class count fails with both named."""
         hp = checkpoint.get("hyper_parameters") or {}
@@ -282,31 +248,10 @@ class ClassificationTask(LightningModule):
         if stored.get("data") and not self.data_meta:
             self.data_meta = dict(stored["data"])
         self._rng_to_restore = checkpoint.get("rng_states")
-        state = checkpoint["state_dict"]
         stored_cfg = (checkpoint.get("hyper_parameters") or {}).get("detectors") or {}
-        prefix = "detectors."
-        for name, det in self.detectors.items():
-            keys = [k for k in state if k.startswith(f"{prefix}{name}.")]
-            same = stored_cfg.get(name) == det.config()
-            if keys and not same:
-                rank_zero_info(
-                    f"[lightning_ood] detector {name!r}: checkpoint holds it with config "
-                    f"{stored_cfg.get(name)}, now configured as {det.config()}; refitting."
-                )
-            if not keys or not same:
-                for k in keys:
-                    del state[k]
-                det.fitted.fill_(not det.requires_fit)
-                state.update(det.state_dict(prefix=f"{prefix}{name}."))
-        dropped = sorted(
-            {k[len(prefix) :].split(".")[0] for k in state if k.startswith(prefix)}
-            - set(self.detectors)
+        reconcile_detector_state(
+            checkpoint["state_dict"],
+            self.detectors,
+            stored_cfg,
+            log=lambda msg: rank_zero_info(f"[lightning_ood] {msg}"),
         )
-        for k in [
-            k for k in state if k.startswith(prefix) and k[len(prefix) :].split(".")[0] in dropped
-        ]:
-            del state[k]
-        if dropped:
-            rank_zero_info(
-                f"[lightning_ood] checkpoint detectors not configured, ignored: {dropped}"
-            )

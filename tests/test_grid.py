@@ -15,6 +15,8 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_ood import engine
+from lightning_ood.cli import grid_main
 from lightning_ood.cli import main as cli_main
 from lightning_ood.detectors import Detector, build_detector
 from lightning_ood.features import CachedFeatures, compute_features
@@ -25,7 +27,6 @@ from lightning_ood.grid import (
     grid_search,
     split_cached,
 )
-from lightning_ood.grid import main as grid_main
 from lightning_ood.metrics import ood_metrics
 from lightning_ood.models.base import OODBackbone
 
@@ -90,12 +91,8 @@ def _run(setting: dict, kind: str, grid: dict, base: dict, val: list[str], **kw)
 
 
 def _fit_by_network_pass(det: Detector, net: OODBackbone, loader: DataLoader) -> Detector:
-    """The callback's way: reset, one eval pass through the network, finalize."""
-    det.reset()
-    with torch.no_grad():
-        for x, y in loader:
-            det.update(net.extract(x, taps=det.taps), y, net)
-    det.finalize(net)
+    """The callback's way: one eval pass through the network (not the feature cache)."""
+    engine.fit_from_loader([det], net, loader)
     return det
 
 
@@ -416,6 +413,10 @@ def test_nonfinite_scores_rank_last_and_are_reported(setting: dict) -> None:
     # T = 1e-40 overflows logits / T to inf in float32: every energy score is non-finite.
     result = _run(setting, "energy", {"temperature": [1e-40, 1.0]}, {}, ["noise"])
     bad = result.rows[0]["val"]["noise"]
-    assert bad["nonfinite"] > 0 and all(math.isnan(bad[m]) for m in METRIC_NAMES)
+    assert (
+        bad["nonfinite_id"] > 0
+        and bad["nonfinite_ood"] > 0
+        and all(math.isnan(bad[m]) for m in METRIC_NAMES)
+    )
     assert result.best == 1 and result.best_params == {"temperature": 1.0}
     assert "| 1e-40 | nan | nan |" in result.to_markdown()

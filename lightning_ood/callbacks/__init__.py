@@ -1,10 +1,10 @@
 """Lightning glue: fit detectors after training, score them during test, report."""
 
-from lightning_ood.callbacks.ood import (
+from lightning_ood.callbacks.evaluation import (
     OODEvaluation,
     StrategyReducer,
-    calibrate_detectors,
-    fit_detectors,
+    calibrate_with_trainer,
+    fit_with_trainer,
 )
 from lightning_ood.callbacks.predictions import PredictionCSVWriter
 
@@ -12,6 +12,6 @@ __all__ = [
     "OODEvaluation",
     "PredictionCSVWriter",
     "StrategyReducer",
-    "calibrate_detectors",
-    "fit_detectors",
+    "calibrate_with_trainer",
+    "fit_with_trainer",
 ]

@@ -13,7 +13,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_ood.callbacks.ood import _atomic_write
+from lightning_ood.io import atomic_write_text
 
 
 class PredictionCSVWriter(BasePredictionWriter):
@@ -93,7 +93,7 @@ class PredictionCSVWriter(BasePredictionWriter):
                 with open(part, newline="") as f:
                     rows.extend(csv.reader(f))
             rows.sort(key=lambda r: (order.get(r[0], len(order)), int(r[1])))
-            _atomic_write(self.output, _rows_to_csv([self._columns or [], *rows]))
+            atomic_write_text(self.output, _rows_to_csv([self._columns or [], *rows]))
             for part in parts:
                 part.unlink(missing_ok=True)
             rank_zero_info(f"[lightning_ood] wrote {len(rows)} predictions to {self.output}")

@@ -1,18 +1,15 @@
 """Data: LightningDataModules for the ID sets, named OOD sets, readers and transforms."""
 
-from lightning_ood.data.datamodules import (
-    CIFAR10DataModule,
-    CIFAR100DataModule,
-    CIFARDataModule,
-    CorruptDataError,
-    FashionMNISTDataModule,
+from lightning_ood.data.base import CorruptDataError, OODDataModule
+from lightning_ood.data.cifar import CIFAR10DataModule, CIFAR100DataModule, CIFARDataModule
+from lightning_ood.data.genome import (
     GenomeDataModule,
-    ImageNetDataModule,
-    MNISTDataModule,
-    OODDataModule,
+    read_genome_tsv,
+    write_synthetic_genome,
 )
-from lightning_ood.data.genome import read_genome_tsv, write_synthetic_genome
-from lightning_ood.data.ood import (
+from lightning_ood.data.imagenet import ImageNetDataModule
+from lightning_ood.data.mnist import FashionMNISTDataModule, MNISTDataModule
+from lightning_ood.data.ood_sets import (
     OOD_SETS,
     OODSetInfo,
     OODSpec,

@@ -14,19 +14,26 @@ Format: ``<root>/genome/{train,val,test,ood_test,ood_val}.tsv``, one sample per 
 
 The real dataset is not distributed here; :func:`write_synthetic_genome` writes a seeded,
 class-conditional stand-in in this format so that the pipeline can be exercised end to end.
+
+This module holds the whole genome family: the format and reader, the synthetic writer, the
+``genome_ood`` OOD set (registered here, beside its reader) and :class:`GenomeDataModule`.
+The letters and their token order are the model's :data:`~lightning_ood.models.lstm.GENOME_VOCAB`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-#: Letters in token order: A=0, C=1, G=2, T=3.
-ALPHABET = "ACGT"
+from lightning_ood.data.base import OODDataModule
+from lightning_ood.data.ood_sets import OODSetInfo, register_ood_set
+from lightning_ood.models.lstm import GENOME_VOCAB
+
 #: Sequence length of the bacteria-genome benchmark.
 SEQ_LEN = 250
 #: Split name -> file name under ``<root>/genome``.
@@ -39,8 +46,10 @@ GENOME_FILES: dict[str, str] = {
 }
 GENOME_DIR = "genome"
 
+#: The vocabulary's letters as bytes, in token order (A=0, C=1, G=2, T=3).
+_LETTERS = "".join(GENOME_VOCAB).encode()
 _LOOKUP = np.full(256, 255, dtype=np.uint8)
-for _i, _c in enumerate(ALPHABET.encode()):
+for _i, _c in enumerate(_LETTERS):
     _LOOKUP[_c] = _i
 
 
@@ -172,7 +181,7 @@ def write_synthetic_genome(
 
     out = Path(root) / GENOME_DIR
     out.mkdir(parents=True, exist_ok=True)
-    letters = np.frombuffer(ALPHABET.encode(), dtype=np.uint8)
+    letters = np.frombuffer(_LETTERS, dtype=np.uint8)
     plan = {
         "train": balanced(n_train, 0, num_classes),
         "val": balanced(n_val, 0, num_classes),
@@ -192,3 +201,106 @@ def write_synthetic_genome(
         f"{num_ood_classes} OOD classes, seq_len={seq_len}, n_train={n_train})\n"
     )
     return out
+
+
+# -- the genome OOD set ----------------------------------------------------------------------
+def _build_genome(location: Path, input_shape: tuple[int, ...]) -> Dataset:
+    return GenomeSequences(location, seq_len=input_shape[0])
+
+
+register_ood_set(
+    "genome_ood",
+    OODSetInfo(
+        _build_genome,
+        f"{GENOME_DIR}/{GENOME_FILES['ood_test']}",
+        "OOD genome sequences, one '<sequence>\\t<label>' per line (lightning_ood.data.genome)",
+        val_subpath=f"{GENOME_DIR}/{GENOME_FILES['ood_val']}",
+        kind="tokens",
+    ),
+)
+
+
+# -- the datamodule --------------------------------------------------------------------------
+class GenomeDataModule(OODDataModule):
+    """Bacteria-genome style sequences from ``<root>/genome/*.tsv`` (format:
+    :mod:`lightning_ood.data.genome`); samples are ``(tokens (seq_len,) long, label)``.
+
+    Validation uses ``val.tsv``; ``ood_sets: [genome_ood]`` reads ``ood_test.tsv`` and
+    ``val_ood_sets: [genome_ood]`` reads ``ood_val.tsv``.
+
+    Args:
+        seq_len: sequence length (250 in the benchmark).
+        num_classes: number of ID classes (10).
+        synthetic: when the files are missing, write the seeded synthetic stand-in
+            (:func:`~lightning_ood.data.write_synthetic_genome`) into ``<root>/genome`` in
+            ``prepare_data`` (``root`` must then be writable).
+        **kwargs: the :class:`OODDataModule` arguments.
+    """
+
+    id_name = "genome"
+    display_name = "Genome"
+
+    def __init__(
+        self, seq_len: int = 250, num_classes: int = 10, synthetic: bool = False, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        if seq_len < 1 or num_classes < 2:
+            raise ValueError(
+                f"need seq_len >= 1 and num_classes >= 2, got {seq_len}, {num_classes}"
+            )
+        self.seq_len = seq_len
+        self._num_classes = num_classes
+        self.synthetic = synthetic
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.seq_len,)
+
+    def _files(self, root: Path) -> dict[str, Path]:
+        return {s: root / GENOME_DIR / GENOME_FILES[s] for s in ("train", "val", "test")}
+
+    def _id_present(self, root: Path) -> bool:
+        return all(p.is_file() for p in self._files(root).values())
+
+    def prepare_data(self) -> None:
+        root, _ = self.resolved_root()
+        if self.synthetic and not self._id_present(root):
+            folder = root / GENOME_DIR
+            existing = [n for n in GENOME_FILES.values() if (folder / n).is_file()]
+            if existing:
+                raise FileExistsError(
+                    f"{folder} already holds {existing} but not every ID file; refusing to "
+                    "overwrite it with synthetic data (set synthetic: false or clear the folder)"
+                )
+            write_synthetic_genome(root, num_classes=self._num_classes, seq_len=self.seq_len)
+        super().prepare_data()
+
+    def _load_id(self, root: Path) -> dict[str, Dataset]:
+        files = self._files(root)
+        missing = [p.name for p in files.values() if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"Genome data not found under {root / GENOME_DIR}: expected "
+                f"{', '.join(GENOME_FILES.values())} (missing: {', '.join(missing)}); see "
+                "lightning_ood.data.genome for the format, or set synthetic: true to write a "
+                "synthetic stand-in"
+            )
+        sets = {split: GenomeSequences(path, self.seq_len) for split, path in files.items()}
+        for split, ds in sets.items():
+            lo, hi = int(ds.labels.min()), int(ds.labels.max())
+            if lo < 0 or hi >= self._num_classes:
+                raise ValueError(
+                    f"{files[split]}: ID labels span {lo}..{hi}, expected 0.."
+                    f"{self._num_classes - 1} (num_classes={self._num_classes})"
+                )
+        version = root / GENOME_DIR / "VERSION"
+        self._data_version = (
+            version.read_text().strip()
+            if version.is_file()
+            else f"genome TSV ({root / GENOME_DIR})"
+        )
+        return dict(sets)

@@ -11,14 +11,13 @@ Resolution order of the data root (``root: null`` in a config):
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from lightning_ood.io import download_timeout
+
 #: Environment variable that overrides the default data root.
 DATA_ROOT_ENV = "LIGHTNING_OOD_DATA"
-#: Socket timeout (seconds) while downloading: a blocked network fails fast instead of hanging.
-DOWNLOAD_TIMEOUT_S = 20.0
 
 
 def _cwd_data_root() -> Path:
@@ -61,21 +60,18 @@ def resolve_root(root: str | os.PathLike[str] | None, download: bool | None) -> 
 
 
 def guarded_download(dataset: str, root: Path, fetch: Callable[[], object]) -> None:
-    """Run ``fetch`` (a torchvision download) with a short socket timeout.
+    """Run ``fetch`` (a torchvision download) under :func:`lightning_ood.io.download_timeout`.
 
     Any failure (no network, timeout, checksum mismatch) becomes one clear ``RuntimeError``
     that names the dataset and the folder, so a run never hangs or dies in urllib internals.
     """
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        fetch()
-    except Exception as err:
-        raise RuntimeError(
-            f"could not download {dataset} into {root} ({type(err).__name__}: {err}). Place the "
-            f"files there by hand (the datamodule's docstring gives the layout) or point "
-            f"--data.root at a folder that holds them, and set download: false."
-        ) from err
-    finally:
-        socket.setdefaulttimeout(previous)
+    with download_timeout():
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            fetch()
+        except Exception as err:
+            raise RuntimeError(
+                f"could not download {dataset} into {root} ({type(err).__name__}: {err}). Place "
+                f"the files there by hand (the datamodule's docstring gives the layout) or point "
+                f"--data.root at a folder that holds them, and set download: false."
+            ) from err

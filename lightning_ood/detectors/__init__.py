@@ -1,4 +1,4 @@
-"""Post-hoc OOD detectors and the name registry used by configs."""
+"""Post-hoc OOD detectors, one module per detector, and the name registry used by configs."""
 
 from __future__ import annotations
 
@@ -8,10 +8,17 @@ from typing import Any
 from torch import nn
 
 from lightning_ood.detectors.base import Detector, Reducer, percentile
-from lightning_ood.detectors.baselines import DICE, MSP, ODIN, DICEReAct, Energy, ReAct
+from lightning_ood.detectors.dice import DICE
+from lightning_ood.detectors.dice_react import DICEReAct
+from lightning_ood.detectors.energy import Energy, energy_score
 from lightning_ood.detectors.fssd import FSSD
+from lightning_ood.detectors.layer_ensemble import LayerEnsembleDetector
 from lightning_ood.detectors.line import LINe
+from lightning_ood.detectors.linear_head import ActivationSampler, LinearHeadDetector
 from lightning_ood.detectors.mahalanobis import Mahalanobis
+from lightning_ood.detectors.msp import MSP
+from lightning_ood.detectors.odin import ODIN
+from lightning_ood.detectors.react import ReAct
 
 DETECTORS: dict[str, type[Detector]] = {
     cls.kind: cls for cls in (MSP, ODIN, Energy, ReAct, DICE, DICEReAct, LINe, FSSD, Mahalanobis)
@@ -45,14 +52,18 @@ __all__ = [
     "FSSD",
     "MSP",
     "ODIN",
+    "ActivationSampler",
     "DICEReAct",
     "Detector",
     "Energy",
     "LINe",
+    "LayerEnsembleDetector",
+    "LinearHeadDetector",
     "Mahalanobis",
     "ReAct",
     "Reducer",
     "build_detector",
     "build_detectors",
+    "energy_score",
     "percentile",
 ]

@@ -10,13 +10,18 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from collections.abc import Iterable, Iterator
-from typing import Any, ClassVar
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, TypeAlias
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from lightning_ood.models.base import BackboneOutput, OODBackbone
+
+#: ``model`` and ``inputs`` of :meth:`Detector.score`: only input pre-processing reads them.
+OptModel: TypeAlias = OODBackbone | None
+OptInput: TypeAlias = Tensor | None
 
 
 class Reducer:
@@ -42,7 +47,10 @@ class Detector(nn.Module):
       :meth:`config` can rebuild the detector (the task stores it in ``hparams``);
     * fitted state lives in buffers; buffers whose shape depends on the backbone are created
       empty and resized on ``load_state_dict`` (see :meth:`_load_from_state_dict`);
-    * ``fitted`` (a bool buffer) says whether :meth:`finalize` ran.
+    * ``fitted`` (a bool buffer) says whether :meth:`finalize` ran;
+    * the detector owns its state: callers forget it with :meth:`mark_unfitted`, read the taps
+      it needs with :meth:`tap_names`, and move a layer-ensemble combiner with
+      :meth:`combiner_state` / :meth:`load_combiner_state`, never by writing buffers.
     """
 
     #: Registry key, e.g. "line"; also the default instance name.
@@ -53,6 +61,12 @@ class Detector(nn.Module):
     uses_training_data: ClassVar[bool] = True
     #: Whether :meth:`score` needs ``model`` and ``inputs`` (gradient-based input processing).
     needs_input_grad: ClassVar[bool] = False
+    #: ``__init__`` hyperparameters that only enter :meth:`finalize`/:meth:`score` (and the
+    #: combiner), never :meth:`update`: configurations that differ only in these can share
+    #: one accumulation pass (deep-copy the accumulated detector, set these attributes, then
+    #: ``finalize`` each copy). Detectors without a training pass list every hyperparameter
+    #: except the taps, so that the members of one group always read the same taps.
+    finalize_only: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, name: str | None = None) -> None:
         super().__init__()
@@ -73,6 +87,11 @@ class Detector(nn.Module):
     def taps(self) -> tuple[str, ...]:
         """Taps (beyond features/logits) that :meth:`update`/:meth:`score` read."""
         return ()
+
+    def tap_names(self, backbone: OODBackbone) -> tuple[str, ...]:
+        """The taps this detector reads from ``backbone`` when fitting and scoring, with
+        defaults resolved against it (may include ``"features"``/``"logits"``)."""
+        return tuple(self.taps)
 
     @property
     def is_fitted(self) -> bool:
@@ -110,10 +129,7 @@ class Detector(nn.Module):
     needs_validation: ClassVar[bool] = False
 
     def score_components(
-        self,
-        out: BackboneOutput,
-        model: OODBackbone | None = None,
-        inputs: Tensor | None = None,
+        self, out: BackboneOutput, model: OptModel = None, inputs: OptInput = None
     ) -> Tensor:
         """Per-component scores, shape (B, K) (e.g. one FSSD per layer)."""
         raise NotImplementedError
@@ -130,13 +146,26 @@ class Detector(nn.Module):
         """Reduce the accumulators across ranks and derive the scoring buffers."""
         self.fitted.fill_(True)
 
+    def mark_unfitted(self) -> None:
+        """Forget the fitted state: ``fitted`` becomes ``not requires_fit`` (detectors without
+        a fitting pass stay usable) and the decision threshold NaN (uncalibrated)."""
+        self.fitted.fill_(not self.requires_fit)
+        self.threshold.fill_(math.nan)
+        self.threshold_tpr.fill_(math.nan)
+
+    def combiner_state(self) -> dict[str, Tensor]:
+        """Clones of the fitted combiner buffers by name; ``{}`` without a combiner."""
+        return {}
+
+    def load_combiner_state(self, state: Mapping[str, Tensor]) -> None:
+        """Restore a :meth:`combiner_state` dict; ``{}`` is the only state without a combiner."""
+        if state:
+            raise ValueError(
+                f"{self.name}: {type(self).__name__} has no combiner, cannot load {sorted(state)}"
+            )
+
     # -- scoring -------------------------------------------------------------------------
-    def score(
-        self,
-        out: BackboneOutput,
-        model: OODBackbone | None = None,
-        inputs: Tensor | None = None,
-    ) -> Tensor:
+    def score(self, out: BackboneOutput, model: OptModel = None, inputs: OptInput = None) -> Tensor:
         """Score a batch; higher = more in-distribution. Shape (B,)."""
         return self.combine(self.score_components(out, model, inputs))
 
@@ -177,6 +206,14 @@ class Detector(nn.Module):
             )
 
     # -- checkpoint plumbing ---------------------------------------------------------------
+    def _upgrade_state_dict(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        """Rewrite, in place, the entries an older checkpoint holds for this detector into the
+        current layout, before they are loaded."""
+        # Checkpoints written before decision thresholds existed load as uncalibrated.
+        for name in ("threshold", "threshold_tpr"):
+            if prefix + name not in state_dict:
+                state_dict[prefix + name] = torch.tensor(float("nan"), dtype=torch.float64)
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Tensor],
@@ -187,10 +224,7 @@ class Detector(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        # Checkpoints written before decision thresholds existed load as uncalibrated.
-        for name in ("threshold", "threshold_tpr"):
-            if prefix + name not in state_dict:
-                state_dict[prefix + name] = torch.tensor(float("nan"), dtype=torch.float64)
+        self._upgrade_state_dict(state_dict, prefix)
         # Buffers are created lazily with backbone-dependent shapes; adopt the stored shape.
         for name, buf in self._buffers.items():
             key = prefix + name
@@ -243,6 +277,23 @@ def percentile(x: Tensor, p: float, dim: int = -1) -> Tensor:
     a = s.narrow(dim, lo, 1).squeeze(dim)
     b = s.narrow(dim, hi, 1).squeeze(dim)
     return a + (b - a) * frac
+
+
+def check_choice(name: str, value: str, options: Sequence[str], owner: str) -> str:
+    """Validate an option string, naming the parameter and the allowed values."""
+    if value not in options:
+        raise ValueError(
+            f"{owner}: {name}={value!r} is not supported; choose one of {list(options)}"
+        )
+    return value
+
+
+def check_int(name: str, value: int, low: int, owner: str) -> int:
+    """Validate an integer hyperparameter ``>= low``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{owner}: hyperparameter {name}={value!r} must be an integer >= {low}")
+    check_range(name, value, low=low, owner=owner)
+    return int(value)
 
 
 def check_range(

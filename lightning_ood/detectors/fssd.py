@@ -7,116 +7,28 @@ higher = more in-distribution, and the layers are combined by a logistic regress
 held-out ID + OOD validation samples (the paper's ensemble; the reference's ``train_lr``).
 Paper/reference differences follow ``METHODS.md`` (FSSD items 2, 4, 5).
 
-This module also holds :class:`LayerEnsembleDetector`, the per-tap-components + logistic
-combiner base shared with :mod:`lightning_ood.detectors.mahalanobis`, and the input-gradient
-helpers both use for input pre-processing.
+The per-tap components + logistic combiner base and the input pre-processing helpers are
+shared with Mahalanobis: :mod:`lightning_ood.detectors.layer_ensemble`.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_ood.detectors.base import Detector, Reducer, check_range
-from lightning_ood.models.base import LOGITS, BackboneOutput, OODBackbone
+from lightning_ood.detectors.base import Reducer, check_choice, check_int
+from lightning_ood.detectors.layer_ensemble import (
+    LayerEnsembleDetector,
+    divide_by_input_std,
+    input_gradient,
+)
+from lightning_ood.models.base import LOGITS, OODBackbone
 
-#: Logistic-regression combiners: "cv" = LogisticRegressionCV(random_state=42) as in the
-#: reference's ``train_lr``; "lr" = a plain LogisticRegression with C = 1.
-COMBINERS = ("cv", "lr")
-#: Random state of the reference's LogisticRegressionCV.
-COMBINER_SEED = 42
-#: lbfgs iterations; above sklearn's 100 so unscaled distances converge (a converged fit is
-#: the same optimum the reference reaches when it converges).
-COMBINER_MAX_ITER = 1000
-
-
-# -- shared helpers -------------------------------------------------------------------------
-def check_choice(name: str, value: str, options: Sequence[str], owner: str) -> str:
-    """Validate an option string, naming the parameter and the allowed values."""
-    if value not in options:
-        raise ValueError(
-            f"{owner}: {name}={value!r} is not supported; choose one of {list(options)}"
-        )
-    return value
-
-
-def check_int(name: str, value: int, low: int, owner: str) -> int:
-    """Validate an integer hyperparameter ``>= low``."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(f"{owner}: hyperparameter {name}={value!r} must be an integer >= {low}")
-    check_range(name, value, low=low, owner=owner)
-    return int(value)
-
-
-def check_input_std(
-    input_std: float | Sequence[float] | None, owner: str
-) -> float | list[float] | None:
-    """Validate ``input_std`` (a scalar or one positive value per input channel)."""
-    if input_std is None:
-        return None
-    if isinstance(input_std, int | float):
-        return check_range("input_std", input_std, low=0.0, low_open=True, owner=owner)
-    values = [check_range("input_std", v, low=0.0, low_open=True, owner=owner) for v in input_std]
-    if not values:
-        raise ValueError(f"{owner}: input_std must be a positive number or a non-empty list")
-    return values
-
-
-def divide_by_input_std(step: Tensor, input_std: float | list[float] | None) -> Tensor:
-    """Divide an input-space step by the normalisation std per channel (dim 1).
-
-    The references perturb the *normalised* tensor but size the step in pixel units, hence
-    the division by the dataset's ``Normalize`` std (as in ODIN's reference code).
-    """
-    if input_std is None:
-        return step
-    std = torch.as_tensor(input_std, dtype=step.dtype, device=step.device).flatten()
-    if std.numel() == 1:
-        return step / std
-    if step.ndim < 2 or step.shape[1] != std.numel():
-        raise ValueError(
-            f"input_std has {std.numel()} values but the inputs have shape {tuple(step.shape)} "
-            "(channels in dim 1); give one value per channel or a single number"
-        )
-    return step / std.view(1, -1, *([1] * (step.ndim - 2)))
-
-
-def grad_ready_inputs(model: OODBackbone | None, inputs: Tensor | None, owner: str) -> Tensor:
-    """Check that input pre-processing can run and return a detached copy of the inputs."""
-    if model is None or inputs is None:
-        raise ValueError(
-            f"{owner}: epsilon > 0 perturbs the inputs, so score/score_components need "
-            "`model` and `inputs`; pass them or set epsilon=0"
-        )
-    if model.input_kind != "image" or not inputs.is_floating_point():
-        raise ValueError(
-            f"{owner}: input pre-processing (epsilon > 0) needs float image inputs, but "
-            f"{type(model).__name__} takes {model.input_kind!r} inputs of dtype {inputs.dtype}; "
-            "set epsilon=0"
-        )
-    with torch.inference_mode(False):
-        return inputs.detach().clone()  # a normal tensor even if built under inference mode
-
-
-def input_gradient(
-    model: OODBackbone, x: Tensor, tap: str, objective: Callable[[Tensor], Tensor]
-) -> Tensor:
-    """``d/dx sum_b objective(tap(x))_b`` with respect to the inputs only.
-
-    ``torch.autograd.grad`` with ``inputs=x`` leaves no ``.grad`` on the parameters; per-sample
-    objectives are independent in an eval-mode network, so one backward gives every
-    sample's own gradient.
-    """
-    with torch.inference_mode(False), torch.enable_grad():
-        xg = x.detach().clone().requires_grad_(True)
-        feat = model.extract(xg, taps=(tap,)).tap(tap)
-        (grad,) = torch.autograd.grad(objective(feat).sum(), xg)
-    return grad
+NOISES = ("reference", "uniform")
+DIRECTIONS = ("reference", "paper")
+GRAD_NORMS = ("batch", "sample")
 
 
 def model_device_dtype(model: OODBackbone) -> tuple[torch.device, torch.dtype]:
@@ -125,160 +37,6 @@ def model_device_dtype(model: OODBackbone) -> tuple[torch.device, torch.dtype]:
         if t.is_floating_point():
             return t.device, t.dtype
     return torch.device("cpu"), torch.get_default_dtype()
-
-
-# -- the layer-ensemble base ------------------------------------------------------------------
-class LayerEnsembleDetector(Detector):
-    """A detector with one score per tap (:meth:`score_components`, shape (B, K)) and a
-    logistic-regression combiner fitted on held-out ID (label 1) + OOD (label 0) components.
-
-    :meth:`combine` returns the logistic decision function ``w·(c - m)/s + b`` (higher = ID),
-    a monotone map of the reference's ``predict_proba[:, 1]``. With no combiner fitted it
-    returns component ``default_layer`` (by default the last tap), so the detector scores
-    without validation data. Everything fitted lives in ``combiner_*`` buffers.
-    """
-
-    needs_validation: ClassVar[bool] = True
-    #: Input pre-processing magnitude; subclasses set it (0 = off).
-    epsilon: float
-
-    def __init__(
-        self,
-        taps: Sequence[str] | None,
-        combiner: str,
-        standardize: bool,
-        default_layer: int,
-        name: str | None,
-    ) -> None:
-        super().__init__(name)
-        owner = type(self).__name__
-        if taps is not None:
-            if isinstance(taps, str) or not all(isinstance(t, str) for t in taps) or not taps:
-                raise ValueError(
-                    f"{owner}: taps must be a non-empty list of tap names or None, got {taps!r}"
-                )
-            if len(set(taps)) != len(taps):
-                raise ValueError(f"{owner}: taps {list(taps)} name a tap twice")
-        self._taps_arg = None if taps is None else list(taps)
-        self.combiner = check_choice("combiner", combiner, COMBINERS, owner)
-        self.standardize = bool(standardize)
-        if isinstance(default_layer, bool) or not isinstance(default_layer, int | np.integer):
-            raise ValueError(f"{owner}: default_layer={default_layer!r} must be an integer index")
-        self.default_layer = int(default_layer)
-        f64 = torch.float64
-        self.register_buffer("combiner_coef", torch.zeros(0, dtype=f64))
-        self.register_buffer("combiner_intercept", torch.zeros((), dtype=f64))
-        self.register_buffer("combiner_mean", torch.zeros(0, dtype=f64))
-        self.register_buffer("combiner_scale", torch.ones(0, dtype=f64))
-        self.register_buffer("combiner_fitted", torch.tensor(False))
-
-    @property
-    def needs_input_grad(self) -> bool:  # type: ignore[override]
-        """Only input pre-processing (epsilon > 0) needs the model and inputs at score time."""
-        return self.epsilon > 0
-
-    def config(self) -> dict[str, Any]:
-        cfg = super().config()
-        cfg["taps"] = None if self._taps_arg is None else list(self._taps_arg)
-        return cfg
-
-    @property
-    def num_components(self) -> int | None:
-        """K, the number of per-tap components, once known."""
-        return len(self.taps) or None
-
-    # -- combiner -------------------------------------------------------------------------
-    def _components_2d(self, name: str, c: Tensor) -> Tensor:
-        if c.ndim != 2 or c.shape[0] == 0:
-            raise ValueError(
-                f"{self.name}: {name} must have shape (N > 0, K), got {tuple(c.shape)}"
-            )
-        k = self.num_components
-        if k is not None and c.shape[1] != k:
-            raise ValueError(
-                f"{self.name}: {name} has {c.shape[1]} components per sample, but the detector "
-                f"has K={k} taps {list(self.taps)}"
-            )
-        return c
-
-    def fit_combiner(self, components_id: Tensor, components_ood: Tensor) -> None:
-        """Fit the logistic regression (ID = 1, OOD = 0) on validation components (N, K).
-
-        ``combiner="cv"`` is the reference's ``LogisticRegressionCV(random_state=42)`` on the
-        raw components (``standardize=False``); ``standardize=True`` z-scores each component
-        first with the validation mean/std (a StandardScaler), stored in buffers.
-        """
-        from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-
-        cid = self._components_2d("components_id", components_id)
-        cood = self._components_2d("components_ood", components_ood)
-        if cid.shape[1] != cood.shape[1]:
-            raise ValueError(
-                f"{self.name}: components_id has {cid.shape[1]} columns, components_ood "
-                f"{cood.shape[1]}; they must match"
-            )
-        x = np.concatenate(
-            [cid.detach().cpu().double().numpy(), cood.detach().cpu().double().numpy()]
-        )
-        if not np.isfinite(x).all():
-            raise ValueError(f"{self.name}: the validation components contain NaN/inf values")
-        y = np.concatenate([np.ones(len(cid), dtype=np.int64), np.zeros(len(cood), dtype=np.int64)])
-        if self.standardize:
-            mean, scale = x.mean(0), x.std(0)
-            scale[scale == 0] = 1.0
-        else:
-            mean, scale = np.zeros(x.shape[1]), np.ones(x.shape[1])
-        xs = (x - mean) / scale
-        if self.combiner == "cv":
-            clf: Any = LogisticRegressionCV(
-                random_state=COMBINER_SEED, max_iter=COMBINER_MAX_ITER, **_cv_quiet_kwargs()
-            )
-        else:
-            clf = LogisticRegression(C=1.0, max_iter=COMBINER_MAX_ITER)
-        clf.fit(xs, y)
-        dev = self.combiner_fitted.device
-        f64 = torch.float64
-        self.combiner_coef = torch.as_tensor(clf.coef_[0], dtype=f64, device=dev).clone()
-        self.combiner_intercept = torch.tensor(float(clf.intercept_[0]), dtype=f64, device=dev)
-        self.combiner_mean = torch.as_tensor(mean, dtype=f64, device=dev).clone()
-        self.combiner_scale = torch.as_tensor(scale, dtype=f64, device=dev).clone()
-        self.combiner_fitted.fill_(True)
-
-    def combine(self, components: Tensor) -> Tensor:
-        """Decision function of the fitted combiner, or component ``default_layer``."""
-        c = self._components_2d("components", components)
-        if self.flag("combiner_fitted"):
-            if c.shape[1] != self.combiner_coef.numel():
-                raise ValueError(
-                    f"{self.name}: the combiner was fitted on {self.combiner_coef.numel()} "
-                    f"components, got {c.shape[1]}"
-                )
-            dev = c.device
-            z = (c.double() - self.combiner_mean.to(dev)) / self.combiner_scale.to(dev)
-            z = z @ self.combiner_coef.to(dev) + self.combiner_intercept.to(dev)
-            return z.to(c.dtype if c.is_floating_point() else torch.float32)
-        k = c.shape[1]
-        if not -k <= self.default_layer < k:
-            raise ValueError(
-                f"{self.name}: default_layer={self.default_layer} is out of range for K={k}"
-            )
-        return c[:, self.default_layer]
-
-
-def _cv_quiet_kwargs() -> dict[str, Any]:
-    """Pin the reference's LogisticRegressionCV semantics (L2, accuracy-scored CV) where a
-    newer scikit-learn warns that those defaults will change; older versions need nothing."""
-    from sklearn.linear_model import LogisticRegressionCV
-
-    params = inspect.signature(LogisticRegressionCV).parameters
-    pinned = {"l1_ratios": (0.0,), "scoring": "accuracy", "use_legacy_attributes": False}
-    return {k: v for k, v in pinned.items() if k in params and params[k].default == "warn"}
-
-
-# -- FSSD -------------------------------------------------------------------------------------
-NOISES = ("reference", "uniform")
-DIRECTIONS = ("reference", "paper")
-GRAD_NORMS = ("batch", "sample")
 
 
 class FSSD(LayerEnsembleDetector):
@@ -322,6 +80,12 @@ class FSSD(LayerEnsembleDetector):
     requires_fit: ClassVar[bool] = True
     #: FSSD needs the model (a noise pass), not the training set.
     uses_training_data: ClassVar[bool] = False
+    #: ``update`` is a no-op and ``finalize`` runs the noise pass itself, so every
+    #: hyperparameter but ``taps`` (kept so that one group reads one set of taps) is
+    #: finalize-only.
+    finalize_only: ClassVar[frozenset[str]] = LayerEnsembleDetector.finalize_only | frozenset(
+        {"noise", "n_noise", "noise_seed", "direction", "grad_norm", "batch_size"}
+    )
 
     def __init__(
         self,
@@ -339,15 +103,13 @@ class FSSD(LayerEnsembleDetector):
         default_layer: int = -1,
         name: str | None = None,
     ) -> None:
-        super().__init__(taps, combiner, standardize, default_layer, name)
+        super().__init__(taps, epsilon, input_std, combiner, standardize, default_layer, name)
         owner = "FSSD"
         self.noise = check_choice("noise", noise, NOISES, owner)
         self.n_noise = check_int("n_noise", n_noise, 1, owner)
         self.noise_seed = check_int("noise_seed", noise_seed, 0, owner)
-        self.epsilon = check_range("epsilon", epsilon, low=0.0, owner=owner)
         self.direction = check_choice("direction", direction, DIRECTIONS, owner)
         self.grad_norm = check_choice("grad_norm", grad_norm, GRAD_NORMS, owner)
-        self.input_std = check_input_std(input_std, owner)
         self.batch_size = check_int("batch_size", batch_size, 1, owner)
         self._resolved_taps: list[str] = []
         self.register_buffer("fss", torch.zeros(0))
@@ -361,11 +123,11 @@ class FSSD(LayerEnsembleDetector):
             return tuple(self._resolved_taps)
         return tuple(self._taps_arg or ())
 
-    def resolve_taps(self, model: OODBackbone) -> list[str]:
-        """``taps``, or every ``model.tap_layers`` entry then ``"logits"`` when ``None``."""
+    def tap_names(self, backbone: OODBackbone) -> tuple[str, ...]:
+        """``taps``, or every ``backbone.tap_layers`` entry then ``"logits"`` when ``None``."""
         if self._taps_arg is not None:
-            return list(self._taps_arg)
-        return [*model.tap_layers, LOGITS]
+            return tuple(self._taps_arg)
+        return (*backbone.tap_layers, LOGITS)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"taps": list(self._resolved_taps)}
@@ -402,7 +164,7 @@ class FSSD(LayerEnsembleDetector):
         Runs the model in eval mode (restoring its mode). Every rank draws the same noise, so
         nothing is reduced across DDP ranks.
         """
-        taps = self.resolve_taps(model)
+        taps = list(self.tap_names(model))
         device, dtype = model_device_dtype(model)
         noise = self.make_noise(model)
         sums: list[Tensor] = [torch.zeros(0)] * len(taps)
@@ -449,31 +211,15 @@ class FSSD(LayerEnsembleDetector):
         std = s.std(dim=dims, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
         return (s - mean) / std
 
-    def perturb(self, model: OODBackbone, x: Tensor, tap: str, centre: Tensor) -> Tensor:
-        """The pre-processed input x̃ for tap ``tap`` (see ``direction``)."""
+    def component(self, feat: Tensor, i: int) -> Tensor:
+        """FSSD_i = ||F_i(x) - FSS_i||_2 in float32; higher = more in-distribution."""
+        return self._distance(feat, self.centres()[i], self.taps[i])
+
+    def perturb(self, model: OODBackbone, x: Tensor, i: int) -> Tensor:
+        """The pre-processed input x̃ for component ``i`` (see ``direction``)."""
+        tap, centre = self.taps[i], self.centres()[i]
         grad = input_gradient(model, x, tap, lambda f: self._distance(f, centre, tap))
         return (x + self.epsilon * divide_by_input_std(self._step(grad), self.input_std)).detach()
 
-    def score_components(
-        self,
-        out: BackboneOutput,
-        model: OODBackbone | None = None,
-        inputs: Tensor | None = None,
-    ) -> Tensor:
-        """FSSD_l for every tap, shape (B, K) in float32; higher = more in-distribution."""
-        self.check_fitted()
-        taps, centres = self.taps, self.centres()
-        if self.epsilon == 0:
-            cols = [self._distance(out.tap(t), c, t) for t, c in zip(taps, centres, strict=True)]
-            return torch.stack(cols, dim=1)
-        x = grad_ready_inputs(model, inputs, self.name)
-        assert model is not None
-        cols = []
-        for t, c in zip(taps, centres, strict=True):
-            x_t = self.perturb(model, x, t, c)
-            with torch.no_grad():
-                cols.append(self._distance(model.extract(x_t, taps=(t,)).tap(t), c, t))
-        return torch.stack(cols, dim=1)
 
-
-__all__ = ["FSSD", "LayerEnsembleDetector"]
+__all__ = ["FSSD"]

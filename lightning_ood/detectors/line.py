@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from lightning_ood.detectors.base import Detector, Reducer, check_range, exporting
+from lightning_ood.detectors.base import (
+    Detector,
+    OptInput,
+    OptModel,
+    Reducer,
+    check_range,
+    exporting,
+)
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 #: Upper bound on the number of elements of one chunk of per-class weight scores V_k built in
@@ -73,6 +80,10 @@ class LINe(Detector):
 
     kind = "line"
     requires_fit = True
+    #: ``update`` accumulates per-class sums that depend only on ``contribution``.
+    finalize_only: ClassVar[frozenset[str]] = frozenset(
+        {"delta", "p_a", "p_w", "clip", "act_prune", "weight_prune", "abs_contribution"}
+    )
 
     def __init__(
         self,
@@ -248,12 +259,7 @@ class LINe(Detector):
     def _clip(self, h: Tensor) -> Tensor:
         return h.clamp(max=self.delta) if self.clip else h
 
-    def score(
-        self,
-        out: BackboneOutput,
-        model: OODBackbone | None = None,
-        inputs: Tensor | None = None,
-    ) -> Tensor:
+    def score(self, out: BackboneOutput, model: OptModel = None, inputs: OptInput = None) -> Tensor:
         """Energy of the pruned logits, logsumexp(z) (METHODS.md LINe 5); shape (B,)."""
         self.check_fitted()
         h = out.features

@@ -16,12 +16,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from lightning_ood.detectors.base import Reducer, check_range
-from lightning_ood.detectors.fssd import (
+from lightning_ood.detectors.base import Reducer
+from lightning_ood.detectors.layer_ensemble import (
     LayerEnsembleDetector,
-    check_input_std,
     divide_by_input_std,
-    grad_ready_inputs,
     input_gradient,
 )
 from lightning_ood.models.base import FEATURES, BackboneOutput, OODBackbone
@@ -87,9 +85,7 @@ class Mahalanobis(LayerEnsembleDetector):
         default_layer: int = -1,
         name: str | None = None,
     ) -> None:
-        super().__init__(taps, combiner, standardize, default_layer, name)
-        self.epsilon = check_range("epsilon", epsilon, low=0.0, owner="Mahalanobis")
-        self.input_std = check_input_std(input_std, "Mahalanobis")
+        super().__init__(taps, epsilon, input_std, combiner, standardize, default_layer, name)
         self._tap_list = list(self._taps_arg) if self._taps_arg is not None else [FEATURES]
         f64 = torch.float64
         # Accumulators are non-persistent: checkpoints carry only what scoring needs.
@@ -208,35 +204,15 @@ class Mahalanobis(LayerEnsembleDetector):
         diff = f - self.means(i)[k]
         return ((diff @ self.precision(i)) * diff).sum(dim=1)
 
+    def component(self, feat: Tensor, i: int) -> Tensor:
+        """-min_k Mahalanobis distance of tap ``i`` (float64); higher = more ID."""
+        return -self._distances(feat, i).min(dim=1).values
+
     def perturb(self, model: OODBackbone, x: Tensor, i: int) -> Tensor:
         """x̃ = x - ε·sign(∇ₓ d_k̂)/input_std for tap ``i`` (Lee et al.'s input pre-processing)."""
         grad = input_gradient(model, x, self._tap_list[i], lambda f: self._closest_distance(f, i))
         sign = torch.where(grad >= 0, 1.0, -1.0).to(grad.dtype)
         return (x - self.epsilon * divide_by_input_std(sign, self.input_std)).detach()
-
-    def score_components(
-        self,
-        out: BackboneOutput,
-        model: OODBackbone | None = None,
-        inputs: Tensor | None = None,
-    ) -> Tensor:
-        """-min_k Mahalanobis distance per tap, shape (B, K) in float32; higher = more ID."""
-        self.check_fitted()
-        if self.epsilon == 0:
-            cols = [
-                self._distances(out.tap(t), i).min(dim=1).values
-                for i, t in enumerate(self._tap_list)
-            ]
-        else:
-            x = grad_ready_inputs(model, inputs, self.name)
-            assert model is not None
-            cols = []
-            for i, t in enumerate(self._tap_list):
-                x_t = self.perturb(model, x, i)
-                with torch.no_grad():
-                    feat = model.extract(x_t, taps=(t,)).tap(t)
-                cols.append(self._distances(feat, i).min(dim=1).values)
-        return -torch.stack(cols, dim=1).to(torch.float32)
 
 
 __all__ = ["Mahalanobis", "pool_tap", "squared_distances"]

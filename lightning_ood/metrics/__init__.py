@@ -1,43 +1,15 @@
-"""OOD evaluation metrics: exact functional core and torchmetrics ``Metric`` wrappers."""
+"""OOD evaluation metrics: exact functional core and torchmetrics ``Metric`` classes.
 
-from lightning_ood.metrics.functional import (
-    METRIC_CONVENTIONS,
-    METRIC_NAMES,
-    aupr_in,
-    aupr_out,
-    auroc,
-    detection_accuracy,
-    fpr_at_tpr,
-    ood_metric_tensors,
-    ood_metrics,
-    roc_counts,
-    roc_curve,
-)
-from lightning_ood.metrics.ood import (
-    AUPR,
-    OODAUROC,
-    DetectionAccuracy,
-    FPRAtTPR,
-    OODMetrics,
-    OODScoreMetric,
-)
+``functional`` holds the float64 metric functions, ``modular`` the ``Metric`` classes that
+accumulate scores (and sync them under DDP) before calling them. Each module's ``__all__`` is
+the single list of its public names; this package re-exports both.
+"""
 
-__all__ = [
-    "AUPR",
-    "METRIC_CONVENTIONS",
-    "METRIC_NAMES",
-    "OODAUROC",
-    "DetectionAccuracy",
-    "FPRAtTPR",
-    "OODMetrics",
-    "OODScoreMetric",
-    "aupr_in",
-    "aupr_out",
-    "auroc",
-    "detection_accuracy",
-    "fpr_at_tpr",
-    "ood_metric_tensors",
-    "ood_metrics",
-    "roc_counts",
-    "roc_curve",
-]
+from lightning_ood.metrics import functional, modular
+from lightning_ood.metrics.functional import *  # noqa: F403
+from lightning_ood.metrics.modular import *  # noqa: F403
+
+# Extended with each module's own list, a form static checkers (pyright, ruff) follow.
+__all__: list[str] = []
+__all__ += functional.__all__
+__all__ += modular.__all__

@@ -23,7 +23,8 @@ from lightning_ood.models.base import OODBackbone
 from lightning_ood.models.registry import register_model
 from lightning_ood.models.weights import load_weights
 
-#: Token ids: A=0, C=1, G=2, T=3.
+#: The genome vocabulary in token order (A=0, C=1, G=2, T=3); the one definition, which the
+#: TSV reader :mod:`lightning_ood.data.genome` imports (this module stays Lightning-free).
 GENOME_VOCAB = ("A", "C", "G", "T")
 
 

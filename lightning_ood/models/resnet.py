@@ -8,7 +8,6 @@ weight loading.
 from __future__ import annotations
 
 import os
-import socket
 import urllib.error
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch import Tensor, nn
 from torchvision import models as tvm
 from torchvision.models import ResNet
 
+from lightning_ood.io import download_timeout
 from lightning_ood.models.base import OODBackbone
 from lightning_ood.models.registry import register_model
 from lightning_ood.models.weights import apply_state_dict, load_weights
@@ -27,8 +27,6 @@ _ARCHS: dict[str, tuple[Callable[..., ResNet], type[tvm.WeightsEnum]]] = {
     "resnext50": (tvm.resnext50_32x4d, tvm.ResNeXt50_32X4D_Weights),
     "resnet50": (tvm.resnet50, tvm.ResNet50_Weights),
 }
-#: Seconds a download may stall before giving up, so an offline machine never hangs.
-DOWNLOAD_TIMEOUT_S = 30.0
 
 
 class TorchvisionResNet(OODBackbone):
@@ -94,22 +92,23 @@ class TorchvisionResNet(OODBackbone):
 
 
 def _download(weights: tvm.WeightsEnum, arch: str) -> dict[str, Tensor]:
-    """Fetch torchvision weights, turning an offline failure into instructions."""
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # torch.hub's urlopen sets no timeout itself
-    try:
-        return weights.get_state_dict(
-            progress=False, check_hash=True, weights_only=True, map_location="cpu"
-        )
-    except (urllib.error.URLError, OSError) as err:
-        raise RuntimeError(
-            f"could not download the torchvision {arch} weights {weights.name} from "
-            f"{weights.url} ({err}). This machine probably has no network: download that file "
-            "on a machine that has, copy it here and pass its path as weights='/path/to/"
-            f"{weights.url.rsplit('/', 1)[-1]}'."
-        ) from err
-    finally:
-        socket.setdefaulttimeout(previous)
+    """Fetch torchvision weights, turning an offline failure into instructions.
+
+    The fetch runs under :func:`lightning_ood.io.download_timeout`: torch.hub's ``urlopen``
+    sets no timeout itself, so an offline machine would otherwise hang.
+    """
+    with download_timeout():
+        try:
+            return weights.get_state_dict(
+                progress=False, check_hash=True, weights_only=True, map_location="cpu"
+            )
+        except (urllib.error.URLError, OSError) as err:
+            raise RuntimeError(
+                f"could not download the torchvision {arch} weights {weights.name} from "
+                f"{weights.url} ({err}). This machine probably has no network: download that "
+                "file on a machine that has, copy it here and pass its path as weights='/path/to/"
+                f"{weights.url.rsplit('/', 1)[-1]}'."
+            ) from err
 
 
 def _build(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from lightning_ood.checkpoint import CheckpointError, UnsafeCheckpointError, safe_load
+from lightning_ood.io import CheckpointError, UnsafeCheckpointError, safe_load
 
 #: Keys under which checkpoints commonly nest their state_dict.
 _NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net")

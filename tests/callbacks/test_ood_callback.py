@@ -14,9 +14,9 @@ from lightning.pytorch import LightningDataModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ood.callbacks import OODEvaluation
-from lightning_ood.callbacks.ood import format_markdown
 from lightning_ood.detectors import DETECTORS, Energy
 from lightning_ood.metrics import ood_metrics
+from lightning_ood.report import format_markdown
 from lightning_ood.task import ClassificationTask
 
 

@@ -1,8 +1,10 @@
-"""`lightning-ood fit` then `test` on a real FashionMNIST slice, through `main([...])`.
+"""`lightning-ood test` through `main([...])` on the session's fitted LeNet checkpoint
+(`lightning-ood fit` on a real FashionMNIST slice, conftest ``lenet_fitted``).
 
 One module-scoped run serves several assertions: accuracy well above chance, FSSD AUROC vs
 MNIST above 0.95, result files, a test run from the fitted checkpoint with no training-set
-pass, and a bit-for-bit checkpoint round trip of every detector score.
+pass, and a bit-for-bit checkpoint round trip of every detector score (Lightning's
+``load_from_checkpoint`` and the torch-only ``lightning_ood.load`` agree).
 """
 
 from __future__ import annotations
@@ -13,27 +15,22 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _cli import LENET_DETECTORS
 
-from lightning_ood.callbacks import ood as ood_callback
+import lightning_ood
+from lightning_ood import engine
+from lightning_ood.callbacks import evaluation as ood_callback
 from lightning_ood.cli import main
+from lightning_ood.io import safe_load
 from lightning_ood.task import ClassificationTask
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
-DETECTORS = {
-    "msp": {},
-    "odin": {"temperature": 1000.0, "epsilon": 0.0014},
-    "energy": {},
-    "react": {"percentile": 90.0},
-    "dice": {"p": 90.0},
-    "line": {"delta": 1.0, "p_a": 90, "p_w": 90},
-    "mahalanobis": {"taps": ["conv1", "conv2", "fc1"]},
-    "fssd": {"taps": ["conv1", "conv2", "fc1", "logits"], "noise": "reference"},
-}
+DETECTORS = LENET_DETECTORS
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict:
+def run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path, lenet_fitted: dict) -> dict:
     tmp = tmp_path_factory.mktemp("e2e")
     override = tmp / "override.yaml"
     override.write_text(
@@ -56,7 +53,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict:
                 "data": {
                     "init_args": {
                         "root": str(shared_data),
-                        "train_every": 6,  # 10,000 training images
+                        "train_every": 6,  # 10,000 training images (as lenet_fitted)
                         "test_every": 10,  # 1,000 ID test images
                         "ood_every": 10,  # 1,000 MNIST test images
                         "num_workers": 0,
@@ -69,22 +66,21 @@ def run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict:
         "--config", str(CONFIGS / "demo.yaml"), "--config", str(override),
         "--checkpoint_root", str(tmp / "ckpt"), "--log_root", str(tmp / "logs"),
     ]  # fmt: skip
-    fit_cli = main(["fit", *common])
-    last = tmp / "ckpt" / "demo" / "last.ckpt"
+    last = lenet_fitted["ckpt"]
     calls: list[list[str]] = []
-    real_fit = ood_callback.fit_detectors
+    real_fit = ood_callback.fit_with_trainer
 
     def spy(trainer, pl_module, detectors, progress=True):  # type: ignore[no-untyped-def]
         calls.append([d.name for d in detectors])
         return real_fit(trainer, pl_module, detectors, progress)
 
-    ood_callback.fit_detectors = spy
+    ood_callback.fit_with_trainer = spy
     try:
         test_cli = main(["test", *common, "--ckpt_path", str(last)])
     finally:
-        ood_callback.fit_detectors = real_fit
+        ood_callback.fit_with_trainer = real_fit
     cb = next(c for c in test_cli.trainer.callbacks if isinstance(c, ood_callback.OODEvaluation))
-    return {"fit": fit_cli, "test": test_cli, "ckpt": last, "calls": calls, "results": cb.results}
+    return {"test": test_cli, "ckpt": last, "calls": calls, "results": cb.results}
 
 
 def test_accuracy_well_above_chance(run: dict) -> None:
@@ -134,21 +130,23 @@ def test_result_files_and_logged_metrics(run: dict) -> None:
 
 
 def test_checkpoint_round_trip_is_bit_exact(run: dict) -> None:
-    live: ClassificationTask = run["fit"].model.cpu().eval()
+    stored = safe_load(run["ckpt"])["state_dict"]
     loaded = ClassificationTask.load_from_checkpoint(run["ckpt"], map_location="cpu").eval()
     assert set(loaded.detectors) == set(DETECTORS)
-    live_state = live.state_dict()
-    assert set(loaded.state_dict()) == set(live_state)
-    for name, value in loaded.state_dict().items():
+    state = loaded.state_dict()
+    assert set(state) == set(stored)
+    for name, value in state.items():
         if isinstance(value, torch.Tensor):
-            assert torch.equal(value, live_state[name]), name
+            assert torch.equal(value, stored[name]), name
         else:  # extra state (e.g. FSSD's resolved tap names)
-            assert value == live_state[name], name
-    x = torch.stack([run["fit"].datamodule.fit_dataloader().dataset[i][0] for i in range(16)])
+            assert value == stored[name], name
+    # The hand-off module, built without the LightningModule, scores bit for bit alike.
+    handoff = lightning_ood.load(run["ckpt"])
+    x = torch.stack([run["test"].datamodule.fit_dataloader().dataset[i][0] for i in range(16)])
     with torch.no_grad():
-        out_a, out_b = live.extract(x), loaded.extract(x)
+        out = loaded.extract(x)
+    want = engine.score_batch(loaded.detectors, out, loaded.backbone, x)
+    got = handoff.score_normalized(x)["scores"]
+    assert set(got) == set(DETECTORS)
     for name in DETECTORS:
-        kw = {"model": live.backbone, "inputs": x}
-        a = live.detectors[name].score(out_a, **kw)
-        b = loaded.detectors[name].score(out_b, model=loaded.backbone, inputs=x)
-        assert torch.equal(a, b), name
+        assert torch.equal(got[name], want[name]), name

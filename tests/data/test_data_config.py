@@ -14,7 +14,7 @@ from lightning_ood.data import (
     OODDataModule,
     default_data_root,
 )
-from lightning_ood.data.ood import OODSpec
+from lightning_ood.data.ood_sets import OODSpec
 
 
 def _parse(text: str) -> OODDataModule:

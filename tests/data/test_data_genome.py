@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lightning_ood.data import GenomeDataModule, read_genome_tsv, write_synthetic_genome
-from lightning_ood.data.genome import ALPHABET, GENOME_FILES
+from lightning_ood.data.genome import GENOME_FILES
+from lightning_ood.models.lstm import GENOME_VOCAB
 
 SMALL = {"n_train": 400, "n_val": 100, "n_test": 200, "n_ood_test": 150, "n_ood_val": 50}
 
@@ -34,7 +35,7 @@ def test_round_trip(genome_root: Path) -> None:
         assert counts.max() - counts.min() <= 1  # balanced classes
         # Decoding the tokens gives back the file's text exactly.
         lines = (folder / GENOME_FILES[split]).read_text().splitlines()
-        decoded = ["".join(ALPHABET[t] for t in row) for row in tokens[:3].tolist()]
+        decoded = ["".join(GENOME_VOCAB[t] for t in row) for row in tokens[:3].tolist()]
         assert [line.split("\t") for line in lines[:3]] == [
             [s, str(int(y))] for s, y in zip(decoded, labels[:3], strict=True)
         ]

@@ -13,7 +13,7 @@ from torchvision import datasets as tvd
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from lightning_ood.data import FashionMNISTDataModule, MNISTDataModule
-from lightning_ood.data.paths import DOWNLOAD_TIMEOUT_S
+from lightning_ood.io import DOWNLOAD_TIMEOUT_S
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +132,17 @@ def test_val_size_holds_out_training_samples(shared_data: Path) -> None:
     _, train_labels = _raw(shared_data, "FashionMNIST", "train")
     _, y = next(iter(a.val_dataloader()))
     assert torch.equal(y, train_labels[val_idx[:8]])
+
+
+def test_val_split_is_the_seeded_permutation() -> None:
+    """The hold-out is the first val_size entries of randperm(n) seeded val_seed (sorted)."""
+    dm = FashionMNISTDataModule(num_workers=0, val_size=7, val_seed=5)
+    train_idx, val_idx = dm._split(50)
+    perm = torch.randperm(50, generator=torch.Generator().manual_seed(5)).tolist()
+    assert val_idx == sorted(perm[:7]) and train_idx == sorted(perm[7:])
+    assert FashionMNISTDataModule(num_workers=0)._split(4) == ([0, 1, 2, 3], [])
+    with pytest.raises(ValueError, match=r"val_size=4 leaves no training samples out of 4"):
+        FashionMNISTDataModule(num_workers=0, val_size=4)._split(4)
 
 
 # -- errors ------------------------------------------------------------------------------------

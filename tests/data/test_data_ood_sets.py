@@ -12,7 +12,7 @@ from scipy.io import savemat
 from torchvision.datasets.mnist import read_image_file
 
 from lightning_ood.data import OOD_SETS, FashionMNISTDataModule, build_ood_dataset
-from lightning_ood.data.ood import parse_ood_spec
+from lightning_ood.data.ood_sets import parse_ood_spec
 from lightning_ood.data.readers import first_per_class
 from lightning_ood.data.transforms import (
     CIFAR10_MEAN,

@@ -10,7 +10,8 @@ import pytest
 
 from lightning_ood.data import DATA_ROOT_ENV, default_data_root
 from lightning_ood.data import paths as paths_mod
-from lightning_ood.data.paths import DOWNLOAD_TIMEOUT_S, guarded_download, resolve_root
+from lightning_ood.data.paths import guarded_download, resolve_root
+from lightning_ood.io import DOWNLOAD_TIMEOUT_S
 
 
 @pytest.fixture(autouse=True)

@@ -25,3 +25,26 @@ class LinearHeadNet(OODBackbone):
 
     def get_classifier(self) -> nn.Linear:
         return self.fc
+
+
+class TapNet(OODBackbone):
+    """conv(2->4) - ReLU [tap "conv"] - fc(64->8) [tap "fc"] - ReLU = features - fc(8->3).
+
+    Image inputs of shape (2, 4, 4) with two intermediate taps, so every detector (input
+    pre-processing, FSSD's default taps, Mahalanobis on a conv map) runs on it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(64, 8)
+        self.head = nn.Linear(8, 3)
+        self.num_classes, self.num_features, self.input_shape = 3, 8, (2, 4, 4)
+        self.tap_layers = {"conv": "act", "fc": "fc"}
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return torch.relu(self.fc(self.act(self.conv(x)).flatten(1)))
+
+    def get_classifier(self) -> nn.Linear:
+        return self.head

@@ -10,8 +10,8 @@ import torch
 from detector_toys import LinearHeadNet
 from torch import Tensor, nn
 
+from lightning_ood.detectors import DICE, MSP, ODIN, DICEReAct, Energy, ReAct
 from lightning_ood.detectors.base import Detector, Reducer
-from lightning_ood.detectors.baselines import DICE, MSP, ODIN, DICEReAct, Energy, ReAct
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 
@@ -221,13 +221,78 @@ def test_dice_by_hand() -> None:
     det = fit(DICE(p=50.0), model, DICE_TRAIN)
     torch.testing.assert_close(det.feature_mean, d64(2.0, 1.0, 1.0))
     # V = ā ⊙ W = [[2, -2, 3], [4, 1, -1]]; sorted [-2, -1, 1, 2, 3, 4]: position 2.5 -> 1.5.
-    assert float(det.threshold) == 1.5
+    # The weight percentile is prune_threshold; threshold (decision) stays NaN until calibrate.
+    assert float(det.prune_threshold) == 1.5
+    assert math.isnan(float(det.threshold)) and not det.is_calibrated
     assert det.mask.tolist() == [[True, False, True], [True, False, False]]
     # h = [1, 1, 1]: z = [1 + 3, 2 + .5].
     torch.testing.assert_close(score(det, model, d64([1.0, 1.0, 1.0])), d64(lse(4.0, 2.5)))
     # DICE with a fixed clip of .5: z = [.5 + 1.5, 1 + .5].
     clipped = fit(DICE(p=50.0, clip=0.5), model, DICE_TRAIN)
     torch.testing.assert_close(score(clipped, model, d64([1.0, 1.0, 1.0])), d64(lse(2.0, 1.5)))
+
+
+def test_dice_decision_threshold_is_not_its_weight_percentile() -> None:
+    """The weight percentile is ``prune_threshold``; ``threshold`` is the decision threshold,
+    NaN until calibrate() (once the same buffer: a fresh DICE looked calibrated at 0)."""
+    fresh = DICE(p=50.0)
+    assert not fresh.is_calibrated and math.isnan(float(fresh.threshold))
+    model = LinearHeadNet(DICE_W, DICE_B)
+    det = fit(DICE(p=50.0), model, DICE_TRAIN)
+    assert not det.is_calibrated and math.isnan(float(det.threshold))
+    assert float(det.prune_threshold) == 1.5
+    x = d64([1.0, 1.0, 1.0], [0.0, 2.0, 1.0], [2.0, 0.0, 0.0], [1.0, 0.0, 3.0])
+    scores = score(det, model, x)  # [lse(4, 2.5), lse(3, .5), lse(2, 4.5), lse(10, 2.5)]
+    torch.testing.assert_close(scores, d64(lse(4, 2.5), lse(3, 0.5), lse(2, 4.5), lse(10, 2.5)))
+    assert det.calibrate(scores, tpr=0.75) == float(scores[0])  # sorted: [1], [0], [2], [3]
+    assert det.is_calibrated and float(det.threshold) == float(scores[0])
+    assert det.threshold.dtype == torch.float64 and float(det.threshold_tpr) == 0.75
+    assert float(det.prune_threshold) == 1.5  # calibration leaves the mask alone
+    assert torch.equal(score(det, model, x), scores)
+
+
+def _old_dice_state(det: DICE, threshold: float | None, tpr: float | None) -> dict[str, Tensor]:
+    """``det``'s state dict as DICE wrote it before ``prune_threshold``: the weight percentile
+    (or, once calibrated, the decision threshold) in ``threshold`` (float32)."""
+    state = det.state_dict()
+    percentile_value = state.pop("prune_threshold")
+    state["threshold"] = percentile_value if threshold is None else torch.tensor(threshold)
+    if tpr is None:
+        del state["threshold_tpr"]  # written before decision thresholds existed
+    else:
+        state["threshold_tpr"] = torch.tensor(tpr, dtype=torch.float64)
+    return state
+
+
+@pytest.mark.parametrize(
+    ("threshold", "tpr", "decision"),
+    [(None, math.nan, math.nan), (None, None, math.nan), (2.5, 0.95, 2.5)],
+)
+def test_dice_loads_old_state_dicts(
+    threshold: float | None, tpr: float | None, decision: float
+) -> None:
+    model = LinearHeadNet(DICE_W, DICE_B)
+    det = fit(DICE(p=50.0), model, DICE_TRAIN)
+    fresh = DICE(p=50.0)
+    fresh.load_state_dict(_old_dice_state(det, threshold, tpr))
+    assert float(fresh.prune_threshold) == 1.5  # recomputed from weight and feature_mean
+    assert fresh.prune_threshold.dtype == torch.float32
+    assert torch.equal(fresh.mask, det.mask)
+    if math.isnan(decision):  # the old percentile is no decision threshold
+        assert math.isnan(float(fresh.threshold)) and not fresh.is_calibrated
+    else:  # calibrate() had overwritten it: keep it
+        assert float(fresh.threshold) == decision and float(fresh.threshold_tpr) == tpr
+    x = d64([1.0, 1.0, 1.0], [0.0, 2.0, 1.0])
+    assert torch.equal(score(fresh, model, x), score(det, model, x))
+
+
+def test_dice_loads_an_old_unfitted_state_dict() -> None:
+    state = _old_dice_state(DICE(p=50.0), None, math.nan)
+    assert float(state["threshold"]) == 0.0  # what an old fresh DICE held
+    fresh = DICE(p=50.0)
+    fresh.load_state_dict(state)
+    assert not fresh.is_fitted and not fresh.is_calibrated
+    assert float(fresh.prune_threshold) == 0.0
 
 
 def test_dice_react_by_hand() -> None:

@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from _cli import base_config, ood_callback, run_cli
+from _cli import ood_callback, run_cli
 
 import lightning_ood
-from lightning_ood.checkpoint import CheckpointError, safe_load
 from lightning_ood.data import CorruptDataError, FashionMNISTDataModule
+from lightning_ood.io import CheckpointError, safe_load
 from lightning_ood.task import ClassificationTask
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict:
+def fitted(tmp_path_factory: pytest.TempPathFactory, lenet_fitted: dict) -> dict:
+    """The session's fitted LeNet checkpoint, tested once (energy only) into this module's
+    own folder, so that an earlier run's result tables exist there."""
     tmp = tmp_path_factory.mktemp("bad")
-    cfg = base_config(shared_data, test_every=50, ood_every=50, ood_sets=["mnist"])
+    cfg = copy.deepcopy(lenet_fitted["config"])
+    cfg["data"]["init_args"].update(test_every=50, ood_every=50)
     cfg["trainer"]["callbacks"] = [ood_callback({"energy": {}}, validation_size=0)]
-    run_cli(tmp, "bad", "fit", cfg)
-    ckpt = tmp / "ckpt" / "bad" / "last.ckpt"
+    ckpt = lenet_fitted["ckpt"]
     run_cli(tmp, "bad", "test", cfg, "--ckpt_path", str(ckpt))
     return {"tmp": tmp, "ckpt": ckpt, "config": cfg}
 

@@ -13,13 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_ood.checkpoint import (
-    CheckpointError,
-    SafeCheckpointIO,
-    UnsafeCheckpointError,
-    atomic_save,
-    safe_load,
-)
+from lightning_ood.checkpoint import SafeCheckpointIO
+from lightning_ood.io import CheckpointError, UnsafeCheckpointError, atomic_save, safe_load
 from lightning_ood.models.weights import read_checkpoint
 
 REFERENCE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "checkpoints"
@@ -90,7 +85,7 @@ def test_sigkill_during_a_write_leaves_the_good_file(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import torch
-        from lightning_ood.checkpoint import atomic_save
+        from lightning_ood.io import atomic_save
         atomic_save({{"v": torch.tensor(2), "big": torch.zeros(300_000_000, dtype=torch.uint8)}},
                     {str(path)!r})
         """

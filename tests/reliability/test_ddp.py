@@ -20,7 +20,7 @@ import pytest
 import torch
 from _cli import base_config, ood_callback, run_cli
 
-from lightning_ood.checkpoint import safe_load
+from lightning_ood.io import safe_load
 
 DETECTORS = {
     "msp": {},

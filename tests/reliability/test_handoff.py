@@ -11,30 +11,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from _cli import ROOT, base_config, ood_callback, run_cli
+from _cli import LENET_DETECTORS, ROOT, run_cli
 from torchvision.datasets import FashionMNIST
 
 import lightning_ood
-from lightning_ood.checkpoint import safe_load
+from lightning_ood.io import safe_load
 
-DETECTORS = {
-    "msp": {},
-    "odin": {"temperature": 1000.0, "epsilon": 0.0014},
-    "energy": {},
-    "line": {"delta": 1.0, "p_a": 90, "p_w": 90},
-    "mahalanobis": {"taps": ["conv1", "conv2", "fc1"]},
-    "fssd": {"taps": ["conv1", "conv2", "fc1", "logits"], "noise": "reference"},
-}
-EXPORTABLE = ["msp", "energy", "line", "mahalanobis", "fssd"]
+DETECTORS = LENET_DETECTORS
+EXPORTABLE = ["msp", "energy", "react", "dice", "line", "mahalanobis", "fssd"]
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict:
+def fitted(tmp_path_factory: pytest.TempPathFactory, lenet_fitted: dict) -> dict:
+    """The session's fitted LeNet checkpoint, and a `predict` CSV of it (500 ID, 500 MNIST)."""
     tmp = tmp_path_factory.mktemp("handoff")
-    cfg = base_config(shared_data, test_every=20, ood_every=20, ood_sets=["mnist"])
-    cfg["trainer"]["callbacks"] = [ood_callback(DETECTORS, validation_size=100)]
-    run_cli(tmp, "handoff", "fit", cfg)
-    ckpt = tmp / "ckpt" / "handoff" / "last.ckpt"
+    cfg, ckpt = lenet_fitted["config"], lenet_fitted["ckpt"]
     out = tmp / "pred.csv"
     pred_cfg = {**cfg, "data": {**cfg["data"], "init_args": {**cfg["data"]["init_args"]}}}
     pred_cfg["data"]["init_args"]["predict_sets"] = ["mnist"]

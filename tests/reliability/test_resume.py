@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from _cli import base_config, run_cli
 
-from lightning_ood.checkpoint import safe_load
+from lightning_ood.io import safe_load
 
 STEPS_PER_EPOCH = 32  # 2,000 images (train_every=30), batch 64
 

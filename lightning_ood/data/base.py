@@ -1,11 +1,13 @@
-"""LightningDataModules: one OOD-aware base class and the in-distribution sets.
+"""The OOD-aware datamodule contract every ID set implements (:class:`OODDataModule`).
 
 :class:`OODDataModule` is the contract the task and the OOD callback rely on: an ID set
 (train / val / test, plus the training set under the eval transform for detector fitting),
 named OOD test sets that are reported, and OOD validation sets that only tune
 hyperparameters. ``__init__`` only stores and validates arguments; files are read in
 :meth:`~OODDataModule.setup` and downloaded (only when allowed) in
-:meth:`~OODDataModule.prepare_data`.
+:meth:`~OODDataModule.prepare_data`. The ID sets live one family per module:
+:mod:`~lightning_ood.data.mnist`, :mod:`~lightning_ood.data.cifar`,
+:mod:`~lightning_ood.data.genome`, :mod:`~lightning_ood.data.imagenet`.
 
 Validation of the classifier: with ``val_size: 0`` (default) the ID test set doubles as the
 validation set, as in the DICE/LINe/FSSD training scripts; ``val_size: n`` holds out ``n``
@@ -18,14 +20,10 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision import datasets as tvd
 
-from lightning_ood.data.genome import GENOME_DIR, GENOME_FILES, GenomeSequences
-from lightning_ood.data.genome import write_synthetic_genome as _write_genome
-from lightning_ood.data.ood import (
+from lightning_ood.data.ood_sets import (
     OOD_SETS,
     OODSpec,
     build_ood_dataset,
@@ -33,30 +31,15 @@ from lightning_ood.data.ood import (
     parse_ood_spec,
 )
 from lightning_ood.data.paths import guarded_download, resolve_root
-from lightning_ood.data.readers import (
-    CIFAR10_CLASSES,
-    CIFAR_PICKLES,
-    CIFARPickles,
-    Transformed,
-    take_every,
-)
+from lightning_ood.data.readers import Transformed, take_every
 from lightning_ood.data.samplers import (
     EvalShardedSampler,
     ResumableDataLoader,
     ShardedSampler,
     rank_and_world,
 )
-from lightning_ood.data.transforms import (
-    FASHIONMNIST_MEAN,
-    FASHIONMNIST_STD,
-    MNIST_MEAN,
-    MNIST_STD,
-    Normalization,
-    ToNormalizedTensor,
-    cifar_normalization,
-    cifar_train_transform,
-    eval_transform,
-)
+from lightning_ood.data.transforms import Normalization, eval_transform
+from lightning_ood.splits import seeded_parts
 
 OODEntry = str | dict[str, Any]
 
@@ -75,7 +58,7 @@ class OODDataModule(LightningDataModule):
         eval_batch_size: batch size of every other loader (default: ``batch_size``).
         num_workers: DataLoader worker processes.
         ood_sets: reported OOD test sets: registry names or dicts
-            ``{name, kind?, path?, every?, ...}`` (see :mod:`lightning_ood.data.ood`).
+            ``{name, kind?, path?, every?, ...}`` (see :mod:`lightning_ood.data.ood_sets`).
         val_ood_sets: OOD sets used only for hyperparameter selection, never reported.
         train_every: keep every n-th training sample (file order), for fast runs.
         test_every: keep every n-th ID test/validation sample.
@@ -324,12 +307,19 @@ class OODDataModule(LightningDataModule):
         )
 
     def _split(self, n: int) -> tuple[list[int], list[int]]:
+        """``(training, held-out validation)`` indices of the ``n`` training samples, sorted.
+
+        The hold-out is the first ``val_size`` entries of the project's one seeded permutation
+        (:func:`~lightning_ood.splits.seeded_parts`, seed ``val_seed``).
+        """
         if self.val_size == 0:
             return list(range(n)), []
         if self.val_size >= n:
             raise ValueError(f"val_size={self.val_size} leaves no training samples out of {n}")
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.val_seed))
-        return sorted(perm[self.val_size :].tolist()), sorted(perm[: self.val_size].tolist())
+        held, rest = seeded_parts(
+            n, [self.val_size], self.val_seed, what=f"{self.display_name} training set"
+        )
+        return sorted(rest.tolist()), sorted(held.tolist())
 
     def _ready(self) -> dict[str, Dataset]:
         if self._sets is None:
@@ -407,392 +397,3 @@ class OODDataModule(LightningDataModule):
         """Tuning-only OOD sets by name (never part of the reported tables)."""
         self._ready()
         return {name: self._loader(ds) for name, ds in self._val_ood.items()}
-
-
-# -- MNIST family ------------------------------------------------------------------------------
-IDX_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
-
-
-class _IdxDataModule(OODDataModule):
-    """MNIST-family ID set from the uncompressed idx files in ``<root>/<folder>/raw``.
-
-    No training augmentation: the FSSD LeNet recipe trains on the eval pipeline.
-    """
-
-    folder: ClassVar[str]
-    torchvision_class: ClassVar[type[tvd.MNIST]]
-    mean: ClassVar[tuple[float, ...]]
-    std: ClassVar[tuple[float, ...]]
-
-    @property
-    def num_classes(self) -> int:
-        return 10
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return (1, 28, 28)
-
-    @property
-    def normalization(self) -> Normalization:
-        return self.mean, self.std
-
-    def _raw_dir(self, root: Path) -> Path:
-        return root / self.folder / "raw"
-
-    def _id_present(self, root: Path) -> bool:
-        return all((self._raw_dir(root) / f).is_file() for f in IDX_FILES)
-
-    def _download_id(self, root: Path) -> None:
-        self.torchvision_class(str(root), train=True, download=True)
-
-    def _load_id(self, root: Path) -> dict[str, Dataset]:
-        raw = self._raw_dir(root)
-        missing = [f for f in IDX_FILES if not (raw / f).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"{self.display_name} not found under {raw}: expected {', '.join(IDX_FILES)} "
-                f"(uncompressed idx files; missing: {', '.join(missing)}); pass --data.root or "
-                "set download: true"
-            )
-        self._data_version = f"{self.display_name} (original idx files)"
-        return {
-            "train": self.torchvision_class(str(root), train=True),
-            "test": self.torchvision_class(str(root), train=False),
-        }
-
-
-class FashionMNISTDataModule(_IdxDataModule):
-    """FashionMNIST (``<root>/FashionMNIST/raw``), Normalize(0.2860, 0.3530) as in FSSD."""
-
-    id_name = "fashionmnist"
-    display_name = "FashionMNIST"
-    folder = "FashionMNIST"
-    torchvision_class = tvd.FashionMNIST
-    mean = FASHIONMNIST_MEAN
-    std = FASHIONMNIST_STD
-
-
-class MNISTDataModule(_IdxDataModule):
-    """MNIST (``<root>/MNIST/raw``), Normalize(0.1307, 0.3081)."""
-
-    id_name = "mnist"
-    display_name = "MNIST"
-    folder = "MNIST"
-    torchvision_class = tvd.MNIST
-    mean = MNIST_MEAN
-    std = MNIST_STD
-
-
-# -- CIFAR ---------------------------------------------------------------------------------
-class CIFARDataModule(OODDataModule):
-    """CIFAR-10/100 from the original pickles or from a JPEG ImageFolder copy.
-
-    Layout under the data root: ``cifar-10-batches-py/`` (``cifar-100-python/``) as
-    torchvision downloads it, or ``cifar10-jpeg-q75/{train,test}/<class>/*.jpg``
-    (``cifar100-jpeg-q75`` likewise) whose alphabetically sorted class folders equal the
-    CIFAR label order (checked). Train: RandomCrop(32, pad 4) + flip; eval: the reference
-    Resize(32) + CenterCrop(32) + Normalize for the ID set and every OOD set.
-
-    Args:
-        source: "pickle", "jpeg", or "auto" (pickles when present, else the JPEG copy).
-            ``data_version`` records which one was read.
-        normalization: "reference" (the DICE/LINe constants, also for CIFAR-100) or
-            "true_std" (the set's true training statistics).
-        **kwargs: the :class:`OODDataModule` arguments.
-    """
-
-    variant: ClassVar[Literal["cifar10", "cifar100"]] = "cifar10"
-    id_name = "cifar10"
-    display_name = "CIFAR-10"
-
-    def __init__(
-        self,
-        source: Literal["auto", "pickle", "jpeg"] = "auto",
-        normalization: Literal["reference", "true_std"] = "reference",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        if source not in ("auto", "pickle", "jpeg"):
-            raise ValueError(f"source must be 'auto', 'pickle' or 'jpeg', got {source!r}")
-        self.source = source
-        self.normalization_name = normalization
-        self._norm = cifar_normalization(self.variant, normalization)
-
-    @property
-    def num_classes(self) -> int:
-        return 10 if self.variant == "cifar10" else 100
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return (3, 32, 32)
-
-    @property
-    def normalization(self) -> Normalization:
-        return self._norm
-
-    def _train_transform(self) -> Any:
-        return cifar_train_transform(*self._norm)
-
-    def _dirs(self, root: Path) -> tuple[Path, Path]:
-        return root / CIFAR_PICKLES[self.variant][0], root / f"{self.variant}-jpeg-q75"
-
-    def _resolve_source(self, root: Path) -> Literal["pickle", "jpeg"] | None:
-        pickles, jpeg = self._dirs(root)
-        if self.source != "auto":
-            return self.source  # type: ignore[return-value]
-        if pickles.is_dir():
-            return "pickle"
-        if jpeg.is_dir():
-            return "jpeg"
-        return None
-
-    def _id_present(self, root: Path) -> bool:
-        pickles, jpeg = self._dirs(root)
-        source = self._resolve_source(root)
-        return (source == "pickle" and pickles.is_dir()) or (source == "jpeg" and jpeg.is_dir())
-
-    def _download_id(self, root: Path) -> None:
-        if self.source == "jpeg":  # the JPEG copy has no download; setup says what is missing
-            return
-        cls = tvd.CIFAR10 if self.variant == "cifar10" else tvd.CIFAR100
-        cls(str(root), train=True, download=True)
-
-    def _load_id(self, root: Path) -> dict[str, Dataset]:
-        pickles, jpeg = self._dirs(root)
-        folder, train_files, test_files, key = CIFAR_PICKLES[self.variant]
-        source = self._resolve_source(root)
-        layout = (
-            f"{folder}/{{{','.join((*train_files, *test_files))}}} (the original pickles) "
-            f"or {jpeg.name}/{{train,test}}/<class>/*.jpg"
-        )
-        if source is None:
-            raise FileNotFoundError(
-                f"{self.display_name} not found under {root}: expected {layout}; pass "
-                "--data.root or set download: true"
-            )
-        if source == "pickle":
-            missing = [f for f in (*train_files, *test_files) if not (pickles / f).is_file()]
-            if missing:
-                raise FileNotFoundError(
-                    f"{self.display_name} pickles incomplete under {pickles}: missing "
-                    f"{', '.join(missing)}; pass --data.root or set download: true"
-                )
-            train = CIFARPickles(pickles, train_files, key)
-            test = CIFARPickles(pickles, test_files, key)
-            for split, ds in (("train", train), ("test", test)):
-                if ds.labels.min() < 0 or ds.labels.max() >= self.num_classes:
-                    raise ValueError(
-                        f"{pickles} {split} labels span {ds.labels.min()}..{ds.labels.max()}, "
-                        f"expected 0..{self.num_classes - 1}"
-                    )
-            self._data_version = f"{self.display_name} original (python pickles)"
-            return {"train": train, "test": test}
-        splits = {}
-        for split in ("train", "test"):
-            folder_path = jpeg / split
-            if not folder_path.is_dir():
-                raise FileNotFoundError(
-                    f"{self.display_name} JPEG copy incomplete: {folder_path} does not exist; "
-                    f"expected {layout}"
-                )
-            ds = tvd.ImageFolder(str(folder_path))
-            self._check_classes(ds.classes, folder_path)
-            splits[split] = ds
-        self._data_version = f"{self.display_name} JPEG copy ({jpeg.name}, lossy re-encoding)"
-        return splits
-
-    def _check_classes(self, classes: list[str], folder: Path) -> None:
-        if self.variant == "cifar10" and tuple(classes) != CIFAR10_CLASSES:
-            raise ValueError(
-                f"class folders of {folder} are {classes}; expected the CIFAR-10 classes "
-                f"{list(CIFAR10_CLASSES)} (their sorted order is the label order)"
-            )
-        if len(classes) != self.num_classes:
-            raise ValueError(
-                f"{folder} has {len(classes)} class folders, expected {self.num_classes}"
-            )
-
-
-class CIFAR10DataModule(CIFARDataModule):
-    """CIFAR-10 (see :class:`CIFARDataModule`)."""
-
-    variant = "cifar10"
-    id_name = "cifar10"
-    display_name = "CIFAR-10"
-
-
-class CIFAR100DataModule(CIFARDataModule):
-    """CIFAR-100 fine labels (see :class:`CIFARDataModule`); CIFAR-100's fine label names
-    are alphabetical, so a sorted ImageFolder copy also keeps the label order."""
-
-    variant = "cifar100"
-    id_name = "cifar100"
-    display_name = "CIFAR-100"
-
-
-# -- genome ------------------------------------------------------------------------------------
-class GenomeDataModule(OODDataModule):
-    """Bacteria-genome style sequences from ``<root>/genome/*.tsv`` (format:
-    :mod:`lightning_ood.data.genome`); samples are ``(tokens (seq_len,) long, label)``.
-
-    Validation uses ``val.tsv``; ``ood_sets: [genome_ood]`` reads ``ood_test.tsv`` and
-    ``val_ood_sets: [genome_ood]`` reads ``ood_val.tsv``.
-
-    Args:
-        seq_len: sequence length (250 in the benchmark).
-        num_classes: number of ID classes (10).
-        synthetic: when the files are missing, write the seeded synthetic stand-in
-            (:func:`~lightning_ood.data.write_synthetic_genome`) into ``<root>/genome`` in
-            ``prepare_data`` (``root`` must then be writable).
-        **kwargs: the :class:`OODDataModule` arguments.
-    """
-
-    id_name = "genome"
-    display_name = "Genome"
-
-    def __init__(
-        self, seq_len: int = 250, num_classes: int = 10, synthetic: bool = False, **kwargs: Any
-    ) -> None:
-        super().__init__(**kwargs)
-        if seq_len < 1 or num_classes < 2:
-            raise ValueError(
-                f"need seq_len >= 1 and num_classes >= 2, got {seq_len}, {num_classes}"
-            )
-        self.seq_len = seq_len
-        self._num_classes = num_classes
-        self.synthetic = synthetic
-
-    @property
-    def num_classes(self) -> int:
-        return self._num_classes
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return (self.seq_len,)
-
-    def _files(self, root: Path) -> dict[str, Path]:
-        return {s: root / GENOME_DIR / GENOME_FILES[s] for s in ("train", "val", "test")}
-
-    def _id_present(self, root: Path) -> bool:
-        return all(p.is_file() for p in self._files(root).values())
-
-    def prepare_data(self) -> None:
-        root, _ = self.resolved_root()
-        if self.synthetic and not self._id_present(root):
-            folder = root / GENOME_DIR
-            existing = [n for n in GENOME_FILES.values() if (folder / n).is_file()]
-            if existing:
-                raise FileExistsError(
-                    f"{folder} already holds {existing} but not every ID file; refusing to "
-                    "overwrite it with synthetic data (set synthetic: false or clear the folder)"
-                )
-            _write_genome(root, num_classes=self._num_classes, seq_len=self.seq_len)
-        super().prepare_data()
-
-    def _load_id(self, root: Path) -> dict[str, Dataset]:
-        files = self._files(root)
-        missing = [p.name for p in files.values() if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"Genome data not found under {root / GENOME_DIR}: expected "
-                f"{', '.join(GENOME_FILES.values())} (missing: {', '.join(missing)}); see "
-                "lightning_ood.data.genome for the format, or set synthetic: true to write a "
-                "synthetic stand-in"
-            )
-        sets = {split: GenomeSequences(path, self.seq_len) for split, path in files.items()}
-        for split, ds in sets.items():
-            lo, hi = int(ds.labels.min()), int(ds.labels.max())
-            if lo < 0 or hi >= self._num_classes:
-                raise ValueError(
-                    f"{files[split]}: ID labels span {lo}..{hi}, expected 0.."
-                    f"{self._num_classes - 1} (num_classes={self._num_classes})"
-                )
-        version = root / GENOME_DIR / "VERSION"
-        self._data_version = (
-            version.read_text().strip()
-            if version.is_file()
-            else f"genome TSV ({root / GENOME_DIR})"
-        )
-        return dict(sets)
-
-
-# -- ImageNet ---------------------------------------------------------------------------------
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class ImageNetDataModule(OODDataModule):
-    """ImageNet-1k from ``<root>/imagenet/{train,val}/<wnid>/*.JPEG`` (ImageFolder layout;
-    the validation images sorted into class folders), as the LINe/ReAct ImageNet tables use.
-
-    Eval: Resize(256) + CenterCrop(224) + Normalize (torchvision's ResNet-50 recipe); train:
-    RandomResizedCrop(224) + flip. OOD sets are adapted to 3x224x224 by the OOD-set builder
-    (Resize(224) + CenterCrop(224)). No download: ImageNet needs a manual licence.
-
-    Args:
-        folder: sub-folder of the data root holding ``train/`` and ``val/``.
-        **kwargs: the :class:`OODDataModule` arguments.
-    """
-
-    id_name = "imagenet"
-    display_name = "ImageNet-1k"
-
-    def __init__(self, folder: str = "imagenet", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.folder = folder
-
-    @property
-    def num_classes(self) -> int:
-        return 1000
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return (3, 224, 224)
-
-    @property
-    def normalization(self) -> Normalization:
-        return (IMAGENET_MEAN, IMAGENET_STD)
-
-    def _eval_transform(self) -> Any:
-        from torchvision.transforms import v2
-
-        return v2.Compose(
-            [v2.Resize(256), v2.CenterCrop(224), ToNormalizedTensor(IMAGENET_MEAN, IMAGENET_STD)]
-        )
-
-    def _train_transform(self) -> Any:
-        from torchvision.transforms import v2
-
-        return v2.Compose(
-            [
-                v2.RandomResizedCrop(224),
-                v2.RandomHorizontalFlip(),
-                ToNormalizedTensor(IMAGENET_MEAN, IMAGENET_STD),
-            ]
-        )
-
-    def _id_present(self, root: Path) -> bool:
-        return all((root / self.folder / s).is_dir() for s in ("train", "val"))
-
-    def _load_id(self, root: Path) -> dict[str, Dataset]:
-        sets = {}
-        for split in ("train", "val"):
-            path = root / self.folder / split
-            if not path.is_dir():
-                raise FileNotFoundError(
-                    f"ImageNet {split} split not found: {path} does not exist; expected "
-                    f"{root / self.folder}/{{train,val}}/<wnid>/*.JPEG (download it from "
-                    "image-net.org and pass --data.init_args.root)"
-                )
-            sets[split] = tvd.ImageFolder(str(path))
-            if len(sets[split].classes) != 1000:
-                raise ValueError(
-                    f"{path} has {len(sets[split].classes)} class folders, expected 1000"
-                )
-        self._data_version = f"ImageNet-1k ({root / self.folder})"
-        return {"train": sets["train"], "test": sets["val"]}

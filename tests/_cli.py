@@ -1,4 +1,7 @@
-"""Helpers: run `lightning-ood` in a fresh process on a small FashionMNIST slice."""
+"""Helpers: run `lightning-ood` in a fresh process on a small FashionMNIST slice.
+
+Importable from every test module (``tests/`` is on ``sys.path`` through its conftest).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +13,22 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
+#: Test-only modules a CLI subprocess may load by class path (e.g. ``kill_callback``).
+HELPERS = Path(__file__).resolve().parent / "reliability"
+
+#: Every detector kind, as the session checkpoint (conftest ``lenet_fitted``) holds them: the
+#: demo's hyperparameters.
+LENET_DETECTORS: dict[str, dict[str, Any]] = {
+    "msp": {},
+    "odin": {"temperature": 1000.0, "epsilon": 0.0014},
+    "energy": {},
+    "react": {"percentile": 90.0},
+    "dice": {"p": 90.0},
+    "line": {"delta": 1.0, "p_a": 90, "p_w": 90},
+    "mahalanobis": {"taps": ["conv1", "conv2", "fc1"]},
+    "fssd": {"taps": ["conv1", "conv2", "fc1", "logits"], "noise": "reference"},
+}
 
 
 def base_config(data_root: Path, **data_args: Any) -> dict[str, Any]:
@@ -73,7 +90,7 @@ def run_cli(
         str(tmp / "logs"),
         *extra,
     ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HELPERS), str(ROOT)])}
     env.setdefault("OMP_NUM_THREADS", "1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:

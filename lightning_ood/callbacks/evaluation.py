@@ -4,19 +4,18 @@
   detector in one eval-transform pass over the training set and re-saves ``last.ckpt``;
 * at test start it fits whatever the checkpoint holds no fitted state for, and says so;
 * per test batch it scores every detector from the task's single forward pass;
-* at test end it computes the metrics (ID = positive, the papers' convention), logs them to
-  TensorBoard with score histograms and ROC curves, and writes Markdown/CSV/JSON tables.
+* at test end it evaluates them with the one protocol (:mod:`lightning_ood.protocol`: ID =
+  positive, the papers' convention), logs metrics and figures to TensorBoard, and writes the
+  tables with :mod:`lightning_ood.report`.
+
+The fitting, scoring and calibration themselves are :mod:`lightning_ood.engine`'s; this module
+only supplies the trainer's loaders, device and cross-rank reductions.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import math
 import os
-import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,23 +26,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torchmetrics.utilities.distributed import gather_all_tensors
-from tqdm import tqdm
 
+from lightning_ood import engine, report
 from lightning_ood.data.samplers import unshard
 from lightning_ood.detectors import Detector, Reducer, build_detectors
-from lightning_ood.metrics import METRIC_NAMES, OODMetrics
+from lightning_ood.metrics import METRIC_NAMES
 from lightning_ood.models import BackboneOutput
-
-#: Column headers of the printed/Markdown table; every FPR names its positive class.
-_HEADERS = {
-    "fpr95": "FPR95↓ (ID+)",
-    "fpr80": "FPR80↓ (ID+)",
-    "auroc": "AUROC↑",
-    "aupr_in": "AUPR-In↑",
-    "aupr_out": "AUPR-Out↑",
-    "detection_acc": "DetAcc↑",
-    "fpr95_oodpos": "FPR95↓ (OOD+)",
-}
+from lightning_ood.protocol import CONVENTION, evaluate_detectors
 
 
 class StrategyReducer(Reducer):
@@ -63,57 +52,42 @@ class StrategyReducer(Reducer):
         return torch.cat(gather_all_tensors(t))
 
 
-def fit_detectors(
+def fit_with_trainer(
     trainer: Trainer,
     pl_module: LightningModule,
     detectors: Sequence[Detector],
     progress: bool = True,
 ) -> None:
-    """Fit ``detectors`` together from ONE eval-mode pass over the training set.
+    """Fit ``detectors`` together from ONE eval-mode pass over the training set
+    (:func:`lightning_ood.engine.fit_from_loader`).
 
     The training set is read through ``datamodule.fit_dataloader()`` (eval transform, no
     augmentation; under DDP each rank reads its unpadded shard, so no sample enters the
-    detector sums twice); every batch goes through the backbone once and feeds every detector.
+    detector sums twice); the sums are all-reduced with the trainer's strategy.
     """
     if not detectors:
         return
-    backbone = pl_module.backbone
-    data_dets = [d for d in detectors if d.uses_training_data]
-    was_training = pl_module.training
-    pl_module.eval()
-    for det in detectors:
-        det.reset()
-    if data_dets:
+    readers = [d for d in detectors if engine.reads_training_data(d)]
+    loader = None
+    if readers:
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "fit_dataloader"):
             raise RuntimeError(
-                f"detectors {[d.name for d in data_dets]} need a pass over the training set, "
+                f"detectors {[d.name for d in readers]} need a pass over the training set, "
                 "but the trainer has no datamodule with fit_dataloader(); pass an "
                 "OODDataModule (--data ...)."
             )
         loader = dm.fit_dataloader()
-        taps = tuple(dict.fromkeys(t for d in data_dets for t in d.taps))
-        names = ", ".join(d.name for d in data_dets)
-        bar = tqdm(
-            loader,
-            desc=f"Fitting detectors ({names})",
-            disable=not progress or trainer.global_rank != 0,
-            leave=False,
-        )
-        with torch.no_grad():
-            for x, y in bar:
-                x = x.to(pl_module.device)
-                y = y.to(pl_module.device)
-                out = backbone.extract(x, taps=taps)
-                for det in data_dets:
-                    det.update(out, y, backbone)
-    reducer = StrategyReducer(trainer)
-    for det in detectors:
-        det.finalize(backbone, reducer)
-    pl_module.train(was_training)
+    engine.fit_from_loader(
+        detectors,
+        pl_module.backbone,
+        loader,
+        StrategyReducer(trainer),
+        progress=progress and trainer.global_rank == 0,
+    )
 
 
-def calibrate_detectors(
+def calibrate_with_trainer(
     trainer: Trainer,
     pl_module: LightningModule,
     detectors: Sequence[Detector],
@@ -136,32 +110,17 @@ def calibrate_detectors(
             "lightning_ood.load() and predict will refuse them until they are calibrated."
         )
         return
-    was_training = pl_module.training
-    pl_module.eval()
-    taps = tuple(dict.fromkeys(t for d in detectors for t in d.taps))
-    chunks: dict[str, list[Tensor]] = {d.name: [] for d in detectors}
-    bar = tqdm(
+    dets = {d.name: d for d in detectors}
+    local = engine.score_loader(
+        dets,
+        pl_module.backbone,
         dm.val_dataloader(),
+        progress=progress and trainer.global_rank == 0,
         desc="Calibrating thresholds",
-        disable=not progress or trainer.global_rank != 0,
-        leave=False,
     )
-    with torch.no_grad():
-        for x, _ in bar:
-            x = x.to(pl_module.device)
-            out = pl_module.backbone.extract(x, taps=taps)
-            for det in detectors:
-                s = (
-                    det.score(out, pl_module.backbone, x)
-                    if det.needs_input_grad
-                    else det.score(out)
-                )
-                chunks[det.name].append(s.detach().double())
     reducer = StrategyReducer(trainer)
-    for det in detectors:
-        local = torch.cat(chunks[det.name]) if chunks[det.name] else torch.zeros(0).double()
-        det.calibrate(reducer.cat(local.to(pl_module.device)).cpu(), tpr)
-    pl_module.train(was_training)
+    pooled = {n: reducer.cat(s.to(pl_module.device)).cpu() for n, s in local.items()}
+    engine.calibrate_detectors(dets, pooled, tpr)
 
 
 class OODEvaluation(Callback):
@@ -236,12 +195,12 @@ class OODEvaluation(Callback):
             return
         dets = list(pl_module.detectors.values())
         for det in dets:
-            det.fitted.fill_(not det.requires_fit)
+            det.mark_unfitted()
         rank_zero_info(
             f"[lightning_ood] fitting detectors after training: {[d.name for d in dets]}"
         )
-        fit_detectors(trainer, pl_module, dets, self.progress)
-        calibrate_detectors(trainer, pl_module, dets, self.threshold_tpr, self.progress)
+        fit_with_trainer(trainer, pl_module, dets, self.progress)
+        calibrate_with_trainer(trainer, pl_module, dets, self.threshold_tpr, self.progress)
         ckpt_cb = trainer.checkpoint_callback
         if ckpt_cb is not None and getattr(ckpt_cb, "dirpath", None):
             path = ckpt_cb.last_model_path or os.path.join(ckpt_cb.dirpath, "last.ckpt")
@@ -258,7 +217,7 @@ class OODEvaluation(Callback):
         if self.refit:
             unfitted = list(pl_module.detectors.values())
             for det in unfitted:
-                det.fitted.fill_(not det.requires_fit)
+                det.mark_unfitted()
             rank_zero_info("[lightning_ood] refit: true; refitting every detector.")
         else:
             unfitted = pl_module.unfitted_detectors()
@@ -269,11 +228,11 @@ class OODEvaluation(Callback):
                     "training set."
                 )
         if unfitted:
-            fit_detectors(trainer, pl_module, unfitted, self.progress)
+            fit_with_trainer(trainer, pl_module, unfitted, self.progress)
         uncalibrated = [d for d in pl_module.detectors.values() if not d.is_calibrated]
         if uncalibrated or unfitted:
             todo = list(dict.fromkeys([*unfitted, *uncalibrated]))
-            calibrate_detectors(trainer, pl_module, todo, self.threshold_tpr, self.progress)
+            calibrate_with_trainer(trainer, pl_module, todo, self.threshold_tpr, self.progress)
             self._save_fitted(trainer)
         n_sets = len(self._test_set_names(trainer))
         self._bank = {name: [[] for _ in range(n_sets)] for name in pl_module.detectors}
@@ -302,12 +261,10 @@ class OODEvaluation(Callback):
                 "OODEvaluation expects test_step to return the shared BackboneOutput; got "
                 f"{type(outputs).__name__}"
             )
-        x = batch[0]
-        for name, det in pl_module.detectors.items():
-            if det.needs_validation:
-                s = det.score_components(outputs, pl_module.backbone, x)
-            else:
-                s = det.score(outputs, pl_module.backbone, x)
+        scores = engine.score_batch(
+            pl_module.detectors, outputs, pl_module.backbone, batch[0], components=True
+        )
+        for name, s in scores.items():
             self._bank[name][dataloader_idx].append(s.detach().to("cpu", torch.float64))
 
     # -- evaluation --------------------------------------------------------------------------
@@ -324,80 +281,32 @@ class OODEvaluation(Callback):
     def _gather(self, chunks: list[Tensor], trainer: Trainer) -> Tensor:
         """This rank's scores of one set, gathered over ranks and put back in dataset order
         (the loaders shard with :class:`EvalShardedSampler`: no padding, nothing counted
-        twice, and the seeded validation split picks the same samples on any world size)."""
+        twice, and the seeded hold-out picks the same samples on any world size)."""
         t = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.float64)
         if trainer.world_size > 1:
             parts = gather_all_tensors(t.to(trainer.strategy.root_device))
             t = unshard([g.cpu() for g in parts])
         return t
 
-    def _split(self, n: int, set_name: str) -> tuple[Tensor, Tensor]:
-        """Seeded (validation, reported) index split of one test set."""
-        g = torch.Generator().manual_seed(self.validation_seed)
-        perm = torch.randperm(n, generator=g)
-        v = self.validation_size
-        if n <= v:
-            raise ValueError(
-                f"test set {set_name!r} has {n} samples but validation_size={v} are held out "
-                "for the layer-ensemble fit; lower `validation_size` or use more samples."
-            )
-        return perm[:v], perm[v:]
-
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         names = self._test_set_names(trainer)
-        id_name, ood_names = names[0], names[1:]
         dets = dict(pl_module.detectors.items())
         banks = {n: [self._gather(c, trainer) for c in self._bank[n]] for n in dets}
-        sizes = [len(t) for t in next(iter(banks.values()))] if banks else []
-        for set_name, n in zip(names, sizes, strict=True):
-            if n == 0:
-                raise ValueError(
-                    f"test set {set_name!r} produced no samples; check its path/subset"
-                )
-        holdout = self.validation_size > 0 and any(d.needs_validation for d in dets.values())
-        splits = [
-            self._split(n, s) if holdout else (None, None)
-            for s, n in zip(names, sizes, strict=True)
-        ]
-
-        def reported(t: Tensor, i: int) -> Tensor:
-            return t if splits[i][1] is None else t[splits[i][1]]
-
-        results: dict[str, dict[str, dict[str, float]]] = {}
-        scores: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
-        combiners: dict[str, dict[str, Any]] = {}
-        # Per-OOD-set combiners are an evaluation protocol; the model keeps its own.
-        deployed = {
-            n: {k: b.clone() for k, b in d.named_buffers() if k.startswith("combiner_")}
-            for n, d in dets.items()
-        }
-        for dname, det in dets.items():
-            results[dname], scores[dname] = {}, {}
-            for j, ood in enumerate(ood_names, start=1):
-                comp_id, comp_ood = banks[dname][0], banks[dname][j]
-                if det.needs_validation:
-                    if holdout:
-                        det.fit_combiner(comp_id[splits[0][0]], comp_ood[splits[j][0]])
-                        combiners.setdefault(dname, {})[ood] = _combiner_state(det)
-                    s_id = det.combine(reported(comp_id, 0))
-                    s_ood = det.combine(reported(comp_ood, j))
-                else:
-                    s_id, s_ood = reported(comp_id, 0), reported(comp_ood, j)
-                scores[dname][ood] = (s_id, s_ood)
-                results[dname][ood] = _evaluate(dname, ood, s_id, s_ood)
-            results[dname]["average"] = {
-                m: _nanmean([results[dname][o][m] for o in ood_names]) for m in METRIC_NAMES
-            }
-            for k, b in deployed[dname].items():
-                setattr(det, k, b)
+        evaluation = evaluate_detectors(
+            dets,
+            banks,
+            names,
+            validation_size=self.validation_size,
+            seed=self.validation_seed,
+            warn=lambda msg: rank_zero_warn(f"[lightning_ood] {msg}"),
+        )
         self.results = {
-            "id_set": id_name,
-            "data_version": getattr(trainer.datamodule, "data_version", id_name),
+            "id_set": names[0],
+            "data_version": getattr(trainer.datamodule, "data_version", names[0]),
             "model": pl_module.hparams.get("model"),
-            "convention": "higher score = more in-distribution; ID is the positive class "
-            "for FPR/AUPR-In (the papers' convention); fpr95_oodpos uses OOD as positive",
+            "convention": CONVENTION,
             "validation": {
-                "held_out_per_set": self.validation_size if holdout else 0,
+                "held_out_per_set": evaluation.held_out_per_set,
                 "seed": self.validation_seed,
             },
             "detectors": {n: d.config() for n, d in dets.items()},
@@ -405,14 +314,14 @@ class OODEvaluation(Callback):
                 n: {"value": float(d.threshold), "id_tpr": float(d.threshold_tpr)}
                 for n, d in dets.items()
             },
-            "combiners": combiners,
-            "metrics": results,
+            "combiners": evaluation.combiners,
+            "metrics": evaluation.metrics,
         }
         # Straight to the loggers (rank 0): through `self.log` these ~50 scalars per detector
         # would also flood Lightning's end-of-test printout, which comes after our table.
         flat = {
             f"ood/{dname}/{ood}/{m}": float(v)
-            for dname, per_set in results.items()
+            for dname, per_set in evaluation.metrics.items()
             for ood, vals in per_set.items()
             for m, v in vals.items()
             if m in METRIC_NAMES
@@ -421,149 +330,29 @@ class OODEvaluation(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(flat, step=trainer.global_step)
                 logger.save()
-        self._log_figures(trainer, scores)
+            tb = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+            if tb and (self.log_histograms or self.log_roc):
+                report.log_score_figures(
+                    tb[0].experiment,
+                    evaluation.scores,
+                    trainer.global_step,
+                    histograms=self.log_histograms,
+                    roc=self.log_roc,
+                )
         # trainer.log_dir broadcasts under DDP: every rank must ask for it
         out_dir = Path(self.results_dir or trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
-            self._write_tables(out_dir)
+            report.write_results(
+                out_dir,
+                "ood_results",
+                self.results,
+                report.format_markdown(self.results),
+                self.results["metrics"],
+            )
+            self._out_dir = out_dir
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # After Lightning's own results printout, so the OOD table ends the terminal output.
         if stage == "test" and self.results and trainer.is_global_zero:
-            print("\n" + format_markdown(self.results))
+            print("\n" + report.format_markdown(self.results))
             print(f"[lightning_ood] results written to {self._out_dir}/ood_results.{{md,csv,json}}")
-
-    # -- reporting ---------------------------------------------------------------------------
-    def _log_figures(
-        self, trainer: Trainer, scores: dict[str, dict[str, tuple[Tensor, Tensor]]]
-    ) -> None:
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not loggers or not trainer.is_global_zero:
-            return
-        tb = loggers[0].experiment
-        step = trainer.global_step
-        for dname, per_set in scores.items():
-            finite = {
-                o: (a[torch.isfinite(a)], b[torch.isfinite(b)]) for o, (a, b) in per_set.items()
-            }
-            if self.log_histograms:
-                first = next(iter(finite.values()))[0]
-                if len(first):
-                    tb.add_histogram(f"ood_scores/{dname}/ID", first, step)
-                for ood, (_, s_ood) in finite.items():
-                    if len(s_ood):
-                        tb.add_histogram(f"ood_scores/{dname}/{ood}", s_ood, step)
-            if self.log_roc:
-                tb.add_figure(f"ood_roc/{dname}", _roc_figure(dname, finite), step)
-
-    def _write_tables(self, out_dir: Path) -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        md = format_markdown(self.results)
-        _atomic_write(out_dir / "ood_results.md", md)
-        _atomic_write(out_dir / "ood_results.json", json.dumps(self.results, indent=2, default=str))
-        _atomic_write(out_dir / "ood_results.csv", format_csv(self.results))
-        self._out_dir = out_dir
-
-
-def _combiner_state(det: Detector) -> dict[str, Any]:
-    """The fitted layer-ensemble weights (``combiner_*`` buffers), for the results JSON."""
-    return {k: v.tolist() for k, v in det.named_buffers() if k.startswith("combiner_")}
-
-
-def _nanmean(values: Sequence[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if len(finite) == len(values) and finite else math.nan
-
-
-def _evaluate(detector: str, ood: str, s_id: Tensor, s_ood: Tensor) -> dict[str, float]:
-    """Metrics for one (detector, OOD set); non-finite scores are reported, never folded in."""
-    bad_id = int((~torch.isfinite(s_id)).sum())
-    bad_ood = int((~torch.isfinite(s_ood)).sum())
-    counts = {
-        "n_id": len(s_id),
-        "n_ood": len(s_ood),
-        "nonfinite_id": bad_id,
-        "nonfinite_ood": bad_ood,
-    }
-    if bad_id or bad_ood:
-        rank_zero_warn(
-            f"[lightning_ood] detector {detector!r} produced non-finite scores on {ood!r}: "
-            f"{bad_id} of {len(s_id)} ID and {bad_ood} of {len(s_ood)} OOD; its metrics for "
-            "this set are reported as NaN."
-        )
-        return {**dict.fromkeys(METRIC_NAMES, math.nan), **counts}
-    metric = OODMetrics()
-    metric.update(s_id, True)
-    metric.update(s_ood, False)
-    return {**{k: float(v) for k, v in metric.compute().items()}, **counts}
-
-
-def _roc_figure(detector: str, per_set: Mapping[str, tuple[Tensor, Tensor]]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lightning_ood.metrics.functional import roc_curve
-
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    for ood, (s_id, s_ood) in per_set.items():
-        if len(s_id) and len(s_ood):
-            fpr, tpr = roc_curve(s_id, s_ood)
-            ax.plot(fpr.numpy(), tpr.numpy(), label=ood)
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set_xlabel("FPR (OOD scored as ID)")
-    ax.set_ylabel("TPR (ID kept)")
-    ax.set_title(f"ROC, {detector} (ID positive)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def format_markdown(results: Mapping[str, Any]) -> str:
-    """The results table, metrics in %, every FPR column naming its positive class."""
-    lines = [
-        f"### OOD detection: ID = {results['id_set']} ({results['data_version']}), "
-        f"model = {results['model']}",
-        "",
-        "Values in %. " + results["convention"] + ".",
-        "",
-        "| detector | OOD set | " + " | ".join(_HEADERS[m] for m in METRIC_NAMES) + " |",
-        "|---|---|" + "---:|" * len(METRIC_NAMES),
-    ]
-    for dname, per_set in results["metrics"].items():
-        for ood, vals in per_set.items():
-            if ood == "average" and len(per_set) == 2:  # one OOD set: the average repeats it
-                continue
-            cells = [
-                f"{100 * vals[m]:.2f}" if not math.isnan(vals[m]) else "nan" for m in METRIC_NAMES
-            ]
-            label = f"**{ood}**" if ood == "average" else ood
-            lines.append(f"| {dname} | {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def format_csv(results: Mapping[str, Any]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    extra = ["n_id", "n_ood", "nonfinite_id", "nonfinite_ood"]
-    writer.writerow(["detector", "ood_set", *METRIC_NAMES, *extra])
-    for dname, per_set in results["metrics"].items():
-        for ood, vals in per_set.items():
-            writer.writerow(
-                [dname, ood, *(vals[m] for m in METRIC_NAMES), *(vals.get(k, "") for k in extra)]
-            )
-    return buf.getvalue()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so no half-written table is ever left."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

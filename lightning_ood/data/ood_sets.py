@@ -24,6 +24,10 @@ cifar10, cifar100             the data root (pickles or ``cifar10-jpeg-q75``), t
 folder                        no default: needs ``path``
 genome_ood                    ``genome/ood_test.tsv`` (``genome/ood_val.tsv`` as a val set)
 ============================  =========================================================
+
+Every set is registered here except ``genome_ood``, which :mod:`lightning_ood.data.genome`
+registers beside its reader and datamodule (the genome module imports this one, so this one
+cannot import it back). Importing :mod:`lightning_ood.data` registers them all.
 """
 
 from __future__ import annotations
@@ -37,7 +41,6 @@ from typing import Any, Literal
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets as tvd
 
-from lightning_ood.data.genome import GENOME_DIR, GENOME_FILES, GenomeSequences
 from lightning_ood.data.paths import guarded_download
 from lightning_ood.data.readers import (
     CIFAR_PICKLES,
@@ -291,10 +294,6 @@ def _build_cifar_test(variant: str) -> Builder:
     return build
 
 
-def _build_genome(location: Path, input_shape: tuple[int, ...]) -> Dataset:
-    return GenomeSequences(location, seq_len=input_shape[0])
-
-
 _IDX: dict[str, tuple[str, type[tvd.MNIST]]] = {
     "mnist": ("MNIST", tvd.MNIST),
     "fashionmnist": ("FashionMNIST", tvd.FashionMNIST),
@@ -361,15 +360,5 @@ register_ood_set(
         "cifar-100-python/ (CIFAR-100 test split)",
         download=lambda root: tvd.CIFAR100(str(root), train=False, download=True),
         present=lambda loc: (loc / "cifar-100-python").is_dir(),
-    ),
-)
-register_ood_set(
-    "genome_ood",
-    OODSetInfo(
-        _build_genome,
-        f"{GENOME_DIR}/{GENOME_FILES['ood_test']}",
-        "OOD genome sequences, one '<sequence>\\t<label>' per line (lightning_ood.data.genome)",
-        val_subpath=f"{GENOME_DIR}/{GENOME_FILES['ood_val']}",
-        kind="tokens",
     ),
 )

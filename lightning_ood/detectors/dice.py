@@ -1,0 +1,109 @@
+"""DICE (Sun & Li 2022): energy of the logits of a sparsified classifier head."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from lightning_ood.detectors.base import OptInput, OptModel, Reducer, check_range, percentile
+from lightning_ood.detectors.linear_head import LinearHeadDetector
+from lightning_ood.models.base import BackboneOutput, OODBackbone
+
+
+class DICE(LinearHeadDetector):
+    """DICE: energy of logits from a sparsified head, (W ⊙ M) h + b (Sun & Li 2022).
+
+    ā is the mean penultimate feature over the whole training set (all classes, unclipped);
+    V = ā ⊙ W (broadcast over the L rows); M = 1[V > percentile(V, p)] over all L·q entries.
+    The weight percentile is the buffer ``prune_threshold``; ``threshold`` is the decision
+    threshold of every detector (NaN until :meth:`calibrate`).
+
+    Args:
+        p: percent of weights pruned, in [0, 100) (90 for CIFAR).
+        clip: optional fixed ReAct bound applied to test features before the sparse head.
+        name: instance name.
+    """
+
+    kind = "dice"
+    #: ``update`` only sums features; the mask (``p``) and the clip are derived in finalize.
+    finalize_only: ClassVar[frozenset[str]] = frozenset({"p", "clip"})
+
+    def __init__(self, p: float = 90.0, clip: float | None = None, name: str | None = None) -> None:
+        super().__init__(name)
+        owner = type(self).__name__
+        self.p = check_range("p", p, low=0.0, high=100.0, owner=owner)
+        self.clip = (
+            None if clip is None else check_range("clip", clip, low=0.0, low_open=True, owner=owner)
+        )
+        self.register_buffer("feature_sum", torch.zeros(0, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("feature_mean", torch.zeros(0))  # ā, (q,)
+        self.register_buffer("prune_threshold", torch.zeros(()))  # percentile(V, p)
+        self.register_buffer("mask", torch.zeros(0, dtype=torch.bool))  # M, (L, q)
+        self.register_buffer("clip_value", torch.full((), torch.inf))  # inf = no clipping
+
+    def reset(self) -> None:
+        self.feature_sum = self.feature_sum.new_zeros(0)
+        self.count = self.count.new_zeros(())
+        self.fitted.fill_(False)
+
+    def update(self, out: BackboneOutput, target: Tensor, model: OODBackbone | None = None) -> None:
+        h = out.features.detach()
+        if self.feature_sum.numel() == 0:
+            self.feature_sum = torch.zeros(h.shape[1], dtype=torch.float64, device=h.device)
+        self.feature_sum += h.sum(dim=0, dtype=torch.float64)
+        self.count += h.shape[0]
+
+    def _clip_value(self, reducer: Reducer) -> Tensor:
+        return torch.tensor(torch.inf if self.clip is None else self.clip)
+
+    def finalize(self, model: OODBackbone, reducer: Reducer | None = None) -> None:
+        reducer = reducer or Reducer()
+        self._copy_head(model)
+        weight = self.weight
+        if self.feature_sum.numel() == 0:
+            self.feature_sum = torch.zeros(
+                weight.shape[1], dtype=torch.float64, device=weight.device
+            )
+        total = reducer.sum(self.feature_sum)
+        count = reducer.sum(self.count)
+        if float(count) == 0:
+            raise RuntimeError(f"{type(self).__name__}.finalize: no training sample was seen")
+        mean = (total / count).to(weight.dtype)
+        contrib = weight * mean  # V = ā ⊙ W, (L, q)
+        self.prune_threshold = percentile(contrib.flatten(), self.p)
+        self.mask = contrib > self.prune_threshold
+        self.feature_mean = mean
+        self.clip_value = self._clip_value(reducer).to(weight)
+        self.feature_sum = self.feature_sum.new_zeros(0)  # not needed to score
+        self.count = count  # training samples over all ranks, kept for the record
+        self.fitted.fill_(True)
+
+    def score(self, out: BackboneOutput, model: OptModel = None, inputs: OptInput = None) -> Tensor:
+        h = self._check_features(out.features).clamp(max=self.clip_value)
+        w = torch.where(self.mask, self.weight, self.weight.new_zeros(()))
+        return torch.logsumexp(h @ w.T + self.bias, dim=1)
+
+    def _upgrade_state_dict(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        """Checkpoints before ``prune_threshold`` kept the weight percentile in ``threshold``,
+        the decision threshold's name: unless :meth:`calibrate` overwrote it (a finite
+        ``threshold_tpr``), it is no decision threshold and loads as NaN; ``prune_threshold``
+        is recomputed from the stored head and mean, exactly as :meth:`finalize` derives it."""
+        old, new = prefix + "threshold", prefix + "prune_threshold"
+        if old in state_dict and new not in state_dict:
+            tpr = state_dict.get(prefix + "threshold_tpr")
+            if tpr is None or not bool(torch.isfinite(tpr).all()):
+                state_dict[old] = torch.tensor(math.nan, dtype=torch.float64)
+            weight = state_dict.get(prefix + "weight")
+            mean = state_dict.get(prefix + "feature_mean")
+            if weight is not None and mean is not None and weight.numel() and mean.numel():
+                state_dict[new] = percentile((weight * mean).flatten(), self.p)
+            else:  # saved before fitting
+                state_dict[new] = torch.zeros(())
+        super()._upgrade_state_dict(state_dict, prefix)
+
+
+__all__ = ["DICE"]

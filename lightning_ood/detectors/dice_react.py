@@ -1,0 +1,61 @@
+"""DICE+ReAct (Sun & Li 2022, with Sun et al. 2021): the DICE head on clipped activations."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from lightning_ood.detectors.base import Reducer
+from lightning_ood.detectors.dice import DICE
+from lightning_ood.detectors.linear_head import ActivationSampler
+from lightning_ood.models.base import BackboneOutput, OODBackbone
+
+
+class DICEReAct(ActivationSampler, DICE):
+    """DICE on ReAct-clipped features: the sparse head applied to min(h, c).
+
+    The mask comes from the unclipped training mean, as in the DICE code. ``c`` is ``clip`` or
+    the ``percentile``-th percentile of training activations (subsampled as in
+    :class:`~lightning_ood.detectors.react.ReAct`).
+
+    Args:
+        p: percent of weights pruned, in [0, 100).
+        clip: fixed clipping threshold c > 0, or None to estimate it.
+        percentile: percentile of training activations used when ``clip`` is None, in (0, 100].
+        max_samples: cap on the number of activation values kept for the percentile.
+        name: instance name.
+    """
+
+    kind = "dice_react"
+    #: Unlike DICE, ``clip`` enters ``update`` (``None`` samples activations).
+    finalize_only: ClassVar[frozenset[str]] = frozenset({"p", "percentile"})
+
+    def __init__(
+        self,
+        p: float = 90.0,
+        clip: float | None = None,
+        percentile: float = 90.0,
+        max_samples: int = 1_000_000,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(p=p, clip=clip, name=name)
+        self._init_sampler(percentile, max_samples)
+
+    def reset(self) -> None:
+        super().reset()
+        self._reset_sampler()
+
+    def update(self, out: BackboneOutput, target: Tensor, model: OODBackbone | None = None) -> None:
+        super().update(out, target, model)
+        if self.clip is None:
+            self._sample_update(out.features)
+
+    def _clip_value(self, reducer: Reducer) -> Tensor:
+        if self.clip is not None:
+            return torch.tensor(self.clip)
+        return self._sample_percentile(reducer, self.weight.shape[1])
+
+
+__all__ = ["DICEReAct"]

@@ -1,0 +1,83 @@
+"""ReAct (Sun et al. 2021): energy of the logits of clipped penultimate activations."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from lightning_ood.detectors.base import OptInput, OptModel, Reducer, check_range
+from lightning_ood.detectors.energy import energy_score
+from lightning_ood.detectors.linear_head import ActivationSampler, LinearHeadDetector
+from lightning_ood.models.base import BackboneOutput, OODBackbone
+
+
+class ReAct(ActivationSampler, LinearHeadDetector):
+    """ReAct: Energy of the logits of the clipped features, T·logsumexp((W min(h, c) + b)/T).
+
+    ``c`` is ``clip`` when given, else the ``percentile``-th percentile of training activations
+    (all q entries of the penultimate features). The percentile is computed on a strided
+    subsample of at most ``max_samples`` values (exact when the training set fits); the
+    reference used ID validation images instead. With a fixed ``clip`` no training pass is
+    needed: ``finalize`` only copies the head, so scoring needs no model.
+
+    Args:
+        clip: fixed clipping threshold c > 0, or None to estimate it.
+        percentile: percentile of training activations used when ``clip`` is None, in (0, 100].
+        temperature: energy temperature T > 0.
+        max_samples: cap on the number of activation values kept for the percentile.
+        name: instance name.
+    """
+
+    kind = "react"
+    #: ``update`` samples activations (``clip``, ``max_samples``); the rest is finalize/score.
+    finalize_only: ClassVar[frozenset[str]] = frozenset({"percentile", "temperature"})
+
+    @property
+    def uses_training_data(self) -> bool:  # type: ignore[override]
+        """A fixed ``clip`` needs no training pass (finalize only copies the head)."""
+        return self.clip is None
+
+    def __init__(
+        self,
+        clip: float | None = None,
+        percentile: float = 90.0,
+        temperature: float = 1.0,
+        max_samples: int = 1_000_000,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name)
+        owner = type(self).__name__
+        self.clip = (
+            None if clip is None else check_range("clip", clip, low=0.0, low_open=True, owner=owner)
+        )
+        self.temperature = check_range(
+            "temperature", temperature, low=0.0, low_open=True, owner=owner
+        )
+        self._init_sampler(percentile, max_samples)
+        self.register_buffer("clip_value", torch.zeros(()))  # c actually used
+
+    def reset(self) -> None:
+        self._reset_sampler()
+        self.fitted.fill_(False)
+
+    def update(self, out: BackboneOutput, target: Tensor, model: OODBackbone | None = None) -> None:
+        if self.clip is None:
+            self._sample_update(out.features)
+
+    def finalize(self, model: OODBackbone, reducer: Reducer | None = None) -> None:
+        self._copy_head(model)
+        if self.clip is None:
+            c = self._sample_percentile(reducer or Reducer(), self.weight.shape[1])
+        else:
+            c = torch.tensor(self.clip)
+        self.clip_value = c.to(self.weight)
+        self.fitted.fill_(True)
+
+    def score(self, out: BackboneOutput, model: OptModel = None, inputs: OptInput = None) -> Tensor:
+        h = self._check_features(out.features).clamp(max=self.clip_value)
+        return energy_score(h @ self.weight.T + self.bias, self.temperature)
+
+
+__all__ = ["ReAct"]

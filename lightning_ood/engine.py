@@ -1,0 +1,310 @@
+"""The one engine: eval pass, detector fitting, batch scoring and calibration. Pure torch.
+
+Every consumer (the Lightning callback, ``task.predict_step``, the hand-off predictor, the
+feature cache, the grid, the benchmarks and the tests) goes through these functions; nothing
+else loops over detectors to fit or score them.
+
+* :func:`eval_pass` — one eval-mode, no-grad forward per batch of a loader, serving the union
+  of every detector's taps (``OODBackbone.extract``), so N detectors cost one pass.
+* :func:`fit_detectors` — ``reset`` → ``update`` per batch (only detectors that read training
+  data) → ``finalize`` with a :class:`~lightning_ood.detectors.base.Reducer` (DDP sums).
+  The batches come from :func:`eval_pass` or from cached features; both give the same state.
+* :func:`score_batch` — every detector's score of one batch from the shared forward pass; the
+  input-gradient dispatch (ODIN, FSSD/Mahalanobis with ``epsilon > 0``) lives here once.
+* :func:`calibrate_detectors` / :func:`decide` — decision thresholds at a target ID TPR and
+  the ID/OOD decisions they give.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_ood.detectors.base import Detector, Reducer
+from lightning_ood.models.base import FEATURES, LOGITS, BackboneOutput, OODBackbone
+
+#: ``(BackboneOutput, targets)`` pairs: what a fitting pass feeds ``Detector.update``.
+Outputs = Iterable[tuple[BackboneOutput, Tensor]]
+
+
+# -- small shared pieces -------------------------------------------------------------------------
+def module_device(module: nn.Module) -> torch.device:
+    """Device of a module's first parameter (or buffer); CPU for a stateless module."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
+    """``(inputs, targets or None)`` from a tensor or an ``(inputs, targets, ...)`` batch."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, list | tuple) and batch and isinstance(batch[0], Tensor):
+        y = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
+        return batch[0], y
+    raise TypeError(
+        f"expected batches of tensors or (inputs, targets) tuples, got {type(batch).__name__}"
+    )
+
+
+def reads_training_data(det: Detector) -> bool:
+    """Whether fitting ``det`` needs the training-set pass (FSSD, MSP, a fixed-clip ReAct: no)."""
+    return bool(det.requires_fit and det.uses_training_data)
+
+
+def detector_taps(detectors: Iterable[Detector], backbone: OODBackbone) -> tuple[str, ...]:
+    """The union of the taps ``detectors`` read, in first-seen order, without features/logits
+    (every forward pass yields those)."""
+    taps: dict[str, None] = {}
+    for det in detectors:
+        taps.update(
+            dict.fromkeys(t for t in det.tap_names(backbone) if t not in (FEATURES, LOGITS))
+        )
+    return tuple(taps)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module.eval()`` for the duration, restoring its previous mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+# -- the eval pass ---------------------------------------------------------------------------------
+def eval_pass(
+    backbone: OODBackbone,
+    loader: Iterable[Any],
+    taps: Sequence[str] = (),
+    *,
+    progress: bool = False,
+    desc: str = "eval pass",
+) -> Iterator[tuple[Tensor, Tensor | None, BackboneOutput]]:
+    """Yield ``(inputs, targets, outputs)`` with ONE eval-mode, no-grad forward per batch.
+
+    Inputs and targets are moved to the backbone's device. ``no_grad`` (not
+    ``inference_mode``) wraps only the forward, so consumers can still take input gradients
+    (ODIN) or differentiate through the head from the features (LINe's autograd oracle).
+    The backbone's train/eval mode is restored when the generator finishes or is closed.
+    """
+    from tqdm import tqdm
+
+    hooked = [t for t in dict.fromkeys(taps) if t not in (FEATURES, LOGITS)]
+    device = module_device(backbone)
+    with eval_mode(backbone):
+        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            x, y = split_batch(batch)
+            x = x.to(device)
+            with torch.no_grad():
+                out = backbone.extract(x, taps=hooked)
+            yield x, (None if y is None else y.to(device)), out
+
+
+def labelled(passes: Iterable[tuple[Tensor, Tensor | None, BackboneOutput]]) -> Outputs:
+    """``(outputs, targets)`` pairs of an :func:`eval_pass`, for :func:`fit_detectors`;
+    a batch without targets is refused (fitting needs the class of every sample)."""
+    for x, y, out in passes:
+        if y is None:
+            raise ValueError(
+                "fitting detectors needs (inputs, targets) batches; the loader yielded inputs "
+                f"only (shape {tuple(x.shape)})"
+            )
+        yield out, y
+
+
+# -- fitting ---------------------------------------------------------------------------------------
+def fit_detectors(
+    detectors: Iterable[Detector],
+    backbone: OODBackbone,
+    outputs: Outputs | None = None,
+    reducer: Reducer | None = None,
+    *,
+    finalize: bool = True,
+) -> None:
+    """Fit ``detectors`` together from one stream of training outputs.
+
+    ``reset`` every detector, feed each batch of ``outputs`` to every detector that reads
+    training data (consumed once, whatever their number), then ``finalize`` them all with
+    ``reducer`` (cross-rank sums under DDP). ``finalize=False`` stops after the accumulation,
+    for callers that finalize several configurations from one accumulated state (the grid).
+
+    Raises:
+        ValueError: a detector reads the training set but ``outputs`` is None.
+    """
+    dets = list(detectors)
+    readers = [d for d in dets if reads_training_data(d)]
+    if readers and outputs is None:
+        raise ValueError(
+            f"detectors {[d.name for d in readers]} are fitted on the training set; pass its "
+            "outputs (an eval pass over the training loader, or cached training features)"
+        )
+    for det in dets:
+        det.reset()
+    if readers and outputs is not None:
+        with torch.no_grad():  # sums only; LINe's autograd oracle re-enables grad itself
+            for out, target in outputs:
+                for det in readers:
+                    det.update(out, target, backbone)
+    if finalize:
+        for det in dets:
+            det.finalize(backbone, reducer or Reducer())
+
+
+def fit_from_loader(
+    detectors: Iterable[Detector],
+    backbone: OODBackbone,
+    loader: Iterable[Any] | None,
+    reducer: Reducer | None = None,
+    *,
+    progress: bool = False,
+) -> None:
+    """:func:`fit_detectors` over one :func:`eval_pass` of ``loader`` (run only if a detector
+    reads training data; ``loader`` may then be None)."""
+    dets = list(detectors)
+    readers = [d for d in dets if reads_training_data(d)]
+    outputs = None
+    if readers and loader is not None:
+        desc = f"Fitting detectors ({', '.join(d.name for d in readers)})"
+        taps = detector_taps(readers, backbone)
+        outputs = labelled(eval_pass(backbone, loader, taps, progress=progress, desc=desc))
+    with eval_mode(backbone):
+        fit_detectors(dets, backbone, outputs, reducer)
+
+
+def check_feature_only(det: Detector) -> None:
+    """Refuse a detector whose score needs the network and the inputs (input gradients),
+    before any work, where only features are at hand (cache, grid)."""
+    if det.needs_input_grad:
+        raise ValueError(
+            f"detector {det.name!r} ({type(det).__name__}, config {det.config()}) needs input "
+            "gradients to score (input pre-processing, epsilon > 0), which cached features "
+            "cannot provide; use epsilon: 0, or score it on images (`lightning-ood test`)"
+        )
+
+
+# -- scoring ---------------------------------------------------------------------------------------
+def score_batch(
+    detectors: Mapping[str, Detector],
+    out: BackboneOutput,
+    backbone: OODBackbone | None = None,
+    inputs: Tensor | None = None,
+    *,
+    components: bool = False,
+) -> dict[str, Tensor]:
+    """Every detector's scores for one batch, from the shared forward pass ``out``.
+
+    Detectors that perturb the input (``needs_input_grad``) also get ``backbone`` and
+    ``inputs``; without them (cached features) they are refused with their name.
+    ``components=True`` returns a layer ensemble's per-tap components (B, K) instead of its
+    combined score, so that the evaluation protocol can fit a combiner per OOD set.
+    """
+    scores: dict[str, Tensor] = {}
+    for name, det in detectors.items():
+        fn = det.score_components if components and det.needs_validation else det.score
+        if det.needs_input_grad:
+            if backbone is None or inputs is None:
+                check_feature_only(det)
+            scores[name] = fn(out, backbone, inputs)
+        else:
+            scores[name] = fn(out)
+    return scores
+
+
+def score_stream(
+    detectors: Mapping[str, Detector],
+    batches: Iterable[tuple[Tensor | None, BackboneOutput]],
+    backbone: OODBackbone | None = None,
+    *,
+    components: bool = False,
+) -> dict[str, Tensor]:
+    """:func:`score_batch` over a stream of ``(inputs or None, outputs)``; every detector's
+    scores concatenated in float64 on the CPU."""
+    chunks: dict[str, list[Tensor]] = {n: [] for n in detectors}
+    for x, out in batches:
+        for name, s in score_batch(detectors, out, backbone, x, components=components).items():
+            chunks[name].append(s.detach().to("cpu", torch.float64))
+    return {
+        n: torch.cat(c) if c else torch.zeros(0, dtype=torch.float64) for n, c in chunks.items()
+    }
+
+
+def score_loader(
+    detectors: Mapping[str, Detector],
+    backbone: OODBackbone,
+    loader: Iterable[Any],
+    *,
+    components: bool = False,
+    progress: bool = False,
+    desc: str = "scoring",
+) -> dict[str, Tensor]:
+    """Score ``loader`` with every detector, one :func:`eval_pass` for all of them."""
+    taps = detector_taps(detectors.values(), backbone)
+    passes = eval_pass(backbone, loader, taps, progress=progress, desc=desc)
+    with eval_mode(backbone):
+        return score_stream(
+            detectors, ((x, out) for x, _, out in passes), backbone, components=components
+        )
+
+
+# -- decisions -----------------------------------------------------------------------------------
+def calibrate_detectors(
+    detectors: Mapping[str, Detector], id_scores: Mapping[str, Tensor], tpr: float = 0.95
+) -> dict[str, float]:
+    """Each detector's decision threshold from its held-out ID scores (``Detector.calibrate``:
+    a fraction ``tpr`` of them is called ID). Returns the thresholds."""
+    missing = [n for n in detectors if n not in id_scores]
+    if missing:
+        raise ValueError(f"calibrate_detectors: no held-out ID scores for detectors {missing}")
+    return {n: det.calibrate(id_scores[n], tpr) for n, det in detectors.items()}
+
+
+def decide(detectors: Mapping[str, Detector], scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """ID/OOD decisions: a sample is called OOD when its score is below the threshold."""
+    return {n: s < detectors[n].threshold.to(s.dtype) for n, s in scores.items()}
+
+
+def predict_batch(
+    detectors: Mapping[str, Detector],
+    out: BackboneOutput,
+    backbone: OODBackbone | None = None,
+    inputs: Tensor | None = None,
+) -> dict[str, Any]:
+    """The hand-off output of one batch: logits, predicted class, every detector's score and
+    decision. ``task.predict_step`` and the exported predictor both return this."""
+    scores = score_batch(detectors, out, backbone, inputs)
+    return {
+        "logits": out.logits,
+        "pred": out.logits.argmax(dim=1),
+        "scores": scores,
+        "is_ood": decide(detectors, scores),
+    }
+
+
+__all__ = [
+    "Outputs",
+    "calibrate_detectors",
+    "check_feature_only",
+    "decide",
+    "detector_taps",
+    "eval_mode",
+    "eval_pass",
+    "fit_detectors",
+    "fit_from_loader",
+    "labelled",
+    "module_device",
+    "predict_batch",
+    "reads_training_data",
+    "score_batch",
+    "score_loader",
+    "score_stream",
+    "split_batch",
+]

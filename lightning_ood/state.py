@@ -1,0 +1,120 @@
+"""Checkpoint contents ↔ modules, without Lightning: what the task and the hand-off share.
+
+A lightning-ood checkpoint is a dict with ``hyper_parameters`` (``model``, ``num_classes``,
+``model_kwargs``, ``detectors``, ``channels_last``), a ``state_dict`` whose keys start with
+``backbone.`` or ``detectors.<name>.``, and ``lightning_ood.data`` (class names,
+normalisation, input size, data version). :func:`build_from_checkpoint` turns it into the
+backbone, the detectors and that metadata with plain torch, so ``lightning_ood.load()`` never
+constructs the ``LightningModule``; :func:`reconcile_detector_state` is the one rule for
+stored detector state that does not match the configured detectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_ood.detectors import Detector, build_detectors
+from lightning_ood.models import OODBackbone, create_model
+
+#: Prefix of the detector buffers in a checkpoint's ``state_dict``.
+DETECTOR_PREFIX = "detectors."
+#: Hyperparameters that rebuild the model and its detectors.
+MODEL_KEYS = ("model", "num_classes", "model_kwargs", "detectors", "channels_last")
+
+
+def checkpoint_hparams(ckpt: Any, source: str = "<dict>") -> dict[str, Any]:
+    """The checkpoint's hyperparameters, or a clear error for anything else (a bare weights
+    file, another library's checkpoint)."""
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, Mapping) else None
+    if not isinstance(hp, Mapping) or "model" not in hp or "state_dict" not in ckpt:
+        raise ValueError(
+            f"{source} is not a lightning-ood checkpoint (no hyper_parameters/state_dict of "
+            "a ClassificationTask); for bare backbone weights use model_kwargs.weights"
+        )
+    return {k: hp[k] for k in MODEL_KEYS if k in hp}
+
+
+def reconcile_detector_state(
+    state: dict[str, Tensor],
+    detectors: Mapping[str, Detector],
+    stored_configs: Mapping[str, Any],
+    log: Callable[[str], None] | None = None,
+) -> tuple[list[str], list[str]]:
+    """Make ``state`` (a checkpoint ``state_dict``, edited in place) fit ``detectors``.
+
+    A configured detector absent from the checkpoint, or stored with other hyperparameters,
+    gets its own fresh (unfitted) state; stored detectors that are not configured are
+    dropped. Returns ``(refit, dropped)`` names; ``log`` hears about both.
+    """
+    refit: list[str] = []
+    for name, det in detectors.items():
+        keys = [k for k in state if k.startswith(f"{DETECTOR_PREFIX}{name}.")]
+        same = stored_configs.get(name) == det.config()
+        if keys and not same and log is not None:
+            log(
+                f"detector {name!r}: checkpoint holds it with config {stored_configs.get(name)}, "
+                f"now configured as {det.config()}; refitting."
+            )
+        if not keys or not same:
+            for k in keys:
+                del state[k]
+            det.mark_unfitted()
+            state.update(det.state_dict(prefix=f"{DETECTOR_PREFIX}{name}."))
+            refit.append(name)
+    stored = {
+        k[len(DETECTOR_PREFIX) :].split(".")[0] for k in state if k.startswith(DETECTOR_PREFIX)
+    }
+    dropped = sorted(stored - set(detectors))
+    for k in [k for k in state if k.startswith(DETECTOR_PREFIX)]:
+        if k[len(DETECTOR_PREFIX) :].split(".")[0] in dropped:
+            del state[k]
+    if dropped and log is not None:
+        log(f"checkpoint detectors not configured, ignored: {dropped}")
+    return refit, dropped
+
+
+class _Parts(nn.Module):
+    """The checkpoint's module layout (``backbone``, ``detectors``) for a strict load."""
+
+    def __init__(self, backbone: OODBackbone, detectors: nn.ModuleDict) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.detectors = detectors
+
+
+def build_from_checkpoint(
+    ckpt: Mapping[str, Any], source: str = "<dict>"
+) -> tuple[OODBackbone, nn.ModuleDict, dict[str, Any]]:
+    """``(backbone, detectors, data metadata)`` of a loaded checkpoint dict, plain torch.
+
+    The backbone is built from the recorded architecture without its initial weights file
+    (the state dict carries the weights), then every tensor is loaded strictly.
+    """
+    hp = checkpoint_hparams(ckpt, source)
+    kwargs = dict(hp.get("model_kwargs") or {})
+    kwargs.pop("weights", None)
+    backbone = create_model(hp["model"], num_classes=hp.get("num_classes", 10), **kwargs)
+    if hp.get("channels_last"):
+        backbone.to(memory_format=torch.channels_last)
+    stored = dict(hp.get("detectors") or {})
+    detectors = build_detectors(stored)
+    state = {
+        k: v for k, v in ckpt["state_dict"].items() if k.startswith(("backbone.", DETECTOR_PREFIX))
+    }
+    reconcile_detector_state(state, detectors, stored)
+    _Parts(backbone, detectors).load_state_dict(state)
+    meta = dict((ckpt.get("lightning_ood") or {}).get("data") or {})
+    return backbone, detectors, meta
+
+
+__all__ = [
+    "DETECTOR_PREFIX",
+    "MODEL_KEYS",
+    "build_from_checkpoint",
+    "checkpoint_hparams",
+    "reconcile_detector_state",
+]

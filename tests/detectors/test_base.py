@@ -1,0 +1,282 @@
+"""The state every detector owns: finalize-only hyperparameters, the taps it reads, forgetting
+a fit, and the layer-ensemble combiner state."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from typing import Any
+
+import pytest
+import torch
+from detector_toys import TapNet
+from torch import Tensor
+
+from lightning_ood.detectors import DETECTORS, FSSD, LINe, Mahalanobis, build_detector
+from lightning_ood.detectors.base import Detector
+
+STD = [0.5, 0.25]
+
+#: Per kind: hyperparameters shared by both configurations, then configurations A and B that
+#: differ in every finalize-only hyperparameter (and in nothing else).
+FINALIZE_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
+    "energy": ({}, {"temperature": 1.0}, {"temperature": 2.5}),
+    "odin": (
+        {},
+        {"temperature": 1000.0, "epsilon": 0.0, "input_std": None},
+        {"temperature": 10.0, "epsilon": 0.01, "input_std": STD},
+    ),
+    "react": (
+        {"clip": None, "max_samples": 100},
+        {"percentile": 90.0, "temperature": 1.0},
+        {"percentile": 60.0, "temperature": 2.0},
+    ),
+    "dice": ({}, {"p": 90.0, "clip": None}, {"p": 50.0, "clip": 0.3}),
+    "dice_react": (
+        {"clip": None, "max_samples": 100},
+        {"p": 90.0, "percentile": 90.0},
+        {"p": 50.0, "percentile": 60.0},
+    ),
+    "line": (
+        {"contribution": "closed_form"},
+        {
+            "delta": 1.0,
+            "p_a": 90.0,
+            "p_w": 90.0,
+            "clip": True,
+            "act_prune": True,
+            "weight_prune": True,
+            "abs_contribution": False,
+        },
+        {
+            "delta": 0.3,
+            "p_a": 50.0,
+            "p_w": 70.0,
+            "clip": False,
+            "act_prune": False,
+            "weight_prune": True,
+            "abs_contribution": True,
+        },
+    ),
+    "mahalanobis": (
+        {"taps": ["conv", "features"]},
+        {
+            "combiner": "cv",
+            "standardize": False,
+            "default_layer": -1,
+            "epsilon": 0.0,
+            "input_std": None,
+        },
+        {
+            "combiner": "lr",
+            "standardize": True,
+            "default_layer": 0,
+            "epsilon": 0.01,
+            "input_std": STD,
+        },
+    ),
+    "fssd": (
+        {"taps": None},
+        {
+            "noise": "reference",
+            "n_noise": 20,
+            "noise_seed": 0,
+            "epsilon": 0.0,
+            "direction": "reference",
+            "grad_norm": "batch",
+            "input_std": None,
+            "batch_size": 100,
+            "combiner": "cv",
+            "standardize": False,
+            "default_layer": -1,
+        },
+        {
+            "noise": "uniform",
+            "n_noise": 30,
+            "noise_seed": 3,
+            "epsilon": 0.01,
+            "direction": "paper",
+            "grad_norm": "sample",
+            "input_std": STD,
+            "batch_size": 7,
+            "combiner": "lr",
+            "standardize": True,
+            "default_layer": 0,
+        },
+    ),
+}
+
+
+@pytest.fixture
+def model() -> TapNet:
+    torch.manual_seed(0)
+    return TapNet().eval()
+
+
+def data(seed: int, n: int = 48, shift: float = 0.0) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, 4, 4, generator=g) + shift, torch.arange(n) % 3
+
+
+def accumulate(det: Detector, model: TapNet, x: Tensor, y: Tensor) -> Detector:
+    """reset, then update over three batches (the accumulation pass)."""
+    det.reset()
+    with torch.no_grad():
+        for xb, yb in zip(x.split(16), y.split(16), strict=True):
+            det.update(model.extract(xb, taps=det.tap_names(model)), yb, model)
+    return det
+
+
+def fitted(kind: str, spec: dict[str, Any], model: TapNet) -> Detector:
+    det = accumulate(build_detector(kind, spec), model, *data(0))
+    det.finalize(model)
+    return det
+
+
+def components(det: Detector, model: TapNet, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return det.score_components(model.extract(x, taps=det.tap_names(model)), model, x)
+
+
+def evaluate(det: Detector, model: TapNet) -> list[Tensor]:
+    """Scores of held-out samples; for layer ensembles also with a combiner fitted."""
+    x, _ = data(1, n=12)
+    with torch.no_grad():
+        got = [det.score(model.extract(x, taps=det.tap_names(model)), model, x)]
+    if det.needs_validation:
+        x_id, x_ood = data(2, n=40)[0], data(3, n=40, shift=2.0)[0]
+        det.fit_combiner(components(det, model, x_id), components(det, model, x_ood))
+        got.append(det.combine(components(det, model, x)))
+    return got
+
+
+def test_every_kind_declares_finalize_only_init_arguments() -> None:
+    for kind, cls in DETECTORS.items():
+        params = set(inspect.signature(cls.__init__).parameters) - {"self", "name"}
+        assert cls.finalize_only <= params, kind
+        if kind == "msp":
+            assert cls.finalize_only == frozenset() and params == set()
+        else:
+            assert set(FINALIZE_CASES[kind][2]) == cls.finalize_only, kind
+    # taps decide what update() reads, so they never are finalize-only
+    assert "taps" not in Mahalanobis.finalize_only | FSSD.finalize_only
+
+
+@pytest.mark.parametrize("kind", sorted(FINALIZE_CASES))
+def test_finalize_only_configs_share_one_accumulation_pass(kind: str, model: TapNet) -> None:
+    base, cfg_a, cfg_b = FINALIZE_CASES[kind]
+    assert set(cfg_a) == set(cfg_b) == DETECTORS[kind].finalize_only
+    # One update pass with configuration A ...
+    proto = accumulate(build_detector(kind, {**base, **cfg_a}), model, *data(0))
+    shared: list[list[Tensor]] = []
+    for cfg in (cfg_a, cfg_b):
+        target = build_detector(kind, {**base, **cfg})
+        det = copy.deepcopy(proto)
+        for key in type(det).finalize_only:
+            setattr(det, key, getattr(target, key))
+        assert det.config() == target.config()
+        det.finalize(model)
+        shared.append(evaluate(det, model))
+    # ... gives exactly the scores of two independent fits.
+    for cfg, got in zip((cfg_a, cfg_b), shared, strict=True):
+        want = evaluate(fitted(kind, {**base, **cfg}, model), model)
+        assert len(got) == len(want) == (2 if DETECTORS[kind].needs_validation else 1)
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == (12,)
+            assert torch.equal(g, w), (kind, cfg)
+    # The two configurations really score differently.
+    assert not torch.equal(shared[0][0], shared[1][0]), kind
+
+
+def test_tap_names_resolve_defaults_against_the_backbone(model: TapNet) -> None:
+    det = FSSD(n_noise=4)
+    assert det.taps == ()  # not fitted: nothing resolved yet
+    assert det.tap_names(model) == ("conv", "fc", "logits")
+    det.finalize(model)
+    assert det.taps == ("conv", "fc", "logits")
+    assert det.fss_sizes.tolist() == [64, 8, 3]
+    assert FSSD(taps=["fc", "conv"]).tap_names(model) == ("fc", "conv")
+    assert Mahalanobis().tap_names(model) == ("features",)
+    assert Mahalanobis(taps=["conv", "logits"]).tap_names(model) == ("conv", "logits")
+    assert LINe().tap_names(model) == ()
+    assert build_detector("energy").tap_names(model) == ()
+
+
+@pytest.mark.parametrize("kind", sorted(DETECTORS))
+def test_mark_unfitted_forgets_fit_threshold_and_combiner(kind: str, model: TapNet) -> None:
+    base, cfg_a, _ = FINALIZE_CASES.get(kind, ({}, {}, {}))
+    det = fitted(kind, {**base, **cfg_a}, model)
+    before = evaluate(det, model)  # fits the combiner of layer ensembles
+    x, _ = data(1, n=12)
+    det.calibrate(before[-1], tpr=0.75)
+    assert det.is_calibrated and float(det.threshold_tpr) == 0.75
+    if det.needs_validation:
+        k = len(det.tap_names(model))
+        assert bool(det.combiner_fitted) and det.combiner_state()["combiner_coef"].numel() == k
+
+    det.mark_unfitted()
+    assert det.is_fitted is (not det.requires_fit)
+    assert not det.is_calibrated
+    assert math.isnan(float(det.threshold)) and math.isnan(float(det.threshold_tpr))
+    if det.needs_validation:
+        state = det.combiner_state()
+        assert not bool(state["combiner_fitted"]) and state["combiner_coef"].numel() == 0
+    with torch.no_grad():
+        out = model.extract(x, taps=det.tap_names(model))
+        if det.requires_fit:
+            with pytest.raises(RuntimeError, match="not fitted"):
+                det.score(out, model, x)
+        else:  # nothing to fit: it still scores, identically
+            assert torch.equal(det.score(out, model, x), before[0])
+    # a refit gives the scores of the first fit again
+    accumulate(det, model, *data(0)).finalize(model)
+    again = evaluate(det, model)
+    for a, b in zip(again, before, strict=True):
+        assert torch.equal(a, b), kind
+
+
+@pytest.mark.parametrize("kind", ["mahalanobis", "fssd"])
+def test_combiner_state_round_trip(kind: str, model: TapNet) -> None:
+    base, cfg_a, _ = FINALIZE_CASES[kind]
+    det = fitted(kind, {**base, **cfg_a}, model)
+    evaluate(det, model)  # fits the combiner
+    state = det.combiner_state()
+    assert list(state) == [
+        "combiner_coef",
+        "combiner_intercept",
+        "combiner_mean",
+        "combiner_scale",
+        "combiner_fitted",
+    ]
+    for key, value in state.items():
+        assert torch.equal(value, getattr(det, key)), key
+        assert value.data_ptr() != getattr(det, key).data_ptr(), key  # clones
+    assert bool(state["combiner_fitted"]) and state["combiner_intercept"].dtype == torch.float64
+
+    x, _ = data(1, n=12)
+    comps = components(det, model, x)
+    want = det.combine(comps)
+    other = fitted(kind, {**base, **cfg_a}, model)  # no combiner: scores one layer
+    assert torch.equal(other.combine(comps), comps[:, -1])
+    other.load_combiner_state(state)
+    assert torch.equal(other.combine(comps), want)
+    state["combiner_coef"].zero_()  # the loaded buffers are the detector's own
+    assert torch.equal(other.combine(comps), want)
+    # forgetting the fit drops the combiner; the saved state brings it back
+    other.mark_unfitted()
+    assert not bool(other.combiner_fitted)
+    other.load_combiner_state(det.combiner_state())
+    assert bool(other.combiner_fitted)
+    assert torch.equal(other.combiner_coef, det.combiner_coef)
+    with pytest.raises(ValueError, match="combiner state holds"):
+        other.load_combiner_state({"combiner_coef": det.combiner_coef})
+
+
+def test_detectors_without_combiner_have_empty_combiner_state() -> None:
+    det = LINe()
+    assert det.combiner_state() == {}
+    det.load_combiner_state({})  # a no-op
+    assert not det.is_fitted
+    with pytest.raises(ValueError, match="has no combiner"):
+        det.load_combiner_state({"combiner_coef": torch.zeros(2)})

@@ -14,11 +14,10 @@ import torch
 import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+from toys import fitted
 
-from lightning_ood import engine
 from lightning_ood.cli import grid_main
 from lightning_ood.cli import main as cli_main
-from lightning_ood.detectors import Detector, build_detector
 from lightning_ood.features import CachedFeatures, compute_features
 from lightning_ood.grid import (
     METRIC_NAMES,
@@ -90,23 +89,16 @@ def _run(setting: dict, kind: str, grid: dict, base: dict, val: list[str], **kw)
     )
 
 
-def _fit_by_network_pass(det: Detector, net: OODBackbone, loader: DataLoader) -> Detector:
-    """The callback's way: one eval pass through the network (not the feature cache)."""
-    engine.fit_from_loader([det], net, loader)
-    return det
-
-
 def _brute_force(setting: dict, kind: str, grid: dict, base: dict, val: list[str]) -> dict:
-    """Every combination fitted afresh through the network; metrics from the functional core."""
+    """Every combination fitted afresh through the network (the callback's way, not
+    the feature cache); metrics from the functional core."""
     f, net = setting["feats"], setting["net"]
     id_val, id_rep = split_cached(f["id"], 0.5, seed=0)
     keys = list(grid)
     rows, dets = [], []
     for values in itertools.product(*grid.values()):
         params = dict(zip(keys, values, strict=True))
-        det = _fit_by_network_pass(
-            build_detector(kind, {**base, **params}), net, setting["loaders"]["train"]
-        )
+        det = fitted({kind: {**base, **params}}, net, setting["loaders"]["train"])[kind]
         s_id = det.score(id_val.output())
         per = {n: ood_metrics(s_id, det.score(f[n].output())) for n in val}
         mean = {m: sum(p[m] for p in per.values()) / len(per) for m in METRIC_NAMES}
@@ -185,9 +177,8 @@ def test_layer_ensemble_combiner_fitted_on_validation_half_only(
         return perm[: round(0.5 * n)], perm[round(0.5 * n) :]
 
     for i, std in enumerate(grid["standardize"]):
-        det = _fit_by_network_pass(
-            build_detector(kind, {**base, "standardize": std}), net, setting["loaders"]["train"]
-        )
+        spec = {**base, "standardize": std}
+        det = fitted({kind: spec}, net, setting["loaders"]["train"])[kind]
         cid = det.score_components(id_val.output())
         cood = {n: det.score_components(f[n].output()) for n in val}
         fit_id, sel_id = halves(len(cid))
@@ -384,9 +375,7 @@ def test_main_on_fashionmnist_slice(tmp_path: Path, shared_data: Path) -> None:
     mnist = compute_features(net, mnist_loader)
     kmnist = compute_features(net, dm.val_ood_dataloaders()["kmnist"])
     for i, row in enumerate(first.rows):
-        det = _fit_by_network_pass(
-            build_detector("line", {"delta": 1.0, **row["params"]}), net, dm.fit_dataloader()
-        )
+        det = fitted({"line": {"delta": 1.0, **row["params"]}}, net, dm.fit_dataloader())["line"]
         want = ood_metrics(det.score(id_val.output()), det.score(kmnist.output()))
         assert row["val"]["kmnist"]["fpr95"] == pytest.approx(want["fpr95"], abs=1e-12)
         assert row["val"]["kmnist"]["auroc"] == pytest.approx(want["auroc"], abs=1e-12)

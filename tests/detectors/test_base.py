@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 import torch
-from detector_toys import TapNet
 from torch import Tensor
+from toys import TapNet, fitted
 
+from lightning_ood import engine
 from lightning_ood.detectors import DETECTORS, FSSD, LINe, Mahalanobis, build_detector
 from lightning_ood.detectors.base import Detector
 
@@ -119,18 +120,21 @@ def data(seed: int, n: int = 48, shift: float = 0.0) -> tuple[Tensor, Tensor]:
     return torch.randn(n, 2, 4, 4, generator=g) + shift, torch.arange(n) % 3
 
 
-def accumulate(det: Detector, model: TapNet, x: Tensor, y: Tensor) -> Detector:
-    """reset, then update over three batches (the accumulation pass)."""
-    det.reset()
-    with torch.no_grad():
-        for xb, yb in zip(x.split(16), y.split(16), strict=True):
-            det.update(model.extract(xb, taps=det.tap_names(model)), yb, model)
-    return det
+def batches(seed: int) -> list[tuple[Tensor, Tensor]]:
+    """``data(seed)`` as three (inputs, targets) batches of 16: the training loader."""
+    x, y = data(seed)
+    return list(zip(x.split(16), y.split(16), strict=True))
 
 
-def fitted(kind: str, spec: dict[str, Any], model: TapNet) -> Detector:
-    det = accumulate(build_detector(kind, spec), model, *data(0))
-    det.finalize(model)
+def fit_one(kind: str, spec: dict[str, Any], model: TapNet) -> Detector:
+    """One detector of ``kind`` fitted on the training batches of seed 0."""
+    return fitted({kind: spec}, model, batches(0))[kind]
+
+
+def accumulate(det: Detector, model: TapNet) -> Detector:
+    """The accumulation pass alone (reset, update per batch), without finalize."""
+    passes = engine.eval_pass(model, batches(0), det.tap_names(model))
+    engine.fit_detectors([det], model, engine.labelled(passes), finalize=False)
     return det
 
 
@@ -168,7 +172,7 @@ def test_finalize_only_configs_share_one_accumulation_pass(kind: str, model: Tap
     base, cfg_a, cfg_b = FINALIZE_CASES[kind]
     assert set(cfg_a) == set(cfg_b) == DETECTORS[kind].finalize_only
     # One update pass with configuration A ...
-    proto = accumulate(build_detector(kind, {**base, **cfg_a}), model, *data(0))
+    proto = accumulate(build_detector(kind, {**base, **cfg_a}), model)
     shared: list[list[Tensor]] = []
     for cfg in (cfg_a, cfg_b):
         target = build_detector(kind, {**base, **cfg})
@@ -176,11 +180,11 @@ def test_finalize_only_configs_share_one_accumulation_pass(kind: str, model: Tap
         for key in type(det).finalize_only:
             setattr(det, key, getattr(target, key))
         assert det.config() == target.config()
-        det.finalize(model)
+        det.finalize(model)  # called directly: finalize-only configs share one accumulation
         shared.append(evaluate(det, model))
     # ... gives exactly the scores of two independent fits.
     for cfg, got in zip((cfg_a, cfg_b), shared, strict=True):
-        want = evaluate(fitted(kind, {**base, **cfg}, model), model)
+        want = evaluate(fit_one(kind, {**base, **cfg}, model), model)
         assert len(got) == len(want) == (2 if DETECTORS[kind].needs_validation else 1)
         for g, w in zip(got, want, strict=True):
             assert g.shape == (12,)
@@ -193,7 +197,7 @@ def test_tap_names_resolve_defaults_against_the_backbone(model: TapNet) -> None:
     det = FSSD(n_noise=4)
     assert det.taps == ()  # not fitted: nothing resolved yet
     assert det.tap_names(model) == ("conv", "fc", "logits")
-    det.finalize(model)
+    engine.fit_detectors([det], model)
     assert det.taps == ("conv", "fc", "logits")
     assert det.fss_sizes.tolist() == [64, 8, 3]
     assert FSSD(taps=["fc", "conv"]).tap_names(model) == ("fc", "conv")
@@ -206,7 +210,7 @@ def test_tap_names_resolve_defaults_against_the_backbone(model: TapNet) -> None:
 @pytest.mark.parametrize("kind", sorted(DETECTORS))
 def test_mark_unfitted_forgets_fit_threshold_and_combiner(kind: str, model: TapNet) -> None:
     base, cfg_a, _ = FINALIZE_CASES.get(kind, ({}, {}, {}))
-    det = fitted(kind, {**base, **cfg_a}, model)
+    det = fit_one(kind, {**base, **cfg_a}, model)
     before = evaluate(det, model)  # fits the combiner of layer ensembles
     x, _ = data(1, n=12)
     det.calibrate(before[-1], tpr=0.75)
@@ -230,7 +234,7 @@ def test_mark_unfitted_forgets_fit_threshold_and_combiner(kind: str, model: TapN
         else:  # nothing to fit: it still scores, identically
             assert torch.equal(det.score(out, model, x), before[0])
     # a refit gives the scores of the first fit again
-    accumulate(det, model, *data(0)).finalize(model)
+    engine.fit_from_loader([det], model, batches(0))
     again = evaluate(det, model)
     for a, b in zip(again, before, strict=True):
         assert torch.equal(a, b), kind
@@ -239,7 +243,7 @@ def test_mark_unfitted_forgets_fit_threshold_and_combiner(kind: str, model: TapN
 @pytest.mark.parametrize("kind", ["mahalanobis", "fssd"])
 def test_combiner_state_round_trip(kind: str, model: TapNet) -> None:
     base, cfg_a, _ = FINALIZE_CASES[kind]
-    det = fitted(kind, {**base, **cfg_a}, model)
+    det = fit_one(kind, {**base, **cfg_a}, model)
     evaluate(det, model)  # fits the combiner
     state = det.combiner_state()
     assert list(state) == [
@@ -257,7 +261,7 @@ def test_combiner_state_round_trip(kind: str, model: TapNet) -> None:
     x, _ = data(1, n=12)
     comps = components(det, model, x)
     want = det.combine(comps)
-    other = fitted(kind, {**base, **cfg_a}, model)  # no combiner: scores one layer
+    other = fit_one(kind, {**base, **cfg_a}, model)  # no combiner: scores one layer
     assert torch.equal(other.combine(comps), comps[:, -1])
     other.load_combiner_state(state)
     assert torch.equal(other.combine(comps), want)

@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from detector_toys import LinearHeadNet
 from torch import Tensor, nn
+from toys import LinearHeadNet
 
+from lightning_ood import engine
 from lightning_ood.detectors import DICE, MSP, ODIN, DICEReAct, Energy, ReAct
 from lightning_ood.detectors.base import Detector, Reducer
 from lightning_ood.models.base import BackboneOutput, OODBackbone
@@ -35,11 +36,9 @@ def fit(
     batches: list[Tensor],
     reducer: Reducer | None = None,
 ) -> Detector:
-    det.reset()
-    with torch.no_grad():
-        for x in batches:
-            det.update(model.extract(x), torch.zeros(len(x), dtype=torch.long), model)
-    det.finalize(model, reducer)
+    """Fit ``det`` through the engine on feature batches, every sample labelled class 0."""
+    loader = [(x, torch.zeros(len(x), dtype=torch.long)) for x in batches]
+    engine.fit_from_loader([det], model, loader, reducer)
     return det
 
 
@@ -158,6 +157,7 @@ def test_react_subsample_is_an_exact_stride_of_the_stream() -> None:
     h = torch.rand(203, 4)
     model = LinearHeadNet(torch.randn(3, 4), torch.zeros(3))
     det = ReAct(max_samples=100)  # at most 25 rows of 4 values
+    # reset/update/finalize called directly: the test reads the sample between update and finalize
     det.reset()
     with torch.no_grad():
         for x in h.split(17):
@@ -375,8 +375,7 @@ def test_routing_flags_follow_the_hyperparameters() -> None:
     assert ReAct().uses_training_data is True
     w, b = torch.tensor([[1.0, -1.0], [0.5, 2.0]]), torch.tensor([0.0, 0.1])
     det = ReAct(clip=1.0)
-    det.reset()
-    det.finalize(LinearHeadNet(w, b))  # no update() call: no training data at all
+    engine.fit_detectors([det], LinearHeadNet(w, b))  # no training data at all
     h = torch.tensor([[3.0, 0.5]])
     expected = torch.logsumexp(torch.tensor([[1.0, 0.5]]) @ w.T + b, dim=1)
     torch.testing.assert_close(det.score(BackboneOutput(h, h @ w.T + b)), expected)

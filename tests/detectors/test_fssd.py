@@ -13,6 +13,7 @@ from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
+from lightning_ood import engine
 from lightning_ood.detectors import Detector, build_detector
 from lightning_ood.detectors.fssd import FSSD
 from lightning_ood.models.base import BackboneOutput, OODBackbone
@@ -112,12 +113,12 @@ def test_token_models_get_uniform_token_ids() -> None:
     det = FSSD(n_noise=200)
     noise = det.make_noise(toks)
     assert noise.dtype == torch.long and set(noise.unique().tolist()) == {0, 1, 2, 3}
-    det.finalize(toks)
+    engine.fit_detectors([det], toks)
     emb = toks.emb(noise).reshape(200, -1).double().mean(0).float()
     assert det.taps == ("emb", "logits")
     assert torch.allclose(det.centres()[0], emb, atol=1e-6)
     det_eps = FSSD(epsilon=0.1, n_noise=4)
-    det_eps.finalize(toks)
+    engine.fit_detectors([det_eps], toks)
     with pytest.raises(ValueError, match="float image inputs"):
         det_eps.score_components(toks.extract(noise[:2], det_eps.taps), toks, noise[:2])
 
@@ -127,7 +128,7 @@ def test_token_models_get_uniform_token_ids() -> None:
 def test_fss_is_the_mean_tap_on_the_noise(model: ToyNet, noise: str) -> None:
     det = FSSD(noise=noise, n_noise=37, noise_seed=5, batch_size=10)  # 4 uneven chunks
     assert det.taps == () and not det.is_fitted
-    det.finalize(model)
+    engine.fit_detectors([det], model)
     assert det.is_fitted and det.taps == ("conv", "hidden", "logits")
     if noise == "reference":
         x = _reference_noise(37, 5, (2, 4, 4))
@@ -156,7 +157,7 @@ class DropToy(ToyNet):
 def test_finalize_uses_eval_mode_and_restores_training_mode() -> None:
     net = DropToy().train()
     det = FSSD(taps=["drop"], n_noise=10)
-    det.finalize(net)
+    det.finalize(net)  # called directly: the test is finalize's own eval/train mode handling
     assert net.training
     want = _reference_noise(10, 0, (2, 4, 4)).flatten(1).mean(0)
     assert torch.allclose(det.centres()[0], want, atol=1e-7)
@@ -164,7 +165,7 @@ def test_finalize_uses_eval_mode_and_restores_training_mode() -> None:
 
 def test_per_layer_distances_match_numpy(model: ToyNet) -> None:
     det = FSSD(taps=["conv", "hidden", "features", "logits"], n_noise=20)
-    det.finalize(model)
+    engine.fit_detectors([det], model)
     x = torch.randn(6, 2, 4, 4)
     with torch.no_grad():
         comps = det.score_components(model.extract(x, taps=det.taps))
@@ -176,7 +177,7 @@ def test_per_layer_distances_match_numpy(model: ToyNet) -> None:
     # no combiner fitted: the score is the default (last) layer
     assert torch.equal(det.score(model.extract(x, taps=det.taps)), comps[:, -1])
     det0 = FSSD(taps=["conv", "hidden"], n_noise=20, default_layer=0)
-    det0.finalize(model)
+    engine.fit_detectors([det0], model)
     with torch.no_grad():
         out = model.extract(x, taps=det0.taps)
     assert torch.equal(det0.score(out), det0.score_components(out)[:, 0])
@@ -184,7 +185,7 @@ def test_per_layer_distances_match_numpy(model: ToyNet) -> None:
 
 def test_fitted_on_another_input_size_is_refused(model: ToyNet) -> None:
     det = FSSD(taps=["conv"], n_noise=4)
-    det.finalize(model)
+    engine.fit_detectors([det], model)
     wider = BackboneOutput(torch.randn(2, 4), torch.randn(2, 3), {"conv": torch.randn(2, 4, 4, 4)})
     with pytest.raises(ValueError, match="refit"):
         det.score_components(wider)
@@ -230,7 +231,7 @@ def test_preprocessing_matches_autograd_oracle(
     det = FSSD(n_noise=20, epsilon=0.05, direction=direction, grad_norm=grad_norm,
                input_std=[0.5, 0.25])  # fmt: skip
     assert det.needs_input_grad
-    det.finalize(model)
+    engine.fit_detectors([det], model)
     x = torch.randn(5, 2, 4, 4)
     with torch.no_grad():
         out = model.extract(x, taps=det.taps)
@@ -240,7 +241,7 @@ def test_preprocessing_matches_autograd_oracle(
     assert all(p.grad is None for p in model.parameters())  # gradients w.r.t. inputs only
     # the unperturbed distances differ: the perturbation did something
     clean = FSSD(n_noise=20)
-    clean.finalize(model)
+    engine.fit_detectors([clean], model)
     assert not np.allclose(clean.score_components(out).numpy(), want, rtol=1e-4)
 
 
@@ -252,10 +253,8 @@ def test_paper_direction_raises_and_reference_direction_lowers_fssd(model: ToyNe
         key: FSSD(n_noise=20, epsilon=0.01, direction=key[0], grad_norm=key[1])
         for key in [("paper", "batch"), ("reference", "sample"), ("reference", "batch")]
     }
-    for det in dets.values():
-        det.finalize(model)
     clean_det = FSSD(n_noise=20)
-    clean_det.finalize(model)
+    engine.fit_detectors([*dets.values(), clean_det], model)
     clean = clean_det.score_components(out)
     up = dets["paper", "batch"].score_components(out, model, x)
     assert (up > clean).all()
@@ -267,14 +266,14 @@ def test_paper_direction_raises_and_reference_direction_lowers_fssd(model: ToyNe
 
 def test_preprocessing_needs_model_and_inputs(model: ToyNet) -> None:
     det = FSSD(taps=["conv"], n_noise=4, epsilon=0.1)
-    det.finalize(model)
+    engine.fit_detectors([det], model)
     with pytest.raises(ValueError, match="need `model` and `inputs`"):
         det.score_components(model.extract(torch.randn(2, 2, 4, 4), taps=["conv"]))
 
 
 def test_preprocessing_works_under_inference_mode_inputs(model: ToyNet) -> None:
     det = FSSD(taps=["hidden"], n_noise=4, epsilon=0.02)
-    det.finalize(model)
+    engine.fit_detectors([det], model)
     x = torch.randn(3, 2, 4, 4)
     with torch.no_grad():
         out = model.extract(x, taps=det.taps)
@@ -297,7 +296,7 @@ def _separable(n: int = 60) -> tuple[Tensor, Tensor]:
 @pytest.mark.parametrize("standardize", [False, True])
 def test_fit_combiner_matches_sklearn_and_separates(model: ToyNet, standardize: bool) -> None:
     det = FSSD(n_noise=4, standardize=standardize)
-    det.finalize(model)
+    engine.fit_detectors([det], model)
     cid, cood = _separable()
     det.fit_combiner(cid, cood)
     assert bool(det.combiner_fitted)
@@ -320,7 +319,7 @@ def test_fit_combiner_matches_sklearn_and_separates(model: ToyNet, standardize: 
 
 def test_plain_logistic_combiner_matches_sklearn(model: ToyNet) -> None:
     det = FSSD(n_noise=4, combiner="lr")
-    det.finalize(model)
+    engine.fit_detectors([det], model)
     cid, cood = _separable()
     det.fit_combiner(cid, cood)
     x = torch.cat([cid, cood]).double().numpy()
@@ -331,7 +330,7 @@ def test_plain_logistic_combiner_matches_sklearn(model: ToyNet) -> None:
 
 def test_fit_combiner_checks_shapes(model: ToyNet) -> None:
     det = FSSD(n_noise=4)
-    det.finalize(model)  # K = 3
+    engine.fit_detectors([det], model)  # K = 3
     with pytest.raises(ValueError, match="K=3"):
         det.fit_combiner(torch.randn(10, 2), torch.randn(10, 2))
     with pytest.raises(ValueError, match="NaN"):
@@ -341,7 +340,7 @@ def test_fit_combiner_checks_shapes(model: ToyNet) -> None:
 # -- state, config, validation ----------------------------------------------------------------
 def test_state_dict_loads_into_a_fresh_instance_bit_identically(model: ToyNet) -> None:
     det = FSSD(n_noise=30, epsilon=0.01)
-    det.finalize(model)
+    engine.fit_detectors([det], model)
     det.fit_combiner(*_separable())
     x = torch.randn(4, 2, 4, 4)
     with torch.no_grad():
@@ -357,7 +356,7 @@ def test_state_dict_loads_into_a_fresh_instance_bit_identically(model: ToyNet) -
 
 def test_config_round_trip_and_registry(model: ToyNet) -> None:
     det = FSSD(taps=None, noise="uniform", epsilon=0.002, direction="paper", name="f")
-    det.finalize(model)
+    engine.fit_detectors([det], model)
     cfg = det.config()
     assert cfg["type"] == "fssd" and cfg["taps"] is None  # the configured value, not resolved
     assert cfg["noise"] == "uniform" and cfg["direction"] == "paper" and cfg["name"] == "f"
@@ -408,7 +407,7 @@ def test_lenet_fss_and_distances_on_fashion_mnist(shared_data: Path) -> None:
     torch.manual_seed(0)
     net = create_model("lenet").eval()
     det = FSSD(taps=["conv1", "conv2", "fc1", "logits"], n_noise=100, batch_size=40)
-    det.finalize(net)
+    engine.fit_detectors([det], net)
     assert det.fss_sizes.tolist() == [32 * 26 * 26, 64 * 24 * 24, 128, 10]
     noise = _reference_noise(100, 0, (1, 28, 28))
     x = _fmnist_test_images(shared_data, 64)

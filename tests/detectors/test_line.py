@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from detector_toys import LinearHeadNet
 from torch import Tensor, nn
+from toys import LinearHeadNet
 
+from lightning_ood import engine
 from lightning_ood.detectors.base import Reducer, percentile
 from lightning_ood.detectors.line import LINe, row_percentile
 from lightning_ood.models.base import BackboneOutput, OODBackbone
@@ -66,13 +67,8 @@ def fit(
     batches: list[tuple[Tensor, Tensor]],
     reducer: Reducer | None = None,
 ) -> LINe:
-    """The callback's protocol: reset, update per batch under no_grad, finalize."""
-    model.eval()
-    det.reset()
-    with torch.no_grad():
-        for x, y in batches:
-            det.update(model.extract(x, det.taps), y, model)
-    det.finalize(model, reducer)
+    """The callback's protocol, through the engine: one eval pass, update per batch, finalize."""
+    engine.fit_from_loader([det], model, batches, reducer)
     return det
 
 
@@ -265,20 +261,19 @@ def test_autograd_equals_closed_form_on_real_images(shared_data: Path, backbone:
     if backbone == "densenet100":  # the reference checkpoint really is loaded
         assert (out.logits.argmax(1) == y).float().mean() > 0.6
     dets = {"closed_form": LINe(), "autograd": LINe(contribution="autograd")}
-    for det in dets.values():
-        det.reset()
-        with torch.no_grad():
-            for i in range(0, 64, 16):
-                part = BackboneOutput(out.features[i : i + 16], out.logits[i : i + 16])
-                det.update(part, y[i : i + 16], model)
-        det.finalize(model)
+    parts = [
+        (BackboneOutput(out.features[i : i + 16], out.logits[i : i + 16]), y[i : i + 16])
+        for i in range(0, 64, 16)
+    ]
+    engine.fit_detectors(dets.values(), model, parts)
     closed, auto = dets["closed_form"], dets["autograd"]
     torch.testing.assert_close(
         auto.contribution_matrix, closed.contribution_matrix, rtol=1e-5, atol=1e-6
     )
     assert torch.equal(auto.act_mask, closed.act_mask)
     torch.testing.assert_close(auto.weight_threshold, closed.weight_threshold, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(auto.score(out), closed.score(out), rtol=1e-5, atol=1e-5)
+    scores = engine.score_batch(dets, out)
+    torch.testing.assert_close(scores["autograd"], scores["closed_form"], rtol=1e-5, atol=1e-5)
     assert all(p.grad is None for p in model.parameters())  # gradients w.r.t. h only
 
 
@@ -358,9 +353,8 @@ def test_unfitted_and_mismatched_inputs_raise_clear_errors() -> None:
         det.score(
             LinearHeadNet(torch.randn(2, 5).double(), TOY_B).extract(torch.rand(3, 5).double())
         )
-    det.reset()
-    with pytest.raises(ValueError, match="target"), torch.no_grad():
-        det.update(model.extract(TOY_TEST), torch.tensor([0, 2]), model)
+    with pytest.raises(ValueError, match="target"):
+        engine.fit_from_loader([det], model, [(TOY_TEST, torch.tensor([0, 2]))])
 
 
 _MEMORY_PROBE = textwrap.dedent(
@@ -400,6 +394,7 @@ _MEMORY_PROBE = textwrap.dedent(
     peak = lambda: status_mib("VmHWM")
     result = {}
     if fit_mode == "fit":
+        # reset/update/finalize called directly: the peak RSS of finalize alone is measured
         det.reset()
         for _ in range(4):
             h = torch.rand(B, q, generator=g)

@@ -14,6 +14,7 @@ from sklearn.covariance import EmpiricalCovariance
 from sklearn.linear_model import LogisticRegressionCV
 from torch import Tensor, nn
 
+from lightning_ood import engine
 from lightning_ood.detectors import Reducer, build_detector
 from lightning_ood.detectors.mahalanobis import Mahalanobis
 from lightning_ood.models.base import BackboneOutput, OODBackbone
@@ -63,10 +64,11 @@ def _out(features: Tensor, taps: dict[str, Tensor] | None = None) -> BackboneOut
 
 
 def _fit(det: Mahalanobis, x: Tensor, y: Tensor, batches: int = 3, **taps: Tensor) -> Mahalanobis:
-    det.reset()
-    for idx in torch.arange(len(x)).chunk(batches):
-        det.update(_out(x[idx], {k: v[idx] for k, v in taps.items()}), y[idx])
-    det.finalize(ToyNet())
+    """Fit ``det`` through the engine on synthetic outputs of ``x`` (and ``taps``), in
+    ``batches`` chunks."""
+    chunks = torch.arange(len(x)).chunk(batches)
+    outputs = [(_out(x[i], {k: v[i] for k, v in taps.items()}), y[i]) for i in chunks]
+    engine.fit_detectors([det], ToyNet(), outputs)
     return det
 
 
@@ -145,6 +147,7 @@ class _Doubling(Reducer):
 def test_finalize_reduces_sums_across_ranks() -> None:
     x, y = _toy_data(91)
     full = _fit(Mahalanobis(), x, y)
+    # update/finalize called directly: each rank's sums meet a hand-made reducer, twice below
     rank1 = Mahalanobis()
     for idx in torch.arange(50, 91).chunk(2):
         rank1.update(_out(x[idx]), y[idx])
@@ -206,12 +209,11 @@ def test_input_preprocessing_matches_autograd_oracle_and_raises_the_score() -> N
     xs, ys = torch.randn(60, 2, 4, 4), torch.arange(60) % L
     with torch.no_grad():
         train = model.extract(xs, taps=["conv"])
-    fitted = {}
-    for eps in (0.0, 0.01):
-        det = Mahalanobis(taps=["conv", "features"], epsilon=eps, input_std=[0.5, 0.25])
-        det.update(train, ys)
-        det.finalize(model)
-        fitted[eps] = det
+    fitted = {
+        eps: Mahalanobis(taps=["conv", "features"], epsilon=eps, input_std=[0.5, 0.25])
+        for eps in (0.0, 0.01)
+    }
+    engine.fit_detectors(fitted.values(), model, [(train, ys)])
     assert fitted[0.01].needs_input_grad and not fitted[0.0].needs_input_grad
     x = torch.randn(6, 2, 4, 4)
     with torch.no_grad():
@@ -261,6 +263,7 @@ def test_config_and_registry() -> None:
 
 def test_bad_fits_and_hyperparameters_are_explained() -> None:
     x, y = _toy_data()
+    # update/finalize called directly: the test is the error each of them raises
     with pytest.raises(RuntimeError, match="before any update"):
         Mahalanobis().finalize(ToyNet())
     det = Mahalanobis()
@@ -292,10 +295,8 @@ def test_lenet_on_fashion_mnist_matches_numpy(shared_data: Path) -> None:
     torch.manual_seed(0)
     net = create_model("lenet").eval()
     det = Mahalanobis(taps=["conv1", "conv2", "fc1", "logits"])
+    engine.fit_from_loader([det], net, [(x[i], labels[i]) for i in torch.arange(600).chunk(4)])
     with torch.no_grad():
-        for idx in torch.arange(600).chunk(4):
-            det.update(net.extract(x[idx], taps=det.taps), labels[idx])
-        det.finalize(net)
         out = net.extract(x[:600], taps=det.taps)
         comps = det.score_components(out)
     y = labels.numpy()

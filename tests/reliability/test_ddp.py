@@ -18,20 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from _cli import base_config, ood_callback, run_cli
+from _cli import LENET_DETECTORS, base_config, ood_callback, run_cli
 
 from lightning_ood.io import safe_load
 
-DETECTORS = {
-    "msp": {},
-    "odin": {"temperature": 1000.0, "epsilon": 0.0014},
-    "energy": {},
-    "react": {"percentile": 90.0},
-    "dice": {"p": 90.0},
-    "line": {"delta": 1.0, "p_a": 90, "p_w": 90},
-    "mahalanobis": {"taps": ["conv1", "conv2", "fc1"]},
-    "fssd": {"taps": ["conv1", "conv2", "fc1", "logits"], "noise": "reference"},
-}
+DETECTORS = LENET_DETECTORS  # every detector kind, with the demo's hyperparameters
 N_TEST = 1429  # 10,000 test images, every 7th
 HOLDOUT = 100
 DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]

@@ -1,10 +1,19 @@
-"""Toy backbones shared by the detector tests."""
+"""Toy backbones shared by the tests, and :func:`fitted`: detectors built, fitted and
+calibrated the one way the package does it (``lightning_ood.engine``).
+
+Importable from every test module (``tests/`` is on ``sys.path`` through its conftest).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_ood import engine
+from lightning_ood.detectors import Detector, build_detector
 from lightning_ood.models.base import OODBackbone
 
 
@@ -48,3 +57,22 @@ class TapNet(OODBackbone):
 
     def get_classifier(self) -> nn.Linear:
         return self.head
+
+
+def fitted(
+    detectors: Mapping[str, Mapping[str, Any] | None],
+    backbone: OODBackbone,
+    loader: Iterable[Any] | None,
+    calibrate_loader: Iterable[Any] | None = None,
+    tpr: float = 0.95,
+) -> dict[str, Detector]:
+    """Detectors built from config entries (``name: {type: kind, **hyperparameters}``, as in
+    ``build_detector``), fitted together by one ``engine.fit_from_loader`` pass over
+    ``loader`` and, with ``calibrate_loader`` (held-out ID batches), given their decision
+    thresholds at ``tpr`` by ``engine.score_loader`` + ``engine.calibrate_detectors``."""
+    dets = {name: build_detector(name, spec) for name, spec in detectors.items()}
+    engine.fit_from_loader(dets.values(), backbone, loader)
+    if calibrate_loader is not None:
+        id_scores = engine.score_loader(dets, backbone, calibrate_loader)
+        engine.calibrate_detectors(dets, id_scores, tpr)
+    return dets

@@ -1,0 +1,170 @@
+"""The one evaluation protocol and the one report: seeded hold-out, per-set combiners that
+never become the model's, non-finite reporting, averages, and the shared table format."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_ood import report
+from lightning_ood.detectors import build_detector
+from lightning_ood.metrics import METRIC_NAMES, ood_metrics
+from lightning_ood.protocol import (
+    average,
+    evaluate_detectors,
+    evaluate_pair,
+    holdout_splits,
+    needs_holdout,
+)
+from lightning_ood.splits import seeded_parts
+
+
+def _bank(seed: int, n: int, shift: float, k: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, k) if k else (n,)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) + shift).double()
+
+
+def test_evaluate_pair_metrics_and_nonfinite_counts() -> None:
+    s_id, s_ood = _bank(0, 50, 1.0), _bank(1, 40, 0.0)
+    got = evaluate_pair(s_id, s_ood)
+    assert {k: got[k] for k in METRIC_NAMES} == ood_metrics(s_id, s_ood)
+    assert (got["n_id"], got["n_ood"], got["nonfinite_id"], got["nonfinite_ood"]) == (50, 40, 0, 0)
+    s_ood[[3, 7]] = torch.tensor([math.nan, math.inf], dtype=torch.float64)
+    bad = evaluate_pair(s_id, s_ood)
+    assert all(math.isnan(bad[m]) for m in METRIC_NAMES)
+    assert (bad["nonfinite_id"], bad["nonfinite_ood"]) == (0, 2)
+
+
+def test_average_is_nan_when_any_set_is() -> None:
+    a = dict.fromkeys(METRIC_NAMES, 0.2)
+    b = dict.fromkeys(METRIC_NAMES, 0.4)
+    assert average({"a": a, "b": b})["auroc"] == pytest.approx(0.3)
+    assert math.isnan(average({"a": a, "b": {**b, "auroc": math.nan}})["auroc"])
+
+
+def test_holdout_is_the_seeded_permutation_and_checks_sizes() -> None:
+    splits = holdout_splits({"id": 20, "ood": 12}, 5, seed=42)
+    perm = torch.randperm(20, generator=torch.Generator().manual_seed(42))
+    assert splits["id"][0].tolist() == perm[:5].tolist()
+    assert splits["id"][1].tolist() == perm[5:].tolist()
+    assert [p.tolist() for p in seeded_parts(20, [5], 42)] == [t.tolist() for t in splits["id"]]
+    with pytest.raises(ValueError, match=r"'ood' has 12 samples but validation_size=12"):
+        holdout_splits({"ood": 12}, 12, seed=42)
+
+
+def test_per_set_combiners_are_fitted_on_held_out_samples_and_not_kept() -> None:
+    maha = build_detector("mahalanobis", {"taps": ["a", "b"], "combiner": "lr"})
+    energy = build_detector("energy")
+    dets = {"maha": maha, "energy": energy}
+    assert needs_holdout(dets, 10) and not needs_holdout({"energy": energy}, 10)
+    names = ["id", "near", "far"]
+    comps = [_bank(0, 60, 1.0, 2), _bank(1, 40, 0.0, 2), _bank(2, 30, -1.0, 2)]
+    plain = [_bank(3, 60, 1.0), _bank(4, 40, 0.0), _bank(5, 30, -1.0)]
+    before = maha.combiner_state()
+    result = evaluate_detectors(
+        dets, {"maha": comps, "energy": plain}, names, validation_size=10, seed=7
+    )
+    assert result.held_out_per_set == 10
+    # The model's own combiner is untouched (still unfitted): per-set fits are the protocol's.
+    after = maha.combiner_state()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    split = holdout_splits({"id": 60, "near": 40, "far": 30}, 10, seed=7)
+    for j, ood in enumerate(names[1:], start=1):
+        oracle = build_detector("mahalanobis", {"taps": ["a", "b"], "combiner": "lr"})
+        oracle.fit_combiner(comps[0][split["id"][0]], comps[j][split[ood][0]])
+        s_id = oracle.combine(comps[0][split["id"][1]])
+        s_ood = oracle.combine(comps[j][split[ood][1]])
+        assert result.metrics["maha"][ood]["auroc"] == ood_metrics(s_id, s_ood)["auroc"]
+        assert result.combiners["maha"][ood]["combiner_coef"] == oracle.combiner_coef.tolist()
+        # every detector is reported on the same (not held-out) samples
+        e = result.metrics["energy"][ood]
+        assert (e["n_id"], e["n_ood"]) == (50, len(split[ood][1]))
+        want = ood_metrics(plain[0][split["id"][1]], plain[j][split[ood][1]])
+        assert e["fpr95"] == want["fpr95"]
+    avg = result.metrics["energy"]["average"]["auroc"]
+    assert (
+        avg
+        == (result.metrics["energy"]["near"]["auroc"] + result.metrics["energy"]["far"]["auroc"])
+        / 2
+    )
+
+
+def test_nonfinite_scores_warn_and_report_nan() -> None:
+    energy = build_detector("energy")
+    s_ood = _bank(1, 30, 0.0)
+    s_ood[0] = math.nan
+    messages: list[str] = []
+    result = evaluate_detectors(
+        {"energy": energy},
+        {"energy": [_bank(0, 30, 1.0), s_ood]},
+        ["id", "x"],
+        warn=messages.append,
+    )
+    assert math.isnan(result.metrics["energy"]["x"]["auroc"])
+    assert result.metrics["energy"]["x"]["nonfinite_ood"] == 1
+    assert len(messages) == 1 and "'energy' produced non-finite scores on 'x'" in messages[0]
+
+
+def test_empty_set_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"test set 'x' produced no samples"):
+        evaluate_detectors(
+            {"energy": build_detector("energy")},
+            {"energy": [_bank(0, 5, 1.0), torch.zeros(0, dtype=torch.float64)]},
+            ["id", "x"],
+        )
+
+
+# -- report -----------------------------------------------------------------------------------
+def test_headers_name_direction_and_positive_class() -> None:
+    assert report.HEADERS == {
+        "fpr95": "FPR95↓ (ID+)",
+        "fpr80": "FPR80↓ (ID+)",
+        "fpr95_oodpos": "FPR95↓ (OOD+)",
+        "auroc": "AUROC↑",
+        "aupr_in": "AUPR-In↑",
+        "aupr_out": "AUPR-Out↑",
+        "detection_acc": "DetAcc↑",
+    }
+
+
+def test_table_and_files(tmp_path: Path) -> None:
+    vals = {**dict.fromkeys(METRIC_NAMES, 0.12345), "auroc": math.nan}
+    counts = {"n_id": 3, "n_ood": 4, "nonfinite_id": 0, "nonfinite_ood": 1}
+    metrics = {"energy": {"mnist": {**vals, **counts}, "average": dict(vals)}}
+    lines = report.metrics_table(metrics)
+    assert lines[0].startswith("| detector | OOD set | FPR95↓ (ID+) | FPR80↓ (ID+) |")
+    assert lines[2] == "| energy | mnist | 12.35 | 12.35 | 12.35 | nan | 12.35 | 12.35 | 12.35 |"
+    assert len(lines) == 3  # one OOD set: its average row would repeat it
+    results = {
+        "id_set": "f",
+        "data_version": "v",
+        "model": "m",
+        "convention": "c",
+        "metrics": metrics,
+    }
+    paths = report.write_results(
+        tmp_path, "ood_results", results, report.format_markdown(results), metrics
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ood_results.csv",
+        "ood_results.json",
+        "ood_results.md",
+    ]
+    assert set(paths) == set(tmp_path.iterdir())
+    csv_lines = (tmp_path / "ood_results.csv").read_text().splitlines()
+    assert (
+        csv_lines[0]
+        == "detector,ood_set," + ",".join(METRIC_NAMES) + ",n_id,n_ood,nonfinite_id,nonfinite_ood"
+    )
+    assert csv_lines[1].endswith(",3,4,0,1") and len(csv_lines) == 3
+    assert (
+        json.loads((tmp_path / "ood_results.json").read_text())["metrics"]["energy"]["mnist"][
+            "n_id"
+        ]
+        == 3
+    )

@@ -6,27 +6,76 @@ hand-off loader never import Lightning; they are re-exported here for existing c
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Any
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from torch import Tensor
 from typing_extensions import override
 
-from lightning_ood.io import CheckpointError, UnsafeCheckpointError, atomic_save, safe_load
+from lightning_ood.io import (
+    CheckpointDeviceError,
+    CheckpointError,
+    NotACheckpointError,
+    TruncatedCheckpointError,
+    UnsafeCheckpointError,
+    atomic_save,
+    safe_load,
+)
 
 __all__ = [
+    "CheckpointDeviceError",
     "CheckpointError",
+    "NotACheckpointError",
     "SafeCheckpointIO",
+    "TruncatedCheckpointError",
     "UnsafeCheckpointError",
     "atomic_save",
+    "check_lightning_checkpoint",
     "safe_load",
 ]
+
+#: Every checkpoint Lightning writes has this key; resuming from a file without it fails.
+LIGHTNING_KEY = "pytorch-lightning_version"
+
+
+def check_lightning_checkpoint(ckpt: Any, path: str | os.PathLike[str]) -> None:
+    """Refuse a file that loads but is no Lightning checkpoint, saying what it is instead.
+
+    A bare weights file (a ``state_dict``, or a research script's ``{'epoch', 'state_dict'}``
+    such as the reference DenseNet ``.pth.tar``) cannot resume or evaluate a run: it holds no
+    hyperparameters, loops or detectors. It is the backbone's initial weights instead.
+
+    Raises:
+        NotACheckpointError: ``ckpt`` lacks Lightning's keys.
+    """
+    if isinstance(ckpt, Mapping) and LIGHTNING_KEY in ckpt and "state_dict" in ckpt:
+        return
+    inner = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
+    tensors = (
+        isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values())
+    )
+    keys = sorted(map(str, ckpt))[:8] if isinstance(ckpt, Mapping) else type(ckpt).__name__
+    if tensors:
+        raise NotACheckpointError(
+            f"{str(path)!r} is a bare weights file (a state_dict; top-level keys {keys}), not a "
+            "Lightning checkpoint, so --ckpt_path cannot restore a run from it. Pass it as the "
+            f"backbone's initial weights instead: --model.model_kwargs.weights {path} (YAML: "
+            "model.model_kwargs.weights), without --ckpt_path."
+        )
+    raise NotACheckpointError(
+        f"{str(path)!r} is a torch file but not a Lightning checkpoint (top-level keys {keys}; "
+        f"no {LIGHTNING_KEY!r}); --ckpt_path takes a .ckpt written by a lightning-ood run."
+    )
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint I/O: :func:`atomic_save` to write, :func:`safe_load` to read.
 
     ``weights_only`` requests from Lightning are ignored on purpose: a checkpoint is always
-    read as data. lightning-ood checkpoints hold only tensors and primitive types.
+    read as data. lightning-ood checkpoints hold only tensors and primitive types. A file that
+    is no Lightning checkpoint (e.g. bare weights) is refused with what to do instead.
     """
 
     @override
@@ -41,4 +90,6 @@ class SafeCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path: Any, map_location: Any = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
-        return safe_load(path, map_location=map_location or "cpu")
+        ckpt = safe_load(path, map_location=map_location or "cpu")
+        check_lightning_checkpoint(ckpt, path)
+        return ckpt

@@ -9,6 +9,8 @@ this module.
 from __future__ import annotations
 
 import argparse
+import copy
+import inspect
 import sys
 import warnings
 from collections.abc import Sequence
@@ -20,16 +22,25 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_ood.callbacks.predictions import PredictionCSVWriter, default_prediction_path
-from lightning_ood.checkpoint import SafeCheckpointIO, safe_load
+from lightning_ood.callbacks.evaluation import OODEvaluation
+from lightning_ood.callbacks.predictions import PredictionCSVWriter
+from lightning_ood.checkpoint import SafeCheckpointIO, check_lightning_checkpoint, safe_load
 from lightning_ood.data import OODDataModule
 from lightning_ood.grid import GridResult, load_spec, run_spec, write_grid_results
 from lightning_ood.task import ClassificationTask
 
 
 class OODCLI(LightningCLI):
-    """Adds ``--experiment`` which names the checkpoint folder and the TensorBoard run."""
+    """LightningCLI with the project's defaults and refusals.
+
+    Adds ``--experiment`` (the checkpoint folder and TensorBoard run name), and refuses what
+    would lose work or report nonsense: ``test``/``predict`` of a network without trained
+    weights (unless ``--allow_untrained true``), a ``fit`` over an earlier run's checkpoints or
+    a ``predict`` over an existing file (unless ``--overwrite true``), and a checkpoint whose
+    class count the data does not have. Flags that ``--ckpt_path`` overrides are warned about.
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -54,18 +65,148 @@ class OODCLI(LightningCLI):
             type=str,
             default=None,
             help="predict: CSV of per-sample scores and decisions (default "
-            "<log_root>/<experiment>/predictions.csv).",
+            "<log_root>/<experiment>/version_N/predictions.csv, a new file per run).",
         )
+        parser.add_argument(
+            "--allow_untrained",
+            type=bool,
+            default=False,
+            help="test/predict: run even though the network has no trained weights (neither "
+            "--ckpt_path nor model.model_kwargs.weights); the results then describe a random "
+            "network, and no fitted.ckpt is written.",
+        )
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="fit: replace the checkpoints of an earlier run of this experiment (otherwise "
+            "refused: resume it with --ckpt_path last); predict: replace an existing "
+            "--predictions file.",
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        # the raw flags, to tell flags the user gave from defaults (see _parse_ckpt_path)
+        if args is None:
+            self._argv = sys.argv[1:]
+        else:
+            self._argv = [str(a) for a in args] if isinstance(args, list | tuple) else []
+        super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint's hyperparameters before anything else; read the
-        # file through safe_load first so a truncated, corrupt or code-carrying file fails
-        # with an error that names it (LightningCLI itself also loads weights_only).
+        # file through safe_load first so a truncated, corrupt, code-carrying or bare-weights
+        # file fails with an error that names it and the fix (LightningCLI itself also loads
+        # weights_only, and then fails with a KeyError on a bare weights file).
+        self._ckpt_data: dict[str, Any] = {}
         sub = self.config.get("subcommand")
         path = self.config[sub].get("ckpt_path") if sub else None
-        if path and path not in ("last", "best", "hpc", "registry") and Path(path).is_file():
-            safe_load(path)
+        if not (path and path not in ("last", "best", "hpc", "registry") and Path(path).is_file()):
+            super()._parse_ckpt_path()
+            return
+        ckpt = safe_load(path)
+        check_lightning_checkpoint(ckpt, path)
+        self._ckpt_data = dict((ckpt.get("lightning_ood") or {}).get("data") or {})
+        given = self._given_model_args(sub)
         super()._parse_ckpt_path()
+        model_cfg = self.config[sub]["model"]
+        for key, value in given.items():
+            now = model_cfg.get(key)
+            if _same_arg(now, value):
+                continue
+            rank_zero_warn(
+                f"[lightning_ood] --ckpt_path {path}: the checkpoint's {key}={now!r} replaces "
+                f"the given {key}={value!r}. A checkpoint is always rebuilt as it was trained "
+                f"(its weights, class count and detectors); drop --model.{key}, or drop "
+                "--ckpt_path to build the configured model instead."
+            )
+
+    def _given_model_args(self, sub: str) -> dict[str, Any]:
+        """Model arguments set by a flag or a config file (not left at their defaults), among
+        those a checkpoint's hyperparameters replace."""
+        defaults = inspect.signature(ClassificationTask.__init__).parameters
+        named = [a.split("=")[0] for a in getattr(self, "_argv", []) if a.startswith("--model.")]
+        model_cfg = self.config[sub]["model"]
+        given = {}
+        for key in _CKPT_MODEL_ARGS:
+            value = model_cfg.get(key)
+            flag = f"--model.{key}"
+            by_flag = any(n == flag or n.startswith(f"{flag}.") for n in named)
+            if by_flag or not _same_arg(value, defaults[key].default):
+                given[key] = copy.deepcopy(value)
+        return given
+
+    def before_instantiate_classes(self) -> None:
+        sub = self.subcommand
+        if sub not in ("test", "predict"):
+            return
+        cfg = self.config[sub]
+        weights = (cfg["model"].get("model_kwargs") or {}).get("weights")
+        if cfg.get("ckpt_path") or weights or cfg["allow_untrained"]:
+            return
+        raise SystemExit(
+            f"lightning-ood {sub}: refusing to {sub} a network with untrained weights. Neither "
+            "--ckpt_path nor model.model_kwargs.weights is given, so the backbone is randomly "
+            "initialised and its accuracy and OOD scores mean nothing. Pass the trained run's "
+            "checkpoint (--ckpt_path <checkpoint_root>/<experiment>/last.ckpt) or the "
+            "backbone's weights (--model.model_kwargs.weights PATH); or --allow_untrained true "
+            f"to {sub} the untrained network on purpose (no fitted.ckpt is then written)."
+        )
+
+    def after_instantiate_classes(self) -> None:
+        sub = self.subcommand
+        if sub is None:
+            return
+        cfg = self.config[sub]
+        self._check_class_count(cfg.get("ckpt_path"))
+        if sub == "fit" and not cfg["overwrite"]:
+            self._refuse_replacing_a_run(cfg.get("ckpt_path"), cfg["experiment"])
+        weights = (cfg["model"].get("model_kwargs") or {}).get("weights")
+        if sub == "test" and not cfg.get("ckpt_path") and not weights:  # --allow_untrained
+            for cb in self.trainer.callbacks:
+                if isinstance(cb, OODEvaluation):
+                    cb.untrained_weights = True
+
+    def _check_class_count(self, ckpt_path: str | None) -> None:
+        """A checkpoint keeps its class count (its num_classes replaces --model.num_classes),
+        so data with another count is refused here, with advice that can actually help."""
+        if not self._ckpt_data and not (ckpt_path and Path(ckpt_path).is_file()):
+            return
+        try:
+            data_classes = int(self.datamodule.num_classes)
+        except (AttributeError, NotImplementedError, TypeError):
+            return
+        hp = self.model.hparams
+        if data_classes == hp["num_classes"]:
+            return
+        trained_on = self._ckpt_data.get("data_version") or self._ckpt_data.get("id_set")
+        raise SystemExit(
+            f"lightning-ood: --ckpt_path {ckpt_path} holds a {hp['model']} trained for "
+            f"{hp['num_classes']} classes{f' on {trained_on}' if trained_on else ''}, but the "
+            f"datamodule {type(self.datamodule).__name__} has {data_classes} classes. A "
+            "checkpoint keeps the class count it was trained with (--model.num_classes cannot "
+            "change it), so use it with the data it was trained on, or train a "
+            f"{data_classes}-class model with `lightning-ood fit` (without --ckpt_path)."
+        )
+
+    def _refuse_replacing_a_run(self, ckpt_path: str | None, experiment: str) -> None:
+        """``fit`` writes ``last.ckpt`` and the best epoch into a fixed folder: a second run of
+        the same experiment would replace the first one's checkpoints."""
+        for cb in self.trainer.checkpoint_callbacks:
+            folder = Path(cb.dirpath) if getattr(cb, "dirpath", None) else None
+            if folder is None or not folder.is_dir():
+                continue
+            if ckpt_path and (
+                ckpt_path in ("last", "hpc") or Path(ckpt_path).resolve().parent == folder.resolve()
+            ):
+                continue  # resuming the run that lives in this folder
+            earlier = sorted(p.name for p in folder.glob("*.ckpt") if p.name != "fitted.ckpt")
+            if earlier:
+                raise SystemExit(
+                    f"lightning-ood fit: {folder} already holds the checkpoints of an earlier run "
+                    f"of experiment {experiment!r} ({', '.join(earlier[:4])}); this fit would "
+                    "replace them. Resume that run with --ckpt_path last, start a new one with "
+                    "another --experiment NAME, or pass --overwrite true to replace them."
+                )
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -110,8 +251,14 @@ class OODCLI(LightningCLI):
         if self.subcommand == "predict" and not any(
             isinstance(c, PredictionCSVWriter) for c in callbacks
         ):
-            out = cfg["predictions"] or default_prediction_path(cfg["log_root"], experiment)
-            callbacks.append(PredictionCSVWriter(out))
+            out = cfg["predictions"]
+            if out and Path(out).exists() and not cfg["overwrite"]:
+                raise SystemExit(
+                    f"lightning-ood predict: {out} already exists; write these predictions "
+                    "elsewhere (--predictions NEW.csv, or leave it out for a new file in the run's "
+                    "log folder) or pass --overwrite true to replace it."
+                )
+            callbacks.append(PredictionCSVWriter(out, overwrite=cfg["overwrite"]))
         kwargs["callbacks"] = callbacks
         plugins = trainer_cfg.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
@@ -120,6 +267,15 @@ class OODCLI(LightningCLI):
             plugins.append(SafeCheckpointIO())
         kwargs["plugins"] = plugins
         return super().instantiate_trainer(**kwargs)
+
+
+#: Model arguments a checkpoint's hyperparameters replace (``detectors`` come from the callback).
+_CKPT_MODEL_ARGS = ("model", "num_classes", "model_kwargs", "channels_last")
+
+
+def _same_arg(a: Any, b: Any) -> bool:
+    """Equal model arguments; ``None`` and ``{}`` are the same ``model_kwargs``."""
+    return (a or None) == (b or None) if isinstance(a, dict) or isinstance(b, dict) else a == b
 
 
 def main(args: ArgsType = None, run: bool = True) -> OODCLI:

@@ -5,7 +5,8 @@ Pure torch (no Lightning import), so models, detectors and the hand-off loader c
 * :func:`safe_load` is the one way this project reads a checkpoint (Lightning ``.ckpt``,
   reference ``.pth.tar``, feature-cache entries): ``torch.load(weights_only=True)``, which
   unpickles only tensors and primitive containers. A file that needs anything else (a pickled
-  class, a ``__reduce__`` payload) is refused before any of its code runs.
+  class, a ``__reduce__`` payload) is refused before any of its code runs. Each other failure
+  has its own error and remedy: not a checkpoint at all, truncated, or a device that is absent.
 * :func:`atomic_save` / :func:`atomic_write_text` write to a temporary file in the target's
   folder, fsync it and rename it over the target: a run killed mid-write leaves the previous
   good file in place, never a prefix.
@@ -19,6 +20,7 @@ import contextlib
 import os
 import pickle
 import socket
+import tarfile
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
@@ -32,42 +34,151 @@ DOWNLOAD_TIMEOUT_S = 20.0
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file is missing pieces, truncated or corrupt."""
+    """A checkpoint file cannot be used; the subclasses say why."""
+
+
+class TruncatedCheckpointError(CheckpointError):
+    """A torch checkpoint cut short or damaged (e.g. an interrupted copy): copy it again."""
+
+
+class NotACheckpointError(CheckpointError):
+    """The file is no torch checkpoint at all, or not the kind of checkpoint asked for."""
 
 
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint file holds pickled Python objects, which are never executed."""
 
 
+class CheckpointDeviceError(CheckpointError):
+    """A readable checkpoint was asked onto a device this machine does not have."""
+
+
+#: First bytes of the formats ``torch.load`` reads: a ``torch.save`` zip archive, or the legacy
+#: format (a pickle stream, protocol 2 to 5). Anything else is not a torch checkpoint.
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+#: The legacy format opens with torch's magic number, pickled as a 10-byte LONG1.
+_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+#: Messages of torch's weights-only unpickler for objects it refuses to build (code could run).
+_UNSAFE_MARKERS = (
+    "GLOBAL",
+    "unrecognized function",
+    "Can only create new object",
+    "Can only build",
+)
+
+
 def safe_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` with errors that name the file and the fix.
 
+    The failure is diagnosed before and after reading, so each cause gets its own remedy:
+    a file of another kind, a truncated copy, pickled code, or a device this machine lacks.
+
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        CheckpointDeviceError: ``map_location`` names a device that is absent here (the file
+            itself may be fine).
+        NotACheckpointError: the file is not a torch checkpoint (text, random bytes, a plain
+            pickle, a zip archive of something else).
+        TruncatedCheckpointError: a torch checkpoint that is cut short or corrupt.
         UnsafeCheckpointError: the file needs arbitrary unpickling (code execution) to load.
-        CheckpointError: the file is truncated, corrupt, or not a torch checkpoint.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    _check_device(path, map_location)
+    _check_format(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only load failed" in str(err).lower() or "unsupported global" in str(err):
+        if any(marker in str(err) for marker in _UNSAFE_MARKERS):
             raise UnsafeCheckpointError(
                 f"checkpoint {str(path)!r} stores Python objects besides tensors and primitive "
                 "types; it was NOT loaded, because unpickling them could run code from the file. "
                 "Ask its author for a weights-only checkpoint (a state_dict, or a lightning-ood "
                 f".ckpt). Details: {_first_line(err)}"
             ) from err
-        raise CheckpointError(_corrupt_message(path, err)) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(_corrupt_message(path, err)) from err
+        raise TruncatedCheckpointError(_corrupt_message(path, err)) from err
+    except RuntimeError as err:
+        if _is_device_error(err):
+            raise CheckpointDeviceError(_device_message(path, map_location, err)) from err
+        raise TruncatedCheckpointError(_corrupt_message(path, err)) from err
+    except Exception as err:  # a damaged file can fail anywhere inside the unpickler
+        raise TruncatedCheckpointError(_corrupt_message(path, err)) from err
+
+
+def _check_format(path: Path) -> None:
+    """Refuse files that are no torch checkpoint before unpickling them, so random bytes are
+    never reported as pickled code; a torch zip archive without its end record is truncated."""
+    with open(path, "rb") as f:
+        head = f.read(32)
+    size = path.stat().st_size
+    if not head:
+        raise TruncatedCheckpointError(
+            f"checkpoint {str(path)!r} is empty (0 bytes); if it was being copied or written "
+            "when the process stopped, copy it again."
+        )
+    if head.startswith(_ZIP_MAGIC):
+        if not zipfile.is_zipfile(path):
+            raise TruncatedCheckpointError(
+                f"checkpoint {str(path)!r} ({size} bytes) is truncated or corrupt: it starts as a "
+                "torch.save archive but its end is missing. If a run was killed while copying "
+                "it, copy it again; lightning-ood itself never leaves a partly written checkpoint."
+            )
+        with zipfile.ZipFile(path) as archive:
+            if any(name.endswith("data.pkl") for name in archive.namelist()):
+                return
+        what = "a zip archive without the data.pkl of a torch.save checkpoint"
+    elif head.startswith(b"\x80") and _LEGACY_MAGIC in head:
+        return  # torch's legacy (pre-1.6) format
+    elif tarfile.is_tarfile(path):
+        return  # torch's oldest format
+    elif head.startswith(b"\x80"):
+        what = "a Python pickle that torch.save did not write"
+    else:
+        what = f"it starts with {head[:4]!r}, neither a torch.save archive nor a pickle"
+    raise NotACheckpointError(
+        f"{str(path)!r} ({size} bytes) is not a torch checkpoint: {what}. Check the path: a "
+        "checkpoint is the .ckpt/.pt/.pth/.pth.tar file that torch.save or a lightning-ood run "
+        "wrote."
+    )
+
+
+def _check_device(path: Path, map_location: Any) -> None:
+    """A device that is absent here fails as such, before the file is blamed."""
+    if not isinstance(map_location, str | torch.device):
+        return  # a dict or callable: its errors are classified after reading
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, ValueError) as err:
+        raise CheckpointDeviceError(_device_message(path, map_location, err)) from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            why = f"this machine has {count} CUDA device(s)"
+            raise CheckpointDeviceError(_device_message(path, map_location, why))
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise CheckpointDeviceError(_device_message(path, map_location, "MPS is not available"))
+
+
+def _is_device_error(err: BaseException) -> bool:
+    msg = str(err)
+    return any(
+        s in msg
+        for s in ("deserialize object on", "device string", "torch.cuda.device_count", "CUDA")
+    )
+
+
+def _device_message(path: Path, map_location: Any, why: object) -> str:
+    return (
+        f"cannot load checkpoint {str(path)!r} onto map_location={map_location!r}: {why}. "
+        "This is not a fault of the file: load it with map_location='cpu' (lightning_ood.load's "
+        "default) and move the model with .to(device), or use a machine that has that device."
+    )
 
 
 def _first_line(err: BaseException) -> str:
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    unsafe = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln]
+    unsafe = [ln for ln in lines if any(m in ln for m in (*_UNSAFE_MARKERS, "Unsupported"))]
     return (unsafe or lines or [type(err).__name__])[0]
 
 

@@ -27,25 +27,52 @@ from lightning_ood.io import safe_load
 from lightning_ood.models import OODBackbone
 from lightning_ood.state import build_from_checkpoint
 
+#: First words of the refusals, shared by the eager errors and the exported assertions.
+_NONFINITE = "input batch contains NaN or Inf values"
+_OUT_OF_RANGE = "input pixels lie outside [0, 1]"
+
+
+def _samples(bad: Tensor, most: int = 10) -> str:
+    """``[i, j, ...]``: the batch indices of samples with any flagged value."""
+    rows = bad.flatten(1).any(1).nonzero().flatten().tolist()
+    return f"{rows[:most]}{' ...' if len(rows) > most else ''}"
+
 
 class OODPredictor(nn.Module):
     """Backbone + fitted, calibrated detectors + the ID data's metadata.
 
-    ``forward(images)`` takes un-normalised images in [0, 1] (float) or [0, 255] (uint8) of the
-    recorded input size and returns ``{"logits": (N, L), "pred": (N,), "scores": {det: (N,)},
-    "is_ood": {det: (N,) bool}}``; higher scores = more in-distribution, and a sample is called
-    OOD by a detector when its score is below that detector's threshold.
+    ``forward(images)`` takes un-normalised images of the recorded input size, floats in
+    [0, 1] or uint8 in 0..255 (token models: integer ids in [0, vocab_size)), and returns
+    ``{"logits": (N, L), "pred": (N,), "scores": {det: (N,)}, "is_ood": {det: (N,) bool}}``;
+    higher scores = more in-distribution, and a sample is called OOD by a detector when its
+    score is below that detector's threshold.
+
+    Anything else is refused, never scored: NaN/Inf pixels, floats outside [0, 1] (0..255
+    floats, or images already normalised with the dataset's mean/std, which the module applies
+    itself), integer dtypes other than uint8. The eager module raises ``ValueError`` saying what
+    to pass; an exported program raises ``RuntimeError`` with the same first words.
+
+    Memory does not grow with the batch the caller passes: the eager module scores at most
+    ``chunk_size`` samples per forward pass (an empty batch gives empty outputs).
 
     Args:
         backbone: the trained classifier.
         detectors: fitted detectors with thresholds (see :meth:`Detector.calibrate`).
         meta: ``class_names``, ``input_shape``, ``mean``, ``std``, ``data_version``, ...
+        chunk_size: most samples per forward pass (and per input-gradient step of ODIN/FSSD).
     """
 
     def __init__(
-        self, backbone: OODBackbone, detectors: dict[str, Detector], meta: dict[str, Any]
+        self,
+        backbone: OODBackbone,
+        detectors: dict[str, Detector],
+        meta: dict[str, Any],
+        chunk_size: int = 256,
     ) -> None:
         super().__init__()
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.chunk_size = int(chunk_size)
         for name, det in detectors.items():
             det.check_fitted()
             if not det.is_calibrated:
@@ -80,7 +107,10 @@ class OODPredictor(nn.Module):
 
     # -- input checks ------------------------------------------------------------------------
     def check_input(self, images: Tensor) -> None:
-        """Shape, channel count, dtype and finiteness, each with an error saying what to do."""
+        """Shape, dtype and value range, each with an error saying what to pass instead.
+
+        Under ``torch.export`` the value checks become runtime assertions of the program.
+        """
         if not isinstance(images, Tensor):
             raise TypeError(f"expected a Tensor batch, got {type(images).__name__}")
         expected = self.input_shape
@@ -92,14 +122,50 @@ class OODPredictor(nn.Module):
                 "Resize/convert the images first (e.g. torchvision.transforms.v2.Resize and "
                 "Grayscale/RGB conversion)."
             )
-        if images.is_floating_point() and not exporting():
-            finite = torch.isfinite(images)
-            if not bool(finite.all()):
-                bad = (~finite.flatten(1)).any(1).nonzero().flatten().tolist()
+        if not self.normalizes:
+            self._check_tokens(images)
+            return
+        if images.dtype != torch.uint8 and not images.is_floating_point():
+            raise ValueError(
+                f"input batch has dtype {images.dtype}; pass uint8 images (0..255) or floating "
+                "images in [0, 1] (e.g. torchvision.transforms.v2.ToDtype(torch.float32, "
+                "scale=True))"
+            )
+        if images.dtype == torch.uint8:
+            return
+        if exporting():
+            torch._assert_async(torch.isfinite(images).all(), _NONFINITE)
+            torch._assert_async(((images >= 0) & (images <= 1)).all(), _OUT_OF_RANGE)
+            return
+        finite = torch.isfinite(images)
+        if not bool(finite.all()):
+            raise ValueError(
+                f"{_NONFINITE} in sample(s) {_samples(~finite)}; OOD scores of such inputs "
+                "are meaningless, so they are refused rather than scored"
+            )
+        outside = (images < 0) | (images > 1)
+        if bool(outside.any()):
+            lo, hi = float(images.min()), float(images.max())
+            raise ValueError(
+                f"{_OUT_OF_RANGE} in sample(s) {_samples(outside)} (min {lo:g}, max {hi:g}). "
+                "Pass un-normalised images: floats in [0, 1] (divide 0..255 floats by 255) or "
+                "uint8 0..255; do not apply the dataset's Normalize, the module does that "
+                f"itself (mean {self.meta.get('mean')}, std {self.meta.get('std')})"
+            )
+
+    def _check_tokens(self, tokens: Tensor) -> None:
+        vocab = int(getattr(self.backbone, "vocab_size", 0) or 0)
+        if tokens.is_floating_point() or tokens.dtype == torch.bool:
+            raise ValueError(
+                f"input batch has dtype {tokens.dtype}; this model takes integer token ids in "
+                f"[0, {vocab})"
+            )
+        if vocab and not exporting():
+            outside = (tokens < 0) | (tokens >= vocab)
+            if bool(outside.any()):
                 raise ValueError(
-                    f"input batch contains NaN or Inf values in sample(s) {bad[:10]}"
-                    f"{' ...' if len(bad) > 10 else ''}; OOD scores of such inputs are "
-                    "meaningless, so they are refused rather than scored"
+                    f"token ids outside [0, {vocab}) in sample(s) {_samples(outside)}; encode "
+                    "the sequences with the model's vocabulary"
                 )
 
     def normalize(self, images: Tensor) -> Tensor:
@@ -112,16 +178,32 @@ class OODPredictor(nn.Module):
     # -- scoring -----------------------------------------------------------------------------
     def forward(self, images: Tensor) -> dict[str, Any]:
         self.check_input(images)
-        return self.score_normalized(self.normalize(images))
+        if exporting() or images.shape[0] <= self.chunk_size:
+            return self.score_normalized(self.normalize(images))
+        parts = [self.score_normalized(self.normalize(c)) for c in images.split(self.chunk_size)]
+        return {
+            "logits": torch.cat([p["logits"] for p in parts]),
+            "pred": torch.cat([p["pred"] for p in parts]),
+            **{
+                key: {n: torch.cat([p[key][n] for p in parts]) for n in parts[0][key]}
+                for key in ("scores", "is_ood")
+            },
+        }
 
     def score_normalized(self, x: Tensor) -> dict[str, Any]:
-        """Like :meth:`forward` for inputs already normalised (a datamodule's batches)."""
+        """Like :meth:`forward` for inputs already normalised (a datamodule's batches); one
+        forward pass for the whole of ``x``."""
         out = self.backbone.extract(x, taps=self._taps)
         return engine.predict_batch(self.detectors, out, self.backbone, x)
 
     # -- deployment --------------------------------------------------------------------------
     def export(self, example: Tensor) -> torch.export.ExportedProgram:
-        """A ``torch.export`` program of :meth:`forward` (batch size dynamic).
+        """A ``torch.export`` program of :meth:`forward` (batch size dynamic, 1 to 65,536).
+
+        Any example batch size works, 1 included (a batch of one is traced as two, so the
+        batch dimension stays symbolic). The program takes inputs of the example's dtype
+        (uint8, or a float dtype): a traced graph has one input dtype, so export with the dtype
+        you will deploy with. Bad values are refused at run time like the eager module does.
 
         Detectors that perturb the input along its gradient (ODIN, FSSD/Mahalanobis with
         ``epsilon > 0``) need autograd at inference, which an exported graph cannot hold; build
@@ -134,6 +216,8 @@ class OODPredictor(nn.Module):
                 f"load with detectors={[n for n in self.detector_names if n not in grad]}"
             )
         self.check_input(example)
+        if example.shape[0] < 2:  # a batch of 1 would be specialised to a constant
+            example = example[:1].expand(2, *example.shape[1:]).contiguous()
         batch = torch.export.Dim("batch", min=1, max=65536)
         with frozen_flags(self.detectors.values()):
             return torch.export.export(
@@ -145,6 +229,7 @@ def load(
     path: str | os.PathLike[str],
     detectors: Sequence[str] | None = None,
     map_location: str | torch.device = "cpu",
+    chunk_size: int = 256,
 ) -> OODPredictor:
     """Load a lightning-ood checkpoint as an :class:`OODPredictor` (safe: weights only).
 
@@ -153,6 +238,8 @@ def load(
             ``lightning-ood test``.
         detectors: names of the detectors to keep (default: every fitted, calibrated one).
         map_location: device for the weights.
+        chunk_size: most samples scored per forward pass (bounds memory, see
+            :class:`OODPredictor`).
 
     Raises:
         FileNotFoundError / CheckpointError / UnsafeCheckpointError: see
@@ -187,4 +274,4 @@ def load(
             "detector fitting. Run `lightning-ood test --ckpt_path ...` with the OODEvaluation "
             "callback, which fits, calibrates and saves them."
         )
-    return OODPredictor(backbone, chosen, meta).eval()
+    return OODPredictor(backbone, chosen, meta, chunk_size).eval()

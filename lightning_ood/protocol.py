@@ -8,9 +8,11 @@ grid both evaluate through these functions, so a number means the same thing eve
 * a (detector, OOD set) pair with any non-finite score reports NaN metrics and the counts of
   the offending samples (``nonfinite_id``/``nonfinite_ood``), never a number computed around
   them; an average over sets is NaN as soon as one set is;
-* layer ensembles (FSSD, Mahalanobis) fit their combiner per OOD set on a seeded hold-out of
-  ``validation_size`` samples of the ID set and of that OOD set; held-out samples are never
-  reported, for any detector, so every row of a table is scored on the same samples.
+* layer ensembles with more than one component (FSSD, Mahalanobis over several taps) fit
+  their combiner per OOD set on a seeded hold-out of ``validation_size`` samples of the ID set
+  and of that OOD set; those samples are never reported *for them*. Every other detector is
+  reported on every sample, so adding or removing a detector never changes another one's
+  numbers (:func:`holds_out` is the one rule).
 """
 
 from __future__ import annotations
@@ -56,28 +58,46 @@ def average(per_set: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     return {m: sum(v[m] for v in per_set.values()) / len(per_set) for m in METRIC_NAMES}
 
 
+def holds_out(det: Detector, num_components: int, validation_size: int) -> bool:
+    """Whether ``det`` is evaluated on a hold-out: it fits a combiner of ``num_components > 1``
+    components on held-out validation samples (a single component needs no combiner) and
+    ``validation_size > 0``."""
+    return validation_size > 0 and det.needs_validation and num_components > 1
+
+
+def check_holdout(
+    sizes: Mapping[str, int], validation_size: int, detectors: Mapping[str, Detector]
+) -> None:
+    """Refuse, before any pass over the data, a hold-out the sets or the combiners cannot
+    take: every set needs more than ``validation_size`` samples, and each detector's combiner
+    its ``min_validation_size`` per class."""
+    for name, det in detectors.items():
+        least = int(getattr(det, "min_validation_size", 1))
+        if validation_size < least:
+            raise ValueError(
+                f"validation_size={validation_size} is too small for detector {name!r}: its "
+                f"combiner ({getattr(det, 'combiner', '?')!r}) needs at least {least} held-out "
+                f"samples per set; raise validation_size to >= {least}"
+            )
+    for set_name, n in sizes.items():
+        if n <= validation_size:
+            raise ValueError(
+                f"test set {set_name!r} has {n} samples but validation_size={validation_size} "
+                f"are held out for the layer-ensemble combiners of {sorted(detectors)}; lower "
+                "`validation_size` or use more samples"
+            )
+
+
 def holdout_splits(
     sizes: Mapping[str, int], validation_size: int, seed: int
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Per set, the seeded ``(held-out, reported)`` index split (``validation_size`` held out;
     the same samples on any world size)."""
-    out: dict[str, tuple[Tensor, Tensor]] = {}
-    for name, n in sizes.items():
-        if n <= validation_size:
-            raise ValueError(
-                f"test set {name!r} has {n} samples but validation_size={validation_size} are "
-                "held out for the layer-ensemble fit; lower `validation_size` or use more "
-                "samples"
-            )
-        held, rest = seeded_parts(n, [validation_size], seed, f"test set {name!r}")
-        out[name] = (held, rest)
-    return out
-
-
-def needs_holdout(detectors: Mapping[str, Detector], validation_size: int) -> bool:
-    """Whether the protocol holds samples out: a layer ensemble is configured and
-    ``validation_size > 0``."""
-    return validation_size > 0 and any(d.needs_validation for d in detectors.values())
+    check_holdout(sizes, validation_size, {})
+    return {
+        name: tuple(seeded_parts(n, [validation_size], seed, f"test set {name!r}"))  # type: ignore[misc]
+        for name, n in sizes.items()
+    }
 
 
 @dataclass
@@ -90,13 +110,15 @@ class Evaluation:
             figures).
         combiners: ``{detector: {ood_set: fitted combiner state as lists}}`` (layer ensembles
             with a hold-out only).
-        held_out_per_set: samples held out of every set (0 without a hold-out).
+        held_out_per_set: samples held out of every set for ``held_out_for`` (0: none).
+        held_out_for: the detectors evaluated on the hold-out's remainder.
     """
 
     metrics: dict[str, dict[str, dict[str, float]]]
     scores: dict[str, dict[str, tuple[Tensor, Tensor]]]
     combiners: dict[str, dict[str, Any]] = field(default_factory=dict)
     held_out_per_set: int = 0
+    held_out_for: list[str] = field(default_factory=list)
 
 
 def evaluate_detectors(
@@ -116,7 +138,7 @@ def evaluate_detectors(
             or (N, K) components for layer ensembles (``score_batch(components=True)``).
         set_names: ID set name, then the OOD set names.
         validation_size: samples held out of every set to fit the layer-ensemble combiners
-            (only when a layer ensemble is configured, see :func:`needs_holdout`).
+            (for the detectors :func:`holds_out` names; the others report every sample).
         seed: seed of the hold-out permutation (the FSSD reference uses 42).
         warn: called with a message for every (detector, set) with non-finite scores.
 
@@ -137,17 +159,26 @@ def evaluate_detectors(
                     f"test set {set_name!r} produced no samples; check its path/subset"
                 )
             sizes[set_name] = len(t)
-    holdout = needs_holdout(detectors, validation_size)
-    splits = holdout_splits(sizes, validation_size, seed) if holdout else {}
-
-    def reported(t: Tensor, set_name: str) -> Tensor:
-        return t[splits[set_name][1]] if holdout else t
+    held_out_for = [
+        n
+        for n, d in detectors.items()
+        if holds_out(d, banks[n][0].shape[1] if banks[n][0].ndim == 2 else 1, validation_size)
+    ]
+    splits: dict[str, tuple[Tensor, Tensor]] = {}
+    if held_out_for:
+        check_holdout(sizes, validation_size, {n: detectors[n] for n in held_out_for})
+        splits = holdout_splits(sizes, validation_size, seed)
 
     def held(t: Tensor, set_name: str) -> Tensor:
         return t[splits[set_name][0]]
 
-    result = Evaluation({}, {}, {}, validation_size if holdout else 0)
+    result = Evaluation({}, {}, {}, validation_size if held_out_for else 0, held_out_for)
     for dname, det in detectors.items():
+        holdout = dname in held_out_for
+
+        def reported(t: Tensor, set_name: str, holdout: bool = holdout) -> Tensor:
+            return t[splits[set_name][1]] if holdout else t
+
         bank = dict(zip(set_names, banks[dname], strict=True))
         deployed = det.combiner_state()
         per_set: dict[str, dict[str, float]] = {}
@@ -184,8 +215,9 @@ __all__ = [
     "COUNT_KEYS",
     "Evaluation",
     "average",
+    "check_holdout",
     "evaluate_detectors",
     "evaluate_pair",
     "holdout_splits",
-    "needs_holdout",
+    "holds_out",
 ]

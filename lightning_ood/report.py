@@ -85,9 +85,16 @@ def format_markdown(results: Mapping[str, Any]) -> str:
         f"model = {results['model']}",
         "",
         "Values in %. " + results["convention"] + ".",
-        "",
-        *metrics_table(results["metrics"]),
     ]
+    validation = results.get("validation") or {}
+    if validation.get("held_out_for"):
+        lines.append(
+            f"Layer ensembles {', '.join(validation['held_out_for'])} fit their combiner per "
+            f"OOD set on {validation['held_out_per_set']} held-out samples of each set (seed "
+            f"{validation.get('seed')}) and are reported on the rest; every other detector on "
+            "all samples."
+        )
+    lines += ["", *metrics_table(results["metrics"])]
     return "\n".join(lines) + "\n"
 
 

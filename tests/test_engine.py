@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
+from toys import TapNet
 
 from lightning_ood import engine
 from lightning_ood.detectors import Detector, build_detector
 from lightning_ood.features import compute_features, fit_from_cache, score_cached
-from lightning_ood.models.base import OODBackbone
 
 #: Every kind that reads the training set, plus the data-free ones, on the toy's taps.
 SPECS: dict[str, dict] = {
@@ -29,25 +29,16 @@ SPECS: dict[str, dict] = {
 }
 
 
-class CountingNet(OODBackbone):
-    """conv(2->4)-ReLU [tap "conv"] - fc(64->8)-ReLU = features - fc(8->3); counts forwards."""
+class CountingNet(TapNet):
+    """The toy TapNet (taps "conv", "fc"), counting its forward passes."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(2, 4, 3, padding=1)
-        self.act = nn.ReLU()
-        self.fc = nn.Linear(64, 8)
-        self.head = nn.Linear(8, 3)
-        self.num_classes, self.num_features, self.input_shape = 3, 8, (2, 4, 4)
-        self.tap_layers = {"conv": "act"}
         self.forwards = 0
 
     def forward_features(self, x: Tensor) -> Tensor:
         self.forwards += 1
-        return torch.relu(self.fc(self.act(self.conv(x)).flatten(1)))
-
-    def get_classifier(self) -> nn.Linear:
-        return self.head
+        return super().forward_features(x)
 
 
 @pytest.fixture

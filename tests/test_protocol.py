@@ -15,10 +15,11 @@ from lightning_ood.detectors import build_detector
 from lightning_ood.metrics import METRIC_NAMES, ood_metrics
 from lightning_ood.protocol import (
     average,
+    check_holdout,
     evaluate_detectors,
     evaluate_pair,
     holdout_splits,
-    needs_holdout,
+    holds_out,
 )
 from lightning_ood.splits import seeded_parts
 
@@ -55,13 +56,18 @@ def test_holdout_is_the_seeded_permutation_and_checks_sizes() -> None:
     assert [p.tolist() for p in seeded_parts(20, [5], 42)] == [t.tolist() for t in splits["id"]]
     with pytest.raises(ValueError, match=r"'ood' has 12 samples but validation_size=12"):
         holdout_splits({"ood": 12}, 12, seed=42)
+    cv = build_detector("fssd", {"taps": ["a", "b"]})  # LogisticRegressionCV: 5-fold
+    with pytest.raises(ValueError, match=r"validation_size=4 is too small for detector 'f'"):
+        check_holdout({"id": 100}, 4, {"f": cv})
+    check_holdout({"id": 100}, 5, {"f": cv})
 
 
 def test_per_set_combiners_are_fitted_on_held_out_samples_and_not_kept() -> None:
     maha = build_detector("mahalanobis", {"taps": ["a", "b"], "combiner": "lr"})
     energy = build_detector("energy")
     dets = {"maha": maha, "energy": energy}
-    assert needs_holdout(dets, 10) and not needs_holdout({"energy": energy}, 10)
+    assert holds_out(maha, 2, 10) and not holds_out(maha, 1, 10) and not holds_out(maha, 2, 0)
+    assert not holds_out(energy, 1, 10)
     names = ["id", "near", "far"]
     comps = [_bank(0, 60, 1.0, 2), _bank(1, 40, 0.0, 2), _bank(2, 30, -1.0, 2)]
     plain = [_bank(3, 60, 1.0), _bank(4, 40, 0.0), _bank(5, 30, -1.0)]
@@ -81,11 +87,11 @@ def test_per_set_combiners_are_fitted_on_held_out_samples_and_not_kept() -> None
         s_ood = oracle.combine(comps[j][split[ood][1]])
         assert result.metrics["maha"][ood]["auroc"] == ood_metrics(s_id, s_ood)["auroc"]
         assert result.combiners["maha"][ood]["combiner_coef"] == oracle.combiner_coef.tolist()
-        # every detector is reported on the same (not held-out) samples
+        # detectors without a combiner keep every sample
         e = result.metrics["energy"][ood]
-        assert (e["n_id"], e["n_ood"]) == (50, len(split[ood][1]))
-        want = ood_metrics(plain[0][split["id"][1]], plain[j][split[ood][1]])
-        assert e["fpr95"] == want["fpr95"]
+        assert (e["n_id"], e["n_ood"]) == (60, len(plain[j]))
+        assert e["fpr95"] == ood_metrics(plain[0], plain[j])["fpr95"]
+    assert result.held_out_for == ["maha"]
     avg = result.metrics["energy"]["average"]["auroc"]
     assert (
         avg

@@ -32,7 +32,7 @@ from lightning_ood.data.samplers import unshard
 from lightning_ood.detectors import Detector, Reducer, build_detectors
 from lightning_ood.metrics import METRIC_NAMES
 from lightning_ood.models import BackboneOutput
-from lightning_ood.protocol import CONVENTION, evaluate_detectors
+from lightning_ood.protocol import CONVENTION, check_holdout, evaluate_detectors, holds_out
 
 
 class StrategyReducer(Reducer):
@@ -131,10 +131,11 @@ class OODEvaluation(Callback):
             e.g. ``{"energy": {}, "line": {"delta": 1.0, "p_a": 90, "p_w": 90}}``. ``None``
             keeps whatever the model already carries (e.g. from its checkpoint).
         fit_after_train: fit the detectors in ``on_train_end`` and re-save ``last.ckpt``.
-        validation_size: per test set, samples held out (seeded) to fit layer-ensemble
-            combiners (FSSD, Mahalanobis). Held-out samples are never reported, for any
-            detector, so every row of the table is scored on the same samples. Only used when
-            a configured detector needs validation data.
+        validation_size: per test set, samples held out (seeded) to fit the combiners of
+            layer ensembles with more than one tap (FSSD, Mahalanobis); those detectors are
+            reported on the rest, every other detector on every sample, so adding or removing
+            a detector never changes another's numbers. Checked against the set sizes and the
+            combiners' needs before any pass over the data.
         validation_seed: seed of the held-out permutation (the FSSD reference uses 42).
         results_dir: where the tables go; default: the run's log directory.
         log_histograms: log ID/OOD score histograms per detector to TensorBoard.
@@ -188,17 +189,78 @@ class OODEvaluation(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.detector_specs is not None:
             pl_module.set_detectors(self.detector_specs)
+        if stage == "test":
+            self._check_holdout(trainer, pl_module)
+
+    def _check_holdout(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Refuse a hold-out the test sets or combiners cannot take, before any data pass."""
+        backbone = pl_module.backbone
+        dets = {
+            n: d
+            for n, d in pl_module.detectors.items()
+            if holds_out(d, len(d.tap_names(backbone)), self.validation_size)
+        }
+        if not dets:
+            return
+        loaders = trainer.datamodule.test_dataloader() if trainer.datamodule is not None else []
+        loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+        names = self._test_set_names(trainer)
+        sizes = {n: len(ld.dataset) for n, ld in zip(names, loaders, strict=False)}
+        check_holdout(sizes, self.validation_size, dets)
 
     # -- fitting -----------------------------------------------------------------------------
+    #: Set by the CLI when ``--allow_untrained`` tests a network that has no trained weights:
+    #: the run says so at test start, and no hand-off ``fitted.ckpt`` is written.
+    untrained_weights: bool = False
+    _train_end_ran: bool = False
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._train_end_ran = True
         if not self.fit_after_train or not pl_module.detectors:
             return
         dets = list(pl_module.detectors.values())
-        for det in dets:
-            det.mark_unfitted()
         rank_zero_info(
             f"[lightning_ood] fitting detectors after training: {[d.name for d in dets]}"
         )
+        self._fit_and_save_last(trainer, pl_module, dets)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Finish what ``on_train_end`` did not get to: a run resumed (``--ckpt_path last``)
+        after its training had finished skips Lightning's training loop, ``on_train_end``
+        included, so detectors that the killed run never fitted are fitted here."""
+        ran, self._train_end_ran = self._train_end_ran, False
+        if ran or not self.fit_after_train or not pl_module.detectors:
+            return
+        todo = [
+            d.name for d in pl_module.detectors.values() if not (d.is_fitted and d.is_calibrated)
+        ]
+        if not todo:
+            return
+        if not trainer.ckpt_path or trainer.global_step == 0:
+            rank_zero_warn(
+                "[lightning_ood] no training ran in this fit (max_epochs/max_steps reached or "
+                f"no training batches), so the detectors {todo} were NOT fitted and no checkpoint "
+                "carries them."
+            )
+            return
+        rank_zero_warn(
+            f"[lightning_ood] resumed from {trainer.ckpt_path}: its training had already "
+            f"finished, but it holds no fitted, calibrated detectors {todo} (the earlier run "
+            "stopped while fitting them); fitting them now."
+        )
+        # Lightning's teardown moved the model to the CPU; fit where it trained.
+        pl_module.to(trainer.strategy.root_device)
+        try:
+            self._fit_and_save_last(trainer, pl_module, list(pl_module.detectors.values()))
+        finally:
+            pl_module.cpu()
+
+    def _fit_and_save_last(
+        self, trainer: Trainer, pl_module: LightningModule, dets: list[Detector]
+    ) -> None:
+        """Fit and calibrate ``dets`` from scratch, then re-save ``last.ckpt`` with them."""
+        for det in dets:
+            det.mark_unfitted()
         fit_with_trainer(trainer, pl_module, dets, self.progress)
         calibrate_with_trainer(trainer, pl_module, dets, self.threshold_tpr, self.progress)
         ckpt_cb = trainer.checkpoint_callback
@@ -208,6 +270,12 @@ class OODEvaluation(Callback):
             rank_zero_info(f"[lightning_ood] saved the fitted detectors into {path}")
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.untrained_weights:
+            rank_zero_warn(
+                "[lightning_ood] testing a network with UNTRAINED weights (--allow_untrained: no "
+                "checkpoint, no model_kwargs.weights): its accuracy and OOD metrics describe a "
+                "randomly initialised network, and no fitted.ckpt is written."
+            )
         grad_dets = [n for n, d in pl_module.detectors.items() if d.needs_input_grad]
         if grad_dets and torch.is_inference_mode_enabled():
             raise RuntimeError(
@@ -222,8 +290,15 @@ class OODEvaluation(Callback):
         else:
             unfitted = pl_module.unfitted_detectors()
             if unfitted:
+                weights = (pl_module.hparams.get("model_kwargs") or {}).get("weights")
+                if trainer.ckpt_path:
+                    source = f"the checkpoint {trainer.ckpt_path}"
+                elif weights:
+                    source = f"the model (no checkpoint; initial weights {weights})"
+                else:
+                    source = "the model (no checkpoint given)"
                 rank_zero_info(
-                    "[lightning_ood] the checkpoint holds no fitted state for detectors "
+                    f"[lightning_ood] {source} holds no fitted state for detectors "
                     f"{[d.name for d in unfitted]}; fitting them now with one pass over the "
                     "training set."
                 )
@@ -241,6 +316,12 @@ class OODEvaluation(Callback):
         ckpt_cb = trainer.checkpoint_callback
         dirpath = getattr(ckpt_cb, "dirpath", None)
         if not self.save_fitted or not dirpath:
+            return
+        if self.untrained_weights:
+            rank_zero_info(
+                "[lightning_ood] not saving fitted.ckpt: the network's weights are untrained, and "
+                "a hand-off checkpoint must never carry untrained weights."
+            )
             return
         path = os.path.join(dirpath, "fitted.ckpt")
         trainer.save_checkpoint(path)
@@ -307,6 +388,7 @@ class OODEvaluation(Callback):
             "convention": CONVENTION,
             "validation": {
                 "held_out_per_set": evaluation.held_out_per_set,
+                "held_out_for": evaluation.held_out_for,
                 "seed": self.validation_seed,
             },
             "detectors": {n: d.config() for n, d in dets.items()},

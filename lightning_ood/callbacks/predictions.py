@@ -25,21 +25,34 @@ class PredictionCSVWriter(BasePredictionWriter):
     ``output`` atomically, so a killed run never leaves a partial CSV under that name.
 
     Args:
-        output: the CSV path.
+        output: the CSV path; default ``predictions.csv`` in the run's log directory
+            (``<log_root>/<experiment>/version_N/`` under the CLI), so every run writes its own.
+        overwrite: replace an existing ``output``; otherwise the run is refused before any
+            prediction, so an earlier run's file is never lost.
     """
 
-    def __init__(self, output: str) -> None:
+    def __init__(self, output: str | None = None, overwrite: bool = False) -> None:
         super().__init__(write_interval="batch")
-        self.output = Path(output)
+        self._requested = output
+        self.output = Path(output) if output else None
+        self.overwrite = overwrite
         self._writer: Any = None
         self._file: Any = None
         self._seen: dict[int, int] = {}
         self._columns: list[str] | None = None
 
     def _part(self, rank: int) -> Path:
+        assert self.output is not None, "the output path is resolved in on_predict_start"
         return self.output.parent / f".{self.output.name}.rank{rank}.part"
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # trainer.log_dir broadcasts under DDP: every rank asks for it
+        self.output = Path(self._requested or default_prediction_path(trainer))
+        if self.output.exists() and not self.overwrite:
+            raise FileExistsError(
+                f"{self.output} already holds the predictions of an earlier run; write this "
+                "run's elsewhere (--predictions NEW.csv) or pass --overwrite true to replace it."
+            )
         self.output.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self._part(trainer.global_rank), "w", newline="")  # noqa: SIM115
         self._writer = csv.writer(self._file)
@@ -111,5 +124,7 @@ def _set_names(trainer: Trainer) -> list[str]:
     return list(getattr(dm, "predict_set_names", None) or [])
 
 
-def default_prediction_path(log_root: str, experiment: str) -> str:
-    return os.path.join(log_root, experiment, "predictions.csv")
+def default_prediction_path(trainer: Trainer) -> str:
+    """``predictions.csv`` in the run's own log directory (a new ``version_N`` per run under the
+    CLI's TensorBoard logger), so a second ``predict`` never replaces the first one's file."""
+    return os.path.join(trainer.log_dir or trainer.default_root_dir, "predictions.csv")

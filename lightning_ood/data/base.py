@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_ood.checks import check_at_least
 from lightning_ood.data.ood_sets import (
     OOD_SETS,
     OODSpec,
@@ -31,7 +32,7 @@ from lightning_ood.data.ood_sets import (
     parse_ood_spec,
 )
 from lightning_ood.data.paths import guarded_download, resolve_root
-from lightning_ood.data.readers import Transformed, take_every
+from lightning_ood.data.readers import CorruptDataError, Transformed, take_every
 from lightning_ood.data.samplers import (
     EvalShardedSampler,
     ResumableDataLoader,
@@ -42,10 +43,6 @@ from lightning_ood.data.transforms import Normalization, eval_transform
 from lightning_ood.splits import seeded_parts
 
 OODEntry = str | dict[str, Any]
-
-
-class CorruptDataError(RuntimeError):
-    """A dataset file exists but cannot be parsed (truncated download, wrong format)."""
 
 
 class OODDataModule(LightningDataModule):
@@ -100,14 +97,13 @@ class OODDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        for name, value in {
-            "batch_size": batch_size,
-            "train_every": train_every,
-            "test_every": test_every,
-            "ood_every": ood_every,
-        }.items():
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        check_at_least(
+            1,
+            batch_size=batch_size,
+            train_every=train_every,
+            test_every=test_every,
+            ood_every=ood_every,
+        )
         if eval_batch_size is not None and eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
         if num_workers < 0 or val_size < 0:
@@ -269,6 +265,10 @@ class OODDataModule(LightningDataModule):
             raw = self._load_id(root)
         except FileNotFoundError:
             raise
+        except CorruptDataError as err:  # names the file and the fix already
+            raise CorruptDataError(
+                f"reading {self.display_name} under {root} failed: {err}", err.path
+            ) from err
         except (RuntimeError, OSError, EOFError) as err:  # ValueErrors already say what to fix
             raise CorruptDataError(
                 f"reading {self.display_name} under {root} failed ({type(err).__name__}: {err}); "

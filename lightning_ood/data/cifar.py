@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
 from lightning_ood.data.base import OODDataModule
-from lightning_ood.data.readers import CIFAR10_CLASSES, CIFAR_PICKLES, CIFARPickles
+from lightning_ood.data.readers import CIFAR10_CLASSES, CIFAR_PICKLES, CIFARPickles, load_rgb
 from lightning_ood.data.transforms import (
     Normalization,
     cifar_normalization,
@@ -128,7 +128,7 @@ class CIFARDataModule(OODDataModule):
                     f"{self.display_name} JPEG copy incomplete: {folder_path} does not exist; "
                     f"expected {layout}"
                 )
-            ds = tvd.ImageFolder(str(folder_path))
+            ds = tvd.ImageFolder(str(folder_path), loader=load_rgb)  # decode errors name the file
             self._check_classes(ds.classes, folder_path)
             splits[split] = ds
         self._data_version = f"{self.display_name} JPEG copy ({jpeg.name}, lossy re-encoding)"

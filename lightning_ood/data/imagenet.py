@@ -9,6 +9,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
 from lightning_ood.data.base import OODDataModule
+from lightning_ood.data.readers import load_rgb
 from lightning_ood.data.transforms import Normalization, ToNormalizedTensor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -78,7 +79,7 @@ class ImageNetDataModule(OODDataModule):
                     f"{root / self.folder}/{{train,val}}/<wnid>/*.JPEG (download it from "
                     "image-net.org and pass --data.init_args.root)"
                 )
-            sets[split] = tvd.ImageFolder(str(path))
+            sets[split] = tvd.ImageFolder(str(path), loader=load_rgb)  # errors name the file
             if len(sets[split].classes) != 1000:
                 raise ValueError(
                     f"{path} has {len(sets[split].classes)} class folders, expected 1000"

@@ -9,6 +9,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
 from lightning_ood.data.base import OODDataModule
+from lightning_ood.data.readers import check_idx_pair
 from lightning_ood.data.transforms import (
     FASHIONMNIST_MEAN,
     FASHIONMNIST_STD,
@@ -66,6 +67,9 @@ class _IdxDataModule(OODDataModule):
                 f"(uncompressed idx files; missing: {', '.join(missing)}); pass --data.root or "
                 "set download: true"
             )
+        # Headers against sizes first: a truncated file fails here, named, before any read.
+        for images, labels in (IDX_FILES[:2], IDX_FILES[2:]):
+            check_idx_pair(raw / images, raw / labels)
         self._data_version = f"{self.display_name} (original idx files)"
         return {
             "train": self.torchvision_class(str(root), train=True),

@@ -6,6 +6,7 @@ A config names a set (``ood_sets: [mnist, lsun_crop]``) or overrides its locatio
       - svhn_1k
       - {name: lsun_crop, path: /data/LSUN}
       - {name: my_textures, kind: folder, path: /data/my_textures}
+      - {name: my_photos, kind: folder, path: /data/photos, skip_corrupt: true}
       - {name: mnist_half, kind: mnist, every: 2}
 
 Every OOD set is adapted to the ID model's input (channels, then ``Resize``+``CenterCrop``)
@@ -24,6 +25,14 @@ cifar10, cifar100             the data root (pickles or ``cifar10-jpeg-q75``), t
 folder                        no default: needs ``path``
 genome_ood                    ``genome/ood_test.tsv`` (``genome/ood_val.tsv`` as a val set)
 ============================  =========================================================
+
+Files that exist but cannot be read raise :class:`~lightning_ood.data.readers.CorruptDataError`
+naming the file: idx files are checked against their headers before they are read, image
+files when they are decoded. Image-folder sets (``folder``, the LSUN/iSUN/Textures/Places/
+Tiny-ImageNet sets, CIFAR as JPEGs) take ``skip_corrupt: true`` to decode every file once
+when the set is built and leave out those that fail, with a warning that counts and names
+them (about 1.3 s per 10,000 small JPEGs, 2 ms per 512x512 one). A folder holding
+images in a format that is not read (``.gif``, ...) is an error that lists them.
 
 Every set is registered here except ``genome_ood``, which :mod:`lightning_ood.data.genome`
 registers beside its reader and datamodule (the genome module imports this one, so this one
@@ -50,8 +59,10 @@ from lightning_ood.data.readers import (
     ImageFiles,
     SVHNMat,
     Transformed,
+    drop_corrupt,
     first_per_class,
     list_images,
+    load_rgb,
     take_every,
 )
 from lightning_ood.data.transforms import Normalization, eval_transform
@@ -267,25 +278,48 @@ def _download_svhn(root: Path) -> None:
     tvd.SVHN(str(root / "svhn"), split="test", download=True)
 
 
-def _build_folder(location: Path, input_shape: tuple[int, ...]) -> Dataset:
-    return ImageFiles(list_images(location))
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def _build_folder(
+    location: Path, input_shape: tuple[int, ...], *, skip_corrupt: bool = False
+) -> Dataset:
+    _check_flag("skip_corrupt", skip_corrupt)
+    ds = ImageFiles(list_images(location))
+    return drop_corrupt(ds, ds.files, location) if skip_corrupt else ds
 
 
 def _build_tin_crop(
-    location: Path, input_shape: tuple[int, ...], *, seed: int = 0, crop: int = 32
+    location: Path,
+    input_shape: tuple[int, ...],
+    *,
+    seed: int = 0,
+    crop: int = 32,
+    skip_corrupt: bool = False,
 ) -> Dataset:
-    return FixedCrops(list_images(location), crop=crop, image_size=64, seed=seed)
+    _check_flag("skip_corrupt", skip_corrupt)
+    # Offsets are drawn over the full list, so skipping a file leaves the others' crops alone.
+    ds = FixedCrops(list_images(location), crop=crop, image_size=64, seed=seed)
+    return drop_corrupt(ds, ds.files, location) if skip_corrupt else ds
 
 
 def _build_cifar_test(variant: str) -> Builder:
-    def build(location: Path, input_shape: tuple[int, ...]) -> Dataset:
+    def build(
+        location: Path, input_shape: tuple[int, ...], *, skip_corrupt: bool = False
+    ) -> Dataset:
+        """``skip_corrupt`` applies to the JPEG copy; a damaged pickle always fails."""
+        _check_flag("skip_corrupt", skip_corrupt)
         folder, _, test_files, key = CIFAR_PICKLES[variant]
         if (location / folder).is_dir():
             _require_files(variant, location / folder, test_files, "the original CIFAR pickles")
             return CIFARPickles(location / folder, test_files, key)
         jpeg = location / f"{variant}-jpeg-q75" / "test"
         if jpeg.is_dir():
-            return tvd.ImageFolder(str(jpeg))
+            ds = tvd.ImageFolder(str(jpeg), loader=load_rgb)  # decode errors name the file
+            files = [Path(p) for p, _ in ds.samples]
+            return drop_corrupt(ds, files, jpeg) if skip_corrupt else ds
         raise FileNotFoundError(
             f"{variant} (as an OOD set) not found under {location}: expected {folder}/ "
             f"(the original pickles) or {variant}-jpeg-q75/test/<class>/*.jpg"

@@ -174,6 +174,12 @@ class LayerEnsembleDetector(Detector):
         return cfg
 
     @property
+    def min_validation_size(self) -> int:
+        """Held-out samples per set the combiner needs: ``LogisticRegressionCV``'s 5-fold
+        stratified split needs 5 of each class; a plain logistic regression 1."""
+        return 5 if self.combiner == "cv" else 1
+
+    @property
     def num_components(self) -> int | None:
         """K, the number of per-tap components, once known."""
         return len(self.taps) or None
@@ -208,10 +214,11 @@ class LayerEnsembleDetector(Detector):
         return torch.stack(cols, dim=1).to(torch.float32)
 
     # -- combiner -------------------------------------------------------------------------
-    def _components_2d(self, name: str, c: Tensor) -> Tensor:
-        if c.ndim != 2 or c.shape[0] == 0:
+    def _components_2d(self, name: str, c: Tensor, allow_empty: bool = False) -> Tensor:
+        if c.ndim != 2 or (c.shape[0] == 0 and not allow_empty):
+            least = "N >= 0" if allow_empty else "N > 0"
             raise ValueError(
-                f"{self.name}: {name} must have shape (N > 0, K), got {tuple(c.shape)}"
+                f"{self.name}: {name} must have shape ({least}, K), got {tuple(c.shape)}"
             )
         k = self.num_components
         if k is not None and c.shape[1] != k:
@@ -265,8 +272,9 @@ class LayerEnsembleDetector(Detector):
         self.combiner_fitted.fill_(True)
 
     def combine(self, components: Tensor) -> Tensor:
-        """Decision function of the fitted combiner, or component ``default_layer``."""
-        c = self._components_2d("components", components)
+        """Decision function of the fitted combiner, or component ``default_layer``; an empty
+        batch gives an empty score vector."""
+        c = self._components_2d("components", components, allow_empty=True)
         if self.flag("combiner_fitted"):
             if c.shape[1] != self.combiner_coef.numel():
                 raise ValueError(

@@ -19,6 +19,7 @@ import os
 
 from torch import Tensor, nn
 
+from lightning_ood.checks import check_at_least
 from lightning_ood.models.base import OODBackbone
 from lightning_ood.models.registry import register_model
 from lightning_ood.models.weights import load_weights
@@ -49,15 +50,14 @@ class GenomeLSTM(OODBackbone):
         num_layers: int = 2,
     ) -> None:
         super().__init__()
-        for name, value in {
-            "num_classes": num_classes,
-            "seq_len": seq_len,
-            "embed_dim": embed_dim,
-            "hidden": hidden,
-            "num_layers": num_layers,
-        }.items():
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        check_at_least(
+            1,
+            num_classes=num_classes,
+            seq_len=seq_len,
+            embed_dim=embed_dim,
+            hidden=hidden,
+            num_layers=num_layers,
+        )
         self.vocab_size = len(GENOME_VOCAB)
         self.embedding = nn.Embedding(self.vocab_size, embed_dim)
         self.lstm = nn.LSTM(

@@ -7,6 +7,7 @@ import logging
 import math
 from pathlib import Path
 from typing import ClassVar
+from unittest import mock
 
 import pytest
 import torch
@@ -144,21 +145,53 @@ def test_gradient_detectors_refuse_inference_mode(tmp_path: Path) -> None:
         _trainer(tmp_path, cb, inference_mode=True).test(task, datamodule=ToyData())
 
 
-def test_validation_holdout_is_shared_by_all_detectors(tmp_path: Path) -> None:
-    cb = OODEvaluation(
-        detectors={"energy": {}, "fssd": {"taps": ["conv2", "fc1"], "n_noise": 8}},
-        validation_size=10,
-        results_dir=str(tmp_path),
-        progress=False,
-    )
-    task = ClassificationTask(model="lenet", num_classes=10)
-    _trainer(tmp_path, cb).test(task, datamodule=ToyData())
-    for det in ("energy", "fssd"):
-        assert (
-            cb.results["metrics"][det]["far"]["n_id"],
-            cb.results["metrics"][det]["far"]["n_ood"],
-        ) == (30, 38)
-    assert set(cb.results["combiners"]["fssd"]["far"]) >= {"combiner_coef", "combiner_intercept"}
+def test_holdout_only_for_multi_tap_ensembles_and_never_moves_other_rows(
+    tmp_path: Path,
+) -> None:
+    """Only a layer ensemble with more than one tap is reported on the hold-out's remainder;
+    every other detector keeps every sample, so adding FSSD (or a single-tap Mahalanobis, which
+    fits no combiner) leaves Energy's numbers exactly as they were."""
+    results = {}
+    for name, dets in {
+        "alone": {"energy": {}},
+        "with_ensembles": {
+            "energy": {},
+            "fssd": {"taps": ["conv2", "fc1"], "n_noise": 8},
+            "maha1": {"type": "mahalanobis", "taps": ["fc1"]},
+        },
+    }.items():
+        cb = OODEvaluation(
+            detectors=dets, validation_size=10, results_dir=str(tmp_path / name), progress=False
+        )
+        torch.manual_seed(0)
+        task = ClassificationTask(model="lenet", num_classes=10)
+        _trainer(tmp_path / name, cb).test(task, datamodule=ToyData())
+        results[name] = cb.results
+    got = results["with_ensembles"]
+    far = {d: (m["far"]["n_id"], m["far"]["n_ood"]) for d, m in got["metrics"].items()}
+    assert far == {"energy": (40, 48), "fssd": (30, 38), "maha1": (40, 48)}
+    assert got["metrics"]["energy"] == results["alone"]["metrics"]["energy"]
+    assert got["validation"]["held_out_for"] == ["fssd"]
+    assert set(got["combiners"]["fssd"]["far"]) >= {"combiner_coef", "combiner_intercept"}
+    assert "maha1" not in got["combiners"]
+
+
+def test_holdout_sizes_are_checked_before_any_pass(tmp_path: Path) -> None:
+    fssd = {"fssd": {"taps": ["conv2", "fc1"], "n_noise": 8}}
+    for size, match in [
+        (3, r"validation_size=3 is too small for detector 'fssd'.*at least 5"),
+        (40, r"test set 'toy' has 40 samples but validation_size=40"),
+    ]:
+        cb = OODEvaluation(detectors=fssd, validation_size=size, progress=False)
+        task = ClassificationTask(model="lenet", num_classes=10)
+        where = "lightning_ood.callbacks.evaluation"
+        with (
+            mock.patch(f"{where}.fit_with_trainer") as fit,
+            mock.patch(f"{where}.engine.score_batch") as score,
+            pytest.raises(ValueError, match=match),
+        ):
+            _trainer(tmp_path, cb).test(task, datamodule=ToyData())
+        assert fit.call_count == score.call_count == 0  # refused at setup: no pass ran
 
 
 def test_ddp_fit_and_scores_match_single_process(tmp_path: Path) -> None:

@@ -144,3 +144,76 @@ def test_bad_inputs_are_refused_with_what_to_do(fitted: dict) -> None:
         model(bad)
     with pytest.raises(ValueError, match=r"no fitted, calibrated detector\(s\) \['nope'\]"):
         lightning_ood.load(fitted["ckpt"], detectors=["nope"])
+
+
+# -- the exported program and the eager module agree, bad input included ----------------------
+@pytest.mark.parametrize("example_size", [1, 2, 300])
+def test_export_any_example_batch_size_gives_a_dynamic_batch(
+    fitted: dict, shared_data: Path, example_size: int
+) -> None:
+    model = lightning_ood.load(fitted["ckpt"], detectors=["energy", "line"])
+    x = _test_images(shared_data)[0].float() / 255
+    program = model.export(x[:example_size]).module()
+    for n in (1, 3, 64):
+        got, want = program(x[:n]), model(x[:n])
+        assert got["logits"].shape == (n, 10)
+        for det in ("energy", "line"):
+            torch.testing.assert_close(got["scores"][det], want["scores"][det])
+            assert torch.equal(got["is_ood"][det], want["is_ood"][det]), det
+
+
+def test_exported_program_refuses_what_the_module_refuses(fitted: dict, shared_data: Path) -> None:
+    model = lightning_ood.load(fitted["ckpt"], detectors=["energy"])
+    x = _test_images(shared_data)[0][:4]
+    program = model.export(x.float() / 255).module()
+    nan = x.float() / 255
+    nan[2, 0, 3, 3] = float("nan")
+    over = x.float()  # 0..255 floats
+    for bad, words in [(nan, "NaN or Inf"), (over, r"outside \[0, 1\]")]:
+        with pytest.raises(ValueError, match=words):
+            model(bad)
+        with pytest.raises(RuntimeError, match=words):
+            program(bad)
+    # uint8 is a first-class input dtype: export with a uint8 example to deploy on uint8
+    program_u8 = model.export(x).module()
+    assert torch.equal(program_u8(x)["scores"]["energy"], model(x)["scores"]["energy"])
+
+
+def test_out_of_range_and_integer_inputs_are_refused(fitted: dict, shared_data: Path) -> None:
+    model = lightning_ood.load(fitted["ckpt"], detectors=["energy", "msp"])
+    x = _test_images(shared_data)[0][:8]
+    normalised = (x.float() / 255 - 0.2860) / 0.3530  # what a datamodule batch looks like
+    negative = x.float() / 255 - 0.5
+    for bad in (x.float(), normalised, negative):
+        with pytest.raises(ValueError, match=r"outside \[0, 1\].*do not apply the dataset"):
+            model(bad)
+    with pytest.raises(ValueError, match=r"dtype torch.int32; pass uint8 images"):
+        model(x.int())
+    ok = model(x.double() / 255)  # float64 in [0, 1] is valid, scored like float32
+    assert torch.equal(ok["pred"], model(x)["pred"])
+
+
+def test_memory_is_bounded_by_chunks_and_empty_batches_work(
+    fitted: dict, shared_data: Path
+) -> None:
+    x = _test_images(shared_data)[0]  # 500 uint8 images
+    chunked = lightning_ood.load(fitted["ckpt"], chunk_size=128)
+    whole = lightning_ood.load(fitted["ckpt"], chunk_size=1000)
+    sizes: list[int] = []
+    real = chunked.score_normalized
+
+    def spy(batch: torch.Tensor) -> dict:
+        sizes.append(len(batch))
+        return real(batch)
+
+    chunked.score_normalized = spy  # type: ignore[method-assign]
+    got, want = chunked(x), whole(x)
+    assert sizes == [128, 128, 128, 116]  # never more than chunk_size samples per pass
+    assert torch.equal(got["pred"], want["pred"])
+    for det in want["scores"]:
+        torch.testing.assert_close(got["scores"][det], want["scores"][det], rtol=1e-5, atol=1e-5)
+    empty = whole(x[:0])
+    assert empty["logits"].shape == (0, 10) and empty["pred"].shape == (0,)
+    assert set(empty["scores"]) == set(want["scores"]) == set(DETECTORS)
+    for det, s in empty["scores"].items():
+        assert s.shape == (0,) and empty["is_ood"][det].shape == (0,), det

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lightning-ood fit --config configs/demo.yaml
+	$(BIN)/lightning-ood fit --config configs/demo.yaml --overwrite true
 	$(BIN)/lightning-ood test --config configs/demo.yaml --ckpt_path checkpoints/demo/last.ckpt
 
 test: $(STAMP)

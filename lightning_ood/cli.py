@@ -169,8 +169,8 @@ class OODCLI(LightningCLI):
     def _check_class_count(self, ckpt_path: str | None) -> None:
         """A checkpoint keeps its class count (its num_classes replaces --model.num_classes),
         so data with another count is refused here, with advice that can actually help."""
-        if not self._ckpt_data and not (ckpt_path and Path(ckpt_path).is_file()):
-            return
+        if not (ckpt_path and Path(ckpt_path).is_file()):
+            return  # the model was built from the config, which setup() checks
         try:
             data_classes = int(self.datamodule.num_classes)
         except (AttributeError, NotImplementedError, TypeError):
@@ -229,7 +229,7 @@ class OODCLI(LightningCLI):
                     mode="max",
                     save_top_k=1,
                     save_last=True,
-                    # re-running an experiment overwrites files instead of writing -v1 copies,
+                    # a re-run with --overwrite replaces files instead of writing -v1 copies,
                     # so `--ckpt_path checkpoints/<experiment>/last.ckpt` stays valid
                     enable_version_counter=False,
                 )

@@ -13,15 +13,19 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_ood.data.readers import locate
 from lightning_ood.io import atomic_write_text
 
 
 class PredictionCSVWriter(BasePredictionWriter):
-    """Write ``set, index, target, pred, class, <det>_score, <det>_is_ood...`` rows.
+    """Write ``set, position, index, path, target, pred, class, <det>_score, <det>_is_ood...``.
 
-    ``index`` is the sample's position in its set (the loaders shard without padding, so
-    each sample appears once whatever the number of ranks). Each rank streams its rows to a
-    hidden part file; after the last batch rank 0 merges them in (set, index) order into
+    ``position`` is the row's rank among the samples scored from its set (the loaders shard
+    without padding, so each sample appears once whatever the number of ranks); ``index`` is
+    the sample's position in the *full* set, so a thinned set (``ood_every``/``test_every``:
+    every k-th sample) still maps back to its source; ``path`` is the image file for
+    folder-based sets (empty for array files such as idx). Each rank streams its rows to a
+    hidden part file; after the last batch rank 0 merges them in (set, position) order into
     ``output`` atomically, so a killed run never leaves a partial CSV under that name.
 
     Args:
@@ -57,7 +61,7 @@ class PredictionCSVWriter(BasePredictionWriter):
         self._file = open(self._part(trainer.global_rank), "w", newline="")  # noqa: SIM115
         self._writer = csv.writer(self._file)
         self._seen = {}
-        self._columns = ["set", "index", "target", "pred", "class"]
+        self._columns = ["set", "position", "index", "path", "target", "pred", "class"]
         for name, det in pl_module.detectors.items():
             if det.is_fitted and det.is_calibrated:
                 self._columns += [f"{name}_score", f"{name}_is_ood"]
@@ -83,10 +87,16 @@ class PredictionCSVWriter(BasePredictionWriter):
         target = batch[1].tolist() if isinstance(batch, list | tuple) and len(batch) > 1 else None
         scores = {d: prediction["scores"][d].tolist() for d in dets}
         flags = {d: prediction["is_ood"][d].tolist() for d in dets}
+        loaders = trainer.predict_dataloaders
+        loader = loaders[dataloader_idx] if isinstance(loaders, list | tuple) else loaders
         for i, p in enumerate(pred):
+            position = rank + (start + i) * world  # EvalShardedSampler: rank r reads r, r+w, ...
+            index, path = locate(loader.dataset, position)
             row: list[Any] = [
                 set_name,
-                rank + (start + i) * world,  # EvalShardedSampler: rank r reads r, r+w, ...
+                position,
+                index,
+                path,
                 "" if target is None else target[i],
                 p,
                 classes[p] if p < len(classes) else p,

@@ -99,6 +99,32 @@ def take_every(dataset: Dataset, every: int) -> Dataset:
     return Subset(dataset, range(0, len(dataset), every))  # type: ignore[arg-type]
 
 
+def locate(dataset: Dataset, index: int) -> tuple[int, str]:
+    """Where sample ``index`` of ``dataset`` comes from: ``(position in the full set, file)``.
+
+    Unwraps :class:`Transformed` and ``Subset`` (``take_every`` slices, skipped corrupt files)
+    down to the reader; ``file`` is the image's path for folder-based readers (``files`` or
+    ``ImageFolder.samples``), else the reader's data file (idx, .mat) when it records one, else
+    ``""``.
+    """
+    ds: Any = dataset
+    i = int(index)
+    for _ in range(16):  # wrappers nest a few levels at most
+        if isinstance(ds, Subset):
+            i, ds = int(ds.indices[i]), ds.dataset
+        elif isinstance(ds, Transformed):
+            ds = ds.dataset
+        else:
+            break
+    if isinstance(getattr(ds, "files", None), list):
+        return i, str(ds.files[i])
+    samples = getattr(ds, "samples", None)
+    if isinstance(samples, list) and samples and isinstance(samples[0], tuple):
+        return i, str(samples[i][0])
+    source = getattr(ds, "images_file", None) or getattr(ds, "path", None)
+    return i, "" if source is None else str(source)
+
+
 #: idx element type byte -> bytes per element (the idx format of the MNIST files).
 _IDX_ITEMSIZE = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}
 

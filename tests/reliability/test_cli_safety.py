@@ -134,15 +134,19 @@ def test_resume_of_a_run_killed_while_fitting_detectors_fits_them(
         if key.startswith("backbone."):
             assert torch.equal(value, before["state_dict"][key]), key
     # the detectors equal those the uninterrupted run fitted after training
-    model, uninterrupted = (
-        lightning_ood.load(folder / "last.ckpt"),
-        lightning_ood.load(lenet_fitted["ckpt"]),
-    )
+    model = lightning_ood.load(folder / "last.ckpt")
+    uninterrupted = lightning_ood.load(lenet_fitted["ckpt"])
     assert set(model.thresholds) == set(lenet_fitted["detectors"])
     for name, threshold in uninterrupted.thresholds.items():
         assert model.thresholds[name] == pytest.approx(threshold, rel=1e-5, abs=1e-6), name
+    compared = 0
     for key, value in reference["state_dict"].items():
-        if key.startswith("detectors.") and value.is_floating_point():
-            assert torch.allclose(
-                resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6, equal_nan=True
-            ), key
+        if not (key.startswith("detectors.") and isinstance(value, torch.Tensor)):
+            continue
+        got = resumed["state_dict"][key]
+        if value.is_floating_point():
+            assert torch.allclose(got, value, rtol=1e-5, atol=1e-6, equal_nan=True), key
+        else:
+            assert torch.equal(got, value), key
+        compared += 1
+    assert compared > 2 * len(lenet_fitted["detectors"])

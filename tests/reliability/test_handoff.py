@@ -27,8 +27,16 @@ def fitted(tmp_path_factory: pytest.TempPathFactory, lenet_fitted: dict) -> dict
     tmp = tmp_path_factory.mktemp("handoff")
     cfg, ckpt = lenet_fitted["config"], lenet_fitted["ckpt"]
     out = tmp / "pred.csv"
+    folder = tmp / "mine"  # the user's own images: 40 PNGs, of which every 20th is scored
+    folder.mkdir()
+    images = FashionMNIST(str(lenet_fitted["config"]["data"]["init_args"]["root"]), train=False)
+    for i in range(40):
+        images[i][0].save(folder / f"img{i:02d}.png")
     pred_cfg = {**cfg, "data": {**cfg["data"], "init_args": {**cfg["data"]["init_args"]}}}
-    pred_cfg["data"]["init_args"]["predict_sets"] = ["mnist"]
+    pred_cfg["data"]["init_args"]["predict_sets"] = [
+        "mnist",
+        {"name": "mine", "kind": "folder", "path": str(folder)},
+    ]
     run_cli(
         tmp, "handoff", "predict", pred_cfg, "--ckpt_path", str(ckpt), "--predictions", str(out)
     )
@@ -95,10 +103,17 @@ def test_predict_writes_one_row_per_sample_matching_the_module(
     fitted: dict, shared_data: Path
 ) -> None:
     rows = list(csv.DictReader(fitted["csv"].open()))
-    assert len(rows) == 500 + 500  # FashionMNIST test [::20] + MNIST test [::20]
-    assert len({(r["set"], r["index"]) for r in rows}) == len(rows)
+    assert len(rows) == 500 + 500 + 2  # FashionMNIST test, MNIST test, 40 PNGs: each [::20]
+    assert len({(r["set"], r["position"]) for r in rows}) == len(rows)
     id_rows = [r for r in rows if r["set"] == "fashionmnist"]
-    assert [int(r["index"]) for r in id_rows] == list(range(500))
+    assert [int(r["position"]) for r in id_rows] == list(range(500))
+    # `index` maps a row back to the full set, although only every 20th sample was scored
+    assert [int(r["index"]) for r in id_rows] == list(range(0, 10_000, 20))
+    mine = [r for r in rows if r["set"] == "mine"]
+    assert [(int(r["index"]), Path(r["path"]).name) for r in mine] == [
+        (0, "img00.png"),
+        (20, "img20.png"),
+    ]
     model = lightning_ood.load(fitted["ckpt"])
     x, y = _test_images(shared_data)
     out = model(x)

@@ -1,11 +1,12 @@
-# Two commands for a fresh machine: `make demo` and `make test`. Both create (or reuse) the
-# virtualenv in .venv and install the project into it.
+# Two commands for a fresh machine: `make demo` and `make test` (`make integration` adds the long
+# end-to-end runs; CI runs both). All create (or reuse) the virtualenv in .venv and install the
+# project into it.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install
+.PHONY: demo test integration lint install
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +22,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+integration: $(STAMP)
+	$(BIN)/pytest -m integration
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

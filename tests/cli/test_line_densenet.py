@@ -16,6 +16,8 @@ import yaml
 from lightning_ood.callbacks import OODEvaluation
 from lightning_ood.cli import main
 
+pytestmark = pytest.mark.integration  # DenseNet-BC-100 over ~11,000 images (minutes on 2 CPU cores)
+
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 

@@ -49,6 +49,7 @@ def cifar10_model(ckpt_dir: Path) -> DenseNet3:
     return create_model("densenet100", num_classes=10, weights=path).eval()
 
 
+@pytest.mark.integration  # DenseNet-BC-100 over thousands of images
 def test_reference_checkpoint_accuracy(cifar10_model: DenseNet3, shared_data: Path) -> None:
     """Every 10th JPEG-q75 test image (1,000): the lead measured 80.7 % with the reference std."""
     loader = _loader(shared_data / "cifar10-jpeg-q75" / "test", 10, REFERENCE_STD)
@@ -69,6 +70,7 @@ def test_reference_checkpoint_accuracy_common_std(
     assert 0.75 <= acc <= 0.81
 
 
+@pytest.mark.integration  # DenseNet-BC-100 over thousands of images
 def test_train_feature_mean_matches_published(
     cifar10_model: DenseNet3, shared_data: Path, ckpt_dir: Path
 ) -> None:

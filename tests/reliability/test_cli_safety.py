@@ -102,7 +102,7 @@ def test_predict_writes_one_file_per_run_and_never_replaces_one(
     assert [f.parent.name for f in files] == ["version_0", "version_1"]
     rows = [list(csv.reader(f.open())) for f in files]
     assert rows[0] == rows[1] and len(rows[0]) == 1 + 500  # header + every 20th ID test image
-    assert rows[0][0][:5] == ["set", "index", "target", "pred", "class"]
+    assert rows[0][0][:7] == ["set", "position", "index", "path", "target", "pred", "class"]
     first = files[0].read_bytes()
     with pytest.raises(SystemExit, match=r"already exists.*--overwrite true"):
         main([*args, "--predictions", str(files[0])])

@@ -193,8 +193,11 @@ class OODPredictor(nn.Module):
     def score_normalized(self, x: Tensor) -> dict[str, Any]:
         """Like :meth:`forward` for inputs already normalised (a datamodule's batches); one
         forward pass for the whole of ``x``."""
-        out = self.backbone.extract(x, taps=self._taps)
-        return engine.predict_batch(self.detectors, out, self.backbone, x)
+        # No autograd graph is kept for the outputs (it would hold every activation of the
+        # batch); detectors that perturb the input enable gradients for their own step.
+        with torch.no_grad():
+            out = self.backbone.extract(x, taps=self._taps)
+            return engine.predict_batch(self.detectors, out, self.backbone, x)
 
     # -- deployment --------------------------------------------------------------------------
     def export(self, example: Tensor) -> torch.export.ExportedProgram:

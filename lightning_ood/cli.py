@@ -22,7 +22,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_ood.callbacks.evaluation import OODEvaluation
 from lightning_ood.callbacks.predictions import PredictionCSVWriter
@@ -158,8 +158,8 @@ class OODCLI(LightningCLI):
             return
         cfg = self.config[sub]
         self._check_class_count(cfg.get("ckpt_path"))
-        if sub == "fit" and not cfg["overwrite"]:
-            self._refuse_replacing_a_run(cfg.get("ckpt_path"), cfg["experiment"])
+        if sub == "fit":
+            self._refuse_replacing_a_run(cfg.get("ckpt_path"), cfg["experiment"], cfg["overwrite"])
         weights = (cfg["model"].get("model_kwargs") or {}).get("weights")
         if sub == "test" and not cfg.get("ckpt_path") and not weights:  # --allow_untrained
             for cb in self.trainer.callbacks:
@@ -188,9 +188,13 @@ class OODCLI(LightningCLI):
             f"{data_classes}-class model with `lightning-ood fit` (without --ckpt_path)."
         )
 
-    def _refuse_replacing_a_run(self, ckpt_path: str | None, experiment: str) -> None:
+    def _refuse_replacing_a_run(
+        self, ckpt_path: str | None, experiment: str, overwrite: bool = False
+    ) -> None:
         """``fit`` writes ``last.ckpt`` and the best epoch into a fixed folder: a second run of
-        the same experiment would replace the first one's checkpoints."""
+        the same experiment would replace the first one's checkpoints. Refused, or with
+        ``overwrite`` the earlier run's checkpoints (``fitted.ckpt`` included, so that no file
+        of the replaced model is left to be loaded by mistake) are removed first."""
         for cb in self.trainer.checkpoint_callbacks:
             folder = Path(cb.dirpath) if getattr(cb, "dirpath", None) else None
             if folder is None or not folder.is_dir():
@@ -199,8 +203,15 @@ class OODCLI(LightningCLI):
                 ckpt_path in ("last", "hpc") or Path(ckpt_path).resolve().parent == folder.resolve()
             ):
                 continue  # resuming the run that lives in this folder
-            earlier = sorted(p.name for p in folder.glob("*.ckpt") if p.name != "fitted.ckpt")
-            if earlier:
+            earlier = sorted(p.name for p in folder.glob("*.ckpt"))
+            if earlier and overwrite:
+                for name in earlier:
+                    (folder / name).unlink(missing_ok=True)  # DDP: every rank runs this
+                rank_zero_info(
+                    f"[lightning_ood] --overwrite: removed the earlier run's {earlier} from "
+                    f"{folder}"
+                )
+            elif earlier:
                 raise SystemExit(
                     f"lightning-ood fit: {folder} already holds the checkpoints of an earlier run "
                     f"of experiment {experiment!r} ({', '.join(earlier[:4])}); this fit would "

@@ -155,8 +155,17 @@ def fit_detectors(
                 for det in readers:
                     det.update(out, target, backbone)
     if finalize:
-        for det in dets:
-            det.finalize(backbone, reducer or Reducer())
+        finalize_detectors(dets, backbone, reducer)
+
+
+def finalize_detectors(
+    detectors: Iterable[Detector], backbone: OODBackbone, reducer: Reducer | None = None
+) -> None:
+    """``finalize`` every detector (cross-rank reductions through ``reducer``): the last step
+    of :func:`fit_detectors`, on its own for state accumulated once and finalized under
+    several finalize-only configurations (the grid)."""
+    for det in detectors:
+        det.finalize(backbone, reducer or Reducer())
 
 
 def fit_from_loader(
@@ -297,6 +306,7 @@ __all__ = [
     "detector_taps",
     "eval_mode",
     "eval_pass",
+    "finalize_detectors",
     "fit_detectors",
     "fit_from_loader",
     "labelled",

@@ -52,7 +52,7 @@ from lightning_ood.features import (
 )
 from lightning_ood.metrics import METRIC_NAMES
 from lightning_ood.models.base import OODBackbone
-from lightning_ood.protocol import CONVENTION, average, evaluate_pair
+from lightning_ood.protocol import CONVENTION, average, evaluate_pair, holds_out
 from lightning_ood.report import HEADERS, LOWER_IS_BETTER
 from lightning_ood.splits import fraction_size, seeded_parts
 
@@ -295,7 +295,7 @@ def grid_search(
     for det in [*dets, *([ref_det] if ref_det is not None else [])]:
         engine.check_feature_only(det)
     taps = engine.detector_taps(dets, backbone)
-    if engine.reads_training_data(dets[0]):
+    if any(engine.reads_training_data(d) for d in dets):
         if train is None:
             raise ValueError(f"detector {kind!r} is fitted on the training set: pass `train`")
         _require_taps(train, taps, "the training set")
@@ -314,7 +314,11 @@ def grid_search(
     for n, c in ood_test.items():
         _require_taps(c, taps, f"test OOD set {n!r}")
 
-    needs_val = dets[0].needs_validation
+    def combines(det: Detector) -> bool:
+        """The protocol's rule: only an ensemble of several components fits a combiner."""
+        return holds_out(det, len(det.tap_names(backbone)), 1)
+
+    needs_val = any(combines(d) for d in [*dets, *([ref_det] if ref_det is not None else [])])
     if needs_val:  # seeded (fit, select) halves of every validation set for the combiner
         id_fit, id_sel = _split_index(len(id_val), combiner_fraction, seed, "ID validation set")
         ood_idx = {
@@ -322,11 +326,14 @@ def grid_search(
             for n, c in ood_val.items()
         }
 
-    # Combinations that differ only in finalize-only hyperparameters share one accumulation.
-    free = type(dets[0]).finalize_only if engine.reads_training_data(dets[0]) else frozenset()
+    # Combinations that differ only in finalize-only hyperparameters share one accumulation
+    # over the training features (detectors that read none each finalize on their own).
+    def free(det: Detector) -> frozenset[str]:
+        return type(det).finalize_only if engine.reads_training_data(det) else frozenset()
+
     groups: dict[str, list[int]] = {}
     for i, det in enumerate(dets):
-        key = {k: v for k, v in det.config().items() if k not in free and k != "name"}
+        key = {k: v for k, v in det.config().items() if k not in free(det) and k != "name"}
         groups.setdefault(json.dumps(key, sort_keys=True, default=repr), []).append(i)
 
     def scores(det: Detector, cached: CachedFeatures, components: bool = False) -> Tensor:
@@ -334,7 +341,7 @@ def grid_search(
 
     def validate(det: Detector) -> dict[str, dict[str, float]]:
         """Validation metrics per validation OOD set (fits the combiner first if any)."""
-        if not needs_val:
+        if not combines(det):
             s_id = scores(det, id_val)
             return {n: evaluate_pair(s_id, scores(det, c)) for n, c in ood_val.items()}
         cid = scores(det, id_val, components=True)
@@ -358,8 +365,7 @@ def grid_search(
         """Test metrics per reported OOD set and their average."""
 
         def final(c: CachedFeatures) -> Tensor:
-            s = scores(det, c, components=needs_val)
-            return det.combine(s) if needs_val else s
+            return scores(det, c)  # a fitted combiner (if any) is part of the detector
 
         s_id = final(id_test)
         test = {n: evaluate_pair(s_id, final(c)) for n, c in ood_test.items()}
@@ -374,16 +380,16 @@ def grid_search(
         fit_from_cache([proto], backbone, train, batch_size, finalize=False)  # once per group
         for i in members:
             det = copy.deepcopy(proto)
-            for k in free:
+            for k in free(proto):
                 if hasattr(dets[i], k):
                     setattr(det, k, getattr(dets[i], k))
             det.name = dets[i].name
             if det.config() != dets[i].config():  # the copy must be the configured detector
                 raise RuntimeError(f"grid: rebuilt {det.config()} != {dets[i].config()}")
-            det.finalize(backbone)
+            engine.finalize_detectors([det], backbone)
             val = validate(det)
             rows[i] = {"params": combos[i], "val": val, "val_mean": average(val)}
-            if needs_val:
+            if combines(det):
                 rows[i]["combiner"] = {k: v.tolist() for k, v in det.combiner_state().items()}
             rank = _rank_key(rows[i], select_metric, i)
             if best is None or rank < best[0]:
@@ -519,7 +525,7 @@ def run_spec(
 
     t0 = time.perf_counter()
     train = None
-    if engine.reads_training_data(probe[0]):
+    if any(engine.reads_training_data(d) for d in probe):
         train = features(dm.fit_dataloader(), "train")
     id_test = features(test_loaders[0], names[0])
     id_val, id_val_source = None, None

@@ -3,7 +3,8 @@
 Pure torch (no Lightning import), so models, detectors and the hand-off loader can use it.
 
 * :func:`safe_load` is the one way this project reads a checkpoint (Lightning ``.ckpt``,
-  reference ``.pth.tar``, feature-cache entries): ``torch.load(weights_only=True)``, which
+  reference ``.pth.tar``; feature-cache entries are read with the same ``weights_only=True``
+  load, memory-mapped): ``torch.load(weights_only=True)``, which
   unpickles only tensors and primitive containers. A file that needs anything else (a pickled
   class, a ``__reduce__`` payload) is refused before any of its code runs. Each other failure
   has its own error and remedy: not a checkpoint at all, truncated, or a device that is absent.

@@ -160,7 +160,7 @@ class OODPredictor(nn.Module):
                 f"input batch has dtype {tokens.dtype}; this model takes integer token ids in "
                 f"[0, {vocab})"
             )
-        if vocab and not exporting():
+        if vocab:
             outside = (tokens < 0) | (tokens >= vocab)
             if bool(outside.any()):
                 raise ValueError(
@@ -218,7 +218,14 @@ class OODPredictor(nn.Module):
                 f"detectors {grad} need input gradients at inference and cannot be exported; "
                 f"load with detectors={[n for n in self.detector_names if n not in grad]}"
             )
+        if not self.normalizes:
+            raise ValueError(
+                f"{type(self.backbone).__name__} takes token ids, whose range check depends on "
+                "the data; token models are not exported: use the eager module"
+            )
         self.check_input(example)
+        if example.shape[0] == 0:
+            raise ValueError("export needs an example batch with at least one image")
         if example.shape[0] < 2:  # a batch of 1 would be specialised to a constant
             example = example[:1].expand(2, *example.shape[1:]).contiguous()
         batch = torch.export.Dim("batch", min=1, max=65536)
@@ -277,4 +284,4 @@ def load(
             "detector fitting. Run `lightning-ood test --ckpt_path ...` with the OODEvaluation "
             "callback, which fits, calibrates and saves them."
         )
-    return OODPredictor(backbone, chosen, meta, chunk_size).eval()
+    return OODPredictor(backbone, chosen, meta, chunk_size).to(map_location).eval()

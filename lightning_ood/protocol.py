@@ -100,6 +100,31 @@ def holdout_splits(
     }
 
 
+_NAN = dict.fromkeys(METRIC_NAMES, math.nan)
+
+
+def _bad_rows(t: Tensor) -> int:
+    """Samples with any non-finite score (or component)."""
+    bad = ~torch.isfinite(t)
+    return int(bad.reshape(len(t), -1).any(1).sum())
+
+
+def _warn_nonfinite(
+    warn: Callable[[str], None] | None,
+    detector: str,
+    ood: str,
+    vals: Mapping[str, float],
+    n_id: int,
+    n_ood: int,
+) -> None:
+    if warn is not None and vals["nonfinite_id"] + vals["nonfinite_ood"]:
+        warn(
+            f"detector {detector!r} produced non-finite scores on {ood!r}: "
+            f"{vals['nonfinite_id']} of {n_id} ID and {vals['nonfinite_ood']} of {n_ood} OOD; "
+            "its metrics for this set are reported as NaN."
+        )
+
+
 @dataclass
 class Evaluation:
     """What :func:`evaluate_detectors` measured.
@@ -187,22 +212,30 @@ def evaluate_detectors(
             for ood in ood_names:
                 s_id, s_ood = reported(bank[id_name], id_name), reported(bank[ood], ood)
                 if det.needs_validation:
+                    fit_id, fit_ood = (
+                        (held(bank[id_name], id_name), held(bank[ood], ood))
+                        if holdout
+                        else ((), ())
+                    )
+                    if holdout and not all(bool(t.isfinite().all()) for t in (fit_id, fit_ood)):
+                        # no combiner can be fitted on non-finite components: NaN, reported
+                        per_set[ood] = {**evaluate_pair(s_id[:, 0], s_ood[:, 0]), **_NAN}
+                        per_set[ood]["nonfinite_id"] = _bad_rows(bank[id_name])
+                        per_set[ood]["nonfinite_ood"] = _bad_rows(bank[ood])
+                        result.scores[dname][ood] = (s_id[:, 0], s_ood[:, 0])
+                        _warn_nonfinite(
+                            warn, dname, ood, per_set[ood], len(bank[id_name]), len(bank[ood])
+                        )
+                        continue
                     if holdout:
-                        det.fit_combiner(held(bank[id_name], id_name), held(bank[ood], ood))
+                        det.fit_combiner(fit_id, fit_ood)
                         result.combiners.setdefault(dname, {})[ood] = {
                             k: v.tolist() for k, v in det.combiner_state().items()
                         }
                     s_id, s_ood = det.combine(s_id), det.combine(s_ood)
                 per_set[ood] = evaluate_pair(s_id, s_ood)
                 result.scores[dname][ood] = (s_id, s_ood)
-                bad = per_set[ood]["nonfinite_id"] + per_set[ood]["nonfinite_ood"]
-                if bad and warn is not None:
-                    warn(
-                        f"detector {dname!r} produced non-finite scores on {ood!r}: "
-                        f"{per_set[ood]['nonfinite_id']} of {len(s_id)} ID and "
-                        f"{per_set[ood]['nonfinite_ood']} of {len(s_ood)} OOD; its metrics for "
-                        "this set are reported as NaN."
-                    )
+                _warn_nonfinite(warn, dname, ood, per_set[ood], len(s_id), len(s_ood))
         finally:
             det.load_combiner_state(deployed)
         per_set["average"] = average({o: per_set[o] for o in ood_names})

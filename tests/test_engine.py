@@ -92,6 +92,33 @@ def test_fitting_from_a_loader_equals_fitting_from_cached_features(net: Counting
         torch.testing.assert_close(s_cached[name], s_live[name], rtol=1e-5, atol=1e-6)
 
 
+def test_fit_detectors_equals_the_detector_protocol_by_hand(net: CountingNet) -> None:
+    """The reference for every engine-based oracle in the suite: reset, update per batch
+    under no_grad, finalize, written out by hand (the one place tests do so on purpose)."""
+    loader = _loader(200, 0)
+    by_engine = _build()
+    engine.fit_from_loader(by_engine.values(), net, loader)
+    by_hand = _build()
+    taps = engine.detector_taps(by_hand.values(), net)
+    for det in by_hand.values():
+        det.reset()
+    with torch.no_grad():
+        for x, y in loader:
+            out = net.extract(x, taps)
+            for det in by_hand.values():
+                if det.requires_fit and det.uses_training_data:
+                    det.update(out, y, net)
+    for det in by_hand.values():
+        det.finalize(net)
+    x = torch.randn(20, 2, 4, 4)
+    with torch.no_grad():
+        out = net.extract(x, taps)
+    want = {n: d.score(out, net, x) for n, d in by_hand.items()}
+    got = engine.score_batch(by_engine, out, net, x)
+    for name in SPECS:
+        assert torch.equal(got[name], want[name]), name
+
+
 def test_same_chunking_is_bit_identical(net: CountingNet) -> None:
     """Cached features chunked like the loader give exactly the eval pass's state."""
     loader = _loader(200, 0)

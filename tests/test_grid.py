@@ -409,3 +409,28 @@ def test_nonfinite_scores_rank_last_and_are_reported(setting: dict) -> None:
     )
     assert result.best == 1 and result.best_params == {"temperature": 1.0}
     assert "| 1e-40 | nan | nan |" in result.to_markdown()
+
+
+def test_single_tap_ensemble_fits_no_combiner_like_the_callback(setting: dict) -> None:
+    """One component needs no combiner (the protocol's rule): the grid scores the raw
+    component on whole validation sets, exactly what `lightning-ood test` reports."""
+    f = setting["feats"]
+    base = {"taps": ["pre"], "combiner": "lr"}
+    result = _run(setting, "mahalanobis", {"standardize": [False]}, base, ["noise"])
+    row = result.rows[0]
+    assert "combiner" not in row
+    det = fitted(
+        {"m": {"type": "mahalanobis", **base}}, setting["net"], setting["loaders"]["train"]
+    )["m"]
+    id_val, _ = split_cached(f["id"], 0.5, seed=0)
+    want = ood_metrics(det.score(id_val.output()), det.score(f["noise"].output()))
+    assert row["val"]["noise"]["auroc"] == pytest.approx(want["auroc"], abs=1e-12)
+    assert row["val"]["noise"]["n_id"] == len(id_val)
+
+
+def test_training_features_are_read_when_any_combination_needs_them(setting: dict) -> None:
+    """ReAct with a fixed clip needs no training pass, with clip None it does: a grid over
+    both must fit both (the first combination alone does not decide)."""
+    result = _run(setting, "react", {"clip": [1.0, None]}, {"percentile": 90.0}, ["noise"])
+    assert [r["params"]["clip"] for r in result.rows] == [1.0, None]
+    assert all(not math.isnan(r["val_mean"]["auroc"]) for r in result.rows)

@@ -174,3 +174,28 @@ def test_table_and_files(tmp_path: Path) -> None:
         ]
         == 3
     )
+
+
+def test_nonfinite_held_out_components_report_nan_not_a_crash() -> None:
+    """A NaN among the samples a combiner would be fitted on: that (detector, set) reports NaN
+    with its counts, the other detectors and sets are evaluated as usual."""
+    maha = build_detector("mahalanobis", {"taps": ["a", "b"], "combiner": "lr"})
+    energy = build_detector("energy")
+    comps = [_bank(0, 60, 1.0, 2), _bank(1, 40, 0.0, 2), _bank(2, 30, -1.0, 2)]
+    split = holdout_splits({"id": 60, "near": 40, "far": 30}, 10, seed=7)
+    comps[1][split["near"][0][0], 1] = math.inf  # a held-out sample of 'near'
+    messages: list[str] = []
+    result = evaluate_detectors(
+        {"maha": maha, "energy": energy},
+        {"maha": comps, "energy": [_bank(3, 60, 1.0), _bank(4, 40, 0.0), _bank(5, 30, -1.0)]},
+        ["id", "near", "far"],
+        validation_size=10,
+        seed=7,
+        warn=messages.append,
+    )
+    near, far = result.metrics["maha"]["near"], result.metrics["maha"]["far"]
+    assert all(math.isnan(near[m]) for m in METRIC_NAMES) and near["nonfinite_ood"] == 1
+    assert not math.isnan(far["auroc"]) and "near" not in result.combiners["maha"]
+    assert math.isnan(result.metrics["maha"]["average"]["auroc"])
+    assert not math.isnan(result.metrics["energy"]["near"]["auroc"])
+    assert len(messages) == 1 and "'maha'" in messages[0] and "'near'" in messages[0]

@@ -205,7 +205,12 @@ class OODEvaluation(Callback):
         loaders = trainer.datamodule.test_dataloader() if trainer.datamodule is not None else []
         loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
         names = self._test_set_names(trainer)
-        sizes = {n: len(ld.dataset) for n, ld in zip(names, loaders, strict=False)}
+        if len(names) != len(loaders):
+            raise ValueError(
+                f"the datamodule names {len(names)} test sets {names} but test_dataloader() "
+                f"returns {len(loaders)} loaders; they must correspond one to one"
+            )
+        sizes = {n: len(ld.dataset) for n, ld in zip(names, loaders, strict=True)}
         check_holdout(sizes, self.validation_size, dets)
 
     # -- fitting -----------------------------------------------------------------------------
@@ -231,9 +236,8 @@ class OODEvaluation(Callback):
         ran, self._train_end_ran = self._train_end_ran, False
         if ran or not self.fit_after_train or not pl_module.detectors:
             return
-        todo = [
-            d.name for d in pl_module.detectors.values() if not (d.is_fitted and d.is_calibrated)
-        ]
+        missing = [d for d in pl_module.detectors.values() if not (d.is_fitted and d.is_calibrated)]
+        todo = [d.name for d in missing]
         if not todo:
             return
         if not trainer.ckpt_path or trainer.global_step == 0:
@@ -251,7 +255,7 @@ class OODEvaluation(Callback):
         # Lightning's teardown moved the model to the CPU; fit where it trained.
         pl_module.to(trainer.strategy.root_device)
         try:
-            self._fit_and_save_last(trainer, pl_module, list(pl_module.detectors.values()))
+            self._fit_and_save_last(trainer, pl_module, missing)
         finally:
             pl_module.cpu()
 
@@ -359,11 +363,13 @@ class OODEvaluation(Callback):
             )
         return list(names)
 
-    def _gather(self, chunks: list[Tensor], trainer: Trainer) -> Tensor:
+    def _gather(self, chunks: list[Tensor], trainer: Trainer, det: Detector) -> Tensor:
         """This rank's scores of one set, gathered over ranks and put back in dataset order
         (the loaders shard with :class:`EvalShardedSampler`: no padding, nothing counted
-        twice, and the seeded hold-out picks the same samples on any world size)."""
-        t = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.float64)
+        twice, and the seeded hold-out picks the same samples on any world size). A rank
+        that saw no batch of a tiny set contributes an empty tensor of the right shape."""
+        tail = (len(det.taps),) if det.needs_validation else ()
+        t = torch.cat(chunks) if chunks else torch.empty(0, *tail, dtype=torch.float64)
         if trainer.world_size > 1:
             parts = gather_all_tensors(t.to(trainer.strategy.root_device))
             t = unshard([g.cpu() for g in parts])
@@ -372,7 +378,7 @@ class OODEvaluation(Callback):
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         names = self._test_set_names(trainer)
         dets = dict(pl_module.detectors.items())
-        banks = {n: [self._gather(c, trainer) for c in self._bank[n]] for n in dets}
+        banks = {n: [self._gather(c, trainer, dets[n]) for c in self._bank[n]] for n in dets}
         evaluation = evaluate_detectors(
             dets,
             banks,

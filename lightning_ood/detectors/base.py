@@ -63,9 +63,9 @@ class Detector(nn.Module):
     needs_input_grad: ClassVar[bool] = False
     #: ``__init__`` hyperparameters that only enter :meth:`finalize`/:meth:`score` (and the
     #: combiner), never :meth:`update`: configurations that differ only in these can share
-    #: one accumulation pass (deep-copy the accumulated detector, set these attributes, then
-    #: ``finalize`` each copy). Detectors without a training pass list every hyperparameter
-    #: except the taps, so that the members of one group always read the same taps.
+    #: one accumulation pass over the training features (deep-copy the accumulated detector,
+    #: set these attributes, then ``finalize`` each copy; the grid does). Detectors without a
+    #: training pass declare them for the record (nothing is shared: they accumulate nothing).
     finalize_only: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, name: str | None = None) -> None:

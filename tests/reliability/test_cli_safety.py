@@ -71,11 +71,16 @@ def test_a_second_fit_never_replaces_an_earlier_run(
 ) -> None:
     folder = tmp_path / "ckpt" / "lenet"
     folder.mkdir(parents=True)
-    shutil.copy(lenet_fitted["ckpt"], folder / "last.ckpt")
-    before = (folder / "last.ckpt").read_bytes()
     cfg = _small(shared_data)
     cfg["trainer"].update({"limit_train_batches": 2, "limit_val_batches": 1})
     args = ["fit", *_write(tmp_path, cfg), "--experiment", "lenet"]
+    # a folder holding only the fitted.ckpt of an earlier `test` is an earlier run too
+    shutil.copy(lenet_fitted["ckpt"], folder / "fitted.ckpt")
+    with pytest.raises(SystemExit, match=r"earlier run .*fitted\.ckpt"):
+        main(args)
+    shutil.copy(lenet_fitted["ckpt"], folder / "last.ckpt")
+    shutil.copy(lenet_fitted["ckpt"], folder / "epoch000-acc0.5000.ckpt")
+    before = (folder / "last.ckpt").read_bytes()
     with pytest.raises(SystemExit) as exc:
         main(args)
     message = str(exc.value)
@@ -84,6 +89,9 @@ def test_a_second_fit_never_replaces_an_earlier_run(
     assert (folder / "last.ckpt").read_bytes() == before
     # on request, the earlier run is replaced: a 2-step run, its detectors fitted after it
     main([*args, "--overwrite", "true"])
+    # none of the replaced model's files is left to be loaded by mistake
+    assert not (folder / "fitted.ckpt").exists()
+    assert not (folder / "epoch000-acc0.5000.ckpt").exists()
     replaced = safe_load(folder / "last.ckpt")
     assert replaced["global_step"] == 2 != safe_load(lenet_fitted["ckpt"])["global_step"]
     assert bool(replaced["state_dict"]["detectors.line.fitted"])

@@ -189,6 +189,8 @@ def test_exported_program_refuses_what_the_module_refuses(fitted: dict, shared_d
             model(bad)
         with pytest.raises(RuntimeError, match=words):
             program(bad)
+    with pytest.raises(ValueError, match="at least one image"):
+        model.export(x[:0].float() / 255)
     # uint8 is a first-class input dtype: export with a uint8 example to deploy on uint8
     program_u8 = model.export(x).module()
     assert torch.equal(program_u8(x)["scores"]["energy"], model(x)["scores"]["energy"])
@@ -255,3 +257,13 @@ print(json.dumps({{"small": small, "large": peak(), "n": len(out["scores"]["odin
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["n"] == 4096
     assert res["large"] - res["small"] < 0.3e9, res
+
+
+@pytest.mark.gpu
+def test_load_onto_a_gpu_scores_there(fitted: dict, shared_data: Path) -> None:
+    model = lightning_ood.load(fitted["ckpt"], map_location="cuda")
+    x = _test_images(shared_data)[0][:8].cuda()
+    out = model(x)
+    assert out["logits"].device.type == "cuda" and model.mean.device.type == "cuda"
+    cpu = lightning_ood.load(fitted["ckpt"])(x.cpu())
+    torch.testing.assert_close(out["scores"]["energy"].cpu(), cpu["scores"]["energy"])

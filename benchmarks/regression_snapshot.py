@@ -10,8 +10,9 @@ Runs, in-process through ``lightning_ood.cli.main``:
 
 Writes ``<out>/{line,demo}.json`` with every metric at full precision (plus thresholds and
 combiners for the demo); use a fresh ``--out`` folder per run. ``--compare A B`` prints every
-value that differs between two snapshot folders and exits 1 if any does. How it was used: the engine refactor's snapshot
-equalled the previous commit's exactly (closing note of that session)::
+value that differs between two snapshot folders and exits 1 if any does. How it was used:
+the engine refactor's snapshot equalled the previous commit's exactly (closing note of that
+session)::
 
     python benchmarks/regression_snapshot.py --out /tmp/after            # this checkout
     cd OLD_CHECKOUT && python /path/to/regression_snapshot.py --root . --out /tmp/before

@@ -12,16 +12,19 @@ from lightning_ood.detectors.dice import DICE
 from lightning_ood.detectors.dice_react import DICEReAct
 from lightning_ood.detectors.energy import Energy, energy_score
 from lightning_ood.detectors.fssd import FSSD
+from lightning_ood.detectors.gen import GEN
 from lightning_ood.detectors.layer_ensemble import LayerEnsembleDetector
 from lightning_ood.detectors.line import LINe
 from lightning_ood.detectors.linear_head import ActivationSampler, LinearHeadDetector
 from lightning_ood.detectors.mahalanobis import Mahalanobis
+from lightning_ood.detectors.maxlogit import MaxLogit
 from lightning_ood.detectors.msp import MSP
 from lightning_ood.detectors.odin import ODIN
 from lightning_ood.detectors.react import ReAct
 
 DETECTORS: dict[str, type[Detector]] = {
-    cls.kind: cls for cls in (MSP, ODIN, Energy, ReAct, DICE, DICEReAct, LINe, FSSD, Mahalanobis)
+    cls.kind: cls
+    for cls in (MSP, MaxLogit, GEN, ODIN, Energy, ReAct, DICE, DICEReAct, LINe, FSSD, Mahalanobis)
 }
 
 
@@ -50,6 +53,7 @@ __all__ = [
     "DETECTORS",
     "DICE",
     "FSSD",
+    "GEN",
     "MSP",
     "ODIN",
     "ActivationSampler",
@@ -60,6 +64,7 @@ __all__ = [
     "LayerEnsembleDetector",
     "LinearHeadDetector",
     "Mahalanobis",
+    "MaxLogit",
     "ReAct",
     "Reducer",
     "build_detector",

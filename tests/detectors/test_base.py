@@ -23,6 +23,7 @@ STD = [0.5, 0.25]
 #: differ in every finalize-only hyperparameter (and in nothing else).
 FINALIZE_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
     "energy": ({}, {"temperature": 1.0}, {"temperature": 2.5}),
+    "gen": ({}, {"gamma": 0.1, "M": 2}, {"gamma": 0.7, "M": 3}),
     "odin": (
         {},
         {"temperature": 1000.0, "epsilon": 0.0, "input_std": None},
@@ -159,7 +160,7 @@ def test_every_kind_declares_finalize_only_init_arguments() -> None:
     for kind, cls in DETECTORS.items():
         params = set(inspect.signature(cls.__init__).parameters) - {"self", "name"}
         assert cls.finalize_only <= params, kind
-        if kind == "msp":
+        if kind in ("msp", "maxlogit"):
             assert cls.finalize_only == frozenset() and params == set()
         else:
             assert set(FINALIZE_CASES[kind][2]) == cls.finalize_only, kind

@@ -12,6 +12,7 @@ from unittest import mock
 import pytest
 import torch
 from lightning.pytorch import LightningDataModule, Trainer
+from torch.multiprocessing import ProcessExitedException
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ood.callbacks import OODEvaluation
@@ -208,7 +209,15 @@ def test_ddp_fit_and_scores_match_single_process(tmp_path: Path) -> None:
             progress=False,
             validation_size=0,
         )
-        _trainer(out, cb, accelerator="cpu", **kw).test(task, datamodule=ToyData())
+        try:
+            _trainer(out, cb, accelerator="cpu", **kw).test(task, datamodule=ToyData())
+        except ProcessExitedException as err:
+            # Seen once in ~6 runs: a spawned gloo worker aborted ("terminate called without an
+            # active exception") while exiting, after the run. Rank 0 writes the results only
+            # after gathering every rank's scores, so the file proves the run itself finished;
+            # without it, the failure is real.
+            if "SIGABRT" not in str(err) or not (out / "ood_results.json").is_file():
+                raise
         results[name] = json.loads((out / "ood_results.json").read_text())["metrics"]
     for det, per_set in results["single"].items():
         for metric, value in per_set["far"].items():

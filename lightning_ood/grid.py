@@ -52,7 +52,7 @@ from lightning_ood.features import (
 )
 from lightning_ood.metrics import METRIC_NAMES
 from lightning_ood.models.base import OODBackbone
-from lightning_ood.protocol import CONVENTION, average, evaluate_pair, holds_out
+from lightning_ood.protocol import CONVENTION, average, evaluate_pair, holds_out, unfittable
 from lightning_ood.report import HEADERS, LOWER_IS_BETTER
 from lightning_ood.splits import fraction_size, seeded_parts
 
@@ -348,15 +348,7 @@ def grid_search(
         cood = {n: scores(det, c, components=True) for n, c in ood_val.items()}
         if not all(bool(t.isfinite().all()) for t in (cid, *cood.values())):
             # no combiner can be fitted: this combination ranks last (NaN), counts reported
-            def bad(c: Tensor) -> int:  # samples with any non-finite component
-                return int((~c.isfinite()).any(1).sum())
-
-            nan = dict.fromkeys(METRIC_NAMES, math.nan)
-            return {
-                n: {**nan, "n_id": len(id_sel), "n_ood": len(ood_idx[n][1]),
-                    "nonfinite_id": bad(cid), "nonfinite_ood": bad(c)}
-                for n, c in cood.items()
-            }  # fmt: skip
+            return {n: unfittable(cid, c, len(id_sel), len(ood_idx[n][1])) for n, c in cood.items()}
         det.fit_combiner(cid[id_fit], torch.cat([cood[n][ood_idx[n][0]] for n in cood]))
         s_id = det.combine(cid[id_sel])
         return {n: evaluate_pair(s_id, det.combine(c[ood_idx[n][1]])) for n, c in cood.items()}

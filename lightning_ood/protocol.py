@@ -100,13 +100,17 @@ def holdout_splits(
     }
 
 
-_NAN = dict.fromkeys(METRIC_NAMES, math.nan)
+def unfittable(components_id: Tensor, components_ood: Tensor, n_id: int, n_ood: int) -> dict:
+    """The result of a (detector, set) whose combiner cannot be fitted because components
+    are non-finite: NaN metrics, the reported sizes ``n_id``/``n_ood``, and how many samples
+    of each set have a non-finite component."""
 
+    def bad(t: Tensor) -> int:
+        return int((~torch.isfinite(t)).reshape(len(t), -1).any(1).sum())
 
-def _bad_rows(t: Tensor) -> int:
-    """Samples with any non-finite score (or component)."""
-    bad = ~torch.isfinite(t)
-    return int(bad.reshape(len(t), -1).any(1).sum())
+    counts = {"n_id": n_id, "n_ood": n_ood, "nonfinite_id": bad(components_id)}
+    counts["nonfinite_ood"] = bad(components_ood)
+    return {**dict.fromkeys(METRIC_NAMES, math.nan), **counts}
 
 
 def _warn_nonfinite(
@@ -219,9 +223,7 @@ def evaluate_detectors(
                     )
                     if holdout and not all(bool(t.isfinite().all()) for t in (fit_id, fit_ood)):
                         # no combiner can be fitted on non-finite components: NaN, reported
-                        per_set[ood] = {**evaluate_pair(s_id[:, 0], s_ood[:, 0]), **_NAN}
-                        per_set[ood]["nonfinite_id"] = _bad_rows(bank[id_name])
-                        per_set[ood]["nonfinite_ood"] = _bad_rows(bank[ood])
+                        per_set[ood] = unfittable(bank[id_name], bank[ood], len(s_id), len(s_ood))
                         result.scores[dname][ood] = (s_id[:, 0], s_ood[:, 0])
                         _warn_nonfinite(
                             warn, dname, ood, per_set[ood], len(bank[id_name]), len(bank[ood])
@@ -253,4 +255,5 @@ __all__ = [
     "evaluate_pair",
     "holdout_splits",
     "holds_out",
+    "unfittable",
 ]

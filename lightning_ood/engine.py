@@ -192,11 +192,15 @@ def fit_from_loader(
 def check_feature_only(det: Detector) -> None:
     """Refuse a detector whose score needs the network and the inputs (input gradients),
     before any work, where only features are at hand (cache, grid)."""
-    if det.needs_input_grad:
+    if det.needs_inputs:
+        why = (
+            "input gradients (input pre-processing, epsilon > 0); use epsilon: 0, or"
+            if det.needs_input_grad
+            else "the network and the inputs (extra forward passes);"
+        )
         raise ValueError(
-            f"detector {det.name!r} ({type(det).__name__}, config {det.config()}) needs input "
-            "gradients to score (input pre-processing, epsilon > 0), which cached features "
-            "cannot provide; use epsilon: 0, or score it on images (`lightning-ood test`)"
+            f"detector {det.name!r} ({type(det).__name__}, config {det.config()}) needs {why} "
+            "score it on images (`lightning-ood test`): cached features cannot provide them"
         )
 
 
@@ -211,15 +215,15 @@ def score_batch(
 ) -> dict[str, Tensor]:
     """Every detector's scores for one batch, from the shared forward pass ``out``.
 
-    Detectors that perturb the input (``needs_input_grad``) also get ``backbone`` and
-    ``inputs``; without them (cached features) they are refused with their name.
+    Detectors that read the inputs (``needs_inputs``: input gradients, extra forwards) also
+    get ``backbone`` and ``inputs``; without them (cached features) they are refused by name.
     ``components=True`` returns a layer ensemble's per-tap components (B, K) instead of its
     combined score, so that the evaluation protocol can fit a combiner per OOD set.
     """
     scores: dict[str, Tensor] = {}
     for name, det in detectors.items():
         fn = det.score_components if components and det.needs_validation else det.score
-        if det.needs_input_grad:
+        if det.needs_inputs:
             if backbone is None or inputs is None:
                 check_feature_only(det)
             scores[name] = fn(out, backbone, inputs)

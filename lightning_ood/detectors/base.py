@@ -61,6 +61,10 @@ class Detector(nn.Module):
     uses_training_data: ClassVar[bool] = True
     #: Whether :meth:`score` needs ``model`` and ``inputs`` (gradient-based input processing).
     needs_input_grad: ClassVar[bool] = False
+    #: Validation search space for tuning (OpenOOD's protocol): ``__init__`` argument ->
+    #: candidate values, e.g. ``{"percentile": (85, 90, 95, 99)}``. ``tune:`` in the OOD
+    #: callback and the grid select from it on held-out validation data; ``{}``: nothing to tune.
+    search_space: ClassVar[Mapping[str, Sequence[Any]]] = {}
     #: ``__init__`` hyperparameters that only enter :meth:`finalize`/:meth:`score` (and the
     #: combiner), never :meth:`update`: configurations that differ only in these can share
     #: one accumulation pass over the training features (deep-copy the accumulated detector,
@@ -92,6 +96,12 @@ class Detector(nn.Module):
         """The taps this detector reads from ``backbone`` when fitting and scoring, with
         defaults resolved against it (may include ``"features"``/``"logits"``)."""
         return tuple(self.taps)
+
+    @property
+    def needs_inputs(self) -> bool:
+        """Whether :meth:`score` reads ``model`` and ``inputs`` (input gradients, extra
+        stochastic or ensemble forwards), so cached features cannot score it."""
+        return bool(self.needs_input_grad)
 
     @property
     def is_fitted(self) -> bool:

@@ -18,7 +18,7 @@ else loops over detectors to fit or score them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,6 +29,9 @@ from lightning_ood.models.base import FEATURES, LOGITS, BackboneOutput, OODBackb
 
 #: ``(BackboneOutput, targets)`` pairs: what a fitting pass feeds ``Detector.update``.
 Outputs = Iterable[tuple[BackboneOutput, Tensor]]
+#: Training outputs as given to :func:`fit_detectors`: a stream, a list (re-iterable), or a
+#: callable that starts the stream anew (needed when a detector asks for another pass).
+OutputSource = Outputs | Callable[[], Outputs]
 
 
 # -- small shared pieces -------------------------------------------------------------------------
@@ -122,10 +125,24 @@ def labelled(passes: Iterable[tuple[Tensor, Tensor | None, BackboneOutput]]) -> 
 
 
 # -- fitting ---------------------------------------------------------------------------------------
+def _restartable(
+    outputs: OutputSource | None,
+) -> tuple[Outputs | None, Callable[[], Outputs] | None]:
+    """The first stream of ``outputs`` and a way to start it again (None for a one-shot
+    iterator)."""
+    if outputs is None:
+        return None, None
+    if callable(outputs):
+        return outputs(), outputs
+    if isinstance(outputs, Sequence):
+        return outputs, lambda: outputs
+    return outputs, None
+
+
 def fit_detectors(
     detectors: Iterable[Detector],
     backbone: OODBackbone,
-    outputs: Outputs | None = None,
+    outputs: OutputSource | None = None,
     reducer: Reducer | None = None,
     *,
     finalize: bool = True,
@@ -134,8 +151,11 @@ def fit_detectors(
 
     ``reset`` every detector, feed each batch of ``outputs`` to every detector that reads
     training data (consumed once, whatever their number), then ``finalize`` them all with
-    ``reducer`` (cross-rank sums under DDP). ``finalize=False`` stops after the accumulation,
-    for callers that finalize several configurations from one accumulated state (the grid).
+    ``reducer`` (cross-rank sums under DDP). A detector whose :meth:`Detector.next_pass` asks
+    for another pass (an exact percentile beyond memory) gets it, alone, from ``outputs``
+    started anew (a list or a callable; a one-shot stream is refused then).
+    ``finalize=False`` stops after the first pass, for callers that finalize several
+    configurations from one accumulated state (the grid).
 
     Raises:
         ValueError: a detector reads the training set but ``outputs`` is None.
@@ -149,23 +169,45 @@ def fit_detectors(
         )
     for det in dets:
         det.reset()
-    if readers and outputs is not None:
-        with torch.no_grad():  # sums only; LINe's autograd oracle re-enables grad itself
-            for out, target in outputs:
-                for det in readers:
-                    det.update(out, target, backbone)
+    stream, restart = _restartable(outputs)
+    if readers and stream is not None:
+        _update_pass(readers, backbone, stream)
     if finalize:
-        finalize_detectors(dets, backbone, reducer)
+        finalize_detectors(dets, backbone, reducer, restart)
+
+
+def _update_pass(readers: Sequence[Detector], backbone: OODBackbone, stream: Outputs) -> None:
+    with torch.no_grad():  # sums only; LINe's autograd oracle re-enables grad itself
+        for out, target in stream:
+            for det in readers:
+                det.update(out, target, backbone)
 
 
 def finalize_detectors(
-    detectors: Iterable[Detector], backbone: OODBackbone, reducer: Reducer | None = None
+    detectors: Iterable[Detector],
+    backbone: OODBackbone,
+    reducer: Reducer | None = None,
+    restart: Callable[[], Outputs] | None = None,
 ) -> None:
-    """``finalize`` every detector (cross-rank reductions through ``reducer``): the last step
-    of :func:`fit_detectors`, on its own for state accumulated once and finalized under
-    several finalize-only configurations (the grid)."""
-    for det in detectors:
-        det.finalize(backbone, reducer or Reducer())
+    """Run the extra training passes the detectors ask for (:meth:`Detector.next_pass`, fed by
+    ``restart``), then ``finalize`` every detector (cross-rank reductions through
+    ``reducer``): the last step of :func:`fit_detectors`, on its own for state accumulated
+    once and finalized under several finalize-only configurations (the grid)."""
+    dets = list(detectors)
+    reducer = reducer or Reducer()
+    pending = [d for d in dets if reads_training_data(d) and d.next_pass(reducer)]
+    while pending:
+        if restart is None:
+            raise ValueError(
+                f"detectors {[d.name for d in pending]} need another pass over the training "
+                "data (an exact percentile of more values than `max_samples` holds in memory); "
+                "pass the training outputs as a list or a callable that restarts the stream, "
+                "or raise `max_samples`"
+            )
+        _update_pass(pending, backbone, restart())
+        pending = [d for d in pending if d.next_pass(reducer)]
+    for det in dets:
+        det.finalize(backbone, reducer)
 
 
 def fit_from_loader(
@@ -177,16 +219,20 @@ def fit_from_loader(
     progress: bool = False,
 ) -> None:
     """:func:`fit_detectors` over one :func:`eval_pass` of ``loader`` (run only if a detector
-    reads training data; ``loader`` may then be None)."""
+    reads training data; ``loader`` may then be None; a detector asking for another pass gets
+    another eval pass)."""
     dets = list(detectors)
     readers = [d for d in dets if reads_training_data(d)]
-    outputs = None
+    source: Callable[[], Outputs] | None = None
     if readers and loader is not None:
         desc = f"Fitting detectors ({', '.join(d.name for d in readers)})"
         taps = detector_taps(readers, backbone)
-        outputs = labelled(eval_pass(backbone, loader, taps, progress=progress, desc=desc))
+
+        def source() -> Outputs:
+            return labelled(eval_pass(backbone, loader, taps, progress=progress, desc=desc))
+
     with eval_mode(backbone):
-        fit_detectors(dets, backbone, outputs, reducer)
+        fit_detectors(dets, backbone, source, reducer)
 
 
 def check_feature_only(det: Detector) -> None:
@@ -303,6 +349,7 @@ def predict_batch(
 
 
 __all__ = [
+    "OutputSource",
     "Outputs",
     "calibrate_detectors",
     "check_feature_only",

@@ -343,7 +343,7 @@ def fit_from_cache(
     device = module_device(backbone)
     for det in dets:
         det.to(device)
-    outputs = None if train is None else train.as_batches(batch_size, device)
+    outputs = None if train is None else (lambda: train.as_batches(batch_size, device))
     fit_detectors(dets, backbone, outputs, finalize=finalize)  # type: ignore[arg-type]
 
 

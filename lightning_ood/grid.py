@@ -364,6 +364,8 @@ def grid_search(
         test["average"] = average(test)
         return test
 
+    device = engine.module_device(backbone)
+    restart = None if train is None else (lambda: train.as_batches(batch_size, device))
     rows: list[dict[str, Any]] = [{}] * len(dets)
     best: tuple[tuple[float, ...], int, Detector] | None = None
     bar = tqdm(total=len(dets), desc=f"grid {kind}", disable=not progress, leave=False)
@@ -378,7 +380,7 @@ def grid_search(
             det.name = dets[i].name
             if det.config() != dets[i].config():  # the copy must be the configured detector
                 raise RuntimeError(f"grid: rebuilt {det.config()} != {dets[i].config()}")
-            engine.finalize_detectors([det], backbone)
+            engine.finalize_detectors([det], backbone, None, restart)
             val = validate(det)
             rows[i] = {"params": combos[i], "val": val, "val_mean": average(val)}
             if combines(det):

@@ -133,6 +133,13 @@ class Detector(nn.Module):
         model is passed for detectors that need more (LINe's autograd oracle).
         """
 
+    def next_pass(self, reducer: Reducer) -> bool:
+        """Called by the engine after each pass of :meth:`update` over the training data,
+        before :meth:`finalize`: True asks for one more pass over the *same* batches (an exact
+        percentile of more values than fit in memory takes two). Reduce across ranks here, so
+        every rank answers alike. Default: one pass is enough."""
+        return False
+
     # -- optional supervised combiner (FSSD / Mahalanobis layer ensembles) ------------------
     #: Whether ``score`` combines several components with weights fitted on held-out ID+OOD
     #: validation samples (the callback carves them out of the test sets, never reporting them).

@@ -17,14 +17,15 @@ class DICEReAct(ActivationSampler, DICE):
     """DICE on ReAct-clipped features: the sparse head applied to min(h, c).
 
     The mask comes from the unclipped training mean, as in the DICE code. ``c`` is ``clip`` or
-    the ``percentile``-th percentile of training activations (subsampled as in
+    the exact ``percentile``-th percentile of training activations (as in
     :class:`~lightning_ood.detectors.react.ReAct`).
 
     Args:
         p: percent of weights pruned, in [0, 100).
         clip: fixed clipping threshold c > 0, or None to estimate it.
         percentile: percentile of training activations used when ``clip`` is None, in (0, 100].
-        max_samples: cap on the number of activation values kept for the percentile.
+        max_samples: activation values held in memory for the percentile; beyond it the exact
+            value takes one more pass over the training features (radix selection).
         name: instance name.
     """
 
@@ -37,7 +38,7 @@ class DICEReAct(ActivationSampler, DICE):
         p: float = 90.0,
         clip: float | None = None,
         percentile: float = 90.0,
-        max_samples: int = 1_000_000,
+        max_samples: int = 1 << 26,
         name: str | None = None,
     ) -> None:
         super().__init__(p=p, clip=clip, name=name)
@@ -48,9 +49,13 @@ class DICEReAct(ActivationSampler, DICE):
         self._reset_sampler()
 
     def update(self, out: BackboneOutput, target: Tensor, model: OODBackbone | None = None) -> None:
-        super().update(out, target, model)
+        if not self._quantile.selecting:  # the DICE sums take the first pass only
+            super().update(out, target, model)
         if self.clip is None:
             self._sample_update(out.features)
+
+    def next_pass(self, reducer: Reducer) -> bool:
+        return self.clip is None and self._sample_next_pass(reducer)
 
     def _clip_value(self, reducer: Reducer) -> Tensor:
         if self.clip is not None:

@@ -17,21 +17,22 @@ class ReAct(ActivationSampler, LinearHeadDetector):
     """ReAct: Energy of the logits of the clipped features, T·logsumexp((W min(h, c) + b)/T).
 
     ``c`` is ``clip`` when given, else the ``percentile``-th percentile of training activations
-    (all q entries of the penultimate features). The percentile is computed on a strided
-    subsample of at most ``max_samples`` values (exact when the training set fits); the
-    reference used ID validation images instead. With a fixed ``clip`` no training pass is
+    (all q entries of the penultimate features of every training sample), exact at any scale
+    (:class:`~lightning_ood.detectors.linear_head.ActivationSampler`); the reference used ID
+    validation images instead. With a fixed ``clip`` no training pass is
     needed: ``finalize`` only copies the head, so scoring needs no model.
 
     Args:
         clip: fixed clipping threshold c > 0, or None to estimate it.
         percentile: percentile of training activations used when ``clip`` is None, in (0, 100].
         temperature: energy temperature T > 0.
-        max_samples: cap on the number of activation values kept for the percentile.
+        max_samples: activation values held in memory for the percentile; beyond it the exact
+            value takes one more pass over the training features (radix selection).
         name: instance name.
     """
 
     kind = "react"
-    #: ``update`` samples activations (``clip``, ``max_samples``); the rest is finalize/score.
+    #: ``update`` streams activations (``clip``, ``max_samples``); the rest is finalize/score.
     finalize_only: ClassVar[frozenset[str]] = frozenset({"percentile", "temperature"})
 
     @property
@@ -44,7 +45,7 @@ class ReAct(ActivationSampler, LinearHeadDetector):
         clip: float | None = None,
         percentile: float = 90.0,
         temperature: float = 1.0,
-        max_samples: int = 1_000_000,
+        max_samples: int = 1 << 26,
         name: str | None = None,
     ) -> None:
         super().__init__(name)
@@ -65,6 +66,9 @@ class ReAct(ActivationSampler, LinearHeadDetector):
     def update(self, out: BackboneOutput, target: Tensor, model: OODBackbone | None = None) -> None:
         if self.clip is None:
             self._sample_update(out.features)
+
+    def next_pass(self, reducer: Reducer) -> bool:
+        return self.clip is None and self._sample_next_pass(reducer)
 
     def finalize(self, model: OODBackbone, reducer: Reducer | None = None) -> None:
         self._copy_head(model)

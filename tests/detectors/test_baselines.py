@@ -12,7 +12,7 @@ from toys import LinearHeadNet
 
 from lightning_ood import engine
 from lightning_ood.detectors import DICE, MSP, ODIN, DICEReAct, Energy, ReAct
-from lightning_ood.detectors.base import Detector, Reducer
+from lightning_ood.detectors.base import Detector, Reducer, percentile
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 
@@ -141,7 +141,11 @@ def test_react_percentile_by_hand() -> None:
     assert float(det.clip_value) == 4.5
     # [5, 6] -> [4.5, 4.5]: z = [0, 2.25 + 9 + 1].
     torch.testing.assert_close(score(det, model, d64([5.0, 6.0])), d64(lse(0.0, 12.25)))
-    assert det.act_sample.numel() == 0  # the sample is not kept in the checkpoint
+    # nothing of the training stream is kept in the checkpoint: only scalars and the head
+    assert {k: tuple(v.shape) for k, v in det.state_dict().items() if v.dim()} == {
+        "weight": (2, 2),
+        "bias": (2,),
+    }
 
 
 def test_react_percentile_equals_numpy_when_all_values_fit() -> None:
@@ -152,23 +156,40 @@ def test_react_percentile_equals_numpy_when_all_values_fit() -> None:
     assert float(det.clip_value) == pytest.approx(np.percentile(h.numpy(), 87.5), rel=1e-6)
 
 
-def test_react_subsample_is_an_exact_stride_of_the_stream() -> None:
+@pytest.mark.parametrize("make", [ReAct, DICEReAct])
+def test_react_percentile_is_exact_beyond_memory(make: type[Detector]) -> None:
+    """More values than ``max_samples``: the radix selection takes a second pass over the
+    training batches (the engine runs it) and still gives numpy's exact percentile, where the
+    strided subsample it replaces did not."""
     torch.manual_seed(2)
-    h = torch.rand(203, 4)
+    h = torch.rand(203, 4) * 3 - 0.5  # negative values too: the float order key must hold
     model = LinearHeadNet(torch.randn(3, 4), torch.zeros(3))
-    det = ReAct(max_samples=100)  # at most 25 rows of 4 values
-    # reset/update/finalize called directly: the test reads the sample between update and finalize
-    det.reset()
-    with torch.no_grad():
-        for x in h.split(17):
-            det.update(model.extract(x), torch.zeros(len(x), dtype=torch.long))
-    stride = det._stride
-    assert stride == 16  # 203 rows halved until <= 25 rows remain: stride 16 keeps 13
-    torch.testing.assert_close(det.act_sample, h[::stride])
-    det.finalize(model)
-    assert float(det.clip_value) == pytest.approx(
-        np.percentile(h[::stride].numpy(), 90.0), rel=1e-6
-    )
+    passes: list[int] = []
+    loader = [(x, torch.zeros(len(x), dtype=torch.long)) for x in h.split(17)]
+
+    def counted() -> list:
+        passes.append(1)
+        return engine.labelled((x, y, model.extract(x)) for x, y in loader)
+
+    det = make(percentile=87.5, max_samples=100)
+    engine.fit_detectors([det], model, counted)
+    assert len(passes) == 2  # float32: top 16 bits, then the low 16 bits of the prefix
+    clip = det.clip_value
+    expected = np.percentile(h.numpy().astype(np.float64), 87.5)
+    assert float(clip) == pytest.approx(expected, rel=1e-6)
+    assert float(clip) == float(percentile(h.flatten(), 87.5))  # bit-identical to the sort
+    in_memory = make(percentile=87.5)
+    engine.fit_detectors([in_memory], model, counted)
+    assert len(passes) == 3  # everything fit in memory: one pass
+    torch.testing.assert_close(in_memory.state_dict(), det.state_dict(), equal_nan=True)
+
+
+def test_a_one_shot_stream_cannot_feed_a_second_pass() -> None:
+    model = LinearHeadNet(torch.randn(3, 4), torch.zeros(3))
+    h = torch.rand(50, 4)
+    stream = iter([(model.extract(h), torch.zeros(50, dtype=torch.long))])
+    with pytest.raises(ValueError, match=r"\['react'\] need another pass.*max_samples"):
+        engine.fit_detectors([ReAct(max_samples=10)], model, stream)
 
 
 class TwoRanks(Reducer):

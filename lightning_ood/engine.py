@@ -125,7 +125,7 @@ def labelled(passes: Iterable[tuple[Tensor, Tensor | None, BackboneOutput]]) -> 
 
 
 # -- fitting ---------------------------------------------------------------------------------------
-def _restartable(
+def restartable(
     outputs: OutputSource | None,
 ) -> tuple[Outputs | None, Callable[[], Outputs] | None]:
     """The first stream of ``outputs`` and a way to start it again (None for a one-shot
@@ -169,7 +169,7 @@ def fit_detectors(
         )
     for det in dets:
         det.reset()
-    stream, restart = _restartable(outputs)
+    stream, restart = restartable(outputs)
     if readers and stream is not None:
         _update_pass(readers, backbone, stream)
     if finalize:
@@ -364,6 +364,7 @@ __all__ = [
     "module_device",
     "predict_batch",
     "reads_training_data",
+    "restartable",
     "score_batch",
     "score_loader",
     "score_stream",

@@ -25,10 +25,6 @@ hyperparameters can share one accumulation pass is each detector class's
 
 from __future__ import annotations
 
-import copy
-import itertools
-import json
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -36,12 +32,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from torch import Tensor
 from tqdm import tqdm
 
-from lightning_ood import engine, report
+from lightning_ood import engine, report, tuning
 from lightning_ood.detectors import Detector, build_detector
 from lightning_ood.features import (
     CachedFeatures,
@@ -52,9 +47,10 @@ from lightning_ood.features import (
 )
 from lightning_ood.metrics import METRIC_NAMES
 from lightning_ood.models.base import OODBackbone
-from lightning_ood.protocol import CONVENTION, average, evaluate_pair, holds_out, unfittable
+from lightning_ood.protocol import CONVENTION, average, evaluate_pair
 from lightning_ood.report import HEADERS, LOWER_IS_BETTER
 from lightning_ood.splits import fraction_size, seeded_parts
+from lightning_ood.tuning import combinations  # noqa: F401  (re-exported: the grid API)
 
 #: Keys a grid YAML may hold.
 SPEC_KEYS = (
@@ -69,6 +65,10 @@ SPEC_KEYS = (
     "batch_size",
     "reference",
 )
+
+
+#: Key of the ID validation set among the validation score sets.
+ID_KEY = "__id__"
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -182,37 +182,7 @@ def split_cached(
     return cached.subset(head), cached.subset(rest)
 
 
-def _split_index(n: int, fraction: float, seed: int, what: str) -> tuple[Tensor, Tensor]:
-    head, rest = seeded_parts(n, [fraction_size(n, fraction)], seed, f"{what} (combiner_fraction)")
-    return head, rest
-
-
-def _rank_key(row: Mapping[str, Any], select: str, index: int) -> tuple[float, ...]:
-    """Smaller is better: NaN last, then the selection metric, the tie-breaker, the order."""
-    second = "auroc" if select != "auroc" else "fpr95"
-    primary, tie = row["val_mean"][select], row["val_mean"][second]
-    if math.isnan(primary):
-        return (1.0, 0.0, 0.0, float(index))
-    p = primary if select in LOWER_IS_BETTER else -primary
-    t = tie if second in LOWER_IS_BETTER else -tie
-    return (0.0, p, math.inf if math.isnan(t) else t, float(index))
-
-
 # -- the grid --------------------------------------------------------------------------------
-def combinations(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
-    """All combinations of ``grid`` in ``itertools.product`` order (last key fastest)."""
-    if not isinstance(grid, Mapping) or not grid:
-        raise ValueError(f"grid must be a non-empty mapping name -> list of values, got {grid!r}")
-    for k, values in grid.items():
-        if isinstance(values, str) or not isinstance(values, Sequence) or not values:
-            raise ValueError(
-                f"grid[{k!r}] must be a non-empty list of values, got {values!r}; write a "
-                f"single value as [{values!r}]"
-            )
-    keys = list(grid)
-    return [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*grid.values())]
-
-
 def grid_search(
     kind: str,
     grid: Mapping[str, Sequence[Any]],
@@ -289,8 +259,8 @@ def grid_search(
             "set inflates its numbers. Drop them from the test OOD sets or pick other "
             "validation sets"
         )
-    combos = combinations(grid)
-    dets = [build_detector(kind, {**base, **c}) for c in combos]  # validates every value first
+    search = tuning.plan(kind, kind, grid, base)  # validates every value first
+    dets = search.candidates
     ref_det = None if reference is None else build_detector(kind, {**base, **reference})
     for det in [*dets, *([ref_det] if ref_det is not None else [])]:
         engine.check_feature_only(det)
@@ -313,91 +283,51 @@ def grid_search(
         _require_taps(c, taps, f"validation OOD set {n!r}")
     for n, c in ood_test.items():
         _require_taps(c, taps, f"test OOD set {n!r}")
+    needs_val = any(
+        tuning.combines(d, backbone) for d in [*dets, *([ref_det] if ref_det is not None else [])]
+    )
 
-    def combines(det: Detector) -> bool:
-        """The protocol's rule: only an ensemble of several components fits a combiner."""
-        return holds_out(det, len(det.tap_names(backbone)), 1)
-
-    needs_val = any(combines(d) for d in [*dets, *([ref_det] if ref_det is not None else [])])
-    if needs_val:  # seeded (fit, select) halves of every validation set for the combiner
-        id_fit, id_sel = _split_index(len(id_val), combiner_fraction, seed, "ID validation set")
-        ood_idx = {
-            n: _split_index(len(c), combiner_fraction, seed, f"validation OOD set {n!r}")
-            for n, c in ood_val.items()
+    def val_scores(
+        chosen: Mapping[str, Detector], components: bool
+    ) -> dict[str, dict[str, Tensor]]:
+        sets = {ID_KEY: id_val, **ood_val}
+        return {
+            n: score_cached(dict(chosen), c, batch_size, components=components)
+            for n, c in sets.items()
         }
 
-    # Combinations that differ only in finalize-only hyperparameters share one accumulation
-    # over the training features (detectors that read none each finalize on their own).
-    def free(det: Detector) -> frozenset[str]:
-        return type(det).finalize_only if engine.reads_training_data(det) else frozenset()
-
-    groups: dict[str, list[int]] = {}
-    for i, det in enumerate(dets):
-        key = {k: v for k, v in det.config().items() if k not in free(det) and k != "name"}
-        groups.setdefault(json.dumps(key, sort_keys=True, default=repr), []).append(i)
-
-    def scores(det: Detector, cached: CachedFeatures, components: bool = False) -> Tensor:
-        return score_cached({det.name: det}, cached, batch_size, components=components)[det.name]
-
-    def validate(det: Detector) -> dict[str, dict[str, float]]:
-        """Validation metrics per validation OOD set (fits the combiner first if any)."""
-        if not combines(det):
-            s_id = scores(det, id_val)
-            return {n: evaluate_pair(s_id, scores(det, c)) for n, c in ood_val.items()}
-        cid = scores(det, id_val, components=True)
-        cood = {n: scores(det, c, components=True) for n, c in ood_val.items()}
-        if not all(bool(t.isfinite().all()) for t in (cid, *cood.values())):
-            # no combiner can be fitted: this combination ranks last (NaN), counts reported
-            return {n: unfittable(cid, c, len(id_sel), len(ood_idx[n][1])) for n, c in cood.items()}
-        det.fit_combiner(cid[id_fit], torch.cat([cood[n][ood_idx[n][0]] for n in cood]))
-        s_id = det.combine(cid[id_sel])
-        return {n: evaluate_pair(s_id, det.combine(c[ood_idx[n][1]])) for n, c in cood.items()}
+    validation = tuning.Validation(
+        val_scores, ID_KEY, backbone, seed=seed, combiner_fraction=combiner_fraction
+    )
 
     def test_metrics(det: Detector) -> dict[str, dict[str, float]]:
-        """Test metrics per reported OOD set and their average."""
-
-        def final(c: CachedFeatures) -> Tensor:
-            return scores(det, c)  # a fitted combiner (if any) is part of the detector
-
-        s_id = final(id_test)
-        test = {n: evaluate_pair(s_id, final(c)) for n, c in ood_test.items()}
+        """Test metrics per reported OOD set and their average (a fitted combiner, if any, is
+        part of the detector)."""
+        s_id = score_cached({det.name: det}, id_test, batch_size)[det.name]
+        test = {
+            n: evaluate_pair(s_id, score_cached({det.name: det}, c, batch_size)[det.name])
+            for n, c in ood_test.items()
+        }
         test["average"] = average(test)
         return test
 
     device = engine.module_device(backbone)
-    restart = None if train is None else (lambda: train.as_batches(batch_size, device))
-    rows: list[dict[str, Any]] = [{}] * len(dets)
-    best: tuple[tuple[float, ...], int, Detector] | None = None
-    bar = tqdm(total=len(dets), desc=f"grid {kind}", disable=not progress, leave=False)
-    for members in groups.values():
-        proto = copy.deepcopy(dets[members[0]])
-        fit_from_cache([proto], backbone, train, batch_size, finalize=False)  # once per group
-        for i in members:
-            det = copy.deepcopy(proto)
-            for k in free(proto):
-                if hasattr(dets[i], k):
-                    setattr(det, k, getattr(dets[i], k))
-            det.name = dets[i].name
-            if det.config() != dets[i].config():  # the copy must be the configured detector
-                raise RuntimeError(f"grid: rebuilt {det.config()} != {dets[i].config()}")
-            engine.finalize_detectors([det], backbone, None, restart)
-            val = validate(det)
-            rows[i] = {"params": combos[i], "val": val, "val_mean": average(val)}
-            if combines(det):
-                rows[i]["combiner"] = {k: v.tolist() for k, v in det.combiner_state().items()}
-            rank = _rank_key(rows[i], select_metric, i)
-            if best is None or rank < best[0]:
-                best = (rank, i, det)
-            bar.update()
-    bar.close()
-    assert best is not None
-    _, best_i, best_det = best
+    source = None if train is None else (lambda: train.as_batches(batch_size, device))
+    for det in dets:
+        det.to(device)
+    fitted, n_groups = tuning.fit_candidates(dets, backbone, source)
+    val = {}
+    for det in tqdm(fitted, desc=f"grid {kind}", disable=not progress, leave=False):
+        val.update(validation.metrics([det]))  # one at a time: bounded memory for big grids
+    rows, best_i = tuning.select(search, fitted, val, select_metric, backbone)
+    best_det = fitted[best_i]
+    best_det.name = kind
     test = test_metrics(best_det)
 
     ref_out: dict[str, Any] | None = None
     if ref_det is not None and reference is not None:  # declared up front, never selected
         fit_from_cache([ref_det], backbone, train, batch_size)
-        ref_val = validate(ref_det)
+        ref_val = validation.metrics([ref_det])[ref_det.name]
         ref_out = {
             "params": dict(reference),
             "val_mean": average(ref_val),
@@ -415,7 +345,7 @@ def grid_search(
         "seed": seed,
         "combiner_fraction": combiner_fraction if needs_val else None,
         "best_config": best_det.config(),
-        "fit_groups": len(groups),
+        "fit_groups": n_groups,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     return GridResult(
@@ -509,7 +439,7 @@ def run_spec(
 
     kind = spec["detector"]
     base = dict(spec.get("base") or {})
-    probe = [build_detector(kind, {**base, **c}) for c in combinations(spec["grid"])]
+    probe = [build_detector(kind, {**base, **c}) for c in tuning.combinations(spec["grid"])]
     taps = engine.detector_taps(probe, backbone)
 
     def features(loader: Any, what: str) -> CachedFeatures:

@@ -223,16 +223,31 @@ def fit_from_loader(
     another eval pass)."""
     dets = list(detectors)
     readers = [d for d in dets if reads_training_data(d)]
-    source: Callable[[], Outputs] | None = None
+    source = None
     if readers and loader is not None:
-        desc = f"Fitting detectors ({', '.join(d.name for d in readers)})"
-        taps = detector_taps(readers, backbone)
-
-        def source() -> Outputs:
-            return labelled(eval_pass(backbone, loader, taps, progress=progress, desc=desc))
-
+        source = loader_source(backbone, loader, readers, progress=progress)
     with eval_mode(backbone):
         fit_detectors(dets, backbone, source, reducer)
+
+
+def loader_source(
+    backbone: OODBackbone,
+    loader: Iterable[Any],
+    detectors: Sequence[Detector],
+    *,
+    progress: bool = False,
+) -> Callable[[], Outputs]:
+    """The training outputs of ``detectors`` as a restartable source: each call starts an
+    :func:`eval_pass` over ``loader`` with the union of the readers' taps."""
+    readers = [d for d in detectors if reads_training_data(d)]
+    names = ", ".join(d.name for d in readers[:8]) + (", ..." if len(readers) > 8 else "")
+    desc = f"Fitting detectors ({names})"
+    taps = detector_taps(readers, backbone)
+
+    def source() -> Outputs:
+        return labelled(eval_pass(backbone, loader, taps, progress=progress, desc=desc))
+
+    return source
 
 
 def check_feature_only(det: Detector) -> None:
@@ -361,6 +376,7 @@ __all__ = [
     "fit_detectors",
     "fit_from_loader",
     "labelled",
+    "loader_source",
     "module_device",
     "predict_batch",
     "reads_training_data",

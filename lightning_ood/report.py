@@ -13,7 +13,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,30 @@ def format_markdown(results: Mapping[str, Any]) -> str:
             "all samples."
         )
     lines += ["", *metrics_table(results["metrics"])]
+    if results.get("tuning"):
+        lines += ["", *tuning_lines(results["tuning"])]
     return "\n".join(lines) + "\n"
+
+
+def tuning_lines(tuning: Mapping[str, Any]) -> list[str]:
+    """Which hyperparameters ``tune`` selected, from what, and on which data."""
+    proto = tuning["protocol"]
+    sel = proto["select"]
+    val_sets = ", ".join(f"{n} ({k} samples)" for n, k in proto["val_ood_sets"].items())
+    lines = [
+        f"Hyperparameters selected by validation {HEADERS.get(sel, sel)} (mean over validation "
+        f"OOD sets {val_sets}; ID: {proto['id_validation']}); none of these samples is "
+        "reported above.",
+        "",
+        f"| detector | selected | candidates | val {HEADERS.get(sel, sel)} |",
+        "|---|---|---:|---:|",
+    ]
+    for name, t in tuning["detectors"].items():
+        chosen = ", ".join(f"{k}={v}" for k, v in t["selected"].items())
+        lines.append(
+            f"| {name} | {chosen} | {len(t['rows'])} | {pct(t['val_mean'].get(sel, math.nan))} |"
+        )
+    return lines
 
 
 def format_csv(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
@@ -200,4 +223,179 @@ __all__ = [
     "pct",
     "roc_figure",
     "write_results",
+]
+
+
+# == LINe analyses: activated neurons (paper Figure 1), class-specific overlap (Table 8) ==========
+# Inputs come from lightning_ood.detectors.line: ``activated_neuron_counts`` (per-sample counts)
+# and ``LINe.top_neuron_overlap`` / ``top_neuron_overlap`` (plain dicts).
+
+
+def _threshold_label(t: float) -> str:
+    return f"h > {t:g}"
+
+
+def activated_neurons_figure(
+    counts: Mapping[str, Tensor], thresholds: Sequence[float], num_features: int
+) -> Any:
+    """LINe Figure 1: histograms of the number of penultimate neurons with h > t per sample.
+
+    One panel per (threshold, OOD set), each overlaying the ID set (the first entry of
+    ``counts``) and that OOD set; bar heights are fractions of each set's samples, on
+    integer bins 0..q.
+
+    Args:
+        counts: set name -> (N, T) counts from ``activated_neuron_counts`` (ID first).
+        thresholds: the T thresholds the counts were taken at (labels only).
+        num_features: q, the width of the penultimate layer.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if not counts:
+        raise ValueError("activated_neurons_figure: counts is empty; pass {ID set: counts, ...}")
+    names = list(counts)
+    id_name, ood_names = names[0], names[1:] or [None]
+    bins = np.arange(num_features + 2) - 0.5
+    rows, cols = len(thresholds), len(ood_names)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False, constrained_layout=True
+    )
+    for r, t in enumerate(thresholds):
+        for c, ood in enumerate(ood_names):
+            ax = axes[r][c]
+            for name, color in ((id_name, "tab:blue"), (ood, "tab:orange")):
+                if name is None or len(counts[name]) == 0:
+                    continue
+                v = counts[name][:, r].cpu().numpy()
+                weights = np.full(v.shape, 1.0 / len(v))
+                ax.hist(v, bins=bins, weights=weights, color=color, alpha=0.55, label=name)
+            shown = [counts[n][:, r] for n in (id_name, ood) if n is not None and len(counts[n])]
+            if shown:
+                lo, hi = int(min(s.min() for s in shown)), int(max(s.max() for s in shown))
+                pad = max(1, (hi - lo) // 20)
+                ax.set_xlim(lo - pad - 0.5, hi + pad + 0.5)
+            ax.set_title(f"{id_name} vs {ood}" if ood else id_name, fontsize=8)
+            ax.set_xlabel(f"# neurons with {_threshold_label(t)} (of {num_features})", fontsize=7)
+            ax.set_ylabel("fraction of samples", fontsize=7)
+            ax.legend(fontsize=6)
+    return fig
+
+
+def activated_neurons_summary(
+    counts: Mapping[str, Tensor], thresholds: Sequence[float]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean, median and sample count of the activated-neuron counts, per set and threshold
+    (for the results JSON): ``{set: {"h > t": {"mean", "median", "n"}}}``."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, c in counts.items():
+        per: dict[str, dict[str, float]] = {}
+        for r, t in enumerate(thresholds):
+            v = c[:, r].double()
+            empty = v.numel() == 0
+            per[_threshold_label(t)] = {
+                "mean": math.nan if empty else float(v.mean()),
+                "median": math.nan if empty else float(v.median()),
+                "n": int(v.numel()),
+            }
+        out[name] = per
+    return out
+
+
+def log_activated_neurons(
+    writer: Any,
+    counts: Mapping[str, Tensor],
+    thresholds: Sequence[float],
+    num_features: int,
+    step: int,
+    out_dir: str | os.PathLike[str] | None = None,
+    stem: str = "activated_neurons",
+) -> Path | None:
+    """Draw :func:`activated_neurons_figure`, save it as ``<out_dir>/<stem>.png`` (atomic)
+    and log it (plus one histogram per set and threshold) to a TensorBoard ``SummaryWriter``.
+
+    ``writer`` or ``out_dir`` may be None to skip that output. Returns the PNG path or None.
+    """
+    import matplotlib.pyplot as plt
+
+    from lightning_ood.io import _atomic_write
+
+    fig = activated_neurons_figure(counts, thresholds, num_features)
+    path = None
+    if out_dir is not None:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120)
+        path = Path(out_dir) / f"{stem}.png"
+        _atomic_write(path, lambda f: f.write(buf.getvalue()), "wb")
+    if writer is not None:
+        for name, c in counts.items():
+            for r, t in enumerate(thresholds):
+                if len(c):
+                    writer.add_histogram(f"ood_activated_neurons/{name}/gt_{t:g}", c[:, r], step)
+        writer.add_figure("ood_activated_neurons", fig, step)  # closes the figure
+    else:
+        plt.close(fig)
+    return path
+
+
+def _overlap_cell(row: Mapping[str, Any]) -> str:
+    return f"{row['percent']:.2f} ({row['neurons']})"
+
+
+def format_neuron_overlap(overlaps: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown table of LINe Table 8 for one or more fitted LINe detectors.
+
+    ``overlaps``: detector (or model/ID-set) name -> ``LINe.top_neuron_overlap()`` result. All
+    entries must use the same o values. Cells: percent of the q neurons (neuron count).
+    """
+    if not overlaps:
+        raise ValueError("format_neuron_overlap: no overlap result given")
+    first = next(iter(overlaps.values()))
+    os_ = [row["o"] for row in first["rows"]]
+    for name, res in overlaps.items():
+        if [row["o"] for row in res["rows"]] != os_:
+            raise ValueError(
+                f"format_neuron_overlap: {name!r} has o values "
+                f"{[row['o'] for row in res['rows']]}, the first entry {os_}; use the same ones"
+            )
+    word = "at least" if first["rule"] == "at_least" else "more than"
+    lines = [
+        f"Class-specific neurons (LINe Table 8): % of the q penultimate neurons (count) that are "
+        f"in the top {first['top_percent']:g} % by contribution of {word} o % of the L classes.",
+        "",
+        "| detector | L | q | " + " | ".join(f"o = {o:g}" for o in os_) + " |",
+        "|---|---:|---:|" + "---:|" * len(os_),
+    ]
+    for name, res in overlaps.items():
+        cells = " | ".join(_overlap_cell(row) for row in res["rows"])
+        lines.append(f"| {name} | {res['num_classes']} | {res['num_features']} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def format_neuron_overlap_csv(overlaps: Mapping[str, Mapping[str, Any]]) -> str:
+    """One CSV row per (detector, o), full precision."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(
+        ["detector", "num_classes", "num_features", "top_percent", "rule", "o", "min_classes",
+         "neurons", "percent"]
+    )  # fmt: skip
+    for name, res in overlaps.items():
+        for row in res["rows"]:
+            writer.writerow(
+                [name, res["num_classes"], res["num_features"], res["top_percent"], res["rule"],
+                 row["o"], row["min_classes"], row["neurons"], row["percent"]]
+            )  # fmt: skip
+    return buf.getvalue()
+
+
+__all__ += [
+    "activated_neurons_figure",
+    "activated_neurons_summary",
+    "format_neuron_overlap",
+    "format_neuron_overlap_csv",
+    "log_activated_neurons",
 ]

@@ -27,12 +27,41 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-from lightning_ood import engine, report
+from lightning_ood import engine, report, tuning
 from lightning_ood.data.samplers import unshard
 from lightning_ood.detectors import Detector, Reducer, build_detectors
 from lightning_ood.metrics import METRIC_NAMES
 from lightning_ood.models import BackboneOutput
 from lightning_ood.protocol import CONVENTION, check_holdout, evaluate_detectors, holds_out
+
+#: Key of the ID validation set among the tuning score sets.
+ID_KEY = "__id_validation__"
+TUNE_KEYS = ("detectors", "select", "seed", "combiner_fraction")
+
+
+def _check_tune(tune: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Validate the ``tune`` option at config time and fill its defaults."""
+    if tune is None:
+        return None
+    if not isinstance(tune, dict):
+        raise ValueError(f"tune must be a mapping with keys {list(TUNE_KEYS)}, got {tune!r}")
+    unknown = sorted(set(tune) - set(TUNE_KEYS))
+    if unknown:
+        raise ValueError(f"tune: unknown keys {unknown}; allowed: {list(TUNE_KEYS)}")
+    out = {"detectors": None, "select": "auroc", "seed": 0, "combiner_fraction": 0.5, **tune}
+    if out["select"] not in METRIC_NAMES:
+        raise ValueError(f"tune.select={out['select']!r} is not one of {list(METRIC_NAMES)}")
+    dets = out["detectors"]
+    if isinstance(dets, list | tuple):
+        dets = dict.fromkeys(dets)
+    if dets is not None and not isinstance(dets, dict):
+        raise ValueError(f"tune.detectors must map detector names to grids, got {dets!r}")
+    out["detectors"] = dets
+    if not 0.0 < float(out["combiner_fraction"]) < 1.0:
+        raise ValueError(
+            f"tune.combiner_fraction must lie in (0, 1), got {out['combiner_fraction']}"
+        )
+    return out
 
 
 class StrategyReducer(Reducer):
@@ -147,6 +176,16 @@ class OODEvaluation(Callback):
             threshold, calibrated on held-out ID data after fitting (0.95 = FPR95's point).
         save_fitted: when detectors are fitted at test start, save the model with them to
             ``<checkpoint dir>/fitted.ckpt`` (the after-fit path re-saves ``last.ckpt``).
+        tune: select hyperparameters on validation data at test start (OpenOOD v1.5's
+            protocol), e.g. ``{select: auroc, detectors: {react: null, line: {p_a: [80, 90]}}}``:
+            ``detectors`` maps each tuned detector to its grid (``null``: the class's declared
+            ``search_space``; the whole ``detectors`` key ``null``: every detector that declares
+            one). Candidates are fitted from ONE pass over the training set and scored on the
+            datamodule's held-out ID validation split (``val_size`` > 0) and its
+            ``val_ood_sets``, never on a reported set; the best by ``select`` (``auroc``,
+            ``fpr95``, ...; ties by the other) replaces the configured detector, is stored in the
+            checkpoint, printed and written to the results. ``seed`` and ``combiner_fraction``
+            split validation sets for layer-ensemble combiners, as in the grid.
     """
 
     def __init__(
@@ -162,8 +201,11 @@ class OODEvaluation(Callback):
         refit: bool = False,
         threshold_tpr: float = 0.95,
         save_fitted: bool = True,
+        tune: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.tune = _check_tune(tune)
+        self.tuning: dict[str, Any] = {}
         if validation_size < 0:
             raise ValueError(f"validation_size must be >= 0, got {validation_size}")
         if not 0.0 < threshold_tpr <= 1.0:
@@ -286,8 +328,11 @@ class OODEvaluation(Callback):
                 f"detectors {grad_dets} need input gradients in the test loop; set "
                 "`trainer.inference_mode: false` (the lightning-ood CLI default)."
             )
+        tuned: list[Detector] = []
+        if self.tune is not None:
+            tuned = self._tune(trainer, pl_module)
         if self.refit:
-            unfitted = list(pl_module.detectors.values())
+            unfitted = [d for d in pl_module.detectors.values() if d not in tuned]
             for det in unfitted:
                 det.mark_unfitted()
             rank_zero_info("[lightning_ood] refit: true; refitting every detector.")
@@ -309,12 +354,142 @@ class OODEvaluation(Callback):
         if unfitted:
             fit_with_trainer(trainer, pl_module, unfitted, self.progress)
         uncalibrated = [d for d in pl_module.detectors.values() if not d.is_calibrated]
-        if uncalibrated or unfitted:
+        if uncalibrated or unfitted or tuned:
             todo = list(dict.fromkeys([*unfitted, *uncalibrated]))
             calibrate_with_trainer(trainer, pl_module, todo, self.threshold_tpr, self.progress)
             self._save_fitted(trainer)
         n_sets = len(self._test_set_names(trainer))
         self._bank = {name: [[] for _ in range(n_sets)] for name in pl_module.detectors}
+
+    def _tune(self, trainer: Trainer, pl_module: LightningModule) -> list[Detector]:
+        """Select the tuned detectors' hyperparameters on validation data (see ``tune``);
+        the selected, fitted detectors replace the configured ones. Returns them."""
+        assert self.tune is not None
+        dm = trainer.datamodule
+        backbone = pl_module.backbone
+        if dm is None or int(getattr(dm, "val_size", 0) or 0) <= 0:
+            raise ValueError(
+                "tune needs held-out ID validation data that is never reported: set "
+                "`data.init_args.val_size` > 0 (with val_size 0 the ID validation set is the "
+                "ID test set)"
+            )
+        val_ood = dm.val_ood_dataloaders() if hasattr(dm, "val_ood_dataloaders") else {}
+        if not val_ood:
+            raise ValueError(
+                "tune needs validation OOD sets that are never reported: set "
+                "`data.init_args.val_ood_sets` (e.g. [kmnist])"
+            )
+        reported = set(self._test_set_names(trainer))
+        leaked = sorted(set(val_ood) & reported)
+        if leaked:
+            raise ValueError(f"tune: validation OOD sets {leaked} are also reported test sets")
+        dets = dict(pl_module.detectors.items())
+        wanted = self.tune["detectors"]
+        if wanted is None:
+            wanted = {n: None for n, d in dets.items() if type(d).search_space}
+        missing = sorted(set(wanted) - set(dets))
+        if missing:
+            raise ValueError(f"tune: detectors {missing} are not configured; known: {sorted(dets)}")
+        searches = [
+            tuning.plan(n, dets[n].kind, space, dets[n].config()) for n, space in wanted.items()
+        ]
+        if not searches:
+            rank_zero_warn("[lightning_ood] tune: no configured detector declares a search space")
+            return []
+        candidates = [c for s in searches for c in s.candidates]
+        grads = [c.name for c in candidates if c.needs_input_grad]
+        if grads and torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"tune candidates {grads[:3]} need input gradients; set "
+                "`trainer.inference_mode: false` (the lightning-ood CLI default)."
+            )
+        for c in candidates:
+            c.to(pl_module.device)
+        rank_zero_info(
+            "[lightning_ood] tune: "
+            + ", ".join(f"{s.name} over {len(s.candidates)} configurations" for s in searches)
+            + f"; selecting by validation {self.tune['select']} on the ID validation split and "
+            f"{sorted(val_ood)}"
+        )
+        # Detectors not tuned but unfitted share the candidates' single training pass.
+        others = [] if not self.refit else [d for n, d in dets.items() if n not in wanted]
+        others += [
+            d for n, d in dets.items() if n not in wanted and not d.is_fitted and d not in others
+        ]
+        for d in others:
+            d.mark_unfitted()
+        readers = [*candidates, *others]
+        source = None
+        if any(engine.reads_training_data(d) for d in readers):
+            source = engine.loader_source(
+                backbone,
+                dm.fit_dataloader(),
+                readers,
+                progress=self.progress and trainer.global_rank == 0,
+            )
+        reducer = StrategyReducer(trainer)
+        with engine.eval_mode(backbone):
+            fitted, _ = tuning.fit_candidates(candidates, backbone, source, reducer, others=others)
+        loaders = {ID_KEY: dm.val_dataloader(), **val_ood}
+        cache: dict[bool, dict[str, dict[str, Tensor]]] = {}
+
+        def score(chosen: Any, components: bool) -> dict[str, dict[str, Tensor]]:
+            if components not in cache:  # one pass per loader for every candidate at once
+                pool = {d.name: d for d in fitted if tuning.combines(d, backbone) == components}
+                cache[components] = {
+                    key: {
+                        n: reducer.cat(v.to(pl_module.device)).cpu()
+                        for n, v in engine.score_loader(
+                            pool, backbone, loader, components=components, desc=f"tune {key}"
+                        ).items()
+                    }
+                    for key, loader in loaders.items()
+                }
+            return {k: {n: v[n] for n in chosen} for k, v in cache[components].items()}
+
+        validation = tuning.Validation(
+            score,
+            ID_KEY,
+            backbone,
+            seed=self.tune["seed"],
+            combiner_fraction=self.tune["combiner_fraction"],
+        )
+        by_search: list[list[Detector]] = []
+        start = 0
+        for srch in searches:
+            by_search.append(fitted[start : start + len(srch.candidates)])
+            start += len(srch.candidates)
+        selected: list[Detector] = []
+        val_n = {k: 0 for k in loaders}
+        for srch, cands in zip(searches, by_search, strict=True):
+            rows, best = tuning.select(
+                srch, cands, validation.metrics(cands), self.tune["select"], backbone
+            )
+            det = cands[best]
+            det.name = srch.name
+            pl_module.replace_detector(srch.name, det)
+            selected.append(det)
+            self.tuning[srch.name] = {
+                "kind": srch.kind,
+                "space": srch.space,
+                "selected": rows[best]["params"],
+                "val_mean": rows[best]["val_mean"],
+                "rows": [{"params": r["params"], "val_mean": r["val_mean"]} for r in rows],
+            }
+        for key, per in cache.get(False, cache.get(True, {})).items():
+            val_n[key] = len(next(iter(per.values()))) if per else 0
+        self.tuning_meta = {
+            "select": self.tune["select"],
+            "id_validation": f"{val_n[ID_KEY]} held-out training samples (data.val_size)",
+            "val_ood_sets": {k: val_n[k] for k in val_ood},
+            "seed": self.tune["seed"],
+            "combiner_fraction": self.tune["combiner_fraction"],
+        }
+        rank_zero_info(
+            "[lightning_ood] tune selected: "
+            + "; ".join(f"{n}: {t['selected']}" for n, t in self.tuning.items())
+        )
+        return selected
 
     def _save_fitted(self, trainer: Trainer) -> None:
         ckpt_cb = trainer.checkpoint_callback
@@ -405,6 +580,8 @@ class OODEvaluation(Callback):
             "combiners": evaluation.combiners,
             "metrics": evaluation.metrics,
         }
+        if self.tuning:
+            self.results["tuning"] = {"protocol": self.tuning_meta, "detectors": self.tuning}
         # Straight to the loggers (rank 0): through `self.log` these ~50 scalars per detector
         # would also flood Lightning's end-of-test printout, which comes after our table.
         flat = {

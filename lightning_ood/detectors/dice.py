@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -30,6 +31,8 @@ class DICE(LinearHeadDetector):
     kind = "dice"
     #: ``update`` only sums features; the mask (``p``) and the clip are derived in finalize.
     finalize_only: ClassVar[frozenset[str]] = frozenset({"p", "clip"})
+    #: OpenOOD v1.5's DICE sweep of the pruned percentage.
+    search_space: ClassVar[Mapping[str, Sequence[Any]]] = {"p": (10, 30, 50, 70, 90)}
 
     def __init__(self, p: float = 90.0, clip: float | None = None, name: str | None = None) -> None:
         super().__init__(name)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -32,6 +33,11 @@ class DICEReAct(ActivationSampler, DICE):
     kind = "dice_react"
     #: Unlike DICE, ``clip`` enters ``update`` (``None`` samples activations).
     finalize_only: ClassVar[frozenset[str]] = frozenset({"p", "percentile"})
+    #: DICE's sweep (OpenOOD v1.5) crossed with ReAct's.
+    search_space: ClassVar[Mapping[str, Sequence[Any]]] = {
+        "p": (10, 30, 50, 70, 90),
+        "percentile": (85, 90, 95, 99),
+    }
 
     def __init__(
         self,

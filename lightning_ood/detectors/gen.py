@@ -3,7 +3,8 @@ Detection"): the negated generalized entropy of the top-M softmax probabilities.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -35,6 +36,11 @@ class GEN(Detector):
     uses_training_data = False
     #: No fitting pass: both enter :meth:`score` only.
     finalize_only: ClassVar[frozenset[str]] = frozenset({"gamma", "M"})
+    #: OpenOOD v1.5's GEN sweep (gamma <= 1 here: the paper's range).
+    search_space: ClassVar[Mapping[str, Sequence[Any]]] = {
+        "gamma": (0.01, 0.1, 0.5, 1.0),
+        "M": (10, 50, 100),
+    }
 
     def __init__(self, gamma: float = 0.1, M: int = 100, name: str | None = None) -> None:
         super().__init__(name)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,11 @@ class ODIN(Detector):
     uses_training_data = False
     #: No fitting pass: every hyperparameter only enters :meth:`score`.
     finalize_only: ClassVar[frozenset[str]] = frozenset({"temperature", "epsilon", "input_std"})
+    #: OpenOOD v1.5's ODIN sweep (temperature x noise), plus no perturbation.
+    search_space: ClassVar[Mapping[str, Sequence[Any]]] = {
+        "temperature": (1, 10, 100, 1000),
+        "epsilon": (0.0, 0.0014, 0.0028),
+    }
 
     @property
     def needs_input_grad(self) -> bool:  # type: ignore[override]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -34,6 +35,8 @@ class ReAct(ActivationSampler, LinearHeadDetector):
     kind = "react"
     #: ``update`` streams activations (``clip``, ``max_samples``); the rest is finalize/score.
     finalize_only: ClassVar[frozenset[str]] = frozenset({"percentile", "temperature"})
+    #: OpenOOD v1.5's ReAct sweep.
+    search_space: ClassVar[Mapping[str, Sequence[Any]]] = {"percentile": (85, 90, 95, 99)}
 
     @property
     def uses_training_data(self) -> bool:  # type: ignore[override]

@@ -13,18 +13,25 @@ from lightning_ood.detectors.dice_react import DICEReAct
 from lightning_ood.detectors.energy import Energy, energy_score
 from lightning_ood.detectors.fssd import FSSD
 from lightning_ood.detectors.gen import GEN
+from lightning_ood.detectors.knn import KNN
 from lightning_ood.detectors.layer_ensemble import LayerEnsembleDetector
 from lightning_ood.detectors.line import LINe
 from lightning_ood.detectors.linear_head import ActivationSampler, LinearHeadDetector
 from lightning_ood.detectors.mahalanobis import Mahalanobis
 from lightning_ood.detectors.maxlogit import MaxLogit
 from lightning_ood.detectors.msp import MSP
+from lightning_ood.detectors.nnguide import NNGuide
 from lightning_ood.detectors.odin import ODIN
 from lightning_ood.detectors.react import ReAct
+from lightning_ood.detectors.rmds import RMDS
+from lightning_ood.detectors.vim import ViM
 
 DETECTORS: dict[str, type[Detector]] = {
     cls.kind: cls
-    for cls in (MSP, MaxLogit, GEN, ODIN, Energy, ReAct, DICE, DICEReAct, LINe, FSSD, Mahalanobis)
+    for cls in (
+        *(MSP, MaxLogit, GEN, ODIN, Energy, ReAct, DICE, DICEReAct, LINe, FSSD, Mahalanobis),
+        *(ViM, RMDS, KNN, NNGuide),
+    )
 }
 
 
@@ -54,8 +61,10 @@ __all__ = [
     "DICE",
     "FSSD",
     "GEN",
+    "KNN",
     "MSP",
     "ODIN",
+    "RMDS",
     "ActivationSampler",
     "DICEReAct",
     "Detector",
@@ -65,8 +74,10 @@ __all__ = [
     "LinearHeadDetector",
     "Mahalanobis",
     "MaxLogit",
+    "NNGuide",
     "ReAct",
     "Reducer",
+    "ViM",
     "build_detector",
     "build_detectors",
     "energy_score",

@@ -19,6 +19,13 @@ from lightning_ood.detectors.base import Detector
 
 STD = [0.5, 0.25]
 
+#: KNN and NNGuide (the bank detectors): k below TapNet's 48 training samples.
+KNN_CASE: tuple[dict[str, Any], dict[str, Any], dict[str, Any]] = (
+    {"bank_fraction": 1.0, "seed": 0},
+    {"k": 2, "store_bank": False, "backend": "auto", "query_chunk": 1024, "bank_chunk": 16384},
+    {"k": 5, "store_bank": True, "backend": "torch", "query_chunk": 3, "bank_chunk": 7},
+)
+
 #: Per kind: hyperparameters shared by both configurations, then configurations A and B that
 #: differ in every finalize-only hyperparameter (and in nothing else).
 FINALIZE_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
@@ -35,6 +42,9 @@ FINALIZE_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]
         {"percentile": 60.0, "temperature": 2.0},
     ),
     "dice": ({}, {"p": 90.0, "clip": None}, {"p": 50.0, "clip": 0.3}),
+    "vim": ({"max_samples": 1_000_000, "seed": 0}, {"dim": 4}, {"dim": 2}),
+    "knn": KNN_CASE,
+    "nnguide": KNN_CASE,
     "dice_react": (
         {"clip": None, "max_samples": 100},
         {"p": 90.0, "percentile": 90.0},
@@ -165,7 +175,7 @@ def test_every_kind_declares_finalize_only_init_arguments() -> None:
     for kind, cls in DETECTORS.items():
         params = set(inspect.signature(cls.__init__).parameters) - {"self", "name"}
         assert cls.finalize_only <= params, kind
-        if kind in ("msp", "maxlogit"):
+        if kind in ("msp", "maxlogit", "rmds"):
             assert cls.finalize_only == frozenset() and params == set()
         else:
             assert set(FINALIZE_CASES[kind][2]) == cls.finalize_only, kind
@@ -188,7 +198,7 @@ def test_finalize_only_configs_share_one_accumulation_pass(kind: str, model: Tap
         assert det.config() == target.config()
         # finalize-only configs share one accumulation; the engine's finalize runs the extra
         # pass an exact percentile beyond `max_samples` asks for (ReAct, DICE+ReAct)
-        engine.finalize_detectors([det], model, None, lambda: restart(det, model))
+        engine.finalize_detectors([det], model, None, lambda d=det: restart(d, model))
         shared.append(evaluate(det, model))
     # ... gives exactly the scores of two independent fits.
     for cfg, got in zip((cfg_a, cfg_b), shared, strict=True):

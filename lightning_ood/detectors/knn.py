@@ -1,0 +1,414 @@
+"""KNN (Sun et al., ICML 2022, "Out-of-Distribution Detection with Deep Nearest Neighbors"),
+and the feature bank + exact chunked top-k search that NNGuide reuses.
+
+The bank holds (a seeded fraction of) the L2-normalised training features z = h/‖h‖; the score
+is minus the distance to the k-th nearest bank entry, ``-‖z* - z_(k)‖₂`` (paper Sec. 3, the
+decision rule ``G(z*; k) = 1{-r_k(z*) >= λ}`` with r_k that distance). OpenOOD v1.5 and the
+authors' code take faiss' ``IndexFlatL2`` distances, which are *squared*: the same ranking, so
+the same metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from lightning_ood.detectors.base import (
+    Detector,
+    OptInput,
+    OptModel,
+    Reducer,
+    check_choice,
+    check_int,
+    check_range,
+)
+from lightning_ood.models.base import BackboneOutput, OODBackbone
+
+BACKENDS = ("auto", "torch", "faiss")
+_MASK32 = 0xFFFFFFFF
+
+
+# -- seeded, split-invariant sampling --------------------------------------------------------
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """``(x * c) mod 2**32`` for int64 ``x`` in [0, 2**32) without int64 overflow."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """MurmurHash3's 32-bit finaliser (a bijection with good avalanche) on int64 tensors."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def seeded_uniform(
+    start: int, n: int, seed: int, device: torch.device | str | None = None
+) -> Tensor:
+    """Pseudo-random numbers in [0, 1) for the stream positions ``start .. start + n - 1``.
+
+    A counter-based hash of (seed, position): the value of a sample depends only on its
+    position in the stream, never on how the stream is cut into batches, and is identical on
+    every device. Under DDP each rank numbers its own shard from 0.
+    """
+    idx = torch.arange(start, start + n, dtype=torch.int64, device=device)
+    # Golden-ratio / Murmur constants keep (seed 0, position 0) away from the fixed point 0.
+    words = [(seed & _MASK32) ^ 0x9E3779B9, ((seed >> 32) & _MASK32) ^ 0x85EBCA6B]
+    key = _mix32(torch.tensor(words, dtype=torch.int64, device=device))
+    x = _mix32((idx & _MASK32) ^ key[0])
+    x = _mix32(x ^ ((idx >> 32) & _MASK32) ^ key[1])
+    return x.double() / float(2**32)
+
+
+def normalize_rows(h: Tensor) -> Tensor:
+    """``h / ‖h‖₂`` per row (KNN's normalised feature z); an all-zero row stays zero.
+    OpenOOD's normaliser adds 1e-10 to every entry after dividing, a negligible shift not
+    reproduced here."""
+    return h / h.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+# -- exact chunked top-k search ---------------------------------------------------------------
+def topk_scores(
+    queries: Tensor,
+    bank: Tensor,
+    k: int,
+    *,
+    offset: Tensor | None = None,
+    query_chunk: int = 1024,
+    bank_chunk: int = 16384,
+) -> Tensor:
+    """The ``k`` largest values of ``queries @ bank.T - offset`` per query row, descending.
+
+    Exact, in bounded memory: queries in chunks of ``query_chunk`` rows against bank chunks of
+    ``bank_chunk`` rows, keeping a running top-k, so at most ``query_chunk x (bank_chunk + k)``
+    similarities exist at once (never queries x bank). ``offset`` (N,) is subtracted per bank
+    entry (KNN passes ‖b‖²/2, so the top-k are the nearest neighbours in L2).
+    """
+    if k > bank.shape[0]:
+        raise ValueError(f"k={k} exceeds the {bank.shape[0]} bank entries")
+    q = queries.to(bank.dtype)
+    out = []
+    for qs in range(0, q.shape[0], query_chunk):
+        qc = q[qs : qs + query_chunk]
+        best = qc.new_empty(qc.shape[0], 0)
+        for bs in range(0, bank.shape[0], bank_chunk):
+            sims = qc @ bank[bs : bs + bank_chunk].T
+            if offset is not None:
+                sims = sims - offset[bs : bs + bank_chunk]
+            cand = torch.cat([best, sims], dim=1)
+            best = cand.topk(min(k, cand.shape[1]), dim=1).values
+        out.append(best)
+    return torch.cat(out) if out else q.new_empty(0, k)
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _faiss_topk(queries: Tensor, bank: Tensor, k: int, offset: Tensor | None) -> Tensor:
+    """The same top-k with a faiss ``IndexFlatIP`` (exact, CPU); ``offset`` is folded in as
+    one extra coordinate: ⟨(q, -1), (b, offset)⟩ = q·b - offset."""
+    import faiss
+
+    b = bank.detach().float().cpu()
+    q = queries.detach().float().cpu()
+    if offset is not None:
+        b = torch.cat([b, offset.detach().float().cpu()[:, None]], dim=1)
+        q = torch.cat([q, -torch.ones(q.shape[0], 1)], dim=1)
+    index = faiss.IndexFlatIP(b.shape[1])
+    index.add(b.contiguous().numpy())
+    values, _ = index.search(q.contiguous().numpy(), k)
+    return torch.from_numpy(values).to(device=queries.device, dtype=bank.dtype)
+
+
+# -- the bank ---------------------------------------------------------------------------------
+class BankDetector(Detector):
+    """A detector that scores against a bank of (a seeded fraction of) training feature rows.
+
+    Fitting keeps each training sample with probability ``bank_fraction``, decided by
+    :func:`seeded_uniform` of its position in the (per-rank) stream, so the bank is the same
+    for any batching; ``finalize`` concatenates the ranks' shares (``Reducer.cat``). The bank
+    size is Binomial(N, bank_fraction), not exactly ``round(N * bank_fraction)``.
+
+    With ``store_bank=False`` the bank is a non-persistent buffer: checkpoints keep only
+    ``bank_shape`` (N, q), ``bank_sampling`` (fraction, seed) and ``bank_fingerprint`` (sum and
+    position-weighted sum of the entries, to check that a refit rebuilt the same bank); a
+    detector loaded that way refuses to score until it is refitted. ``store_bank`` may be
+    flipped before saving: it only decides whether ``bank`` enters the state dict.
+
+    Subclasses define :meth:`bank_rows` (what one training batch adds to the bank).
+    """
+
+    requires_fit: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        k: int,
+        bank_fraction: float,
+        seed: int,
+        store_bank: bool,
+        backend: str,
+        query_chunk: int,
+        bank_chunk: int,
+        name: str | None,
+    ) -> None:
+        super().__init__(name)
+        owner = type(self).__name__
+        self.k = check_int("k", k, 1, owner)
+        self.bank_fraction = check_range(
+            "bank_fraction",
+            bank_fraction,
+            low=0.0,
+            high=1.0,
+            low_open=True,
+            high_open=False,
+            owner=owner,
+        )
+        self.seed = check_int("seed", seed, 0, owner)
+        self.backend = check_choice("backend", backend, BACKENDS, owner)
+        if backend == "faiss" and not faiss_available():
+            raise ImportError(
+                f"{owner}: backend='faiss' needs the faiss package, which is not importable "
+                "here; install faiss-cpu (or faiss-gpu), or use backend='torch' (exact, "
+                "chunked) or 'auto' (faiss when available, else torch)"
+            )
+        self.query_chunk = check_int("query_chunk", query_chunk, 1, owner)
+        self.bank_chunk = check_int("bank_chunk", bank_chunk, 1, owner)
+        self.register_buffer("bank", torch.zeros(0, 0))
+        self.register_buffer("bank_shape", torch.zeros(2, dtype=torch.long))
+        self.register_buffer("bank_sampling", torch.zeros(2, dtype=torch.float64))
+        self.register_buffer("bank_fingerprint", torch.zeros(2, dtype=torch.float64))
+        self.store_bank = store_bank
+        self._chunks: list[Tensor] = []
+        self._seen = 0
+
+    # -- bank persistence -----------------------------------------------------------------
+    @property
+    def store_bank(self) -> bool:
+        """Whether the bank itself is saved in the state dict (else only its metadata)."""
+        return self._store_bank
+
+    @store_bank.setter
+    def store_bank(self, value: bool) -> None:
+        self._store_bank = bool(value)
+        if self._store_bank:
+            self._non_persistent_buffers_set.discard("bank")
+        else:
+            self._non_persistent_buffers_set.add("bank")
+
+    @property
+    def bank_available(self) -> bool:
+        """Whether the fitted bank is in memory (False after loading a checkpoint saved with
+        ``store_bank=False``)."""
+        n, q = self.int_list("bank_shape")
+        return n > 0 and tuple(self.bank.shape) == (n, q)
+
+    def _require_bank(self) -> Tensor:
+        self.check_fitted()
+        if not self.bank_available:
+            n, q = self.int_list("bank_shape")
+            raise RuntimeError(
+                f"detector {self.name!r} ({type(self).__name__}) was fitted with a bank of "
+                f"{n} x {q} training features, but the bank is not in memory: it was saved with "
+                "store_bank: false, which keeps only its metadata. Refit it on the training data "
+                "(`refit: true` in the OOD callback, or engine.fit_detectors), or set "
+                "store_bank: true before fitting so that checkpoints carry the bank."
+            )
+        return self.bank
+
+    def _check_k(self, n: int) -> None:
+        if self.k > n:
+            raise ValueError(
+                f"{self.name}: k={self.k} exceeds the bank size {n} (training samples kept with "
+                f"bank_fraction={self.bank_fraction:g}); lower k or raise bank_fraction"
+            )
+
+    # -- fitting --------------------------------------------------------------------------
+    def bank_rows(self, out: BackboneOutput) -> Tensor:
+        """The bank rows one training batch contributes before sampling, (B, q)."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        self._chunks = []
+        self._seen = 0
+        self.fitted.fill_(False)
+
+    def update(self, out: BackboneOutput, target: Tensor, model: OODBackbone | None = None) -> None:
+        rows = self.bank_rows(out).detach()
+        if rows.dim() != 2:
+            raise ValueError(f"{self.name}: features must be (B, q), got {tuple(rows.shape)}")
+        n = rows.shape[0]
+        if self.bank_fraction < 1.0:
+            keep = seeded_uniform(self._seen, n, self.seed, rows.device) < self.bank_fraction
+            rows = rows[keep]
+        self._seen += n
+        if self._chunks and rows.shape[1] != self._chunks[0].shape[1]:
+            raise ValueError(
+                f"{self.name}: feature width changed from {self._chunks[0].shape[1]} to "
+                f"{rows.shape[1]} during fitting"
+            )
+        self._chunks.append(rows.clone())
+
+    def finalize(self, model: OODBackbone, reducer: Reducer | None = None) -> None:
+        """Concatenate the kept rows of every rank into the bank and record its metadata."""
+        reducer = reducer or Reducer()
+        if self._chunks:
+            local = torch.cat(self._chunks)
+        else:  # a rank that saw no batch still joins the gather
+            local = self.bank.new_zeros(0, model.num_features)
+        self._chunks = [local]  # finalize may run again (finalize-only configurations)
+        bank = reducer.cat(local)
+        if bank.shape[0] == 0:
+            raise RuntimeError(
+                f"{self.name}: the bank is empty: no training sample was kept (seen: "
+                f"{self._seen}, bank_fraction={self.bank_fraction:g}); fit on training data or "
+                "raise bank_fraction"
+            )
+        self._check_k(bank.shape[0])
+        b = bank.double()
+        w = torch.arange(1, b.shape[0] + 1, dtype=torch.float64, device=b.device) / b.shape[0]
+        self.bank = bank
+        self.bank_shape = torch.tensor(list(bank.shape), dtype=torch.long, device=bank.device)
+        self.bank_sampling = torch.tensor(
+            [self.bank_fraction, float(self.seed)], dtype=torch.float64, device=bank.device
+        )
+        self.bank_fingerprint = torch.stack([b.sum(), (b.sum(dim=1) * w).sum()])
+        self.fitted.fill_(True)
+
+    def mark_unfitted(self) -> None:
+        super().mark_unfitted()
+        self.bank = self.bank.new_zeros(0, 0)
+        self.bank_shape.zero_()
+
+    # -- search ---------------------------------------------------------------------------
+    def _use_faiss(self) -> bool:
+        if self.backend == "faiss":
+            if not faiss_available():
+                raise ImportError(
+                    f"{self.name}: backend='faiss' needs the faiss package, which is not "
+                    "importable here; install faiss-cpu, or use backend='torch' or 'auto'"
+                )
+            return True
+        return self.backend == "auto" and faiss_available()
+
+    def search(self, queries: Tensor, offset: Tensor | None = None) -> Tensor:
+        """The ``k`` largest ``queries @ bank.T - offset`` per query, descending, (B, k)."""
+        bank = self._require_bank()
+        self._check_k(bank.shape[0])
+        if queries.dim() != 2 or queries.shape[1] != bank.shape[1]:
+            raise ValueError(
+                f"{self.name}: features must have shape (B, {bank.shape[1]}), got "
+                f"{tuple(queries.shape)}; was the detector fitted on another backbone?"
+            )
+        if queries.shape[0] == 0:
+            return bank.new_zeros(0, self.k)
+        if self._use_faiss():
+            return _faiss_topk(queries, bank, self.k, offset)
+        return topk_scores(
+            queries,
+            bank,
+            self.k,
+            offset=offset,
+            query_chunk=self.query_chunk,
+            bank_chunk=self.bank_chunk,
+        )
+
+    # -- checkpoint plumbing --------------------------------------------------------------
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Tensor],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + "bank"
+        if key not in state_dict:  # saved with store_bank=False: metadata only
+            self.bank = self.bank.new_zeros(0, 0)
+            if self.store_bank:
+                state_dict[key] = self.bank
+        elif not self.store_bank:  # a stored bank is adopted whatever this instance's flag
+            self.bank = state_dict.pop(key).detach().clone().to(self.bank.device)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+class KNN(BankDetector):
+    """KNN: minus the L2 distance from z = h/‖h‖ to its k-th nearest normalised training
+    feature (Sun et al. 2022, Sec. 3: -r_k(z*); higher = more ID).
+
+    The search keeps the k largest ``z·b - ‖b‖²/2`` (equivalently the k smallest ‖z - b‖²,
+    exact even for all-zero rows) and returns ``-sqrt(max(‖z‖² - 2·top_k, 0))``.
+
+    Args:
+        k: neighbour rank (paper: 50 for CIFAR-10, 200 for CIFAR-100, 1000 for ImageNet).
+        bank_fraction: fraction of training samples kept in the bank, in (0, 1] (paper: 1 for
+            CIFAR, 0.01 for ImageNet).
+        seed: seed of the bank sampling.
+        store_bank: save the bank in checkpoints (False: metadata only, refit to score).
+        backend: "torch" (exact, chunked), "faiss" (exact ``IndexFlatIP``; needs faiss) or
+            "auto" (faiss when importable, else torch).
+        query_chunk: query rows per search chunk.
+        bank_chunk: bank rows per search chunk.
+        name: instance name.
+    """
+
+    kind: ClassVar[str] = "knn"
+    #: ``update`` only samples the bank (``bank_fraction``, ``seed``); the rest enters
+    #: finalize/score or the checkpoint layout.
+    finalize_only: ClassVar[frozenset[str]] = frozenset(
+        {"k", "store_bank", "backend", "query_chunk", "bank_chunk"}
+    )
+    #: OpenOOD v1.5 ``configs/postprocessors/knn.yml``: ``K_list: [50, 100, 200, 500, 1000]``.
+    search_space: ClassVar[Mapping[str, Sequence[Any]]] = {"k": (50, 100, 200, 500, 1000)}
+
+    def __init__(
+        self,
+        k: int = 50,
+        bank_fraction: float = 1.0,
+        seed: int = 0,
+        store_bank: bool = False,
+        backend: str = "auto",
+        query_chunk: int = 1024,
+        bank_chunk: int = 16384,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(k, bank_fraction, seed, store_bank, backend, query_chunk, bank_chunk, name)
+
+    def bank_rows(self, out: BackboneOutput) -> Tensor:
+        return normalize_rows(out.features)
+
+    def kth_distance(self, features: Tensor) -> Tensor:
+        """‖z - z_(k)‖₂ for z = h/‖h‖, (B,)."""
+        z = normalize_rows(features)
+        bank = self._require_bank()
+        half_sq = 0.5 * bank.square().sum(dim=1)
+        top = self.search(z, offset=half_sq)[:, -1]
+        z = z.to(top.dtype)
+        return (z.square().sum(dim=1) - 2.0 * top).clamp_min(0.0).sqrt()
+
+    def score(self, out: BackboneOutput, model: OptModel = None, inputs: OptInput = None) -> Tensor:
+        return -self.kth_distance(out.features)
+
+
+__all__ = [
+    "BACKENDS",
+    "KNN",
+    "BankDetector",
+    "faiss_available",
+    "normalize_rows",
+    "seeded_uniform",
+    "topk_scores",
+]

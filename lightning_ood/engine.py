@@ -188,11 +188,17 @@ def finalize_detectors(
     backbone: OODBackbone,
     reducer: Reducer | None = None,
     restart: Callable[[], Outputs] | None = None,
+    *,
+    invalid: dict[str, str] | None = None,
 ) -> None:
     """Run the extra training passes the detectors ask for (:meth:`Detector.next_pass`, fed by
     ``restart``), then ``finalize`` every detector (cross-rank reductions through
     ``reducer``): the last step of :func:`fit_detectors`, on its own for state accumulated
-    once and finalized under several finalize-only configurations (the grid)."""
+    once and finalized under several finalize-only configurations (the grid).
+
+    ``invalid``: record ``{name: message}`` of a detector whose ``finalize`` refuses its
+    configuration for this backbone (a ``ValueError``, e.g. ViM's ``dim`` >= the feature
+    width) instead of raising: tuning drops such candidates and says so."""
     dets = list(detectors)
     reducer = reducer or Reducer()
     pending = [d for d in dets if reads_training_data(d) and d.next_pass(reducer)]
@@ -207,7 +213,13 @@ def finalize_detectors(
         _update_pass(pending, backbone, restart())
         pending = [d for d in pending if d.next_pass(reducer)]
     for det in dets:
-        det.finalize(backbone, reducer)
+        if invalid is None:
+            det.finalize(backbone, reducer)
+            continue
+        try:
+            det.finalize(backbone, reducer)
+        except ValueError as err:
+            invalid[det.name] = str(err)
 
 
 def fit_from_loader(

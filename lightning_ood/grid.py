@@ -315,12 +315,12 @@ def grid_search(
     source = None if train is None else (lambda: train.as_batches(batch_size, device))
     for det in dets:
         det.to(device)
-    fitted, n_groups = tuning.fit_candidates(dets, backbone, source)
+    fitted, n_groups, invalid = tuning.fit_candidates(dets, backbone, source)
     val = {}
     for det in tqdm(fitted, desc=f"grid {kind}", disable=not progress, leave=False):
         val.update(validation.metrics([det]))  # one at a time: bounded memory for big grids
-    rows, best_i = tuning.select(search, fitted, val, select_metric, backbone)
-    best_det = fitted[best_i]
+    rows, best_i = tuning.select(search, fitted, val, select_metric, backbone, invalid)
+    best_det = tuning.detector_of(search, fitted, best_i)
     best_det.name = kind
     test = test_metrics(best_det)
 

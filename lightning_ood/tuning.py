@@ -125,14 +125,18 @@ def fit_candidates(
     reducer: Reducer | None = None,
     *,
     others: Sequence[Detector] = (),
-) -> tuple[list[Detector], int]:
+) -> tuple[list[Detector], int, dict[str, str]]:
     """Fit every candidate (and ``others``, configured detectors fitted as usual) from ONE
     pass over the training ``outputs``.
 
     Candidates that differ only in ``finalize_only`` values form a group: one prototype
     accumulates, and each member is a copy of it finalized under its own values (extra passes
-    an exact percentile asks for are shared by all). Returns the fitted candidates, in order,
-    and the number of groups.
+    an exact percentile asks for are shared by all). Returns the fitted candidates, in order
+    (those the backbone makes invalid left out), the number of groups, and
+    ``{candidate name: why}`` of the invalid ones (e.g. ViM ``dim`` >= the feature width).
+
+    Raises:
+        ValueError: every candidate is invalid for this backbone.
     """
     groups: dict[str, list[int]] = {}
     for i, det in enumerate(candidates):
@@ -152,8 +156,15 @@ def fit_candidates(
             fitted[i] = det
     done = [d for d in fitted if d is not None]
     restart = engine.restartable(outputs)[1]
-    engine.finalize_detectors([*done, *others], backbone, reducer, restart)
-    return done, len(groups)
+    engine.finalize_detectors(others, backbone, reducer)  # after the shared extra passes
+    invalid: dict[str, str] = {}
+    engine.finalize_detectors(done, backbone, reducer, restart, invalid=invalid)
+    if invalid and len(invalid) == len(done):
+        first = next(iter(invalid.items()))
+        raise ValueError(
+            f"tuning: every candidate is invalid for this backbone, e.g. {first[0]}: {first[1]}"
+        )
+    return [d for d in done if d.name not in invalid], len(groups), invalid
 
 
 def combines(det: Detector, backbone: OODBackbone) -> bool:
@@ -247,12 +258,22 @@ def select(
     val: Mapping[str, Mapping[str, Mapping[str, float]]],
     select_metric: str,
     backbone: OODBackbone,
+    invalid: Mapping[str, str] | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
-    """Rows ``{params, val, val_mean[, combiner]}`` per candidate and the index of the best."""
+    """Rows ``{params, val, val_mean[, combiner]}`` per configuration of ``search`` (an
+    ``invalid`` one gets ``{params, invalid: why}`` and NaN metrics) and the index of the best
+    among the fitted ``candidates``."""
     if select_metric not in METRIC_NAMES:
         raise ValueError(f"select_metric={select_metric!r} is not one of {list(METRIC_NAMES)}")
+    fitted = {d.name: d for d in candidates}
     rows: list[dict[str, Any]] = []
-    for combo, det in zip(search.combos, candidates, strict=True):
+    for combo, cand in zip(search.combos, search.candidates, strict=True):
+        det = fitted.get(cand.name)
+        if det is None:
+            why = (invalid or {}).get(cand.name, "not fitted")
+            nan = dict.fromkeys(METRIC_NAMES, math.nan)
+            rows.append({"params": combo, "invalid": why, "val": {}, "val_mean": nan})
+            continue
         row: dict[str, Any] = {"params": combo, "val": val[det.name]}
         row["val_mean"] = average(row["val"])
         if combines(det, backbone):
@@ -262,11 +283,18 @@ def select(
     return rows, best
 
 
+def detector_of(search: Search, candidates: Sequence[Detector], index: int) -> Detector:
+    """The fitted candidate of configuration ``index`` of ``search``."""
+    name = search.candidates[index].name
+    return next(d for d in candidates if d.name == name)
+
+
 __all__ = [
     "Search",
     "Validation",
     "combinations",
     "combines",
+    "detector_of",
     "fit_candidates",
     "plan",
     "rank_key",

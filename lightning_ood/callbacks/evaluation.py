@@ -429,7 +429,9 @@ class OODEvaluation(Callback):
             )
         reducer = StrategyReducer(trainer)
         with engine.eval_mode(backbone):
-            fitted, _ = tuning.fit_candidates(candidates, backbone, source, reducer, others=others)
+            fitted, _, invalid = tuning.fit_candidates(
+                candidates, backbone, source, reducer, others=others
+            )
         loaders = {ID_KEY: dm.val_dataloader(), **val_ood}
         cache: dict[bool, dict[str, dict[str, Tensor]]] = {}
 
@@ -454,18 +456,20 @@ class OODEvaluation(Callback):
             seed=self.tune["seed"],
             combiner_fraction=self.tune["combiner_fraction"],
         )
-        by_search: list[list[Detector]] = []
-        start = 0
-        for srch in searches:
-            by_search.append(fitted[start : start + len(srch.candidates)])
-            start += len(srch.candidates)
         selected: list[Detector] = []
         val_n = {k: 0 for k in loaders}
-        for srch, cands in zip(searches, by_search, strict=True):
+        for srch in searches:
+            mine = {c.name for c in srch.candidates}
+            cands = [d for d in fitted if d.name in mine]
+            if not cands:
+                raise ValueError(
+                    f"tune: every configuration of {srch.name!r} is invalid for this backbone: "
+                    f"{[invalid[c] for c in sorted(mine)][:1]}"
+                )
             rows, best = tuning.select(
-                srch, cands, validation.metrics(cands), self.tune["select"], backbone
+                srch, cands, validation.metrics(cands), self.tune["select"], backbone, invalid
             )
-            det = cands[best]
+            det = tuning.detector_of(srch, cands, best)
             det.name = srch.name
             pl_module.replace_detector(srch.name, det)
             selected.append(det)
@@ -474,7 +478,9 @@ class OODEvaluation(Callback):
                 "space": srch.space,
                 "selected": rows[best]["params"],
                 "val_mean": rows[best]["val_mean"],
-                "rows": [{"params": r["params"], "val_mean": r["val_mean"]} for r in rows],
+                "rows": [
+                    {k: r[k] for k in ("params", "val_mean", "invalid") if k in r} for r in rows
+                ],
             }
         for key, per in cache.get(False, cache.get(True, {})).items():
             val_n[key] = len(next(iter(per.values()))) if per else 0

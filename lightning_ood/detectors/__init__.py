@@ -7,12 +7,15 @@ from typing import Any
 
 from torch import nn
 
+from lightning_ood.detectors.ash import ASH
 from lightning_ood.detectors.base import Detector, Reducer, percentile
 from lightning_ood.detectors.dice import DICE
 from lightning_ood.detectors.dice_react import DICEReAct
 from lightning_ood.detectors.energy import Energy, energy_score
+from lightning_ood.detectors.fdbd import FDBD
 from lightning_ood.detectors.fssd import FSSD
 from lightning_ood.detectors.gen import GEN
+from lightning_ood.detectors.gradnorm import GradNorm
 from lightning_ood.detectors.knn import KNN
 from lightning_ood.detectors.layer_ensemble import LayerEnsembleDetector
 from lightning_ood.detectors.line import LINe
@@ -20,17 +23,19 @@ from lightning_ood.detectors.linear_head import ActivationSampler, LinearHeadDet
 from lightning_ood.detectors.mahalanobis import Mahalanobis
 from lightning_ood.detectors.maxlogit import MaxLogit
 from lightning_ood.detectors.msp import MSP
+from lightning_ood.detectors.nci import NCI
 from lightning_ood.detectors.nnguide import NNGuide
 from lightning_ood.detectors.odin import ODIN
 from lightning_ood.detectors.react import ReAct
 from lightning_ood.detectors.rmds import RMDS
+from lightning_ood.detectors.scale import SCALE
 from lightning_ood.detectors.vim import ViM
 
 DETECTORS: dict[str, type[Detector]] = {
     cls.kind: cls
     for cls in (
         *(MSP, MaxLogit, GEN, ODIN, Energy, ReAct, DICE, DICEReAct, LINe, FSSD, Mahalanobis),
-        *(ViM, RMDS, KNN, NNGuide),
+        *(ASH, SCALE, GradNorm, ViM, RMDS, KNN, NNGuide, NCI, FDBD),
     )
 }
 
@@ -57,18 +62,23 @@ def build_detectors(specs: Mapping[str, Mapping[str, Any] | None]) -> nn.ModuleD
 
 
 __all__ = [
+    "ASH",
     "DETECTORS",
     "DICE",
+    "FDBD",
     "FSSD",
     "GEN",
     "KNN",
     "MSP",
+    "NCI",
     "ODIN",
     "RMDS",
+    "SCALE",
     "ActivationSampler",
     "DICEReAct",
     "Detector",
     "Energy",
+    "GradNorm",
     "LINe",
     "LayerEnsembleDetector",
     "LinearHeadDetector",

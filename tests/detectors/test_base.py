@@ -43,6 +43,23 @@ FINALIZE_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]
     ),
     "dice": ({}, {"p": 90.0, "clip": None}, {"p": 50.0, "clip": 0.3}),
     "vim": ({"max_samples": 1_000_000, "seed": 0}, {"dim": 4}, {"dim": 2}),
+    "ash": (
+        {},
+        {"variant": "s", "percentile": 90.0, "temperature": 1.0},
+        {"variant": "b", "percentile": 65.0, "temperature": 2.0},
+    ),
+    "scale": (
+        {},
+        {"percentile": 85.0, "temperature": 1.0},
+        {"percentile": 65.0, "temperature": 2.0},
+    ),
+    "gradnorm": (
+        {},
+        {"temperature": 1.0, "include_bias": False},
+        {"temperature": 2.0, "include_bias": True},
+    ),
+    "nci": ({}, {"alpha": 1e-4, "cosine": False}, {"alpha": 0.1, "cosine": True}),
+    "fdbd": ({}, {"distance_as_normalizer": True}, {"distance_as_normalizer": False}),
     "knn": KNN_CASE,
     "nnguide": KNN_CASE,
     "dice_react": (

@@ -1,0 +1,148 @@
+"""NCI (Liu & Qin, CVPR 2025, arXiv:2311.01479, "Detecting Out-of-Distribution through the Lens
+of Neural Collapse"): proximity of the centred feature to the predicted class's weight vector,
+plus a feature-norm filter.
+
+:class:`CentredHeadDetector` (the training feature mean from a streaming pass, and a copy of
+the head) and :func:`check_flag` are shared with fDBD (:mod:`lightning_ood.detectors.fdbd`);
+:func:`check_flag` also with GradNorm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from lightning_ood.detectors.base import OptInput, OptModel, Reducer, check_range
+from lightning_ood.detectors.linear_head import LinearHeadDetector
+from lightning_ood.models.base import BackboneOutput, OODBackbone
+
+
+def check_flag(name: str, value: bool, owner: str) -> bool:
+    """Validate a boolean hyperparameter (a YAML ``"false"`` string would be truthy)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}: hyperparameter {name}={value!r} must be true or false")
+    return value
+
+
+def safe_norm(x: Tensor) -> Tensor:
+    """Row L2 norms of ``x`` (B, q), with 0 raised to the dtype's smallest normal number so that
+    a feature exactly at the centre divides to 0 instead of NaN (it only changes that case)."""
+    return x.norm(dim=1).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+class CentredHeadDetector(LinearHeadDetector):
+    """Linear-head detectors that also need the training feature mean μ (B, q) -> (q,).
+
+    :meth:`update` adds each batch's feature sum (float64) and count; :meth:`finalize`
+    all-reduces both across DDP ranks (``reducer.sum``), stores ``train_mean = Σh / n`` in
+    the head's dtype and copies the head. The mean is over the whole training set, labels
+    ignored (NCI's global centre μ_G, fDBD's μ_train).
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__(name)
+        self.register_buffer("feature_sum", torch.zeros(0, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("train_mean", torch.zeros(0))  # μ, (q,)
+
+    def reset(self) -> None:
+        self.feature_sum = self.feature_sum.new_zeros(0)
+        self.count = self.count.new_zeros(())
+        self.fitted.fill_(False)
+
+    def update(self, out: BackboneOutput, target: Tensor, model: OODBackbone | None = None) -> None:
+        h = out.features.detach()
+        if self.feature_sum.numel() == 0:
+            self.feature_sum = torch.zeros(h.shape[1], dtype=torch.float64, device=h.device)
+        self.feature_sum += h.sum(dim=0, dtype=torch.float64)
+        self.count += h.shape[0]
+
+    def _finalize_mean(self, model: OODBackbone, reducer: Reducer | None) -> None:
+        """Copy the head and derive ``train_mean`` from the all-rank sums; drops the sums."""
+        reducer = reducer or Reducer()
+        self._copy_head(model)
+        q = self.weight.shape[1]
+        if self.feature_sum.numel() == 0:  # a rank that saw no batch still joins the reduction
+            self.feature_sum = torch.zeros(q, dtype=torch.float64, device=self.weight.device)
+        total = reducer.sum(self.feature_sum.clone())
+        count = reducer.sum(self.count.clone())
+        if float(count) == 0:
+            raise RuntimeError(
+                f"{type(self).__name__}.finalize: no training sample was seen; run update() on "
+                "the training set first"
+            )
+        if total.shape != (q,):
+            raise ValueError(
+                f"{type(self).__name__}.finalize: the training features have {total.shape[0]} "
+                f"dimensions but the head expects {q}"
+            )
+        self.train_mean = (total / count).to(self.weight)
+        self.feature_sum = self.feature_sum.new_zeros(0)  # not needed to score
+        self.count = count  # training samples over all ranks, kept for the record
+
+    def _centred(self, h: Tensor) -> Tensor:
+        return h - self.train_mean
+
+
+class NCI(CentredHeadDetector):
+    """NCI: ``w_ŷ·(h − μ_G) / ||h − μ_G||_2 + α ||h||_1``; higher = more in-distribution.
+
+    * ``μ_G``: the global centre, the mean penultimate feature of the training set (all
+      classes; a streaming pass of sums reduced across ranks);
+    * ``ŷ = argmax(W h + b)``, the predicted class, and ``w_ŷ`` its row of the head;
+    * the first term, the paper's pScore, measures how close the centred feature lies to the
+      predicted class's weight vector (its Neural-Collapse observation: centred ID features
+      align with the class weight vectors); the second, the L1 filter, rewards features far
+      from the origin (ID features expand into a simplex ETF, OOD ones stay near 0).
+
+    The formula is the authors' code: their repository (litianliu/NCI-OOD) points to OpenOOD
+    v1.5's ``postprocessors/nci_postprocessor.py``: ``sum(w[pred] * (feature - mean)) /
+    norm(feature - mean) + alpha * norm(feature, p=1)``. That projection is the cosine
+    similarity the paper describes scaled by ``||w_ŷ||``, the same for every class when the
+    weights are equinorm (Neural Collapse NC2). ``cosine=True`` divides by ``||w_ŷ||_2``, the
+    plain cosine. pytorch-ood 0.4.0's NCI computes the default formula and returns its
+    negation (higher = more OOD). A feature exactly at ``μ_G`` gets pScore 0, not NaN.
+
+    Args:
+        alpha: weight α >= 0 of the L1 norm filter; 1e-4 as OpenOOD v1.5's ``nci.yml``.
+        cosine: divide the projection by ``||w_ŷ||_2`` (plain cosine; default: the authors'
+            projection).
+        name: instance name.
+    """
+
+    kind = "nci"
+    #: ``update`` only sums features; both enter :meth:`score` only.
+    finalize_only: ClassVar[frozenset[str]] = frozenset({"alpha", "cosine"})
+    #: OpenOOD v1.5 ``nci.yml`` sweep (``alpha_list``).
+    search_space: ClassVar[Mapping[str, Sequence[Any]]] = {"alpha": (1e-4, 1e-3, 1e-2, 1e-1)}
+
+    def __init__(self, alpha: float = 1e-4, cosine: bool = False, name: str | None = None) -> None:
+        super().__init__(name)
+        owner = type(self).__name__
+        self.alpha = check_range("alpha", alpha, low=0.0, owner=owner)
+        self.cosine = check_flag("cosine", cosine, owner)
+
+    def finalize(self, model: OODBackbone, reducer: Reducer | None = None) -> None:
+        """Copy the head and reduce the training feature mean μ_G."""
+        self._finalize_mean(model, reducer)
+        self.fitted.fill_(True)
+
+    def proximity(self, h: Tensor) -> Tensor:
+        """pScore ``w_ŷ·(h − μ_G) / ||h − μ_G||`` (over ``||w_ŷ||`` too with ``cosine``), (B,)."""
+        pred = (h @ self.weight.T + self.bias).argmax(dim=1)
+        w = self.weight[pred]  # (B, q)
+        z = self._centred(h)
+        p = (w * z).sum(dim=1) / safe_norm(z)
+        if self.cosine:
+            p = p / safe_norm(w)
+        return p
+
+    def score(self, out: BackboneOutput, model: OptModel = None, inputs: OptInput = None) -> Tensor:
+        h = self._check_features(out.features)
+        return self.proximity(h) + self.alpha * h.abs().sum(dim=1)
+
+
+__all__ = ["NCI", "CentredHeadDetector", "check_flag", "safe_norm"]

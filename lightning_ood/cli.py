@@ -1,8 +1,9 @@
-"""``lightning-ood fit|validate|test|predict|grid``: the one command line.
+"""``lightning-ood fit|validate|test|predict|grid|models``: the one command line.
 
 ``fit``/``validate``/``test``/``predict`` are a LightningCLI with the project's defaults;
 ``grid`` (:func:`grid_main`) grid-searches a detector's hyperparameters from cached features
-(:mod:`lightning_ood.grid`), reading the same ``--config`` files. Library modules never import
+(:mod:`lightning_ood.grid`), reading the same ``--config`` files; ``models``
+(:func:`models_main`) lists model names and taps. Library modules never import
 this module.
 """
 
@@ -370,12 +371,46 @@ def grid_main(args: Sequence[str] | None = None) -> GridResult:
     return result
 
 
+def models_main(args: Sequence[str] | None = None) -> str:
+    """``lightning-ood models [--taps NAME]``: the model names, or one model's taps with their
+    output shapes (printed, and returned for tests)."""
+    from lightning_ood.models import create_model
+    from lightning_ood.models.registry import registered_models
+    from lightning_ood.models.zoo import describe_models, format_taps
+
+    p = argparse.ArgumentParser(
+        prog="lightning-ood models",
+        description="List model names (registered, tv:NAME, timm:NAME, wrap), or the taps of one.",
+    )
+    p.add_argument("--taps", metavar="NAME", help="model name whose taps to list")
+    p.add_argument("--num_classes", type=int, default=10, help="with --taps (default 10)")
+    p.add_argument(
+        "--model_kwargs",
+        default="{}",
+        help='with --taps: model arguments as YAML, e.g. "{image_size: 32, in_channels: 1}"',
+    )
+    ns = p.parse_args(args)
+    if ns.taps:
+        import yaml
+
+        kwargs = yaml.safe_load(ns.model_kwargs) or {}
+        model = create_model(ns.taps, num_classes=ns.num_classes, **kwargs)
+        text = format_taps(model, ns.taps)
+    else:
+        text = describe_models(registered_models())
+    print(text)
+    return text
+
+
 def entrypoint() -> None:
-    """Console script: like :func:`main` (or :func:`grid_main` for ``grid``), but returns
-    nothing (a return value would become the process exit status)."""
+    """Console script: like :func:`main` (or :func:`grid_main` for ``grid``,
+    :func:`models_main` for ``models``), but returns nothing (a return value would become
+    the process exit status)."""
     argv = sys.argv[1:]
     if argv[:1] == ["grid"]:
         grid_main(argv[1:])
+    elif argv[:1] == ["models"]:
+        models_main(argv[1:])
     else:
         main()
 

@@ -219,6 +219,11 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
     _atomic_write(Path(path), lambda f: torch.save(obj, f), "wb")
 
 
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` like :func:`atomic_save` (figures)."""
+    _atomic_write(Path(path), lambda f: f.write(data), "wb")
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` like :func:`atomic_save`: no reader ever sees a half-written file."""
     _atomic_write(Path(path), lambda f: f.write(text), "w")

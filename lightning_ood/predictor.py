@@ -212,11 +212,12 @@ class OODPredictor(nn.Module):
         ``epsilon > 0``) need autograd at inference, which an exported graph cannot hold; build
         the predictor without them (``lightning_ood.load(path, detectors=[...])``).
         """
-        grad = [n for n, d in self.detectors.items() if d.needs_input_grad]
+        grad = [n for n, d in self.detectors.items() if d.needs_input_grad or not d.exportable]
         if grad:
             raise ValueError(
-                f"detectors {grad} need input gradients at inference and cannot be exported; "
-                f"load with detectors={[n for n in self.detector_names if n not in grad]}"
+                f"detectors {grad} need input gradients or random passes at inference and "
+                "cannot be exported; load with "
+                f"detectors={[n for n in self.detector_names if n not in grad]}"
             )
         if not self.normalizes:
             raise ValueError(

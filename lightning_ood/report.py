@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from lightning_ood.io import atomic_write_text
@@ -97,6 +98,11 @@ def format_markdown(results: Mapping[str, Any]) -> str:
     lines += ["", *metrics_table(results["metrics"])]
     if results.get("tuning"):
         lines += ["", *tuning_lines(results["tuning"])]
+    if results.get("severity"):
+        sev = results["severity"]
+        lines += ["", *severity_lines(sev["detectors"], sev["metric"])]
+    if results.get("neuron_overlap"):
+        lines += ["", format_neuron_overlap(results["neuron_overlap"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -212,16 +218,240 @@ def log_score_figures(
             writer.add_figure(f"ood_roc/{dname}", roc_figure(dname, finite), step)
 
 
+def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``fig`` as a PNG atomically (no half-written image); the figure stays open."""
+    from lightning_ood.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def _figure_name(name: str) -> str:
+    """A file-name-safe form of a name (``fmnist_c/fog/2`` -> ``fmnist_c-fog-2``)."""
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in name)
+
+
+def _shared_bins(arrays: Sequence[Tensor], bins: int = 60) -> Any:
+    import numpy as np
+
+    finite = [a[torch.isfinite(a)].double().numpy() for a in arrays if len(a)]
+    finite = [a for a in finite if a.size]
+    if not finite:
+        return None
+    lo, hi = min(a.min() for a in finite), max(a.max() for a in finite)
+    if hi <= lo:
+        hi = lo + 1.0
+    return np.linspace(lo, hi, bins + 1)
+
+
+def density_figure(
+    detector: str, per_set: Mapping[str, tuple[Tensor, Tensor]], threshold: float | None = None
+) -> Any:
+    """ID and every OOD set as overlaid score densities on ONE shared axis (the picture the
+    papers show), with the calibrated decision threshold marked. Non-finite scores are left
+    out (the tables count them)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    sets = list(per_set.items())
+    s_id = sets[0][1][0] if sets else torch.zeros(0)
+    bins = _shared_bins([s_id, *(b for _, (_, b) in sets)])
+    if bins is not None:
+        for label, s in [("ID", s_id), *((o, b) for o, (_, b) in sets)]:
+            s = s[torch.isfinite(s)].double().numpy()
+            if s.size:
+                ax.hist(s, bins=bins, density=True, histtype="step", lw=1.4, label=label)
+    if threshold is not None and math.isfinite(threshold):
+        ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:.4g}")
+    ax.set_xlabel("score (higher = more in-distribution)")
+    ax.set_ylabel("density")
+    ax.set_title(f"{detector}: score densities")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def layer_histograms_figure(
+    detector: str, taps: Sequence[str], components: Mapping[str, Tensor]
+) -> Any:
+    """Per-layer components of a layer ensemble (FSSD paper Figure 6): one panel per tap, ID
+    (the first entry of ``components``) against each OOD set, densities on shared bins."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(taps)
+    fig, axes = plt.subplots(1, k, figsize=(3.2 * k, 3.0), squeeze=False)
+    for j, (ax, tap) in enumerate(zip(axes[0], taps, strict=True)):
+        cols = {n: c[:, j] for n, c in components.items() if c.dim() == 2 and c.shape[1] == k}
+        bins = _shared_bins(list(cols.values()))
+        if bins is not None:
+            for n, v in cols.items():
+                v = v[torch.isfinite(v)].double().numpy()
+                if v.size:
+                    ax.hist(v, bins=bins, density=True, histtype="step", lw=1.3, label=n)
+        ax.set_title(f"{detector}: {tap}", fontsize=9)
+        ax.set_xlabel("component")
+    axes[0][0].set_ylabel("density")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def severity_of(set_name: str) -> tuple[str, str, int] | None:
+    """``(base, corruption, severity)`` of a corrupted set named ``base/corruption/severity``
+    (the names ``kind: corrupted`` entries expand to); None for any other set."""
+    parts = set_name.split("/")
+    if len(parts) != 3 or not parts[2].isdigit():
+        return None
+    return parts[0], parts[1], int(parts[2])
+
+
+def severity_summary(
+    metrics: Mapping[str, Mapping[str, Mapping[str, float]]], metric: str = "auroc"
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per detector and severity, ``metric`` over the corruption types (FSSD paper Figures 4
+    and 5): mean, quartiles, min, max and the number of types. Non-corrupted sets are
+    ignored; ``{}`` when there are none."""
+    import numpy as np
+
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for det, per_set in metrics.items():
+        by_sev: dict[int, list[float]] = {}
+        for name, vals in per_set.items():
+            parsed = severity_of(name)
+            if parsed is not None:
+                by_sev.setdefault(parsed[2], []).append(float(vals[metric]))
+        if not by_sev:
+            continue
+        out[det] = {}
+        for sev in sorted(by_sev):
+            v = np.asarray(by_sev[sev], dtype=np.float64)
+            q1, med, q3 = np.percentile(v, [25, 50, 75])
+            out[det][str(sev)] = {
+                "mean": float(v.mean()),
+                "q1": float(q1),
+                "median": float(med),
+                "q3": float(q3),
+                "min": float(v.min()),
+                "max": float(v.max()),
+                "n": int(v.size),
+            }
+    return out
+
+
+def severity_lines(
+    summary: Mapping[str, Mapping[str, Mapping[str, float]]], metric: str
+) -> list[str]:
+    """Markdown: per detector, mean [Q1, Q3] of ``metric`` per severity (in %)."""
+    if not summary:
+        return []
+    sevs = sorted({int(s) for per in summary.values() for s in per})
+    n_types = max(int(v["n"]) for per in summary.values() for v in per.values())
+    lines = [
+        f"{HEADERS.get(metric, metric)} per corruption severity: mean [Q1, Q3] over "
+        f"{n_types} corruption types.",
+        "",
+        "| detector | " + " | ".join(f"severity {s}" for s in sevs) + " |",
+        "|---|" + "---:|" * len(sevs),
+    ]
+    for det, per in summary.items():
+        cells = []
+        for s in sevs:
+            v = per.get(str(s))
+            cells.append("" if v is None else f"{pct(v['mean'])} [{pct(v['q1'])}, {pct(v['q3'])}]")
+        lines.append(f"| {det} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def severity_figure(
+    summary: Mapping[str, Mapping[str, Mapping[str, float]]], metric: str = "auroc"
+) -> Any:
+    """``metric`` against severity per detector: the mean as a line, the interquartile range
+    over corruption types as a band (FSSD paper Figures 4 and 5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for det, per in summary.items():
+        sevs = sorted(per, key=int)
+        x = [int(s) for s in sevs]
+        mean = [100 * per[s]["mean"] for s in sevs]
+        line = ax.plot(x, mean, marker="o", label=det)[0]
+        ax.fill_between(
+            x,
+            [100 * per[s]["q1"] for s in sevs],
+            [100 * per[s]["q3"] for s in sevs],
+            color=line.get_color(),
+            alpha=0.15,
+        )
+    ax.set_xlabel("corruption severity")
+    ax.set_ylabel(f"{HEADERS.get(metric, metric)} (%)")
+    ax.set_title(f"{HEADERS.get(metric, metric)} vs severity (band: Q1-Q3 over types)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def write_figures(
+    out_dir: str | os.PathLike[str] | None,
+    writer: Any,
+    step: int,
+    evaluation_scores: Mapping[str, Mapping[str, tuple[Tensor, Tensor]]],
+    thresholds: Mapping[str, float],
+    layer_components: Mapping[str, tuple[Sequence[str], Mapping[str, Tensor]]] | None = None,
+    severity: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
+) -> list[Path]:
+    """The paper pictures of one evaluation, as PNGs in ``<out_dir>/figures`` and, given a
+    TensorBoard ``writer``, as figures: overlaid score densities with the threshold for every
+    detector, per-layer component histograms of layer ensembles, AUROC against severity."""
+    import matplotlib.pyplot as plt
+
+    figs: dict[str, Any] = {}
+    for det, per_set in evaluation_scores.items():
+        figs[f"ood_density/{det}"] = density_figure(det, per_set, thresholds.get(det))
+    for det, (taps, comps) in (layer_components or {}).items():
+        figs[f"ood_layers/{det}"] = layer_histograms_figure(det, taps, comps)
+    if severity:
+        figs["ood_severity/auroc"] = severity_figure(severity, "auroc")
+    paths = []
+    for tag, fig in figs.items():
+        if out_dir is not None:
+            name = _figure_name(tag.replace("ood_", "", 1).replace("/", "_"))
+            paths.append(save_figure(fig, Path(out_dir) / "figures" / f"{name}.png"))
+        if writer is not None:
+            writer.add_figure(tag, fig, step)  # closes the figure
+        else:
+            plt.close(fig)
+    return paths
+
+
 __all__ = [
     "HEADERS",
     "LOWER_IS_BETTER",
+    "density_figure",
     "format_csv",
     "format_markdown",
     "header",
+    "layer_histograms_figure",
     "log_score_figures",
     "metrics_table",
     "pct",
     "roc_figure",
+    "save_figure",
+    "severity_figure",
+    "severity_lines",
+    "severity_of",
+    "severity_summary",
+    "write_figures",
     "write_results",
 ]
 
@@ -321,15 +551,10 @@ def log_activated_neurons(
     """
     import matplotlib.pyplot as plt
 
-    from lightning_ood.io import _atomic_write
-
     fig = activated_neurons_figure(counts, thresholds, num_features)
     path = None
     if out_dir is not None:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=120)
-        path = Path(out_dir) / f"{stem}.png"
-        _atomic_write(path, lambda f: f.write(buf.getvalue()), "wb")
+        path = save_figure(fig, Path(out_dir) / f"{stem}.png")
     if writer is not None:
         for name, c in counts.items():
             for r, t in enumerate(thresholds):

@@ -19,11 +19,31 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_ood import engine
+from lightning_ood.data.base import check_outlier_leak, outlier_record
 from lightning_ood.detectors import Detector, build_detectors
+from lightning_ood.io import CheckpointError, safe_load
 from lightning_ood.models import BackboneOutput, OODBackbone, create_model
 from lightning_ood.state import reconcile_detector_state
 
 DetectorSpecs = Mapping[str, Mapping[str, Any] | None]
+
+
+def outlier_exposure_loss(logits: Tensor) -> Tensor:
+    """Cross-entropy of the predictions on outliers to the uniform distribution, averaged over
+    the batch: (1/N) Σ_n [logsumexp(z_n) − (1/L) Σ_k z_{n,k}] (Hendrycks et al. 2019, eq. 1
+    with the uniform target of their §3 for classification)."""
+    return (torch.logsumexp(logits, dim=1) - logits.mean(dim=1)).mean()
+
+
+def recorded_outliers(path: Any) -> list[dict[str, Any]]:
+    """The Outlier Exposure sets a lightning-ood checkpoint's weights were trained with (none
+    for any other weights file), so that fine-tuning or testing from it keeps the refusal."""
+    try:
+        ckpt = safe_load(path, map_location="cpu")
+    except (CheckpointError, OSError):
+        return []  # not ours to judge: the backbone loaded (or refused) the file already
+    meta = ckpt.get("lightning_ood") if isinstance(ckpt, Mapping) else None
+    return [dict(r) for r in (meta or {}).get("outliers") or []]
 
 
 def _default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -44,6 +64,9 @@ class ClassificationTask(LightningModule):
         channels_last: store conv weights in channels-last layout: faster DenseNet-BC-100
             inference on CPU (``benchmarks/densenet_cpu_throughput.py``) and the usual layout
             for bf16 on GPUs. Scores may differ in the last float bits.
+        oe_weight: λ of Outlier Exposure (Hendrycks et al. 2019): the loss on a combined
+            ``{"id", "outliers"}`` batch (a datamodule with ``outlier_set``) is
+            CE(id) + λ · CE(outliers, uniform). Unused without outliers.
     """
 
     def __init__(
@@ -55,6 +78,7 @@ class ClassificationTask(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         detectors: dict[str, dict[str, Any] | None] | None = None,
         channels_last: bool = False,
+        oe_weight: float = 0.5,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -70,6 +94,14 @@ class ClassificationTask(LightningModule):
         #: size, data version): taken from the datamodule, stored in every checkpoint.
         self.data_meta: dict[str, Any] = {}
         self._rng_to_restore: dict[str, Any] | None = None
+        if not oe_weight >= 0:
+            raise ValueError(f"oe_weight (Outlier Exposure λ) must be >= 0, got {oe_weight}")
+        #: Outlier Exposure sets the weights were trained with (``outlier_record`` dicts),
+        #: kept in every checkpoint: they may never be reported OOD sets of this model.
+        self.trained_outliers: list[dict[str, Any]] = []
+        weights = (model_kwargs or {}).get("weights")
+        if weights is not None:
+            self.trained_outliers = recorded_outliers(weights)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -82,6 +114,15 @@ class ClassificationTask(LightningModule):
             if name in self.detectors and self.detectors[name].config() == det.config():
                 new[name] = self.detectors[name]
         self.detectors = new.to(self.device)
+        self.hparams["detectors"] = {n: d.config() for n, d in self.detectors.items()}
+
+    def replace_detector(self, name: str, det: Detector) -> None:
+        """Install a fitted detector under ``name`` (a tuned selection), its config recorded
+        in ``hparams`` so that the checkpoint rebuilds it."""
+        if name not in self.detectors:
+            raise KeyError(f"no detector {name!r} to replace; configured: {list(self.detectors)}")
+        det.name = name
+        self.detectors[name] = det.to(self.device)
         self.hparams["detectors"] = {n: d.config() for n, d in self.detectors.items()}
 
     @property
@@ -99,7 +140,9 @@ class ClassificationTask(LightningModule):
         """One forward pass that serves every detector (features, logits and their taps)."""
         return self.backbone.extract(x, taps=self.detector_taps)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        if isinstance(batch, Mapping):
+            return self._outlier_exposure_step(batch)
         x, y = batch
         logits = self.backbone(x)
         loss = F.cross_entropy(logits, y)
@@ -107,6 +150,27 @@ class ClassificationTask(LightningModule):
         # value that on_step=False never logs (6 % of a LeNet step, benchmarks/README.md 3d).
         self.train_acc.update(logits.detach(), y)
         self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def _outlier_exposure_step(self, batch: Mapping[str, Any]) -> Tensor:
+        """One forward over ID and outlier samples together (as Hendrycks et al. do, so that
+        BatchNorm sees both); loss = CE(id) + λ · CE(outliers, uniform)."""
+        if set(batch) != {"id", "outliers"}:
+            raise ValueError(
+                "a dict training batch must be the Outlier Exposure CombinedLoader's "
+                f'{{"id", "outliers"}}, got keys {sorted(batch)}'
+            )
+        (x, y), x_out = batch["id"][:2], engine.split_batch(batch["outliers"])[0]
+        logits = self.backbone(torch.cat([x, x_out]))
+        id_logits, out_logits = logits[: x.shape[0]], logits[x.shape[0] :]
+        ce = F.cross_entropy(id_logits, y)
+        oe = outlier_exposure_loss(out_logits)
+        loss = ce + self.hparams["oe_weight"] * oe
+        self.train_acc.update(id_logits.detach(), y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ce_loss", ce)
+        self.log("train/oe_loss", oe)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
@@ -168,6 +232,20 @@ class ClassificationTask(LightningModule):
                     "(e.g. model_kwargs.in_channels)"
                 )
             self.data_meta = meta
+            spec = getattr(dm, "outlier_spec", None)
+            if stage == "fit" and spec is not None:
+                rec = outlier_record(spec)
+                if rec not in self.trained_outliers:
+                    self.trained_outliers.append(rec)
+            self._check_outlier_leak(dm)
+
+    def _check_outlier_leak(self, dm: Any) -> None:
+        """A reported OOD set of ``dm`` that the weights saw as OE outliers is refused."""
+        specs = getattr(dm, "ood_specs", None)
+        if self.trained_outliers and specs:
+            names = [r["name"] for r in self.trained_outliers]
+            where = f"model trained with Outlier Exposure on {names}"
+            check_outlier_leak(self.trained_outliers, list(specs), where)
 
     # -- checkpoint plumbing ----------------------------------------------------------------
     def _check_compatible(self, checkpoint: Mapping[str, Any]) -> None:
@@ -203,6 +281,8 @@ class ClassificationTask(LightningModule):
             hp["model_kwargs"] = kwargs
         hp["detectors"] = {n: d.config() for n, d in self.detectors.items()}
         checkpoint["lightning_ood"] = {"format": 1, "data": self.data_meta}
+        if self.trained_outliers:
+            checkpoint["lightning_ood"]["outliers"] = [dict(r) for r in self.trained_outliers]
         checkpoint["rng_states"] = self._gather_rng_states()
 
     def _gather_rng_states(self) -> dict[str, Any]:
@@ -248,6 +328,11 @@ class ClassificationTask(LightningModule):
         if stored.get("data") and not self.data_meta:
             self.data_meta = dict(stored["data"])
         self._rng_to_restore = checkpoint.get("rng_states")
+        for rec in stored.get("outliers") or []:
+            if rec not in self.trained_outliers:
+                self.trained_outliers.append(dict(rec))
+        if self._trainer is not None:
+            self._check_outlier_leak(getattr(self.trainer, "datamodule", None))
         stored_cfg = (checkpoint.get("hyper_parameters") or {}).get("detectors") or {}
         reconcile_detector_state(
             checkpoint["state_dict"],

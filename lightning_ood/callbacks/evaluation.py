@@ -29,7 +29,9 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lightning_ood import engine, report, tuning
 from lightning_ood.data.samplers import unshard
-from lightning_ood.detectors import Detector, Reducer, build_detectors
+from lightning_ood.detectors import Detector, LINe, Reducer, build_detectors
+from lightning_ood.detectors.line import activated_neuron_counts
+from lightning_ood.io import atomic_write_text
 from lightning_ood.metrics import METRIC_NAMES
 from lightning_ood.models import BackboneOutput
 from lightning_ood.protocol import CONVENTION, check_holdout, evaluate_detectors, holds_out
@@ -186,6 +188,14 @@ class OODEvaluation(Callback):
             ``fpr95``, ...; ties by the other) replaces the configured detector, is stored in the
             checkpoint, printed and written to the results. ``seed`` and ``combiner_fraction``
             split validation sets for layer-ensemble combiners, as in the grid.
+        figures: write the paper pictures as PNGs in ``<results>/figures`` and log them to
+            TensorBoard: per detector the ID and OOD score densities on one axis with the
+            decision threshold, per-layer components of layer ensembles (FSSD Figure 6), and
+            AUROC against corruption severity when corrupted sets are reported (Figure 4).
+        activated_neurons: count, per test sample, the penultimate neurons with activation
+            above each of ``activated_thresholds`` (default 0 and the first LINe's δ) and draw
+            ID against each OOD set (LINe Figure 1), as ``activated_neurons.png``, in
+            TensorBoard and summarised in the results.
     """
 
     def __init__(
@@ -202,9 +212,16 @@ class OODEvaluation(Callback):
         threshold_tpr: float = 0.95,
         save_fitted: bool = True,
         tune: dict[str, Any] | None = None,
+        figures: bool = True,
+        activated_neurons: bool = False,
+        activated_thresholds: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.tune = _check_tune(tune)
+        self.figures = figures
+        self.activated_neurons = activated_neurons
+        self.activated_thresholds = activated_thresholds
+        self._act: list[list[Tensor]] = []
         self.tuning: dict[str, Any] = {}
         if validation_size < 0:
             raise ValueError(f"validation_size must be >= 0, got {validation_size}")
@@ -360,6 +377,7 @@ class OODEvaluation(Callback):
             self._save_fitted(trainer)
         n_sets = len(self._test_set_names(trainer))
         self._bank = {name: [[] for _ in range(n_sets)] for name in pl_module.detectors}
+        self._act = [[] for _ in range(n_sets)]
 
     def _tune(self, trainer: Trainer, pl_module: LightningModule) -> list[Detector]:
         """Select the tuned detectors' hyperparameters on validation data (see ``tune``);
@@ -532,6 +550,16 @@ class OODEvaluation(Callback):
         )
         for name, s in scores.items():
             self._bank[name][dataloader_idx].append(s.detach().to("cpu", torch.float64))
+        if self.activated_neurons:
+            counts = activated_neuron_counts(outputs.features, self._thresholds(pl_module))
+            self._act[dataloader_idx].append(counts.cpu())
+
+    def _thresholds(self, pl_module: LightningModule) -> list[float]:
+        """Activation thresholds of the neuron counts: given, else 0 and the first LINe's δ."""
+        if self.activated_thresholds is not None:
+            return [float(t) for t in self.activated_thresholds]
+        lines = [d for d in pl_module.detectors.values() if isinstance(d, LINe)]
+        return [0.0, float(lines[0].delta) if lines else 1.0]
 
     # -- evaluation --------------------------------------------------------------------------
     @staticmethod
@@ -551,6 +579,14 @@ class OODEvaluation(Callback):
         that saw no batch of a tiny set contributes an empty tensor of the right shape."""
         tail = (len(det.taps),) if det.needs_validation else ()
         t = torch.cat(chunks) if chunks else torch.empty(0, *tail, dtype=torch.float64)
+        if trainer.world_size > 1:
+            parts = gather_all_tensors(t.to(trainer.strategy.root_device))
+            t = unshard([g.cpu() for g in parts])
+        return t
+
+    def _gather_rows(self, chunks: list[Tensor], trainer: Trainer, width: int) -> Tensor:
+        """Per-sample rows of one set from every rank, in dataset order."""
+        t = torch.cat(chunks) if chunks else torch.empty(0, width, dtype=torch.long)
         if trainer.world_size > 1:
             parts = gather_all_tensors(t.to(trainer.strategy.root_device))
             t = unshard([g.cpu() for g in parts])
@@ -588,6 +624,23 @@ class OODEvaluation(Callback):
         }
         if self.tuning:
             self.results["tuning"] = {"protocol": self.tuning_meta, "detectors": self.tuning}
+        severity = report.severity_summary(evaluation.metrics, "auroc")
+        if severity:
+            self.results["severity"] = {"metric": "auroc", "detectors": severity}
+        lines = {n: d for n, d in dets.items() if isinstance(d, LINe) and d.is_fitted}
+        overlap = {n: d.top_neuron_overlap() for n, d in lines.items()}
+        if overlap:
+            self.results["neuron_overlap"] = overlap
+        act_counts: dict[str, Tensor] = {}
+        if self.activated_neurons:
+            thresholds = self._thresholds(pl_module)
+            act_counts = {
+                n: self._gather_rows(c, trainer, len(thresholds))
+                for n, c in zip(names, self._act, strict=True)
+            }
+            self.results["activated_neurons"] = report.activated_neurons_summary(
+                act_counts, thresholds
+            )
         # Straight to the loggers (rank 0): through `self.log` these ~50 scalars per detector
         # would also flood Lightning's end-of-test printout, which comes after our table.
         flat = {
@@ -613,6 +666,41 @@ class OODEvaluation(Callback):
         # trainer.log_dir broadcasts under DDP: every rank must ask for it
         out_dir = Path(self.results_dir or trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
+            writer = tb[0].experiment if tb else None
+            if self.figures:
+                layers = {
+                    n: (d.tap_names(pl_module.backbone), dict(zip(names, banks[n], strict=True)))
+                    for n, d in dets.items()
+                    if d.needs_validation and len(d.tap_names(pl_module.backbone)) > 1
+                }
+                report.write_figures(
+                    out_dir,
+                    writer,
+                    trainer.global_step,
+                    evaluation.scores,
+                    {n: float(d.threshold) for n, d in dets.items()},
+                    layers,
+                    severity,
+                )
+            if act_counts:
+                report.log_activated_neurons(
+                    writer,
+                    act_counts,
+                    self._thresholds(pl_module),
+                    pl_module.backbone.num_features,
+                    trainer.global_step,
+                    out_dir=out_dir / "figures",
+                )
+            if overlap:
+                report.write_results(
+                    out_dir,
+                    "neuron_overlap",
+                    {"neuron_overlap": overlap},
+                    report.format_neuron_overlap(overlap),
+                )
+                atomic_write_text(
+                    out_dir / "neuron_overlap.csv", report.format_neuron_overlap_csv(overlap)
+                )
             report.write_results(
                 out_dir,
                 "ood_results",

@@ -16,20 +16,25 @@ seeded training samples instead (they are then excluded from training and detect
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Subset
+from lightning.pytorch.utilities.combined_loader import CombinedLoader
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from lightning_ood.checks import check_at_least
+from lightning_ood.data.corruptions import CorruptionSpec, parse_corruption_spec
 from lightning_ood.data.ood_sets import (
     OOD_SETS,
     OODSpec,
     build_ood_dataset,
     download_ood_set,
+    id_test_view,
     parse_ood_spec,
+    parse_ood_specs,
 )
 from lightning_ood.data.paths import guarded_download, resolve_root
 from lightning_ood.data.readers import CorruptDataError, Transformed, take_every
@@ -43,6 +48,27 @@ from lightning_ood.data.transforms import Normalization, eval_transform
 from lightning_ood.splits import seeded_parts
 
 OODEntry = str | dict[str, Any]
+
+
+def outlier_record(spec: OODSpec) -> dict[str, Any]:
+    """What a checkpoint records of an Outlier Exposure set (primitives only)."""
+    path = None if spec.path is None else str(spec.path)
+    return {"name": spec.name, "kind": spec.kind, "path": path}
+
+
+def check_outlier_leak(outliers: list[dict[str, Any]], reported: list[OODSpec], where: str) -> None:
+    """Refuse reporting an OOD set that a model saw as Outlier Exposure outliers in training
+    (same name, or the same samples: same kind and location): its scores would be leaked."""
+    for rec in outliers:
+        for spec in reported:
+            path = None if spec.path is None else str(spec.path)
+            if spec.name == rec["name"] or (spec.kind == rec["kind"] and path == rec["path"]):
+                raise ValueError(
+                    f"{where}: OOD set {spec.name!r} (kind {spec.kind!r}) is reported, but "
+                    f"{rec['name']!r} (kind {rec['kind']!r}) is the Outlier Exposure set the "
+                    "model is trained with; a set seen in training must never be a reported "
+                    "OOD set: drop it from ood_sets or train with another outlier_set"
+                )
 
 
 class OODDataModule(LightningDataModule):
@@ -70,6 +96,13 @@ class OODDataModule(LightningDataModule):
             ``seed_everything`` seed (``PL_GLOBAL_SEED``), else 0.
         predict_sets: sets ``lightning-ood predict`` scores after the ID test set (registry
             names or ``{name, kind: folder, path}`` for your own images); default none.
+        outlier_set: Outlier Exposure (Hendrycks et al. 2019): an auxiliary OOD set (an
+            ``ood_sets`` entry, e.g. ``kmnist``) that :meth:`train_dataloader` pairs with the
+            ID batches in a ``CombinedLoader({"id", "outliers"})``; it may not be reported.
+        outlier_batch_size: outliers per training step (default: ``batch_size``).
+        test_corruption: ``{corruption, severity, seed?}`` applied to the ID test set and to
+            every reported OOD set, never to training, fitting or validation data (FSSD paper
+            Figure 5; :mod:`~lightning_ood.data.corruptions`); recorded in ``data_version``.
     """
 
     #: Name of the ID set, first entry of ``test_set_names``.
@@ -94,6 +127,9 @@ class OODDataModule(LightningDataModule):
         pin_memory: bool = False,
         shuffle_seed: int | None = None,
         predict_sets: list[OODEntry] | None = None,
+        test_corruption: dict[str, Any] | None = None,
+        outlier_set: OODEntry | None = None,
+        outlier_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -124,9 +160,22 @@ class OODDataModule(LightningDataModule):
         self.shuffle_seed = shuffle_seed
         self.predict_specs: list[OODSpec] = [parse_ood_spec(s) for s in predict_sets or []]
         # Parsing validates names and keys; it reads nothing from disk.
-        self.ood_specs: list[OODSpec] = [parse_ood_spec(s) for s in ood_sets or []]
-        self.val_ood_specs: list[OODSpec] = [parse_ood_spec(s) for s in val_ood_sets or []]
+        self.ood_specs: list[OODSpec] = parse_ood_specs(ood_sets)
+        self.val_ood_specs: list[OODSpec] = parse_ood_specs(val_ood_sets)
+        self.test_corruption: CorruptionSpec | None = parse_corruption_spec(test_corruption)
         self._check_names()
+        self.outlier_spec = None if outlier_set is None else parse_ood_spec(outlier_set)
+        if outlier_batch_size is not None and outlier_batch_size < 1:
+            raise ValueError(f"outlier_batch_size must be >= 1, got {outlier_batch_size}")
+        self.outlier_batch_size = outlier_batch_size or batch_size
+        if self.outlier_spec is not None:
+            if self.id_name in (self.outlier_spec.name, self.outlier_spec.kind):
+                raise ValueError(
+                    f"outlier_set {self.outlier_spec.name!r} is the in-distribution set of "
+                    f"{type(self).__name__}; Outlier Exposure needs an auxiliary OOD set"
+                )
+            check_outlier_leak([outlier_record(self.outlier_spec)], self.ood_specs, "outlier_set")
+        self._outliers: Dataset | None = None
         self._resolved: tuple[Path, bool] | None = None
         self._sets: dict[str, Dataset] | None = None
         self._ood: list[Dataset] = []
@@ -281,10 +330,19 @@ class OODDataModule(LightningDataModule):
         train_idx, val_idx = self._split(len(raw["train"]))  # type: ignore[arg-type]
         train_idx = train_idx[:: self.train_every]
         eval_tf = self._eval_transform()
+        if self.test_corruption is not None:
+            self._data_version = (
+                f"{self.data_version}; test sets corrupted: {self.test_corruption.describe()}"
+            )
+        id_test = raw["test"]
+        if self.test_corruption is not None or any(s.kind == "corrupted" for s in self.ood_specs):
+            id_test = id_test_view(
+                id_test, self.id_name, self.ood_specs, self.input_shape, self.test_corruption
+            )
         sets: dict[str, Dataset] = {
             "train": Transformed(Subset(raw["train"], train_idx), self._train_transform()),
             "fit": Transformed(Subset(raw["train"], train_idx), eval_tf),
-            "test": Transformed(take_every(raw["test"], self.test_every), eval_tf),
+            "test": Transformed(take_every(id_test, self.test_every), eval_tf),
         }
         if val_idx:
             sets["val"] = Transformed(Subset(raw["train"], val_idx[:: self.test_every]), eval_tf)
@@ -302,8 +360,15 @@ class OODDataModule(LightningDataModule):
         self._sets = sets
 
     def _build_ood(self, spec: OODSpec, root: Path, split: Literal["test", "val"]) -> Dataset:
+        corruption = self.test_corruption if split == "test" else None
         return build_ood_dataset(
-            spec, root, self.input_shape, self.normalization, every=self.ood_every, split=split
+            spec,
+            root,
+            self.input_shape,
+            self.normalization,
+            every=self.ood_every,
+            split=split,
+            corruption=corruption,
         )
 
     def _split(self, n: int) -> tuple[list[int], list[int]]:
@@ -344,20 +409,23 @@ class OODDataModule(LightningDataModule):
     def _trainer_or_none(self) -> Any:
         return getattr(self, "trainer", None)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | CombinedLoader:
         """Training set, training transform (augmented where the recipe augments), shuffled.
 
         The order is one permutation per epoch seeded by ``shuffle_seed`` (default: the
         ``seed_everything`` seed) and sharded over the ranks, so the data order does not
         depend on the number of devices (per-rank batch ``b`` on ``w`` ranks = batch ``w*b``
         on one), and the loader is resumable mid-epoch (:class:`ResumableDataLoader`).
+        With ``outlier_set``: a ``CombinedLoader({"id", "outliers"}, "max_size_cycle")`` whose
+        outlier loader reads a seeded permutation of the (cycled) outlier set, as many batches
+        as the ID loader (so the ID set is never cycled).
         """
         rank, world = rank_and_world(self._trainer_or_none())
         ds = self._ready()["train"]
         seed = self.shuffle_seed
         if seed is None:
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        return ResumableDataLoader(
+        loader = ResumableDataLoader(
             ds,
             batch_size=self.batch_size,
             sampler=ShardedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed),
@@ -365,6 +433,26 @@ class OODDataModule(LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
+        if self.outlier_spec is None:
+            return loader
+        if self._outliers is None:
+            root, _ = self.resolved_root()
+            self._outliers = build_ood_dataset(
+                self.outlier_spec, root, self.input_shape, self.normalization
+            )
+        # One outlier batch per ID batch: the outlier set is cycled to that many samples.
+        need = len(loader) * self.outlier_batch_size * world
+        n_out = len(self._outliers)  # type: ignore[arg-type]
+        cycled = Subset(ConcatDataset([self._outliers] * math.ceil(need / n_out)), range(need))
+        outliers = ResumableDataLoader(
+            cycled,
+            batch_size=self.outlier_batch_size,
+            sampler=ShardedSampler(cycled, num_replicas=world, rank=rank, shuffle=True, seed=seed),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+        return CombinedLoader({"id": loader, "outliers": outliers}, mode="max_size_cycle")
 
     def val_dataloader(self) -> DataLoader:
         """ID validation set (the ID test set unless ``val_size`` > 0), eval transform."""

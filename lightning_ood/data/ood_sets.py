@@ -8,6 +8,21 @@ A config names a set (``ood_sets: [mnist, lsun_crop]``) or overrides its locatio
       - {name: my_textures, kind: folder, path: /data/my_textures}
       - {name: my_photos, kind: folder, path: /data/photos, skip_corrupt: true}
       - {name: mnist_half, kind: mnist, every: 2}
+      - {name: fmnist_c_gauss3, kind: corrupted, base: fashionmnist,
+         corruption: gaussian_noise, severity: 3}
+      - {name: fashionmnist_c, kind: corrupted, base: fashionmnist,
+         corruption: all, severity: all}   # one set per type x severity: fashionmnist_c/fog/2
+
+A ``corrupted`` set (the FSSD paper's ImageNet-C benchmark, Hendrycks & Dietterich 2019) is a
+registered image set (``base``) with one :mod:`~lightning_ood.data.corruptions` corruption at
+severity 1..5 (``seed`` optional), applied at the model's input size before normalisation.
+It holds only the corrupted half of the base's test set (:func:`corruption_halves`, seeded by
+``split_seed``, default 0); when the base is the ID set, the datamodule scores the other half
+as ID (:func:`id_test_view`), so no image is scored both clean and corrupted. ``corruption``
+may be a name, a list or a group (all, common, extra, noise) and ``severity`` an integer, a
+list or ``all``: :func:`parse_ood_specs` expands such an entry into one set per pair, named
+``<name>/<corruption>/<severity>``. Its ``path``, if given, replaces the data root the base is
+found under.
 
 Every OOD set is adapted to the ID model's input (channels, then ``Resize``+``CenterCrop``)
 and normalised with the ID set's constants (:func:`~lightning_ood.data.transforms.eval_transform`),
@@ -24,6 +39,7 @@ tinyimagenet_crop/_resize     ``tiny-imagenet-200/test/images``
 cifar10, cifar100             the data root (pickles or ``cifar10-jpeg-q75``), test split
 folder                        no default: needs ``path``
 genome_ood                    ``genome/ood_test.tsv`` (``genome/ood_val.tsv`` as a val set)
+corrupted                     its ``base`` set's location
 ============================  =========================================================
 
 Files that exist but cannot be read raise :class:`~lightning_ood.data.readers.CorruptDataError`
@@ -50,6 +66,14 @@ from typing import Any, Literal
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets as tvd
 
+from lightning_ood.data.corruptions import (
+    CORRUPTIONS,
+    Corrupted,
+    CorruptionSpec,
+    check_corruption,
+    corruption_halves,
+    expand_corruptions,
+)
 from lightning_ood.data.paths import guarded_download
 from lightning_ood.data.readers import (
     CIFAR_PICKLES,
@@ -86,6 +110,8 @@ class OODSetInfo:
         kind: "image" sets feed (C, H, W) models, "tokens" sets feed sequence models.
         present: ``present(location) -> bool``, whether the set is complete there (default:
             the location exists); decides whether ``prepare_data`` downloads it.
+        validate: ``validate(options)`` checks an entry's builder options when it is parsed
+            (before any file is read); raises ValueError naming what to fix.
     """
 
     builder: Builder
@@ -95,6 +121,7 @@ class OODSetInfo:
     val_subpath: str | None = None
     kind: Literal["image", "tokens"] = "image"
     present: Callable[[Path], bool] | None = None
+    validate: Callable[[Mapping[str, Any]], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -153,7 +180,40 @@ def parse_ood_spec(item: str | Mapping[str, Any]) -> OODSpec:
         )
     if path is None and info.subpath is None:
         raise ValueError(f"ood_sets entry {name!r} of kind {kind!r} needs a 'path'")
+    if info.validate is not None:
+        try:
+            info.validate(spec)
+        except ValueError as err:
+            raise ValueError(f"ood_sets entry {name!r}: {err}") from err
     return OODSpec(name, kind, Path(path).expanduser() if path else None, every, spec)
+
+
+def _expands(options: Mapping[str, Any]) -> bool:
+    corruption, severity = options.get("corruption"), options.get("severity")
+    many = isinstance(corruption, list | tuple) or (
+        isinstance(corruption, str) and corruption not in CORRUPTIONS
+    )
+    return many or severity == "all" or isinstance(severity, list | tuple)
+
+
+def parse_ood_specs(items: Sequence[str | Mapping[str, Any]] | None) -> list[OODSpec]:
+    """Parse ``ood_sets`` entries, expanding a ``corrupted`` entry whose ``corruption`` is a
+    group/list or whose ``severity`` is ``all``/a list into one set per (corruption, severity),
+    named ``<name>/<corruption>/<severity>`` (e.g. ``fashionmnist_c/gaussian_noise/3``)."""
+    specs: list[OODSpec] = []
+    for item in items or []:
+        if isinstance(item, Mapping) and item.get("kind") == "corrupted" and _expands(item):
+            name = item.get("name")
+            try:
+                pairs = expand_corruptions(item.get("corruption"), item.get("severity"))
+            except ValueError as err:
+                raise ValueError(f"ood_sets entry {name!r}: {err}") from err
+            for corruption, severity in pairs:
+                one = {**item, "corruption": corruption, "severity": severity}
+                specs.append(parse_ood_spec({**one, "name": f"{name}/{corruption}/{severity}"}))
+        else:
+            specs.append(parse_ood_spec(item))
+    return specs
 
 
 def ood_location(spec: OODSpec, root: Path, split: Literal["test", "val"] = "test") -> Path:
@@ -183,6 +243,7 @@ def build_ood_dataset(
     normalization: Normalization | None,
     every: int = 1,
     split: Literal["test", "val"] = "test",
+    corruption: CorruptionSpec | None = None,
 ) -> Dataset:
     """Build a ready-to-load OOD dataset: samples ``(x, -1)`` in the ID model's input format.
 
@@ -193,6 +254,8 @@ def build_ood_dataset(
         normalization: the ID set's (mean, std); ignored for token sets.
         every: take every n-th sample in file order (the entry's own ``every`` wins).
         split: "val" reads a set's separate validation location where it has one.
+        corruption: corrupt every image (the datamodule's ``test_corruption``, FSSD Figure 5),
+            seeded per sample with the stream ``test_corruption/<name>``.
 
     Raises:
         FileNotFoundError: the set's location is missing.
@@ -221,6 +284,8 @@ def build_ood_dataset(
     raw = info.builder(location, shape, **spec.options)
     if len(raw) == 0:  # type: ignore[arg-type]
         raise ValueError(f"OOD set {spec.name!r} at {location} holds no samples ({info.expects})")
+    if corruption is not None and info.kind == "image":
+        raw = Corrupted(raw, corruption, shape, stream=f"test_corruption/{spec.name}")
     step = spec.every or every
     subset = take_every(raw, step)
     if len(subset) == 0:  # type: ignore[arg-type]
@@ -394,5 +459,106 @@ register_ood_set(
         "cifar-100-python/ (CIFAR-100 test split)",
         download=lambda root: tvd.CIFAR100(str(root), train=False, download=True),
         present=lambda loc: (loc / "cifar-100-python").is_dir(),
+    ),
+)
+
+
+# -- corrupted sets (FSSD benchmark D: ImageNet-C-style shift) -------------------------------
+def _corrupted_base(base: object) -> OODSetInfo:
+    info = OOD_SETS.get(base) if isinstance(base, str) else None
+    if info is None or base == "corrupted" or info.kind != "image" or info.subpath is None:
+        usable = sorted(
+            n
+            for n, i in OOD_SETS.items()
+            if i.kind == "image" and i.subpath is not None and n != "corrupted"
+        )
+        raise ValueError(
+            f"'base' must name a registered image set with a default location, got {base!r}; "
+            f"usable: {usable}"
+        )
+    return info
+
+
+def _validate_corrupted(options: Mapping[str, Any]) -> None:
+    missing = [k for k in ("base", "corruption", "severity") if k not in options]
+    if missing:
+        raise ValueError(
+            f"a corrupted set needs {missing}: {{kind: corrupted, base: SET, corruption: NAME, "
+            f"severity: 1..5}}; corruptions: {', '.join(CORRUPTIONS)}"
+        )
+    _corrupted_base(options["base"])
+    check_corruption(options["corruption"], options["severity"])
+    if options["severity"] == 0:
+        raise ValueError("a corrupted set needs severity 1..5 (0 would be the clean base set)")
+    for key in ("seed", "split_seed"):
+        value = options.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+
+
+def _build_corrupted(
+    location: Path,
+    input_shape: tuple[int, ...],
+    *,
+    base: str,
+    corruption: str,
+    severity: int,
+    seed: int = 0,
+    split_seed: int = 0,
+) -> Dataset:
+    """The corrupted half of ``base``'s test set; ``location`` is the data root of the base."""
+    info = _corrupted_base(base)
+    base_location = location / info.subpath  # type: ignore[operator]
+    if not base_location.exists():
+        raise FileNotFoundError(
+            f"base set {base!r} of a corrupted set not found: {base_location} does not exist; "
+            f"expected {info.expects}. Change --data.root or give the entry a path (the data "
+            f"root {base} is found under)"
+        )
+    raw = info.builder(base_location, input_shape)
+    spec = CorruptionSpec(corruption, severity, seed)
+    corrupted = Corrupted(raw, spec, input_shape, stream=f"{base}/{corruption}/{severity}")
+    return Subset(corrupted, corruption_halves(len(raw), split_seed)[1])
+
+
+def id_test_view(
+    raw_test: Dataset,
+    id_name: str,
+    ood_specs: Sequence[OODSpec],
+    input_shape: Sequence[int],
+    corruption: CorruptionSpec | None = None,
+) -> Dataset:
+    """The ID test reader the datamodule scores: with ``corruption`` (``test_corruption``),
+    every image corrupted (stream ``test_corruption/<id_name>``); when a ``corrupted`` OOD set
+    is built from the ID set itself, only the ID half (:func:`corruption_halves`).
+
+    Raises:
+        ValueError: corrupted sets of the ID set use different ``split_seed`` values.
+    """
+    ds = raw_test
+    if corruption is not None:
+        ds = Corrupted(ds, corruption, input_shape, stream=f"test_corruption/{id_name}")
+    seeds = {
+        s.options.get("split_seed", 0)
+        for s in ood_specs
+        if s.kind == "corrupted" and s.options.get("base") == id_name
+    }
+    if len(seeds) > 1:
+        raise ValueError(
+            f"corrupted sets of the ID set {id_name!r} use split_seed values {sorted(seeds)}: "
+            "the ID half would overlap some corrupted half; use one split_seed"
+        )
+    if seeds:
+        return Subset(ds, corruption_halves(len(raw_test), seeds.pop())[0])  # type: ignore[arg-type]
+    return ds
+
+
+register_ood_set(
+    "corrupted",
+    OODSetInfo(
+        _build_corrupted,
+        "",
+        "a data root holding the base set (kind: corrupted, base: SET)",
+        validate=_validate_corrupted,
     ),
 )

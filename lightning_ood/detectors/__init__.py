@@ -9,6 +9,7 @@ from torch import nn
 
 from lightning_ood.detectors.ash import ASH
 from lightning_ood.detectors.base import Detector, Reducer, percentile
+from lightning_ood.detectors.deep_ensemble import DeepEnsemble
 from lightning_ood.detectors.dice import DICE
 from lightning_ood.detectors.dice_react import DICEReAct
 from lightning_ood.detectors.energy import Energy, energy_score
@@ -22,6 +23,7 @@ from lightning_ood.detectors.line import LINe
 from lightning_ood.detectors.linear_head import ActivationSampler, LinearHeadDetector
 from lightning_ood.detectors.mahalanobis import Mahalanobis
 from lightning_ood.detectors.maxlogit import MaxLogit
+from lightning_ood.detectors.mc_dropout import MCDropout, MCDropoutVar
 from lightning_ood.detectors.msp import MSP
 from lightning_ood.detectors.nci import NCI
 from lightning_ood.detectors.nnguide import NNGuide
@@ -36,6 +38,7 @@ DETECTORS: dict[str, type[Detector]] = {
     for cls in (
         *(MSP, MaxLogit, GEN, ODIN, Energy, ReAct, DICE, DICEReAct, LINe, FSSD, Mahalanobis),
         *(ASH, SCALE, GradNorm, ViM, RMDS, KNN, NNGuide, NCI, FDBD),
+        *(DeepEnsemble, MCDropout, MCDropoutVar),
     )
 }
 
@@ -76,12 +79,15 @@ __all__ = [
     "SCALE",
     "ActivationSampler",
     "DICEReAct",
+    "DeepEnsemble",
     "Detector",
     "Energy",
     "GradNorm",
     "LINe",
     "LayerEnsembleDetector",
     "LinearHeadDetector",
+    "MCDropout",
+    "MCDropoutVar",
     "Mahalanobis",
     "MaxLogit",
     "NNGuide",

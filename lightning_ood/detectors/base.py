@@ -61,6 +61,9 @@ class Detector(nn.Module):
     uses_training_data: ClassVar[bool] = True
     #: Whether :meth:`score` needs ``model`` and ``inputs`` (gradient-based input processing).
     needs_input_grad: ClassVar[bool] = False
+    #: Whether ``torch.export`` can trace :meth:`score` (MC Dropout's seeded random passes
+    #: cannot); the predictor refuses to export the others, by name.
+    exportable: ClassVar[bool] = True
     #: Validation search space for tuning (OpenOOD's protocol): ``__init__`` argument ->
     #: candidate values, e.g. ``{"percentile": (85, 90, 95, 99)}``. ``tune:`` in the OOD
     #: callback and the grid select from it on held-out validation data; ``{}``: nothing to tune.

@@ -212,8 +212,21 @@ class BankDetector(Detector):
         n, q = self.int_list("bank_shape")
         return n > 0 and tuple(self.bank.shape) == (n, q)
 
+    @property
+    def is_fitted(self) -> bool:
+        """Fitted AND its bank in memory: a checkpoint saved with ``store_bank: false`` loads
+        as unfitted, so ``lightning-ood test`` refits it (one pass) instead of failing."""
+        return self.flag("fitted") and self.bank_available
+
+    def check_fitted(self) -> None:
+        if self.flag("fitted"):
+            self._require_bank()
+        else:
+            super().check_fitted()
+
     def _require_bank(self) -> Tensor:
-        self.check_fitted()
+        if not self.flag("fitted"):
+            super().check_fitted()
         if not self.bank_available:
             n, q = self.int_list("bank_shape")
             raise RuntimeError(

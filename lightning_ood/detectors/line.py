@@ -26,6 +26,7 @@ from lightning_ood.detectors.base import (
     exporting,
 )
 from lightning_ood.models.base import BackboneOutput, OODBackbone
+from lightning_ood.models.wrap import linear_classifier
 
 #: Upper bound on the number of elements of one chunk of per-class weight scores V_k built in
 #: ``finalize`` (a few such chunks live at once, so the peak stays in the low hundreds of MB).
@@ -263,7 +264,7 @@ class LINe(Detector):
         ``kthvalue``, glibc malloc kept freed memory and the RSS grew to ~6 GB.
         """
         reducer = reducer or Reducer()
-        clf = model.get_classifier()
+        clf = linear_classifier(model, type(self).__name__)
         weight = clf.weight.detach().clone()
         num_classes, num_features = weight.shape
         bias = clf.bias.detach().clone() if clf.bias is not None else weight.new_zeros(num_classes)

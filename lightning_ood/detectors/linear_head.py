@@ -13,6 +13,7 @@ from torch import Tensor
 from lightning_ood.detectors.base import Detector, Reducer, check_range
 from lightning_ood.detectors.quantile import StreamingPercentile
 from lightning_ood.models.base import OODBackbone
+from lightning_ood.models.wrap import linear_classifier
 
 
 class LinearHeadDetector(Detector):
@@ -26,7 +27,7 @@ class LinearHeadDetector(Detector):
         self.register_buffer("bias", torch.zeros(0))  # b, (L,)
 
     def _copy_head(self, model: OODBackbone) -> None:
-        clf = model.get_classifier()
+        clf = linear_classifier(model, type(self).__name__)
         self.weight = clf.weight.detach().clone()
         self.bias = (
             clf.bias.detach().clone()

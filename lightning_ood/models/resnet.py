@@ -1,8 +1,9 @@
-"""ResNet-34, ResNeXt-50 and ResNet-50 from torchvision behind the backbone contract.
+"""ResNet-18, ResNet-34, ResNeXt-50 and ResNet-50 from torchvision behind the contract.
 
 The networks are torchvision's own (variants are arguments, not copies); this file only adds
-the CIFAR stem FSSD used (3x3 stride-1 conv, no max-pool, for 32x32 inputs), the taps and the
-weight loading.
+the CIFAR stem FSSD and OpenOOD use (3x3 stride-1 conv, no max-pool, for 32x32 inputs), the
+taps and the weight loading. OpenOOD's ResNet-18 checkpoints name the projection shortcut
+``shortcut`` where torchvision says ``downsample``; that one rename is applied on load.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from torchvision.models import ResNet
 from lightning_ood.io import download_timeout
 from lightning_ood.models.base import OODBackbone
 from lightning_ood.models.registry import register_model
-from lightning_ood.models.weights import apply_state_dict, load_weights
+from lightning_ood.models.weights import apply_state_dict, read_checkpoint
 
 #: arch -> (torchvision constructor, torchvision weights enum).
 _ARCHS: dict[str, tuple[Callable[..., ResNet], type[tvm.WeightsEnum]]] = {
+    "resnet18": (tvm.resnet18, tvm.ResNet18_Weights),
     "resnet34": (tvm.resnet34, tvm.ResNet34_Weights),
     "resnext50": (tvm.resnext50_32x4d, tvm.ResNeXt50_32X4D_Weights),
     "resnet50": (tvm.resnet50, tvm.ResNet50_Weights),
@@ -33,7 +35,7 @@ class TorchvisionResNet(OODBackbone):
     """A torchvision ResNet/ResNeXt (held as ``net``) with taps stem, layer1..layer4.
 
     Args:
-        arch: ``"resnet34"``, ``"resnext50"`` or ``"resnet50"``.
+        arch: ``"resnet18"``, ``"resnet34"``, ``"resnext50"`` or ``"resnet50"``.
         num_classes: classifier outputs.
         cifar_stem: replace the 7x7/2 conv + max-pool with a 3x3/1 conv (32x32 inputs).
     """
@@ -78,7 +80,7 @@ class TorchvisionResNet(OODBackbone):
         """
         enum = _ARCHS[self.arch][1]
         if isinstance(weights, str) and weights in enum.__members__ and not Path(weights).exists():
-            state = _download(enum[weights], self.arch)
+            state = download_torchvision_weights(enum[weights], self.arch)
             apply_state_dict(
                 self.net,
                 state,
@@ -87,11 +89,22 @@ class TorchvisionResNet(OODBackbone):
                 classifier=self.net.fc,
             )
         else:
-            load_weights(self.net, weights, model_name=self.arch, classifier=self.net.fc)
+            apply_state_dict(
+                self.net,
+                _rename_shortcuts(read_checkpoint(weights)),
+                source=f"checkpoint {str(weights)!r}",
+                model_name=self.arch,
+                classifier=self.net.fc,
+            )
         return self
 
 
-def _download(weights: tvm.WeightsEnum, arch: str) -> dict[str, Tensor]:
+def _rename_shortcuts(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """OpenOOD's ``layerN.M.shortcut.{0,1}`` projection keys -> torchvision's ``downsample``."""
+    return {k.replace(".shortcut.", ".downsample."): v for k, v in state.items()}
+
+
+def download_torchvision_weights(weights: tvm.WeightsEnum, arch: str) -> dict[str, Tensor]:
     """Fetch torchvision weights, turning an offline failure into instructions.
 
     The fetch runs under :func:`lightning_ood.io.download_timeout`: torch.hub's ``urlopen``
@@ -116,6 +129,17 @@ def _build(
 ) -> TorchvisionResNet:
     model = TorchvisionResNet(arch, num_classes=num_classes, cifar_stem=cifar_stem)
     return model if weights is None else model.load(weights)
+
+
+@register_model("resnet18")
+def resnet18(
+    num_classes: int = 10, cifar_stem: bool = True, weights: str | os.PathLike[str] | None = None
+) -> TorchvisionResNet:
+    """ResNet-18 with the CIFAR stem: OpenOOD v1.5's CIFAR model (``ResNet18_32x32``); q = 512.
+
+    ``weights`` also reads OpenOOD's checkpoints (``shortcut`` keys are renamed on load).
+    """
+    return _build("resnet18", num_classes, cifar_stem, weights)
 
 
 @register_model("resnet34")

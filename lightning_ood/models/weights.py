@@ -57,6 +57,42 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     return _unnest(obj, path)
 
 
+def read_state_dict(
+    path: str | os.PathLike[str], *, trust_pickle: bool = False
+) -> dict[str, Tensor]:
+    """:func:`read_checkpoint`, or with ``trust_pickle`` also a whole pickled ``nn.Module``.
+
+    ``torch.save(model)`` pickles the class, and unpickling it runs code from the file, so it
+    is read only on the user's explicit opt-in; its ``state_dict`` is returned.
+    """
+    try:
+        return read_checkpoint(path)
+    except UnsafeCheckpointError as err:
+        if not trust_pickle:
+            raise UnsafeCheckpointError(
+                f"{err} Or, if it is a whole model saved with torch.save(model) that you trust, "
+                "pass trust_pickle=True (model_kwargs.trust_pickle: true in a config): loading "
+                "it runs code from the file."
+            ) from err
+    obj = load_pickled(path)
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    return _unnest(obj, Path(path))
+
+
+def load_pickled(path: str | os.PathLike[str]) -> object:
+    """``torch.load(path, weights_only=False)``: runs code from the file; callers opt in."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # unpickling can fail in any way (a class no longer importable)
+        raise CheckpointError(
+            f"could not unpickle {str(path)!r} ({type(err).__name__}: {err}); a pickled model "
+            "needs its class importable under the same module path as when it was saved"
+        ) from err
+
+
 def _unnest(obj: object, path: Path) -> dict[str, Tensor]:
     """Descend through ``{'state_dict': ...}``-style wrappers down to the tensor mapping."""
     for _ in range(3):

@@ -76,7 +76,8 @@ def test_cifar_stem_refuses_imagenet_stem_weights(tmp_path: Path) -> None:
 
 
 def test_unknown_arch_and_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown arch 'resnet18'"):
-        TorchvisionResNet("resnet18")
+    # resnet18 became a known arch (the OpenOOD CIFAR model, issue 13); resnet101 is not
+    with pytest.raises(ValueError, match="unknown arch 'resnet101'"):
+        TorchvisionResNet("resnet101")
     with pytest.raises(FileNotFoundError, match="IMAGENET1K_V3"):
         create_model("resnet50", weights="IMAGENET1K_V3")  # not a known name, so a path

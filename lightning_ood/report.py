@@ -415,15 +415,20 @@ def write_figures(
     detector, per-layer component histograms of layer ensembles, AUROC against severity."""
     import matplotlib.pyplot as plt
 
-    figs: dict[str, Any] = {}
+    makers: dict[str, Any] = {}  # built one at a time: dozens of open figures cost memory
     for det, per_set in evaluation_scores.items():
-        figs[f"ood_density/{det}"] = density_figure(det, per_set, thresholds.get(det))
+        makers[f"ood_density/{det}"] = lambda d=det, p=per_set: density_figure(
+            d, p, thresholds.get(d)
+        )
     for det, (taps, comps) in (layer_components or {}).items():
-        figs[f"ood_layers/{det}"] = layer_histograms_figure(det, taps, comps)
+        makers[f"ood_layers/{det}"] = lambda d=det, t=taps, c=comps: layer_histograms_figure(
+            d, t, c
+        )
     if severity:
-        figs["ood_severity/auroc"] = severity_figure(severity, "auroc")
+        makers["ood_severity/auroc"] = lambda: severity_figure(severity, "auroc")
     paths = []
-    for tag, fig in figs.items():
+    for tag, make in makers.items():
+        fig = make()
         if out_dir is not None:
             name = _figure_name(tag.replace("ood_", "", 1).replace("/", "_"))
             paths.append(save_figure(fig, Path(out_dir) / "figures" / f"{name}.png"))

@@ -10,11 +10,11 @@ import torch
 from torch import Tensor
 
 from lightning_ood.detectors.base import OptInput, OptModel, Reducer, check_range, percentile
-from lightning_ood.detectors.linear_head import LinearHeadDetector
+from lightning_ood.detectors.linear_head import MeanHeadDetector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 
-class DICE(LinearHeadDetector):
+class DICE(MeanHeadDetector):
     """DICE: energy of logits from a sparsified head, (W ⊙ M) h + b (Sun & Li 2022).
 
     ā is the mean penultimate feature over the whole training set (all classes, unclipped);
@@ -41,48 +41,21 @@ class DICE(LinearHeadDetector):
         self.clip = (
             None if clip is None else check_range("clip", clip, low=0.0, low_open=True, owner=owner)
         )
-        self.register_buffer("feature_sum", torch.zeros(0, dtype=torch.float64))
-        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("feature_mean", torch.zeros(0))  # ā, (q,)
         self.register_buffer("prune_threshold", torch.zeros(()))  # percentile(V, p)
         self.register_buffer("mask", torch.zeros(0, dtype=torch.bool))  # M, (L, q)
         self.register_buffer("clip_value", torch.full((), torch.inf))  # inf = no clipping
-
-    def reset(self) -> None:
-        self.feature_sum = self.feature_sum.new_zeros(0)
-        self.count = self.count.new_zeros(())
-        self.fitted.fill_(False)
-
-    def update(self, out: BackboneOutput, target: Tensor, model: OODBackbone | None = None) -> None:
-        h = out.features.detach()
-        if self.feature_sum.numel() == 0:
-            self.feature_sum = torch.zeros(h.shape[1], dtype=torch.float64, device=h.device)
-        self.feature_sum += h.sum(dim=0, dtype=torch.float64)
-        self.count += h.shape[0]
 
     def _clip_value(self, reducer: Reducer) -> Tensor:
         return torch.tensor(torch.inf if self.clip is None else self.clip)
 
     def finalize(self, model: OODBackbone, reducer: Reducer | None = None) -> None:
         reducer = reducer or Reducer()
-        self._copy_head(model)
+        self._finalize_mean(model, reducer)  # copies the head; ā over all ranks
         weight = self.weight
-        if self.feature_sum.numel() == 0:
-            self.feature_sum = torch.zeros(
-                weight.shape[1], dtype=torch.float64, device=weight.device
-            )
-        total = reducer.sum(self.feature_sum)
-        count = reducer.sum(self.count)
-        if float(count) == 0:
-            raise RuntimeError(f"{type(self).__name__}.finalize: no training sample was seen")
-        mean = (total / count).to(weight.dtype)
-        contrib = weight * mean  # V = ā ⊙ W, (L, q)
+        contrib = weight * self.feature_mean  # V = ā ⊙ W, (L, q)
         self.prune_threshold = percentile(contrib.flatten(), self.p)
         self.mask = contrib > self.prune_threshold
-        self.feature_mean = mean
         self.clip_value = self._clip_value(reducer).to(weight)
-        self.feature_sum = self.feature_sum.new_zeros(0)  # not needed to score
-        self.count = count  # training samples over all ranks, kept for the record
         self.fitted.fill_(True)
 
     def score(self, out: BackboneOutput, model: OptModel = None, inputs: OptInput = None) -> Tensor:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lightning_ood.detectors.base import Detector, Reducer, check_range
 from lightning_ood.detectors.quantile import StreamingPercentile
-from lightning_ood.models.base import OODBackbone
+from lightning_ood.models.base import BackboneOutput, OODBackbone
 from lightning_ood.models.wrap import linear_classifier
 
 
@@ -44,6 +44,60 @@ class LinearHeadDetector(Detector):
                 "another backbone?"
             )
         return h.to(self.weight.dtype)
+
+
+class MeanHeadDetector(LinearHeadDetector):
+    """Linear-head detectors that also need the training feature mean μ (B, q) -> (q,).
+
+    :meth:`update` adds each batch's feature sum (float64) and count; :meth:`finalize`
+    all-reduces both across DDP ranks (``reducer.sum``), stores ``feature_mean = Σh / n`` in
+    the head's dtype and copies the head. The mean is over the whole training set, labels
+    ignored (DICE's ā, NCI's global centre μ_G, fDBD's μ_train).
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__(name)
+        self.register_buffer("feature_sum", torch.zeros(0, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("feature_mean", torch.zeros(0))  # μ, (q,)
+
+    def reset(self) -> None:
+        self.feature_sum = self.feature_sum.new_zeros(0)
+        self.count = self.count.new_zeros(())
+        self.fitted.fill_(False)
+
+    def update(self, out: BackboneOutput, target: Tensor, model: OODBackbone | None = None) -> None:
+        h = out.features.detach()
+        if self.feature_sum.numel() == 0:
+            self.feature_sum = torch.zeros(h.shape[1], dtype=torch.float64, device=h.device)
+        self.feature_sum += h.sum(dim=0, dtype=torch.float64)
+        self.count += h.shape[0]
+
+    def _finalize_mean(self, model: OODBackbone, reducer: Reducer | None) -> None:
+        """Copy the head and derive ``feature_mean`` from the all-rank sums; drops the sums."""
+        reducer = reducer or Reducer()
+        self._copy_head(model)
+        q = self.weight.shape[1]
+        if self.feature_sum.numel() == 0:  # a rank that saw no batch still joins the reduction
+            self.feature_sum = torch.zeros(q, dtype=torch.float64, device=self.weight.device)
+        total = reducer.sum(self.feature_sum.clone())
+        count = reducer.sum(self.count.clone())
+        if float(count) == 0:
+            raise RuntimeError(
+                f"{type(self).__name__}.finalize: no training sample was seen; run update() on "
+                "the training set first"
+            )
+        if total.shape != (q,):
+            raise ValueError(
+                f"{type(self).__name__}.finalize: the training features have {total.shape[0]} "
+                f"dimensions but the head expects {q}"
+            )
+        self.feature_mean = (total / count).to(self.weight)
+        self.feature_sum = self.feature_sum.new_zeros(0)  # not needed to score
+        self.count = count  # training samples over all ranks, kept for the record
+
+    def _centred(self, h: Tensor) -> Tensor:
+        return h - self.feature_mean
 
 
 class ActivationSampler:
@@ -113,4 +167,4 @@ class ActivationSampler:
         super()._upgrade_state_dict(state_dict, prefix)  # type: ignore[misc]
 
 
-__all__ = ["ActivationSampler", "LinearHeadDetector"]
+__all__ = ["ActivationSampler", "LinearHeadDetector", "MeanHeadDetector"]

@@ -2,9 +2,9 @@
 of Neural Collapse"): proximity of the centred feature to the predicted class's weight vector,
 plus a feature-norm filter.
 
-:class:`CentredHeadDetector` (the training feature mean from a streaming pass, and a copy of
-the head) and :func:`check_flag` are shared with fDBD (:mod:`lightning_ood.detectors.fdbd`);
-:func:`check_flag` also with GradNorm.
+The training feature mean and the head copy come from
+:class:`~lightning_ood.detectors.linear_head.MeanHeadDetector` (shared with DICE and fDBD);
+:func:`check_flag` is shared with fDBD and GradNorm.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from lightning_ood.detectors.base import OptInput, OptModel, Reducer, check_range
-from lightning_ood.detectors.linear_head import LinearHeadDetector
+from lightning_ood.detectors.linear_head import MeanHeadDetector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 
@@ -33,61 +33,7 @@ def safe_norm(x: Tensor) -> Tensor:
     return x.norm(dim=1).clamp_min(torch.finfo(x.dtype).tiny)
 
 
-class CentredHeadDetector(LinearHeadDetector):
-    """Linear-head detectors that also need the training feature mean μ (B, q) -> (q,).
-
-    :meth:`update` adds each batch's feature sum (float64) and count; :meth:`finalize`
-    all-reduces both across DDP ranks (``reducer.sum``), stores ``train_mean = Σh / n`` in
-    the head's dtype and copies the head. The mean is over the whole training set, labels
-    ignored (NCI's global centre μ_G, fDBD's μ_train).
-    """
-
-    def __init__(self, name: str | None = None) -> None:
-        super().__init__(name)
-        self.register_buffer("feature_sum", torch.zeros(0, dtype=torch.float64))
-        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("train_mean", torch.zeros(0))  # μ, (q,)
-
-    def reset(self) -> None:
-        self.feature_sum = self.feature_sum.new_zeros(0)
-        self.count = self.count.new_zeros(())
-        self.fitted.fill_(False)
-
-    def update(self, out: BackboneOutput, target: Tensor, model: OODBackbone | None = None) -> None:
-        h = out.features.detach()
-        if self.feature_sum.numel() == 0:
-            self.feature_sum = torch.zeros(h.shape[1], dtype=torch.float64, device=h.device)
-        self.feature_sum += h.sum(dim=0, dtype=torch.float64)
-        self.count += h.shape[0]
-
-    def _finalize_mean(self, model: OODBackbone, reducer: Reducer | None) -> None:
-        """Copy the head and derive ``train_mean`` from the all-rank sums; drops the sums."""
-        reducer = reducer or Reducer()
-        self._copy_head(model)
-        q = self.weight.shape[1]
-        if self.feature_sum.numel() == 0:  # a rank that saw no batch still joins the reduction
-            self.feature_sum = torch.zeros(q, dtype=torch.float64, device=self.weight.device)
-        total = reducer.sum(self.feature_sum.clone())
-        count = reducer.sum(self.count.clone())
-        if float(count) == 0:
-            raise RuntimeError(
-                f"{type(self).__name__}.finalize: no training sample was seen; run update() on "
-                "the training set first"
-            )
-        if total.shape != (q,):
-            raise ValueError(
-                f"{type(self).__name__}.finalize: the training features have {total.shape[0]} "
-                f"dimensions but the head expects {q}"
-            )
-        self.train_mean = (total / count).to(self.weight)
-        self.feature_sum = self.feature_sum.new_zeros(0)  # not needed to score
-        self.count = count  # training samples over all ranks, kept for the record
-
-    def _centred(self, h: Tensor) -> Tensor:
-        return h - self.train_mean
-
-
-class NCI(CentredHeadDetector):
+class NCI(MeanHeadDetector):
     """NCI: ``w_ŷ·(h − μ_G) / ||h − μ_G||_2 + α ||h||_1``; higher = more in-distribution.
 
     * ``μ_G``: the global centre, the mean penultimate feature of the training set (all
@@ -145,4 +91,4 @@ class NCI(CentredHeadDetector):
         return self.proximity(h) + self.alpha * h.abs().sum(dim=1)
 
 
-__all__ = ["NCI", "CentredHeadDetector", "check_flag", "safe_norm"]
+__all__ = ["NCI", "check_flag", "safe_norm"]

@@ -147,7 +147,7 @@ def test_nci_equals_numpy_formula(alpha: float, cosine: bool) -> None:
     w, b = model.fc.weight.detach().numpy(), model.fc.bias.detach().numpy()
     want = nci_numpy(train.numpy(), w, b, h.numpy(), alpha, cosine)
     np.testing.assert_allclose(score(det, model, h).numpy(), want, rtol=1e-12)
-    np.testing.assert_allclose(det.train_mean.numpy(), train.numpy().mean(axis=0), rtol=1e-14)
+    np.testing.assert_allclose(det.feature_mean.numpy(), train.numpy().mean(axis=0), rtol=1e-14)
     assert float(det.count) == len(train) and det.feature_sum.numel() == 0  # sums dropped
 
 
@@ -279,20 +279,20 @@ def test_streaming_fit_equals_one_batch_and_ranks_combine(make: type[Detector]) 
     model, train, h = problem(9, n_train=101)
     one = fit(make(), model, train, batch=len(train))
     many = fit(make(), model, train, batch=16)  # 7 batches, the last one short
-    torch.testing.assert_close(many.train_mean, one.train_mean, rtol=1e-14, atol=0)
+    torch.testing.assert_close(many.feature_mean, one.feature_mean, rtol=1e-14, atol=0)
     torch.testing.assert_close(score(many, model, h), score(one, model, h), rtol=1e-12, atol=0)
 
     # Two ranks: each sums its shard; finalize adds the other's sums (reducer.sum).
     rank0 = accumulated(make(), model, train[:60])
     engine.finalize_detectors([rank0], model, OtherRank(accumulated(make(), model, train[60:])))
     assert float(rank0.count) == 101
-    torch.testing.assert_close(rank0.train_mean, one.train_mean, rtol=1e-14, atol=0)
+    torch.testing.assert_close(rank0.feature_mean, one.feature_mean, rtol=1e-14, atol=0)
     torch.testing.assert_close(score(rank0, model, h), score(one, model, h), rtol=1e-12, atol=0)
     # a rank that saw no batch still joins the reduction with zero sums
     idle = accumulated(make(), model, train[:0])
     assert idle.feature_sum.numel() == 0
     engine.finalize_detectors([idle], model, OtherRank(accumulated(make(), model, train)))
-    torch.testing.assert_close(idle.train_mean, one.train_mean, rtol=1e-14, atol=0)
+    torch.testing.assert_close(idle.feature_mean, one.feature_mean, rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize(("make", "kwargs"), [(NCI, {"alpha": 0.01, "cosine": True}), (FDBD, {})])

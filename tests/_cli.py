@@ -98,3 +98,21 @@ def run_cli(
             f"{' '.join(cmd)} exited {proc.returncode}\n--- stderr ---\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def scheduled_lrs(config: Path, epochs: list[int]) -> tuple[list[float], Any, Any]:
+    """The learning rate of ``config``'s recipe at each of ``epochs`` (scheduler stepped once
+    per epoch, no training), with the optimizer and the instantiated CLI."""
+    from lightning_ood.cli import main
+
+    cli = main(["--config", str(config)], run=False)
+    conf = cli.model.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    out, epoch = [], 0
+    for target in epochs:
+        while epoch < target:
+            opt.step()
+            sched.step()
+            epoch += 1
+        out.append(opt.param_groups[0]["lr"])
+    return out, opt, cli

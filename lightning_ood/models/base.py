@@ -125,3 +125,16 @@ class OODBackbone(nn.Module):
         if self.input_kind == "tokens":
             return torch.randint(0, self.vocab_size, (batch_size, *self.input_shape))
         return torch.rand(batch_size, *self.input_shape)
+
+
+def reference_init(model: nn.Module) -> None:
+    """The CIFAR reference codes' initialisation (DenseNet-BC, WideResNet): He (fan-out) for
+    convolutions, unit-weight zero-bias BatchNorm, zero linear bias."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)

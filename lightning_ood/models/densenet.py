@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_ood.models.base import OODBackbone
+from lightning_ood.models.base import OODBackbone, reference_init
 from lightning_ood.models.registry import register_model
 from lightning_ood.models.weights import load_weights
 
@@ -118,15 +118,7 @@ class DenseNet3(OODBackbone):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # He init for convs, unit BN and zero linear bias: the reference initialisation.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        reference_init(self)
 
     def forward_features(self, x: Tensor) -> Tensor:
         out = self.trans1(self.block1(self.conv1(x)))

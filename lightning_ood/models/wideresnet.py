@@ -14,7 +14,7 @@ import os
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_ood.models.base import OODBackbone
+from lightning_ood.models.base import OODBackbone, reference_init
 from lightning_ood.models.registry import register_model
 from lightning_ood.models.weights import load_weights
 
@@ -110,14 +110,7 @@ class WideResNet(OODBackbone):
         self.input_shape = (3, 32, 32)
         self.input_kind = "image"
         self.tap_layers = {n: n for n in ("conv1", "block1", "block2", "block3")}
-        for m in self.modules():  # He init (fan-out), unit BN, zero linear bias: the reference
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        reference_init(self)
 
     def forward_features(self, x: Tensor) -> Tensor:
         out = self.block3(self.block2(self.block1(self.conv1(x))))

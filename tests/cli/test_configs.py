@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _cli import scheduled_lrs
 
 from lightning_ood.cli import main
 from lightning_ood.models import OODBackbone
@@ -59,17 +60,7 @@ def test_config_instantiates(cfg: Path, tmp_path: Path) -> None:
 
 
 def _lrs(cfg: str, epochs: list[int]) -> list[float]:
-    cli = main(["--config", str(CONFIGS / cfg)], run=False)
-    conf = cli.model.configure_optimizers()
-    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
-    out, epoch = [], 0
-    for target in epochs:
-        while epoch < target:
-            opt.step()
-            sched.step()
-            epoch += 1
-        out.append(opt.param_groups[0]["lr"])
-    return out
+    return scheduled_lrs(CONFIGS / cfg, epochs)[0]
 
 
 def test_densenet_recipe_learning_rates() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _cli import base_config, ood_callback, run_cli
+from _cli import base_config, ood_callback, run_cli, scheduled_lrs
 from PIL import Image
 from torchvision import models as tvm
 
@@ -38,18 +38,9 @@ def test_models_taps_prints_every_module_with_its_shape() -> None:
 
 
 def _lrs(cfg: str, epochs: list[int]) -> tuple[list[float], torch.optim.Optimizer]:
-    cli = main(["--config", str(CONFIGS / cfg)], run=False)
-    conf = cli.model.configure_optimizers()
-    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
-    out, epoch = [], 0
-    for target in epochs:
-        while epoch < target:
-            opt.step()
-            sched.step()
-            epoch += 1
-        out.append(opt.param_groups[0]["lr"])
+    lrs, opt, cli = scheduled_lrs(CONFIGS / cfg, epochs)
     assert cli.trainer.max_epochs == 100
-    return out, opt
+    return lrs, opt
 
 
 @pytest.mark.parametrize("cfg", ["resnet18_cifar10.yaml", "wrn40_2_cifar10.yaml"])

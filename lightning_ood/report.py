@@ -120,6 +120,9 @@ def tuning_lines(tuning: Mapping[str, Any]) -> list[str]:
         "|---|---|---:|---:|",
     ]
     for name, t in tuning["detectors"].items():
+        if "skipped" in t:
+            lines.append(f"| {name} | not tuned: {t['skipped']} | 0 | |")
+            continue
         chosen = ", ".join(f"{k}={v}" for k, v in t["selected"].items())
         lines.append(
             f"| {name} | {chosen} | {len(t['rows'])} | {pct(t['val_mean'].get(sel, math.nan))} |"

@@ -403,6 +403,7 @@ class OODEvaluation(Callback):
             raise ValueError(f"tune: validation OOD sets {leaked} are also reported test sets")
         dets = dict(pl_module.detectors.items())
         wanted = self.tune["detectors"]
+        auto = wanted is None  # every declared search space: skip what this backbone rules out
         if wanted is None:
             wanted = {n: None for n, d in dets.items() if type(d).search_space}
         missing = sorted(set(wanted) - set(dets))
@@ -480,10 +481,12 @@ class OODEvaluation(Callback):
             mine = {c.name for c in srch.candidates}
             cands = [d for d in fitted if d.name in mine]
             if not cands:
-                raise ValueError(
-                    f"tune: every configuration of {srch.name!r} is invalid for this backbone: "
-                    f"{[invalid[c] for c in sorted(mine)][:1]}"
-                )
+                why = f"every configuration is invalid for this backbone, e.g. {invalid[min(mine)]}"
+                if not auto:
+                    raise ValueError(f"tune: {srch.name!r}: {why}; give it a valid grid")
+                rank_zero_warn(f"[lightning_ood] tune: {srch.name!r} keeps its values: {why}")
+                self.tuning[srch.name] = {"kind": srch.kind, "space": srch.space, "skipped": why}
+                continue
             rows, best = tuning.select(
                 srch, cands, validation.metrics(cands), self.tune["select"], backbone, invalid
             )
@@ -511,7 +514,7 @@ class OODEvaluation(Callback):
         }
         rank_zero_info(
             "[lightning_ood] tune selected: "
-            + "; ".join(f"{n}: {t['selected']}" for n, t in self.tuning.items())
+            + "; ".join(f"{n}: {t['selected']}" for n, t in self.tuning.items() if "selected" in t)
         )
         return selected
 

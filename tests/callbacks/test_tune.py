@@ -27,13 +27,17 @@ def test_tune_selects_on_validation_data_and_stores_the_choice(
     tmp_path: Path, shared_data: Path, lenet_fitted: dict[str, Any]
 ) -> None:
     cfg = base_config(shared_data, **DATA, val_ood_sets=[{"name": "kmnist", "every": 10}])
-    dets = {"react": {"percentile": 90.0}, "energy": {}}
-    tune = {"select": "auroc", "detectors": {"react": {"percentile": [50, 80, 99]}}}
+    # tune every declared search space: ReAct's (85, 90, 95, 99); ViM's dims (256, 1000) all
+    # exceed LeNet's 128 features, so ViM keeps its configured values (a warning, a row)
+    dets = {"react": {"percentile": 90.0}, "energy": {}, "vim": {}}
+    tune = {"select": "auroc", "detectors": None}
     cfg["trainer"]["callbacks"] = [ood_callback(dets, tune=tune, results_dir=str(tmp_path))]
     run_cli(tmp_path, "tuned", "test", cfg, "--ckpt_path", str(lenet_fitted["ckpt"]))
     res = json.loads((tmp_path / "ood_results.json").read_text())
     record = res["tuning"]["detectors"]["react"]
-    assert [r["params"]["percentile"] for r in record["rows"]] == [50, 80, 99]
+    assert [r["params"]["percentile"] for r in record["rows"]] == [85, 90, 95, 99]
+    assert "dim=256" in res["tuning"]["detectors"]["vim"]["skipped"]
+    assert res["detectors"]["vim"]["dim"] is None  # the configured (default) ViM was kept
     assert res["tuning"]["protocol"]["val_ood_sets"] == {"kmnist": 1000}
     md = (tmp_path / "ood_results.md").read_text()
     assert "| react | percentile=" in md and "kmnist (1000 samples)" in md
@@ -52,7 +56,7 @@ def test_tune_selects_on_validation_data_and_stores_the_choice(
     ckpt = safe_load(lenet_fitted["ckpt"])
     backbone, _, _ = build_from_checkpoint(ckpt, str(lenet_fitted["ckpt"]))
     aurocs = []
-    for p in (50, 80, 99):
+    for p in (85, 90, 95, 99):
         det = ReAct(percentile=p)
         engine.fit_from_loader([det], backbone, dm.fit_dataloader())
         s_id = engine.score_loader({"r": det}, backbone, dm.val_dataloader())["r"]
@@ -61,7 +65,7 @@ def test_tune_selects_on_validation_data_and_stores_the_choice(
         aurocs.append(roc_auc_score(y, torch.cat([s_id, s_ood]).numpy()))
     got = [r["val_mean"]["auroc"] for r in record["rows"]]
     np.testing.assert_allclose(got, aurocs, rtol=0, atol=1e-9)
-    best = (50, 80, 99)[int(np.argmax(aurocs))]
+    best = (85, 90, 95, 99)[int(np.argmax(aurocs))]
     assert record["selected"] == {"percentile": best}
     # The choice is stored: the hand-off checkpoint rebuilds the selected detector.
     fitted = safe_load(tmp_path / "ckpt" / "tuned" / "fitted.ckpt")

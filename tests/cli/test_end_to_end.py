@@ -46,6 +46,8 @@ def run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path, lenet_fitte
                                 "validation_size": 200,
                                 "progress": False,
                                 "detectors": DETECTORS,
+                                "tune": None,  # the demo tunes 11 detectors; this run tests
+                                # the untuned flow (fitted checkpoint: no training pass)
                             },
                         }
                     ],

@@ -7,7 +7,8 @@ else loops over detectors to fit or score them.
 * :func:`eval_pass` — one eval-mode, no-grad forward per batch of a loader, serving the union
   of every detector's taps (``OODBackbone.extract``), so N detectors cost one pass.
 * :func:`fit_detectors` — ``reset`` → ``update`` per batch (only detectors that read training
-  data) → ``finalize`` with a :class:`~lightning_ood.detectors.base.Reducer` (DDP sums).
+  data) → the extra passes a detector asks for (``next_pass``: an exact percentile beyond
+  memory) → ``finalize`` with a :class:`~lightning_ood.detectors.base.Reducer` (DDP sums).
   The batches come from :func:`eval_pass` or from cached features; both give the same state.
 * :func:`score_batch` — every detector's score of one batch from the shared forward pass; the
   input-gradient dispatch (ODIN, FSSD/Mahalanobis with ``epsilon > 0``) lives here once.
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_ood.detectors.base import Detector, Reducer
+from lightning_ood.detectors.base import Detector, InvalidConfiguration, Reducer
 from lightning_ood.models.base import FEATURES, LOGITS, BackboneOutput, OODBackbone
 
 #: ``(BackboneOutput, targets)`` pairs: what a fitting pass feeds ``Detector.update``.
@@ -125,18 +126,25 @@ def labelled(passes: Iterable[tuple[Tensor, Tensor | None, BackboneOutput]]) -> 
 
 
 # -- fitting ---------------------------------------------------------------------------------------
+def restart_of(outputs: OutputSource | None) -> Callable[[], Outputs] | None:
+    """A function that starts ``outputs`` anew (a callable itself, or a list's replay); None
+    for a one-shot iterator."""
+    if outputs is None or callable(outputs):
+        return outputs
+    if isinstance(outputs, Sequence):
+        return lambda: outputs
+    return None
+
+
 def restartable(
     outputs: OutputSource | None,
 ) -> tuple[Outputs | None, Callable[[], Outputs] | None]:
     """The first stream of ``outputs`` and a way to start it again (None for a one-shot
     iterator)."""
-    if outputs is None:
-        return None, None
-    if callable(outputs):
-        return outputs(), outputs
-    if isinstance(outputs, Sequence):
-        return outputs, lambda: outputs
-    return outputs, None
+    restart = restart_of(outputs)
+    if outputs is None or restart is None:
+        return outputs, None  # type: ignore[return-value]
+    return restart(), restart
 
 
 def fit_detectors(
@@ -183,25 +191,16 @@ def _update_pass(readers: Sequence[Detector], backbone: OODBackbone, stream: Out
                 det.update(out, target, backbone)
 
 
-def finalize_detectors(
+def extra_passes(
     detectors: Iterable[Detector],
     backbone: OODBackbone,
     reducer: Reducer | None = None,
     restart: Callable[[], Outputs] | None = None,
-    *,
-    invalid: dict[str, str] | None = None,
 ) -> None:
     """Run the extra training passes the detectors ask for (:meth:`Detector.next_pass`, fed by
-    ``restart``), then ``finalize`` every detector (cross-rank reductions through
-    ``reducer``): the last step of :func:`fit_detectors`, on its own for state accumulated
-    once and finalized under several finalize-only configurations (the grid).
-
-    ``invalid``: record ``{name: message}`` of a detector whose ``finalize`` refuses its
-    configuration for this backbone (a ``ValueError``, e.g. ViM's ``dim`` >= the feature
-    width) instead of raising: tuning drops such candidates and says so."""
-    dets = list(detectors)
+    ``restart``), all pending detectors sharing each pass."""
     reducer = reducer or Reducer()
-    pending = [d for d in dets if reads_training_data(d) and d.next_pass(reducer)]
+    pending = [d for d in detectors if reads_training_data(d) and d.next_pass(reducer)]
     while pending:
         if restart is None:
             raise ValueError(
@@ -212,13 +211,37 @@ def finalize_detectors(
             )
         _update_pass(pending, backbone, restart())
         pending = [d for d in pending if d.next_pass(reducer)]
+
+
+def finalize_detectors(
+    detectors: Iterable[Detector],
+    backbone: OODBackbone,
+    reducer: Reducer | None = None,
+    restart: Callable[[], Outputs] | None = None,
+    *,
+    invalid: dict[str, str] | None = None,
+    passes: bool = True,
+) -> None:
+    """:func:`extra_passes` (unless ``passes=False``: the caller ran them), then ``finalize``
+    every detector (cross-rank reductions through ``reducer``): the last step of
+    :func:`fit_detectors`, on its own for state accumulated once and finalized under several
+    finalize-only configurations (the grid, tuning).
+
+    ``invalid``: record ``{name: message}`` of a detector whose ``finalize`` raises
+    :class:`~lightning_ood.detectors.base.InvalidConfiguration` (a value this backbone or
+    training set rules out, e.g. ViM's ``dim`` >= the feature width) instead of raising:
+    tuning drops such candidates and says so."""
+    dets = list(detectors)
+    reducer = reducer or Reducer()
+    if passes:
+        extra_passes(dets, backbone, reducer, restart)
     for det in dets:
         if invalid is None:
             det.finalize(backbone, reducer)
             continue
         try:
             det.finalize(backbone, reducer)
-        except ValueError as err:
+        except InvalidConfiguration as err:
             invalid[det.name] = str(err)
 
 
@@ -384,6 +407,7 @@ __all__ = [
     "detector_taps",
     "eval_mode",
     "eval_pass",
+    "extra_passes",
     "finalize_detectors",
     "fit_detectors",
     "fit_from_loader",
@@ -392,6 +416,7 @@ __all__ = [
     "module_device",
     "predict_batch",
     "reads_training_data",
+    "restart_of",
     "restartable",
     "score_batch",
     "score_loader",

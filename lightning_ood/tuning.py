@@ -133,10 +133,8 @@ def fit_candidates(
     accumulates, and each member is a copy of it finalized under its own values (extra passes
     an exact percentile asks for are shared by all). Returns the fitted candidates, in order
     (those the backbone makes invalid left out), the number of groups, and
-    ``{candidate name: why}`` of the invalid ones (e.g. ViM ``dim`` >= the feature width).
-
-    Raises:
-        ValueError: every candidate is invalid for this backbone.
+    ``{candidate name: why}`` of the invalid ones (e.g. ViM ``dim`` >= the feature width);
+    the callers decide what an all-invalid search means.
     """
     groups: dict[str, list[int]] = {}
     for i, det in enumerate(candidates):
@@ -155,15 +153,11 @@ def fit_candidates(
                 raise RuntimeError(f"tuning: rebuilt {det.config()} != {candidates[i].config()}")
             fitted[i] = det
     done = [d for d in fitted if d is not None]
-    restart = engine.restartable(outputs)[1]
-    engine.finalize_detectors(others, backbone, reducer)  # after the shared extra passes
+    restart = engine.restart_of(outputs)
+    engine.extra_passes([*others, *done], backbone, reducer, restart)  # shared by all
+    engine.finalize_detectors(others, backbone, reducer, passes=False)
     invalid: dict[str, str] = {}
-    engine.finalize_detectors(done, backbone, reducer, restart, invalid=invalid)
-    if invalid and len(invalid) == len(done):
-        first = next(iter(invalid.items()))
-        raise ValueError(
-            f"tuning: every candidate is invalid for this backbone, e.g. {first[0]}: {first[1]}"
-        )
+    engine.finalize_detectors(done, backbone, reducer, invalid=invalid, passes=False)
     return [d for d in done if d.name not in invalid], len(groups), invalid
 
 
@@ -185,7 +179,7 @@ def rank_key(row: Mapping[str, Any], select: str, index: int) -> tuple[float, ..
 
 def split_index(n: int, fraction: float, seed: int, what: str) -> tuple[Tensor, Tensor]:
     """Seeded ``(first round(fraction·n) of a permutation, the rest)``."""
-    head, rest = seeded_parts(n, [fraction_size(n, fraction)], seed, f"{what} (fraction)")
+    head, rest = seeded_parts(n, [fraction_size(n, fraction)], seed, f"{what} (combiner_fraction)")
     return head, rest
 
 
@@ -279,14 +273,23 @@ def select(
         if combines(det, backbone):
             row["combiner"] = {k: v.tolist() for k, v in det.combiner_state().items()}
         rows.append(row)
-    best = min(range(len(rows)), key=lambda i: rank_key(rows[i], select_metric, i))
+    usable = [i for i, r in enumerate(rows) if "invalid" not in r]
+    if not usable:
+        first = rows[0]["invalid"] if rows else "no configuration"
+        raise ValueError(
+            f"{search.name}: every configuration is invalid for this backbone, e.g. {first}"
+        )
+    best = min(usable, key=lambda i: rank_key(rows[i], select_metric, i))
     return rows, best
 
 
 def detector_of(search: Search, candidates: Sequence[Detector], index: int) -> Detector:
     """The fitted candidate of configuration ``index`` of ``search``."""
     name = search.candidates[index].name
-    return next(d for d in candidates if d.name == name)
+    for det in candidates:
+        if det.name == name:
+            return det
+    raise ValueError(f"{search.name}: configuration {search.combos[index]} was not fitted")
 
 
 __all__ = [

@@ -66,6 +66,16 @@ def _check_tune(tune: dict[str, Any] | None) -> dict[str, Any] | None:
     return out
 
 
+def in_dataset_order(t: Tensor, trainer: Trainer) -> Tensor:
+    """Per-sample rows of one rank gathered over all ranks and put back in dataset order (the
+    eval loaders shard with :class:`EvalShardedSampler`: no padding, nothing counted twice),
+    so that seeded hold-outs pick the same samples on any world size."""
+    if trainer.world_size > 1:
+        parts = gather_all_tensors(t.to(trainer.strategy.root_device))
+        t = unshard([g.cpu() for g in parts])
+    return t
+
+
 class StrategyReducer(Reducer):
     """Detector-fitting reductions backed by the trainer's strategy (no-ops on one process)."""
 
@@ -345,7 +355,7 @@ class OODEvaluation(Callback):
                 f"detectors {grad_dets} need input gradients in the test loop; set "
                 "`trainer.inference_mode: false` (the lightning-ood CLI default)."
             )
-        tuned: list[Detector] = []
+        tuned: list[Detector] = []  # fitted by the tuning pass: selections and the others
         if self.tune is not None:
             tuned = self._tune(trainer, pl_module)
         if self.refit:
@@ -381,7 +391,8 @@ class OODEvaluation(Callback):
 
     def _tune(self, trainer: Trainer, pl_module: LightningModule) -> list[Detector]:
         """Select the tuned detectors' hyperparameters on validation data (see ``tune``);
-        the selected, fitted detectors replace the configured ones. Returns them."""
+        the selected, fitted detectors replace the configured ones. Returns every detector
+        this fitted: the selections and the untuned ones that shared its training pass."""
         assert self.tune is not None
         dm = trainer.datamodule
         backbone = pl_module.backbone
@@ -459,7 +470,7 @@ class OODEvaluation(Callback):
                 pool = {d.name: d for d in fitted if tuning.combines(d, backbone) == components}
                 cache[components] = {
                     key: {
-                        n: reducer.cat(v.to(pl_module.device)).cpu()
+                        n: in_dataset_order(v, trainer)
                         for n, v in engine.score_loader(
                             pool, backbone, loader, components=components, desc=f"tune {key}"
                         ).items()
@@ -516,7 +527,7 @@ class OODEvaluation(Callback):
             "[lightning_ood] tune selected: "
             + "; ".join(f"{n}: {t['selected']}" for n, t in self.tuning.items() if "selected" in t)
         )
-        return selected
+        return [*selected, *others]
 
     def _save_fitted(self, trainer: Trainer) -> None:
         ckpt_cb = trainer.checkpoint_callback
@@ -576,24 +587,11 @@ class OODEvaluation(Callback):
         return list(names)
 
     def _gather(self, chunks: list[Tensor], trainer: Trainer, det: Detector) -> Tensor:
-        """This rank's scores of one set, gathered over ranks and put back in dataset order
-        (the loaders shard with :class:`EvalShardedSampler`: no padding, nothing counted
-        twice, and the seeded hold-out picks the same samples on any world size). A rank
-        that saw no batch of a tiny set contributes an empty tensor of the right shape."""
+        """This rank's scores of one set, gathered over ranks in dataset order (a rank that
+        saw no batch of a tiny set contributes an empty tensor of the right shape)."""
         tail = (len(det.taps),) if det.needs_validation else ()
         t = torch.cat(chunks) if chunks else torch.empty(0, *tail, dtype=torch.float64)
-        if trainer.world_size > 1:
-            parts = gather_all_tensors(t.to(trainer.strategy.root_device))
-            t = unshard([g.cpu() for g in parts])
-        return t
-
-    def _gather_rows(self, chunks: list[Tensor], trainer: Trainer, width: int) -> Tensor:
-        """Per-sample rows of one set from every rank, in dataset order."""
-        t = torch.cat(chunks) if chunks else torch.empty(0, width, dtype=torch.long)
-        if trainer.world_size > 1:
-            parts = gather_all_tensors(t.to(trainer.strategy.root_device))
-            t = unshard([g.cpu() for g in parts])
-        return t
+        return in_dataset_order(t, trainer)
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         names = self._test_set_names(trainer)
@@ -638,7 +636,10 @@ class OODEvaluation(Callback):
         if self.activated_neurons:
             thresholds = self._thresholds(pl_module)
             act_counts = {
-                n: self._gather_rows(c, trainer, len(thresholds))
+                n: in_dataset_order(
+                    torch.cat(c) if c else torch.empty(0, len(thresholds), dtype=torch.long),
+                    trainer,
+                )
                 for n, c in zip(names, self._act, strict=True)
             }
             self.results["activated_neurons"] = report.activated_neurons_summary(

@@ -24,6 +24,12 @@ OptModel: TypeAlias = OODBackbone | None
 OptInput: TypeAlias = Tensor | None
 
 
+class InvalidConfiguration(ValueError):
+    """A hyperparameter value this backbone or training set rules out, found at ``finalize``
+    (ViM's ``dim`` >= the feature width, KNN's ``k`` > the bank): tuning skips such candidates
+    and says why; a configured detector still fails with the message."""
+
+
 class Reducer:
     """Cross-process reductions used by ``Detector.finalize``; the default is single-process.
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from lightning_ood.detectors.base import (
     Detector,
+    InvalidConfiguration,
     OptInput,
     OptModel,
     Reducer,
@@ -240,7 +241,7 @@ class BankDetector(Detector):
 
     def _check_k(self, n: int) -> None:
         if self.k > n:
-            raise ValueError(
+            raise InvalidConfiguration(
                 f"{self.name}: k={self.k} exceeds the bank size {n} (training samples kept with "
                 f"bank_fraction={self.bank_fraction:g}); lower k or raise bank_fraction"
             )

@@ -78,6 +78,11 @@ class MeanHeadDetector(LinearHeadDetector):
         reducer = reducer or Reducer()
         self._copy_head(model)
         q = self.weight.shape[1]
+        if self.feature_sum.numel() == 0 and float(self.count) > 0:
+            raise RuntimeError(
+                f"{type(self).__name__}.finalize: the training sums were already consumed by "
+                "an earlier finalize(); call reset() and update() again before finalizing"
+            )
         if self.feature_sum.numel() == 0:  # a rank that saw no batch still joins the reduction
             self.feature_sum = torch.zeros(q, dtype=torch.float64, device=self.weight.device)
         total = reducer.sum(self.feature_sum.clone())

@@ -19,6 +19,7 @@ Counts are summed (and kept values concatenated) across DDP ranks with the detec
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -124,6 +125,8 @@ class StreamingPercentile:
         reducer = reducer or Reducer()
         self.passes += 1
         device = self._device or torch.device("cpu")
+        if self._dtype is None:  # a rank that saw no value: the float32 key layout
+            self._dtype, self._width = torch.float32, 32
         if self._hist is None:  # a rank that saw no batch still joins the reductions
             rows = max(1, len(self._targets))
             self._hist = torch.zeros(rows, _BINS, dtype=torch.int64, device=device)
@@ -132,8 +135,7 @@ class StreamingPercentile:
             n = int(hist.sum())
             if n == 0:
                 raise RuntimeError("percentile: no values were seen in the training pass")
-            flag = torch.tensor([int(self._count > self.max_values)], device=device)
-            if int(reducer.sum(flag).sum()) == 0:  # every rank kept all its values: sort them
+            if n <= self.max_values:  # then every rank kept all its values: sort them
                 dtype = self._dtype or torch.float32
                 mine = torch.cat(self._kept) if self._kept else torch.zeros(0, dtype=dtype)
                 self.value = percentile(reducer.cat(mine.to(device)), self.p)
@@ -159,6 +161,16 @@ class StreamingPercentile:
         self.value = lo + (hi - lo) * self._frac
         self._finish()
         return False
+
+    def __deepcopy__(self, memo: dict[int, object]) -> StreamingPercentile:
+        """Copies share the kept values (never modified in place; a new list is built when
+        they change), so tuning candidates copied from one accumulation cost no memory."""
+        new = copy.copy(self)
+        new._kept = list(self._kept)
+        new._targets = list(self._targets)
+        new._hist = None if self._hist is None else self._hist.clone()
+        memo[id(self)] = new
+        return new
 
     def _narrow(self, hist: Tensor) -> None:
         """Extend each target's key prefix by the 16-bit digit that holds its rank."""

@@ -18,7 +18,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from lightning_ood.detectors.base import OptInput, OptModel, Reducer, check_int
+from lightning_ood.detectors.base import (
+    InvalidConfiguration,
+    OptInput,
+    OptModel,
+    Reducer,
+    check_int,
+)
 from lightning_ood.detectors.knn import seeded_uniform
 from lightning_ood.detectors.linear_head import LinearHeadDetector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
@@ -147,7 +153,7 @@ class ViM(LinearHeadDetector):
     def _resolve_dim(self, q: int) -> int:
         d = default_dim(q) if self.dim is None else self.dim
         if not 1 <= d < q:
-            raise ValueError(
+            raise InvalidConfiguration(
                 f"{self.name}: dim={d} must lie in [1, {q - 1}] for features of width q={q} "
                 "(the residual outside the principal subspace must not be empty); lower dim "
                 "or use dim: null for the authors' default"

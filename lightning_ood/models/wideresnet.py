@@ -35,6 +35,9 @@ class WideBasicBlock(nn.Module):
         self.relu2 = nn.ReLU()
         self.conv2 = nn.Conv2d(out_planes, out_planes, 3, stride=1, padding=1, bias=False)
         self.drop_rate = drop_rate
+        # a module, not F.dropout: MC Dropout finds and switches nn.Dropout modules (no
+        # parameters, so checkpoint keys are unchanged)
+        self.dropout = nn.Dropout(drop_rate)
         self.convShortcut = (  # the reference checkpoints' key name
             None
             if in_planes == out_planes and stride == 1
@@ -44,9 +47,7 @@ class WideBasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         act = self.relu1(self.bn1(x))
         out = self.relu2(self.bn2(self.conv1(act)))
-        if self.drop_rate > 0:
-            out = F.dropout(out, p=self.drop_rate, training=self.training)
-        out = self.conv2(out)
+        out = self.conv2(self.dropout(out))
         shortcut = x if self.convShortcut is None else self.convShortcut(act)
         return shortcut + out
 

@@ -22,9 +22,6 @@ from torch import Tensor, nn
 
 from lightning_ood.models.base import FEATURES, LOGITS, BackboneOutput, OODBackbone
 
-#: Detectors that rescore features with the head's weights (the ones that need a linear head).
-LINEAR_HEAD_DETECTORS = ("ReAct", "DICE", "DICE+ReAct", "LINe")
-
 
 class NonLinearHeadError(TypeError):
     """The classifier head is not one ``nn.Linear``, but a detector needs its W and b."""
@@ -205,9 +202,10 @@ class WrappedBackbone(OODBackbone):
         raise NonLinearHeadError(
             f"the classifier head {self.head_name!r} of {self.model_name} is a "
             f"{type(head).__name__}, not a single nn.Linear, so it has no W and b to rescore "
-            f"features with ({', '.join(LINEAR_HEAD_DETECTORS)} need them). Use detectors "
-            "that read features or logits only (MSP, Energy, MaxLogit, GEN, Mahalanobis, FSSD, "
-            "ODIN), or wrap with head= the final nn.Linear so the layers before it are features"
+            "features with (the head-rescoring detectors: ReAct, DICE, LINe, ASH, SCALE, ViM, "
+            "GradNorm, NCI, fDBD, ... need them). Use detectors that read features or logits "
+            "only (MSP, MaxLogit, Energy, GEN, ODIN, Mahalanobis, RMDS, KNN, NNGuide, FSSD, DE, "
+            "MCD), or wrap with head= the final nn.Linear so the layers before it are features"
         )
 
     def extract(self, x: Tensor, taps: Sequence[str] = ()) -> BackboneOutput:

@@ -67,10 +67,6 @@ SPEC_KEYS = (
 )
 
 
-#: Key of the ID validation set among the validation score sets.
-ID_KEY = "__id__"
-
-
 # -- results ---------------------------------------------------------------------------------
 @dataclass
 class GridResult:
@@ -290,14 +286,14 @@ def grid_search(
     def val_scores(
         chosen: Mapping[str, Detector], components: bool
     ) -> dict[str, dict[str, Tensor]]:
-        sets = {ID_KEY: id_val, **ood_val}
+        sets = {tuning.ID_KEY: id_val, **ood_val}
         return {
             n: score_cached(dict(chosen), c, batch_size, components=components)
             for n, c in sets.items()
         }
 
     validation = tuning.Validation(
-        val_scores, ID_KEY, backbone, seed=seed, combiner_fraction=combiner_fraction
+        val_scores, tuning.ID_KEY, backbone, seed=seed, combiner_fraction=combiner_fraction
     )
 
     def test_metrics(det: Detector) -> dict[str, dict[str, float]]:

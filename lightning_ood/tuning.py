@@ -40,6 +40,9 @@ from lightning_ood.protocol import average, evaluate_pair, holds_out, unfittable
 from lightning_ood.report import LOWER_IS_BETTER
 from lightning_ood.splits import fraction_size, seeded_parts
 
+#: Key of the ID validation set among the validation score sets (never an OOD set name).
+ID_KEY = "__id_validation__"
+
 
 @dataclass
 class Search:
@@ -293,6 +296,7 @@ def detector_of(search: Search, candidates: Sequence[Detector], index: int) -> D
 
 
 __all__ = [
+    "ID_KEY",
     "Search",
     "Validation",
     "combinations",

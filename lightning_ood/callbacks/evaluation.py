@@ -36,8 +36,6 @@ from lightning_ood.metrics import METRIC_NAMES
 from lightning_ood.models import BackboneOutput
 from lightning_ood.protocol import CONVENTION, check_holdout, evaluate_detectors, holds_out
 
-#: Key of the ID validation set among the tuning score sets.
-ID_KEY = "__id_validation__"
 TUNE_KEYS = ("detectors", "select", "seed", "combiner_fraction")
 
 
@@ -424,7 +422,10 @@ class OODEvaluation(Callback):
             tuning.plan(n, dets[n].kind, space, dets[n].config()) for n, space in wanted.items()
         ]
         if not searches:
-            rank_zero_warn("[lightning_ood] tune: no configured detector declares a search space")
+            rank_zero_warn(
+                "[lightning_ood] tune: nothing to tune (tune.detectors is empty, or no configured "
+                "detector declares a search space)"
+            )
             return []
         candidates = [c for s in searches for c in s.candidates]
         grads = [c.name for c in candidates if c.needs_input_grad]
@@ -462,7 +463,7 @@ class OODEvaluation(Callback):
             fitted, _, invalid = tuning.fit_candidates(
                 candidates, backbone, source, reducer, others=others
             )
-        loaders = {ID_KEY: dm.val_dataloader(), **val_ood}
+        loaders = {tuning.ID_KEY: dm.val_dataloader(), **val_ood}
         cache: dict[bool, dict[str, dict[str, Tensor]]] = {}
 
         def score(chosen: Any, components: bool) -> dict[str, dict[str, Tensor]]:
@@ -481,7 +482,7 @@ class OODEvaluation(Callback):
 
         validation = tuning.Validation(
             score,
-            ID_KEY,
+            tuning.ID_KEY,
             backbone,
             seed=self.tune["seed"],
             combiner_fraction=self.tune["combiner_fraction"],
@@ -518,7 +519,7 @@ class OODEvaluation(Callback):
             val_n[key] = len(next(iter(per.values()))) if per else 0
         self.tuning_meta = {
             "select": self.tune["select"],
-            "id_validation": f"{val_n[ID_KEY]} held-out training samples (data.val_size)",
+            "id_validation": f"{val_n[tuning.ID_KEY]} held-out training samples (data.val_size)",
             "val_ood_sets": {k: val_n[k] for k in val_ood},
             "seed": self.tune["seed"],
             "combiner_fraction": self.tune["combiner_fraction"],

@@ -31,7 +31,7 @@ class DICEReAct(ActivationSampler, DICE):
     """
 
     kind = "dice_react"
-    #: Unlike DICE, ``clip`` enters ``update`` (``None`` samples activations).
+    #: Unlike DICE, ``clip`` enters ``update`` (``None`` streams activations).
     finalize_only: ClassVar[frozenset[str]] = frozenset({"p", "percentile"})
     #: DICE's sweep (OpenOOD v1.5) crossed with ReAct's.
     search_space: ClassVar[Mapping[str, Sequence[Any]]] = {

@@ -66,7 +66,6 @@ def _jpeg(path: Path, seed: int) -> None:
     Image.fromarray(pixels).save(path, quality=90)
 
 
-@pytest.mark.slow
 def test_line_mobilenetv2_runs_end_to_end_on_a_tiny_imagenet_folder(tmp_path: Path) -> None:
     """The config as shipped, on 1000 one-image class folders and local random weights."""
     root = tmp_path / "data"

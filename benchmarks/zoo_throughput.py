@@ -27,8 +27,8 @@ from benchmarks._record import Recorder  # noqa: E402
 
 MODELS = {
     "resnet18 (CIFAR stem, OpenOOD v1.5)": ("resnet18", {"cifar_stem": True}),
-    "tv:resnet18 (ImageNet stem) at 32x32": ("tv:resnet18", {}),
-    "tv:mobilenet_v2 at 32x32": ("tv:mobilenet_v2", {}),
+    "tv:resnet18 (ImageNet stem) at 32x32": ("tv:resnet18", {"image_size": 32}),
+    "tv:mobilenet_v2 at 32x32": ("tv:mobilenet_v2", {"image_size": 32}),
 }
 DETECTORS = {"msp": {}, "maxlogit": {}, "energy": {}}
 

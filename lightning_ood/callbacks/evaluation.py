@@ -392,6 +392,7 @@ class OODEvaluation(Callback):
         the selected, fitted detectors replace the configured ones. Returns every detector
         this fitted: the selections and the untuned ones that shared its training pass."""
         assert self.tune is not None
+        self.tuning = {}  # this test run's selections only
         dm = trainer.datamodule
         backbone = pl_module.backbone
         if dm is None or int(getattr(dm, "val_size", 0) or 0) <= 0:

@@ -48,6 +48,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path, lenet_fitte
                                 "detectors": DETECTORS,
                                 "tune": None,  # the demo tunes 11 detectors; this run tests
                                 # the untuned flow (fitted checkpoint: no training pass)
+                                "activated_neurons": True,
                             },
                         }
                     ],
@@ -131,6 +132,30 @@ def test_result_files_and_logged_metrics(run: dict) -> None:
     assert {f"ood/{d}/average/auroc" for d in DETECTORS} <= set(scalars)
     assert {"ood_scores/fssd/ID", "ood_scores/fssd/mnist"} <= set(events.Tags()["histograms"])
     assert "ood_roc/line" in events.Tags()["images"]
+
+
+def test_paper_figures_and_line_analyses(run: dict) -> None:
+    """The callback's figures (densities with thresholds, FSSD per-layer components), LINe
+    Figure 1 (activated neurons, checked against a count on the same images) and Table 8."""
+    log_dir = Path(run["test"].trainer.log_dir)
+    figures = {p.name for p in (log_dir / "figures").glob("*.png")}
+    assert {f"density_{d}.png" for d in DETECTORS} <= figures
+    assert {"layers_fssd.png", "layers_mahalanobis.png", "activated_neurons.png"} <= figures
+    act = run["results"]["activated_neurons"]
+    assert set(act) == {"fashionmnist", "mnist"}
+    assert set(act["fashionmnist"]) == {"h > 0", "h > 1"}  # 0 and the LINe's delta
+    model = run["test"].model.eval()
+    counts = []
+    with torch.no_grad():
+        for x, _ in run["test"].datamodule.test_dataloader()[0]:
+            counts.append((model.backbone.forward_features(x) > 0).sum(dim=1))
+    want = torch.cat(counts).double()
+    assert act["fashionmnist"]["h > 0"]["n"] == len(want) == 1000
+    assert act["fashionmnist"]["h > 0"]["mean"] == pytest.approx(float(want.mean()), abs=1e-9)
+    overlap = json.loads((log_dir / "neuron_overlap.json").read_text())["neuron_overlap"]
+    rows = overlap["line"]["rows"]
+    assert [r["o"] for r in rows] == [10.0, 20.0, 30.0, 50.0]
+    assert "Class-specific neurons (LINe Table 8)" in (log_dir / "ood_results.md").read_text()
 
 
 def test_checkpoint_round_trip_is_bit_exact(run: dict) -> None:

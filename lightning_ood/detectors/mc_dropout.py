@@ -18,8 +18,9 @@ re-run gives the same scores and the global RNG is left untouched.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -77,6 +78,11 @@ def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
+#: The moments of the last batch scored, so that ``mcd`` and ``mcd_var`` with the same
+#: passes/seed/max_batch run the T stochastic passes of a batch once between them.
+_LAST_MOMENTS: dict[str, tuple[Any, ...]] = {}
+
+
 class MCDropout(Detector):
     """MC Dropout: max of the mean softmax over T stochastic passes (higher = more ID).
 
@@ -122,6 +128,10 @@ class MCDropout(Detector):
         Sums are accumulated in float64, so T identical passes (dropout p = 0) give a mean
         bit-identical to the single softmax.
         """
+        key = (self.passes, self.seed, self.max_batch, inputs._version)
+        last = _LAST_MOMENTS.get("entry")
+        if last is not None and last[0]() is model and last[1]() is inputs and last[2] == key:
+            return last[3], last[4]  # the other MCD statistic of this batch: same passes
         b = inputs.shape[0]
         per_forward = max(1, self.max_batch // max(b, 1))
         device = inputs.device
@@ -140,6 +150,8 @@ class MCDropout(Detector):
         assert total is not None and total_sq is not None
         mean = total / self.passes
         var = (total_sq / self.passes - mean.square()).clamp_min(0.0)
+        # Weak references: a freed batch can never be mistaken for a new one at its address.
+        _LAST_MOMENTS["entry"] = (weakref.ref(model), weakref.ref(inputs), key, mean, var)
         return mean, var
 
     def _check_args(self, model: OptModel, inputs: OptInput) -> tuple[nn.Module, Tensor]:

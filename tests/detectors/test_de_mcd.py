@@ -203,10 +203,30 @@ def test_mcd_matches_a_loop_over_passes_and_is_seeded() -> None:
     assert (s_var < 0).all()  # dropout p = 0.5 really varies the predictions
     net.train()
     assert torch.equal(torch.get_rng_state(), rng_before)  # the global stream is untouched
-    assert torch.equal(mcd.score(out, net, x), s_mean)  # a re-run: identical
+    assert torch.equal(mcd.score(out, net, x.clone()), s_mean)  # a re-run: identical
     assert not torch.equal(MCDropout(passes=6, seed=4, max_batch=5).score(out, net, x), s_mean)
     assert torch.equal(net.bn.running_mean, bn_before)  # BatchNorm stayed in eval mode
     assert net.training and net.bn.training and net.drop.training  # modes restored
+
+
+def test_mcd_and_mcd_var_share_the_passes_of_a_batch() -> None:
+    """Through the engine, the two MCD statistics of one batch cost T passes, not 2T, and
+    equal what each computes alone; a new batch (even at the same values) is recomputed."""
+    net = _lenet(0)
+    x = torch.randn(8, 1, 28, 28)
+    sizes: list[int] = []
+    net.conv1.register_forward_pre_hook(lambda _m, inp: sizes.append(inp[0].shape[0]))
+    dets = {"mcd": MCDropout(passes=16), "mcd_var": MCDropoutVar(passes=16)}
+    with torch.no_grad():
+        out = net.eval().extract(x)
+    sizes.clear()
+    both = engine.score_batch(dets, out, net, x)
+    assert sizes == [128]  # one forward of 16 passes x 8 samples for both detectors
+    alone_mean = MCDropout(passes=16).score(out, net, x.clone())
+    alone_var = MCDropoutVar(passes=16).score(out, net, x.clone())
+    assert torch.equal(both["mcd"], alone_mean) and torch.equal(both["mcd_var"], alone_var)
+    assert sizes == [128, 128, 128]  # new tensors: recomputed, never taken from the memo
+    assert not torch.equal(both["mcd_var"], torch.zeros_like(both["mcd_var"]))
 
 
 def test_mcd_runs_the_passes_as_few_batched_forwards() -> None:

@@ -166,7 +166,7 @@ def fit_candidates(
 
 def combines(det: Detector, backbone: OODBackbone) -> bool:
     """The protocol's rule: only an ensemble of several components fits a combiner."""
-    return holds_out(det, len(det.tap_names(backbone)), 1)
+    return holds_out(det, len(det.component_names(backbone)), 1)
 
 
 def rank_key(row: Mapping[str, Any], select: str, index: int) -> tuple[float, ...]:

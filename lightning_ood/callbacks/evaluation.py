@@ -265,7 +265,7 @@ class OODEvaluation(Callback):
         dets = {
             n: d
             for n, d in pl_module.detectors.items()
-            if holds_out(d, len(d.tap_names(backbone)), self.validation_size)
+            if holds_out(d, len(d.component_names(backbone)), self.validation_size)
         }
         if not dets:
             return
@@ -591,7 +591,8 @@ class OODEvaluation(Callback):
     def _gather(self, chunks: list[Tensor], trainer: Trainer, det: Detector) -> Tensor:
         """This rank's scores of one set, gathered over ranks in dataset order (a rank that
         saw no batch of a tiny set contributes an empty tensor of the right shape)."""
-        tail = (len(det.taps),) if det.needs_validation else ()
+        backbone = trainer.lightning_module.backbone
+        tail = (len(det.component_names(backbone)),) if det.needs_validation else ()
         t = torch.cat(chunks) if chunks else torch.empty(0, *tail, dtype=torch.float64)
         return in_dataset_order(t, trainer)
 
@@ -675,9 +676,12 @@ class OODEvaluation(Callback):
             writer = tb[0].experiment if tb else None
             if self.figures:
                 layers = {
-                    n: (d.tap_names(pl_module.backbone), dict(zip(names, banks[n], strict=True)))
+                    n: (
+                        d.component_names(pl_module.backbone),
+                        dict(zip(names, banks[n], strict=True)),
+                    )
                     for n, d in dets.items()
-                    if d.needs_validation and len(d.tap_names(pl_module.backbone)) > 1
+                    if d.needs_validation and len(d.component_names(pl_module.backbone)) > 1
                 }
                 report.write_figures(
                     out_dir,

@@ -15,6 +15,7 @@ from lightning_ood.detectors.dice_react import DICEReAct
 from lightning_ood.detectors.energy import Energy, energy_score
 from lightning_ood.detectors.fdbd import FDBD
 from lightning_ood.detectors.fssd import FSSD
+from lightning_ood.detectors.fssd_ensemble import FSSDEnsemble
 from lightning_ood.detectors.gen import GEN
 from lightning_ood.detectors.gradnorm import GradNorm
 from lightning_ood.detectors.knn import KNN
@@ -38,7 +39,7 @@ DETECTORS: dict[str, type[Detector]] = {
     for cls in (
         *(MSP, MaxLogit, GEN, ODIN, Energy, ReAct, DICE, DICEReAct, LINe, FSSD, Mahalanobis),
         *(ASH, SCALE, GradNorm, ViM, RMDS, KNN, NNGuide, NCI, FDBD),
-        *(DeepEnsemble, MCDropout, MCDropoutVar),
+        *(DeepEnsemble, MCDropout, MCDropoutVar, FSSDEnsemble),
     )
 }
 
@@ -82,6 +83,7 @@ __all__ = [
     "DeepEnsemble",
     "Detector",
     "Energy",
+    "FSSDEnsemble",
     "GradNorm",
     "LINe",
     "LayerEnsembleDetector",

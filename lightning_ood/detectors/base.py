@@ -154,6 +154,11 @@ class Detector(nn.Module):
     #: validation samples (the callback carves them out of the test sets, never reporting them).
     needs_validation: ClassVar[bool] = False
 
+    def component_names(self, backbone: OODBackbone) -> tuple[str, ...]:
+        """One name per column of :meth:`score_components` (K of them): the taps by default;
+        an ensemble over several networks names each (network, tap) pair."""
+        return self.tap_names(backbone)
+
     def score_components(
         self, out: BackboneOutput, model: OptModel = None, inputs: OptInput = None
     ) -> Tensor:

@@ -4,83 +4,24 @@ N classifiers of one recipe, trained independently (different seeds), vote with 
 softmax p̄(y|x) = (1/N) Σ_n softmax(f_n(x)) (Lakshminarayanan et al. 2017, §2.4); the score is
 max_k p̄(y = k|x), higher = more in-distribution. N = 5 in the paper.
 
-The members are backbones held as sub-modules of the detector: they move with ``.to()``,
-share every test batch with the main network, and their weights land in the checkpoint of the
-model that carries the detector. Their architectures travel with them as the module's extra
-state, so a hand-off checkpoint rebuilds the ensemble without the member files.
+The members are backbones held as sub-modules of the detector
+(:class:`~lightning_ood.detectors.members.MemberEnsemble`): they share every test batch with
+the main network and travel in the checkpoint of the model that carries the detector.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_ood.detectors.base import Detector, OptInput, OptModel
-from lightning_ood.models import OODBackbone, create_model
+from lightning_ood.detectors.members import MemberEnsemble, member_paths
 from lightning_ood.models.base import BackboneOutput
 
-#: The hyperparameters that make two checkpoints members of one ensemble.
-_ARCH_KEYS = ("model", "num_classes", "model_kwargs")
 
-
-def member_paths(
-    checkpoints: Sequence[str] | None,
-    checkpoint_template: str | None,
-    seeds: Sequence[int] | None,
-    owner: str = "DeepEnsemble",
-) -> list[str]:
-    """The member files: ``checkpoints`` as given, or ``checkpoint_template`` formatted with
-    every seed of ``seeds`` (e.g. ``checkpoints/lenet_seed{seed}/last.ckpt``)."""
-    if checkpoints is not None and (checkpoint_template is not None or seeds is not None):
-        raise ValueError(
-            f"{owner}: give either `checkpoints` (a list of paths) or `checkpoint_template` + "
-            "`seeds`, not both"
-        )
-    if checkpoints is None:
-        if checkpoint_template is None or seeds is None or "{seed}" not in checkpoint_template:
-            raise ValueError(
-                f"{owner}: needs `checkpoints: [path, ...]` or `checkpoint_template` (a path with "
-                "'{seed}') plus `seeds: [1, 2, ...]`; got checkpoint_template="
-                f"{checkpoint_template!r}, seeds={seeds!r}"
-            )
-        paths = [checkpoint_template.format(seed=int(s)) for s in seeds]
-    else:
-        if isinstance(checkpoints, str):
-            raise ValueError(f"{owner}: `checkpoints` must be a list of paths, got one string")
-        paths = [str(p) for p in checkpoints]
-    if not paths:
-        raise ValueError(f"{owner}: the ensemble has no member checkpoints")
-    dupes = sorted({p for p in paths if paths.count(p) > 1})
-    if dupes:
-        raise ValueError(f"{owner}: member checkpoints listed twice: {dupes}")
-    return paths
-
-
-def _arch(hp: dict[str, Any]) -> dict[str, Any]:
-    """A member's architecture record (primitives only, so it survives a weights-only load)."""
-    kwargs = dict(hp.get("model_kwargs") or {})
-    kwargs.pop("weights", None)  # the state dict carries the weights
-    return {
-        "model": hp["model"],
-        "num_classes": int(hp.get("num_classes", 10)),
-        "model_kwargs": kwargs,
-        "channels_last": bool(hp.get("channels_last", False)),
-    }
-
-
-def _build(arch: dict[str, Any]) -> OODBackbone:
-    """An untrained member of the recorded architecture (its weights are loaded after)."""
-    model = create_model(arch["model"], num_classes=arch["num_classes"], **arch["model_kwargs"])
-    if arch.get("channels_last"):
-        model.to(memory_format=torch.channels_last)
-    return model
-
-
-class DeepEnsemble(Detector):
+class DeepEnsemble(MemberEnsemble, Detector):
     """Max of the mean softmax of N independently trained members (higher = more ID).
 
     Args:
@@ -108,104 +49,8 @@ class DeepEnsemble(Detector):
         name: str | None = None,
     ) -> None:
         super().__init__(name)
-        self.checkpoints = None if checkpoints is None else [str(p) for p in checkpoints]
-        self.checkpoint_template = checkpoint_template
-        self.seeds = None if seeds is None else [int(s) for s in seeds]
         self.include_model = bool(include_model)
-        self.paths = member_paths(self.checkpoints, checkpoint_template, self.seeds, self.kind)
-        self.members = nn.ModuleList()
-        self.sources: list[str] = []
-        self.archs: list[dict[str, Any]] = []
-        # Files that are absent here (a hand-off machine) are fine if the checkpoint carrying
-        # this detector supplies the members; scoring without them names the files.
-        if all(os.path.isfile(p) for p in self.paths):
-            self._load_members()
-
-    # -- members ---------------------------------------------------------------------------
-    def _load_members(self) -> None:
-        from lightning_ood.io import safe_load
-        from lightning_ood.state import checkpoint_hparams  # lazy: state imports this package
-
-        members: list[OODBackbone] = []
-        archs: list[dict[str, Any]] = []
-        for path in self.paths:
-            ckpt = safe_load(path, map_location="cpu")  # weights only: no code from the file
-            arch = _arch(checkpoint_hparams(ckpt, source=path))
-            if archs:
-                self._check_same(archs[0], self.paths[0], arch, path)
-            # Only the backbone: the member's own detectors are not needed.
-            state = {
-                k.removeprefix("backbone."): v
-                for k, v in ckpt["state_dict"].items()
-                if k.startswith("backbone.")
-            }
-            member = _build(arch)
-            try:
-                member.load_state_dict(state)
-            except RuntimeError as err:
-                raise ValueError(
-                    f"{self.name}: the weights in member checkpoint {path!r} do not fit its "
-                    f"recorded architecture {arch}: {err}"
-                ) from err
-            members.append(member)
-            archs.append(arch)
-        self._set_members(members, archs, list(self.paths))
-
-    def _set_members(
-        self, members: list[OODBackbone], archs: list[dict[str, Any]], sources: list[str]
-    ) -> None:
-        for m in members:
-            m.eval().requires_grad_(False)  # frozen: never part of a training step
-        self.members = nn.ModuleList(members)
-        self.archs, self.sources = archs, sources
-
-    def _check_same(
-        self, first: dict[str, Any], first_src: str, other: dict[str, Any], other_src: str
-    ) -> None:
-        a = {k: first[k] for k in _ARCH_KEYS}
-        b = {k: other[k] for k in _ARCH_KEYS}
-        if a != b:
-            raise ValueError(
-                f"{self.name}: ensemble members must share one recipe, but {other_src!r} is "
-                f"{b} while {first_src!r} is {a}; list checkpoints of the same architecture "
-                "and class count"
-            )
-
-    def get_extra_state(self) -> dict[str, Any]:
-        """The members' architectures and source files, stored beside their weights."""
-        return {"archs": [dict(a) for a in self.archs], "sources": list(self.sources)}
-
-    def set_extra_state(self, state: Any) -> None:
-        """Rebuild the members from a checkpoint's record (their weights load right after,
-        as this module's children), unless the same architectures are already built."""
-        archs = [dict(a) for a in state.get("archs", [])]
-        if archs == self.archs and len(self.members) == len(archs):
-            self.sources = list(state.get("sources", self.sources))
-            return
-        members = [_build(arch) for arch in archs]
-        device = next((b.device for b in self.buffers()), torch.device("cpu"))
-        self._set_members([m.to(device) for m in members], archs, list(state.get("sources", [])))
-
-    def check_members(self, model: OptModel) -> None:
-        """Members exist and fit the network they are scored beside (class count, input)."""
-        if len(self.members) == 0:
-            missing = [p for p in self.paths if not os.path.isfile(p)]
-            raise FileNotFoundError(
-                f"{self.name}: the deep ensemble has no members: member checkpoints {missing} "
-                "do not exist and no checkpoint supplied their weights; fix the paths in "
-                "`checkpoints`/`checkpoint_template`"
-            )
-        if model is None:
-            return
-        for member, src in zip(self.members, self.sources, strict=True):
-            mine = (int(member.num_classes), tuple(member.input_shape))
-            main = (int(model.num_classes), tuple(model.input_shape))
-            if mine != main:
-                raise ValueError(
-                    f"{self.name}: ensemble member {src!r} has {mine[0]} classes and inputs "
-                    f"{mine[1]}, but the tested model ({type(model).__name__}) has {main[0]} "
-                    f"classes and inputs {main[1]}; use members trained on the same ID set"
-                )
+        self.init_members(checkpoints, checkpoint_template, seeds, self.kind)
 
     # -- scoring ---------------------------------------------------------------------------
     @property

@@ -23,6 +23,9 @@ STD = [0.5, 0.25]
 #: layers): their finalize-only declarations, checked here and exercised in test_de_mcd.py.
 OWN_MODEL_FINALIZE_ONLY = {
     "de": frozenset({"include_model"}),
+    "fssd_ensemble": frozenset(
+        {"noise", "n_noise", "noise_seed", "batch_size", "combiner", "standardize", "default_layer"}
+    ),
     "mcd": frozenset({"passes", "seed", "max_batch"}),
     "mcd_var": frozenset({"passes", "seed", "max_batch"}),
 }

@@ -18,6 +18,12 @@ Layout: ``<root>/<base>/taps-<hash>.pt`` where ``<base>`` hashes (weights, datas
 transform). An entry whose tap set is a superset of the requested one is served too. Writes go
 to a temporary file in the same folder and are renamed into place, so an interrupted run never
 leaves a half-written entry. Loads use ``torch.load(weights_only=True)``: a cache file is data.
+
+A dataset whose outputs do not fit in memory (ImageNet: 1.28 M x 2048 features) is stored
+*sharded* (``shard_rows``): the ``.pt`` entry is then a small index and the rows live in
+``taps-<hash>.shards/shard-<i>.pt``, written through a temporary folder that is renamed into
+place before the index; :class:`ShardedFeatures` streams them one shard at a time, so fitting
+from it holds at most two shards in memory.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -135,6 +143,177 @@ class CachedFeatures:
             {**self.meta, "taps": wanted},
             self.from_cache,
         )
+
+
+class ShardedFeatures:
+    """A cache entry stored in shards, streamed one shard at a time (bounded memory).
+
+    Offers what fitting and scoring need from :class:`CachedFeatures` (``len``,
+    :meth:`as_batches`, :meth:`select_taps`) without holding every row; :meth:`load` gathers
+    everything into one :class:`CachedFeatures` for entries that do fit in memory.
+
+    Attributes:
+        folder: the shard folder.
+        shards: ``[{"file": name, "rows": n}, ...]`` in row order.
+        meta: provenance, as :attr:`CachedFeatures.meta` (``"taps"``: the taps served).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        shards: list[dict[str, Any]],
+        meta: dict[str, Any],
+        from_cache: bool = True,
+    ) -> None:
+        self.folder = Path(folder)
+        self.shards = [dict(s) for s in shards]
+        self.meta = dict(meta)
+        #: Whether the entry was there before (False right after :meth:`FeatureCache.save_stream`).
+        self.from_cache = from_cache
+
+    def __len__(self) -> int:
+        return sum(int(s["rows"]) for s in self.shards)
+
+    @property
+    def taps(self) -> list[str]:
+        return list(self.meta.get("taps", []))
+
+    def _shard(self, entry: dict[str, Any]) -> CachedFeatures:
+        path = self.folder / entry["file"]
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"feature cache shard {path} is missing: the entry {self.folder} is incomplete; "
+                "delete the folder and its index (.pt beside it) to recompute it"
+            ) from err
+        taps = {t: obj["taps"][t] for t in self.taps}
+        if obj["features"].shape[0] != int(entry["rows"]):
+            raise ValueError(
+                f"feature cache shard {path} holds {obj['features'].shape[0]} rows, its index "
+                f"says {entry['rows']}; delete the entry to recompute it"
+            )
+        return CachedFeatures(obj["features"], obj["logits"], taps, obj["targets"], self.meta)
+
+    def as_batches(
+        self, batch_size: int, device: torch.device | str | None = None
+    ) -> Iterator[tuple[BackboneOutput, Tensor]]:
+        """Yield ``(BackboneOutput, targets)`` chunks shard by shard (a batch never spans two
+        shards); only the current shard (and the batch still held by the caller) is in
+        memory."""
+        if batch_size < 1:
+            raise ValueError(f"as_batches: batch_size must be >= 1, got {batch_size}")
+        for entry in self.shards:
+            shard = self._shard(entry)
+            yield from shard.as_batches(batch_size, device)
+            del shard
+
+    def select_taps(self, taps: Sequence[str]) -> ShardedFeatures:
+        """A view serving only ``taps`` (features and logits are always kept)."""
+        wanted = _hooked(taps)
+        missing = [t for t in wanted if t not in self.taps]
+        if missing:
+            raise KeyError(f"taps {missing} are not stored; stored taps: {sorted(self.taps)}")
+        meta = {**self.meta, "taps": wanted}
+        return ShardedFeatures(self.folder, self.shards, meta, self.from_cache)
+
+    def load(self) -> CachedFeatures:
+        """Every row in memory as one :class:`CachedFeatures` (small entries only)."""
+        parts = [self._shard(e) for e in self.shards]
+        return CachedFeatures(
+            torch.cat([p.features for p in parts]),
+            torch.cat([p.logits for p in parts]),
+            {t: torch.cat([p.taps[t] for p in parts]) for t in self.taps},
+            torch.cat([p.targets for p in parts]),
+            dict(self.meta),
+            True,
+        )
+
+
+class ShardWriter:
+    """Write backbone outputs as shards of ``shard_rows`` rows into a temporary folder beside
+    ``folder``, renamed into place by :meth:`close`; :meth:`abort` (or an exception inside a
+    ``with`` block) removes it, so no half-written entry is ever left."""
+
+    def __init__(self, folder: Path, shard_rows: int) -> None:
+        if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
+            raise ValueError(f"shard_rows must be a positive integer, got {shard_rows!r}")
+        self.folder = Path(folder)
+        self.shard_rows = shard_rows
+        self.tmp = self.folder.with_name(f".{self.folder.name}.tmp-{uuid.uuid4().hex[:12]}")
+        self.tmp.mkdir(parents=True)
+        self.shards: list[dict[str, Any]] = []
+        self._pending: list[tuple[BackboneOutput, Tensor]] = []
+        self._rows = 0
+        self.shapes: dict[str, list[int]] = {}
+        self.dtypes: dict[str, str] = {}
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def add(self, out: BackboneOutput, targets: Tensor) -> None:
+        """Append one batch (moved to the CPU); a full shard is written at once."""
+        cpu = BackboneOutput(
+            out.features.detach().cpu(),
+            out.logits.detach().cpu(),
+            {k: v.detach().cpu() for k, v in out.taps.items()},
+        )
+        self._pending.append((cpu, targets.reshape(-1).long().cpu()))
+        self._rows += cpu.features.shape[0]
+        while self._rows >= self.shard_rows:
+            self._flush(self.shard_rows)
+
+    def _flush(self, rows: int) -> None:
+        outs = [o for o, _ in self._pending]
+        whole = CachedFeatures(
+            torch.cat([o.features for o in outs]),
+            torch.cat([o.logits for o in outs]),
+            {k: torch.cat([o.taps[k] for o in outs]) for k in outs[0].taps},
+            torch.cat([t for _, t in self._pending]),
+        )
+        head = whole.subset(torch.arange(rows))
+        name = f"shard-{len(self.shards):05d}.pt"
+        obj = {
+            "features": head.features.contiguous(),
+            "logits": head.logits.contiguous(),
+            "taps": {k: v.contiguous() for k, v in head.taps.items()},
+            "targets": head.targets.contiguous(),
+        }
+        torch.save(obj, self.tmp / name)
+        self.shards.append({"file": name, "rows": rows})
+        if not self.shapes:
+            self.shapes = {
+                "features": list(head.features.shape[1:]),
+                "logits": list(head.logits.shape[1:]),
+                **{f"taps.{k}": list(v.shape[1:]) for k, v in head.taps.items()},
+            }
+            self.dtypes = {"features": str(head.features.dtype), "logits": str(head.logits.dtype)}
+        rest = whole.subset(torch.arange(rows, len(whole)))
+        self._pending = (
+            [(BackboneOutput(rest.features, rest.logits, rest.taps), rest.targets)]
+            if len(rest)
+            else []
+        )
+        self._rows = len(rest)
+
+    def close(self) -> list[dict[str, Any]]:
+        """Write the last partial shard and move the folder into place; returns the shards."""
+        if self._rows:
+            self._flush(self._rows)
+        if not self.shards:
+            self.abort()
+            raise ValueError("no rows were written: the stream yielded no batch")
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        os.replace(self.tmp, self.folder)
+        return self.shards
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _hooked(taps: Sequence[str]) -> list[str]:
@@ -332,7 +511,7 @@ def compute_features(
 def fit_from_cache(
     detectors: Iterable[Detector],
     backbone: nn.Module,
-    train: CachedFeatures | None,
+    train: CachedFeatures | ShardedFeatures | None,
     batch_size: int = 4096,
     *,
     finalize: bool = True,
@@ -349,7 +528,7 @@ def fit_from_cache(
 
 def score_cached(
     detectors: Mapping[str, Detector],
-    cached: CachedFeatures,
+    cached: CachedFeatures | ShardedFeatures,
     batch_size: int = 4096,
     *,
     components: bool = False,
@@ -425,7 +604,7 @@ class FeatureCache:
     # -- read/write ---------------------------------------------------------------------------
     def _read(
         self, path: Path, expect: Mapping[str, Any], taps: Sequence[str]
-    ) -> CachedFeatures | None:
+    ) -> CachedFeatures | ShardedFeatures | None:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # a foreign or damaged file: recompute and replace it
@@ -439,6 +618,18 @@ class FeatureCache:
                 f"feature cache entry {path} does not match its key; recomputing", stacklevel=3
             )
             return None
+        if "shards" in obj:
+            folder = path.with_suffix(".shards")
+            missing = [e["file"] for e in obj["shards"] if not (folder / e["file"]).is_file()]
+            if missing:
+                warnings.warn(
+                    f"feature cache entry {path} lacks shards {missing[:3]} in {folder}; "
+                    "recomputing",
+                    stacklevel=3,
+                )
+                return None
+            sharded = ShardedFeatures(folder, obj["shards"], meta)
+            return sharded if set(_hooked(taps)) == set(sharded.taps) else sharded.select_taps(taps)
         cached = CachedFeatures(
             obj["features"], obj["logits"], obj["taps"], obj["targets"], meta, True
         )
@@ -448,7 +639,7 @@ class FeatureCache:
 
     def load(
         self, weights: str, dataset_id: str, transform_id: str, taps: Sequence[str] = ()
-    ) -> CachedFeatures | None:
+    ) -> CachedFeatures | ShardedFeatures | None:
         """The stored entry for these identities (or one storing a superset of ``taps``)."""
         path = self.entry_path(weights, dataset_id, transform_id, taps)
         expect = {"weights": weights, "dataset_id": dataset_id, "transform_id": transform_id}
@@ -479,21 +670,13 @@ class FeatureCache:
         taps = _hooked(list(cached.taps))
         path = self.entry_path(weights, dataset_id, transform_id, taps)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "format": FORMAT_VERSION,
-            "weights": weights,
-            "dataset_id": dataset_id,
-            "transform_id": transform_id,
-            "taps": taps,
-            "rows": len(cached),
-            "shapes": {
-                "features": list(cached.features.shape),
-                "logits": list(cached.logits.shape),
-                **{f"taps.{k}": list(v.shape) for k, v in cached.taps.items()},
-            },
-            "dtypes": {"features": str(cached.features.dtype), "logits": str(cached.logits.dtype)},
-            "torch": str(torch.__version__),
+        shapes = {
+            "features": list(cached.features.shape),
+            "logits": list(cached.logits.shape),
+            **{f"taps.{k}": list(v.shape) for k, v in cached.taps.items()},
         }
+        dtypes = {"features": str(cached.features.dtype), "logits": str(cached.logits.dtype)}
+        meta = self._meta(weights, dataset_id, transform_id, taps, len(cached), shapes, dtypes)
         obj = {
             "meta": meta,
             "features": cached.features.contiguous(),
@@ -505,6 +688,58 @@ class FeatureCache:
         cached.meta = {**cached.meta, **meta}
         return path
 
+    @staticmethod
+    def _meta(
+        weights: str,
+        dataset_id: str,
+        transform_id: str,
+        taps: list[str],
+        rows: int,
+        shapes: dict[str, list[int]],
+        dtypes: dict[str, str],
+    ) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "weights": weights,
+            "dataset_id": dataset_id,
+            "transform_id": transform_id,
+            "taps": taps,
+            "rows": rows,
+            "shapes": shapes,
+            "dtypes": dtypes,
+            "torch": str(torch.__version__),
+        }
+
+    def save_stream(
+        self,
+        batches: Iterable[tuple[BackboneOutput, Tensor | None]],
+        weights: str,
+        dataset_id: str,
+        transform_id: str,
+        taps: Sequence[str] = (),
+        shard_rows: int = 65536,
+    ) -> ShardedFeatures:
+        """Store a stream of ``(outputs, targets)`` batches as a sharded entry, in bounded
+        memory (at most one shard plus one batch); returns it, ready to stream. Targets of
+        ``None`` are stored as -1. The entry appears only once every shard is written."""
+        hooked = _hooked(taps)
+        path = self.entry_path(weights, dataset_id, transform_id, hooked)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with ShardWriter(path.with_suffix(".shards"), shard_rows) as writer:
+            for out, y in batches:
+                missing = [t for t in hooked if t not in out.taps]
+                if missing:
+                    raise KeyError(f"save_stream: the batches lack the taps {missing}")
+                out = BackboneOutput(out.features, out.logits, {t: out.taps[t] for t in hooked})
+                n = out.features.shape[0]
+                writer.add(out, torch.full((n,), -1, dtype=torch.long) if y is None else y)
+            shards = writer.close()
+        rows = sum(e["rows"] for e in shards)
+        shapes = {k: [rows, *v] for k, v in writer.shapes.items()}
+        meta = self._meta(weights, dataset_id, transform_id, hooked, rows, shapes, writer.dtypes)
+        atomic_save({"meta": meta, "shards": shards}, path)
+        return ShardedFeatures(path.with_suffix(".shards"), shards, meta, from_cache=False)
+
     def get_or_compute(
         self,
         backbone: nn.Module,
@@ -514,11 +749,14 @@ class FeatureCache:
         transform_id: str | None = None,
         progress: bool = True,
         desc: str = "features",
-    ) -> CachedFeatures:
+        shard_rows: int | None = None,
+    ) -> CachedFeatures | ShardedFeatures:
         """Read the entry for (weights, dataset, transform, taps), or compute and store it.
 
         A hit runs no forward pass. ``dataset_id``/``transform_id`` default to
         :func:`describe_loader`; pass them when a dataset's attributes do not identify it.
+        With ``shard_rows`` a miss streams the eval pass into shards of that many rows (for
+        datasets whose outputs do not fit in memory) and returns :class:`ShardedFeatures`.
         """
         if dataset_id is None or transform_id is None:
             auto_d, auto_t = describe_loader(loader)
@@ -530,6 +768,13 @@ class FeatureCache:
             self.hits += 1
             return hit
         self.misses += 1
+        if shard_rows is not None:
+            hooked = _hooked(taps)
+            stream = (
+                (out, y)
+                for _, y, out in eval_pass(backbone, loader, hooked, progress=progress, desc=desc)  # type: ignore[arg-type]
+            )
+            return self.save_stream(stream, weights, dataset_id, transform_id, hooked, shard_rows)
         cached = compute_features(backbone, loader, taps, progress=progress, desc=desc)
         self.save(cached, weights, dataset_id, transform_id)
         return cached

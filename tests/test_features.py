@@ -4,6 +4,7 @@ dataset slice, transform and tap set, and atomic writes."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from lightning_ood.features import (
     describe_loader,
 )
 from lightning_ood.models import create_model
-from lightning_ood.models.base import OODBackbone
+from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 NORM = T.Normalize((0.2860,), (0.3530,))
 
@@ -267,3 +268,72 @@ def test_cached_features_batches_and_subsets() -> None:
         CachedFeatures(f, f[:5], {}, torch.arange(10))
     with pytest.raises(KeyError, match="not stored"):
         c.select_taps(["u"])
+
+
+# -- sharded entries (ImageNet-scale outputs in bounded memory) -------------------------------
+def test_sharded_entry_streams_the_same_rows_and_fits_the_same_state(
+    tmp_path: Path, fmnist: FashionMNIST, lenet: OODBackbone
+) -> None:
+    from lightning_ood.detectors import KNN, Mahalanobis, ReAct
+    from lightning_ood.features import ShardedFeatures, fit_from_cache
+
+    loader = _loader(fmnist, every=40)  # 250 real test images, batches of 64
+    cache = FeatureCache(tmp_path)
+    whole = compute_features(lenet, loader, taps=["fc1"])
+    sharded = cache.get_or_compute(lenet, loader, ["fc1"], progress=False, shard_rows=100)
+    assert isinstance(sharded, ShardedFeatures) and not sharded.from_cache
+    assert [e["rows"] for e in sharded.shards] == [100, 100, 50] and len(sharded) == 250
+    shard_files = sorted(p.name for p in sharded.folder.iterdir())
+    assert shard_files == ["shard-00000.pt", "shard-00001.pt", "shard-00002.pt"]
+    # Another process finds the index and streams the same bytes; no temporary folder is left.
+    hit = FeatureCache(tmp_path).get_or_compute(lenet, loader, ["fc1"], shard_rows=100)
+    assert isinstance(hit, ShardedFeatures) and hit.from_cache
+    _assert_same(whole, hit.load())
+    assert not [p for p in tmp_path.rglob(".*tmp-*")]
+    assert hit.meta["shapes"]["features"] == [250, 128] and hit.meta["rows"] == 250
+    assert hit.select_taps([]).taps == [] and hit.load().taps.keys() == {"fc1"}
+    # Fitting from the stream gives the state fitting from memory gives (batches of 50 divide
+    # both the shards and the whole, so every accumulator sees the same batches).
+    dets = {
+        "maha": lambda: Mahalanobis(taps=["fc1"]),
+        "react": lambda: ReAct(percentile=90.0, max_samples=1000),  # radix selection path
+        "knn": lambda: KNN(k=5, bank_fraction=0.5, seed=3, store_bank=True),
+    }
+    streamed = {n: f() for n, f in dets.items()}
+    in_memory = {n: f() for n, f in dets.items()}
+    fit_from_cache(streamed.values(), lenet, hit, batch_size=50)
+    fit_from_cache(in_memory.values(), lenet, whole, batch_size=50)
+    for n in dets:
+        a, b = streamed[n].state_dict(), in_memory[n].state_dict()
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, equal_nan=True, msg=f"{n} {k}")
+
+
+def test_sharded_write_interrupted_or_damaged_leaves_no_entry(
+    tmp_path: Path, fmnist: FashionMNIST, lenet: OODBackbone
+) -> None:
+    loader = _loader(fmnist, every=100)  # 100 images
+    cache = FeatureCache(tmp_path)
+
+    def dying_stream() -> Iterator[tuple[BackboneOutput, Tensor]]:
+        for i, batch in enumerate(compute_features(lenet, loader).as_batches(30)):
+            if i == 2:
+                raise KeyboardInterrupt  # Ctrl-C after one full shard was written
+            yield batch
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.save_stream(dying_stream(), "w", "d", "t", shard_rows=40)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len([p for p in tmp_path.rglob("*") if p.is_dir()]) == 1  # the entry's parent
+    assert cache.load("w", "d", "t") is None
+    stored = cache.save_stream(compute_features(lenet, loader).as_batches(30), "w", "d", "t",
+                               shard_rows=40)  # fmt: skip
+    (stored.folder / "shard-00001.pt").unlink()
+    with pytest.warns(UserWarning, match="lacks shards"):
+        assert cache.load("w", "d", "t") is None
+    with pytest.raises(ValueError, match="shard_rows"):
+        cache.save_stream(iter([]), "w", "d", "t", shard_rows=0)
+    with pytest.raises(ValueError, match="no rows"):
+        cache.save_stream(iter([]), "w", "d", "t", shard_rows=10)
+    assert not [p for p in tmp_path.rglob(".*tmp-*")]

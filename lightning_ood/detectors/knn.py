@@ -25,6 +25,7 @@ from lightning_ood.detectors.base import (
     check_choice,
     check_int,
     check_range,
+    exporting,
 )
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
@@ -80,7 +81,7 @@ def topk_scores(
     k: int,
     *,
     offset: Tensor | None = None,
-    query_chunk: int = 1024,
+    query_chunk: int | None = 1024,
     bank_chunk: int = 16384,
 ) -> Tensor:
     """The ``k`` largest values of ``queries @ bank.T - offset`` per query row, descending.
@@ -89,13 +90,15 @@ def topk_scores(
     ``bank_chunk`` rows, keeping a running top-k, so at most ``query_chunk x (bank_chunk + k)``
     similarities exist at once (never queries x bank). ``offset`` (N,) is subtracted per bank
     entry (KNN passes ‖b‖²/2, so the top-k are the nearest neighbours in L2).
+    ``query_chunk=None`` takes every query at once (a traced program: a Python loop over a
+    symbolic batch size would fix it).
     """
     if k > bank.shape[0]:
         raise ValueError(f"k={k} exceeds the {bank.shape[0]} bank entries")
     q = queries.to(bank.dtype)
     out = []
-    for qs in range(0, q.shape[0], query_chunk):
-        qc = q[qs : qs + query_chunk]
+    chunks = [q] if query_chunk is None else q.split(query_chunk)
+    for qc in chunks:
         best = qc.new_empty(qc.shape[0], 0)
         for bs in range(0, bank.shape[0], bank_chunk):
             sims = qc @ bank[bs : bs + bank_chunk].T
@@ -263,20 +266,23 @@ class BankDetector(Detector):
         n = rows.shape[0]
         if self.bank_fraction < 1.0:
             keep = seeded_uniform(self._seen, n, self.seed, rows.device) < self.bank_fraction
-            rows = rows[keep]
+            rows = rows[keep]  # boolean indexing copies
+        elif any(rows.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+                 for t in (out.features, out.logits, *out.taps.values())):  # fmt: skip
+            rows = rows.clone()  # rows that alias the batch's outputs (bank_rows = a view)
         self._seen += n
         if self._chunks and rows.shape[1] != self._chunks[0].shape[1]:
             raise ValueError(
                 f"{self.name}: feature width changed from {self._chunks[0].shape[1]} to "
                 f"{rows.shape[1]} during fitting"
             )
-        self._chunks.append(rows.clone())
+        self._chunks.append(rows)
 
     def finalize(self, model: OODBackbone, reducer: Reducer | None = None) -> None:
         """Concatenate the kept rows of every rank into the bank and record its metadata."""
         reducer = reducer or Reducer()
         if self._chunks:
-            local = torch.cat(self._chunks)
+            local = self._chunks[0] if len(self._chunks) == 1 else torch.cat(self._chunks)
         else:  # a rank that saw no batch still joins the gather
             local = self.bank.new_zeros(0, model.num_features)
         self._chunks = [local]  # finalize may run again (finalize-only configurations)
@@ -323,6 +329,9 @@ class BankDetector(Detector):
                 f"{self.name}: features must have shape (B, {bank.shape[1]}), got "
                 f"{tuple(queries.shape)}; was the detector fitted on another backbone?"
             )
+        if exporting():  # traced: torch only, the whole batch as one query chunk
+            return topk_scores(queries, bank, self.k, offset=offset, query_chunk=None,
+                               bank_chunk=self.bank_chunk)  # fmt: skip
         if queries.shape[0] == 0:
             return bank.new_zeros(0, self.k)
         if self._use_faiss():

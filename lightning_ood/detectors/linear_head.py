@@ -70,7 +70,8 @@ class MeanHeadDetector(LinearHeadDetector):
         h = out.features.detach()
         if self.feature_sum.numel() == 0:
             self.feature_sum = torch.zeros(h.shape[1], dtype=torch.float64, device=h.device)
-        self.feature_sum += h.sum(dim=0, dtype=torch.float64)
+        # widen, then sum: bit-identical to ``sum(dim=0, dtype=float64)``, several times faster
+        self.feature_sum += h.double().sum(dim=0)
         self.count += h.shape[0]
 
     def _finalize_mean(self, model: OODBackbone, reducer: Reducer | None) -> None:

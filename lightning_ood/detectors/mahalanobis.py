@@ -11,7 +11,9 @@ FSSD.
 
 from __future__ import annotations
 
-from typing import ClassVar
+import contextlib
+import weakref
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -43,6 +45,83 @@ def squared_distances(f: Tensor, means: Tensor, precision: Tensor) -> Tensor:
     return (fpf - 2.0 * pf @ means.T + mpm).clamp_min(0.0)
 
 
+#: The last batch's Gram matrix: detectors fitted in one pass over the same features
+#: (Mahalanobis, RMDS) compute Σ x xᵀ of a batch once. One tuple (weak reference to the
+#: batch tensor, its version, the Gram), replaced whole so that a reader never mixes two
+#: entries; cleared when the tensor is freed, so it never keeps a batch alive.
+_LAST_GRAM: list[tuple[weakref.ref, int, Tensor] | None] = [None]
+
+
+def _forget_gram(ref: weakref.ref) -> None:
+    entry = _LAST_GRAM[0]
+    if entry is not None and entry[0] is ref:
+        _LAST_GRAM[0] = None
+
+
+def batch_gram(f: Tensor, f64: Tensor | None = None) -> Tensor:
+    """Σ_i f_i f_iᵀ over the rows of ``f`` (B, C), in float64 (C, C); do not modify it.
+    ``f64``: ``f`` already widened to float64, if the caller has it.
+
+    Memoised on the tensor object and its version counter, so several detectors that
+    accumulate second moments of the same batch (Mahalanobis and RMDS fitted together by the
+    engine) share one float64 product, the dominant cost of their fits."""
+    if not f.is_inference():  # inference tensors have no version counter to key on
+        entry = _LAST_GRAM[0]
+        if entry is not None and entry[0]() is f and entry[1] == f._version:
+            return entry[2]
+    fd = (f.double() if f64 is None else f64).detach()
+    gram = _cpu_gram(fd) if fd.device.type == "cpu" else fd.T @ fd
+    if not f.is_inference():
+        _LAST_GRAM[0] = (weakref.ref(f, _forget_gram), f._version, gram)
+    return gram
+
+
+#: numpy's BLAS thread pool, limited to torch's thread count while it runs (created lazily).
+_BLAS_POOL: list[Any] = []
+
+
+def _blas_threads(n: int) -> contextlib.AbstractContextManager[Any]:
+    """Limit numpy's BLAS to ``n`` threads (torch's setting) for the duration; a no-op
+    without ``threadpoolctl`` (a scikit-learn dependency)."""
+    if not _BLAS_POOL:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS_POOL.append(ThreadpoolController())
+        except Exception:  # pragma: no cover - threadpoolctl missing or unusable
+            _BLAS_POOL.append(None)
+    pool = _BLAS_POOL[0]
+    return contextlib.nullcontext() if pool is None else pool.limit(limits=n, user_api="blas")
+
+
+def _cpu_gram(fd: Tensor) -> Tensor:
+    """fdᵀ fd of a CPU float64 (B, C) matrix. numpy hands ``aᵀ @ a`` to BLAS ``syrk``, which
+    computes one triangle (half the multiply-adds of torch's GEMM, measured 2.4x faster at
+    B 4,096, C 342) and mirrors it, run on torch's number of threads."""
+    a = fd.contiguous().numpy()
+    with _blas_threads(torch.get_num_threads()):
+        return torch.from_numpy(a.T @ a)
+
+
+def covariance_pinv(cov: Tensor) -> Tensor:
+    """``torch.linalg.pinv(cov, hermitian=True)`` of a symmetric covariance, through a Cholesky
+    factorisation when that provably gives the same matrix, else ``pinv`` itself.
+
+    ``pinv`` drops the eigenvalues below ``rtol·λ_max`` (``rtol = eps·C``, its default). With
+    λ_max <= ‖Σ‖_F and λ_min >= 1/‖Σ⁻¹‖_F, a Cholesky inverse whose Frobenius condition
+    number stays below half of 1/rtol drops none, so it is the pseudo-inverse (to rounding),
+    at a fraction of the eigendecomposition's cost. Singular or nearly singular covariances
+    (dead units) take ``pinv``."""
+    chol, info = torch.linalg.cholesky_ex(cov)
+    if int(info) == 0:
+        inv = torch.cholesky_inverse(chol)
+        rtol = torch.finfo(cov.dtype).eps * cov.shape[0]
+        kappa = torch.linalg.matrix_norm(cov) * torch.linalg.matrix_norm(inv)
+        if bool(torch.isfinite(kappa)) and float(kappa) * rtol < 0.5:
+            return 0.5 * (inv + inv.T)
+    return torch.linalg.pinv(cov, hermitian=True)
+
+
 class Mahalanobis(LayerEnsembleDetector):
     """Class means + tied covariance per tap, negated minimum Mahalanobis distance.
 
@@ -50,7 +129,8 @@ class Mahalanobis(LayerEnsembleDetector):
     across DDP ranks in :meth:`finalize`; the within-class covariance is
     ``Σ = (Σ_i x_i x_iᵀ - Σ_k n_k μ_k μ_kᵀ) / N`` (the biased estimate of the reference's
     ``sklearn.covariance.EmpiricalCovariance`` on class-centred features), and the precision
-    is ``torch.linalg.pinv(Σ, hermitian=True)`` (the reference uses scipy's ``pinvh``).
+    is ``torch.linalg.pinv(Σ, hermitian=True)`` (the reference uses scipy's ``pinvh``; through
+    a Cholesky inverse where that provably equals it, :func:`covariance_pinv`).
     Means and precisions are float64 buffers ``means_<i>``/``precision_<i>``.
 
     Args:
@@ -140,7 +220,8 @@ class Mahalanobis(LayerEnsembleDetector):
             )
         self.class_count += counts.to(self.class_count)
         for i, tap in enumerate(self._tap_list):
-            f = pool_tap(out.tap(tap), tap).double()
+            raw = pool_tap(out.tap(tap), tap)
+            f = raw.double()
             if f.shape[0] != y.shape[0]:
                 raise ValueError(
                     f"{self.name}: tap {tap!r} has {f.shape[0]} samples but target has {y.shape[0]}"
@@ -154,7 +235,7 @@ class Mahalanobis(LayerEnsembleDetector):
                     f"{self.name}: tap {tap!r} width changed from {sums.shape[1]} to {f.shape[1]}"
                 )
             sums.index_add_(0, y, f)
-            outer.addmm_(f.T, f)
+            outer += batch_gram(raw, f)
             setattr(self, f"class_sum_{i}", sums)
             setattr(self, f"outer_{i}", outer)
 
@@ -182,7 +263,7 @@ class Mahalanobis(LayerEnsembleDetector):
             cov = 0.5 * (cov + cov.T)
             setattr(self, f"means_{i}", means)
             setattr(self, f"covariance_{i}", cov)
-            setattr(self, f"precision_{i}", torch.linalg.pinv(cov, hermitian=True))
+            setattr(self, f"precision_{i}", covariance_pinv(cov))
         self.fitted.fill_(True)
 
     # -- scoring --------------------------------------------------------------------------
@@ -215,4 +296,4 @@ class Mahalanobis(LayerEnsembleDetector):
         return (x - self.epsilon * divide_by_input_std(sign, self.input_std)).detach()
 
 
-__all__ = ["Mahalanobis", "pool_tap", "squared_distances"]
+__all__ = ["Mahalanobis", "batch_gram", "covariance_pinv", "pool_tap", "squared_distances"]

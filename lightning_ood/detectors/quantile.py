@@ -5,9 +5,10 @@ activations. At ImageNet scale that is 1.28 M × 2048 ≈ 2.6 G values, which ca
 a subsample gives another number (the strided sampler this replaces: 0.40105 for p90 on a
 DenseNet slice whose exact value is 0.40072). :class:`StreamingPercentile` is exact:
 
-* while the values seen fit in ``max_values`` they are kept and the percentile is the usual
-  sort-based one (:func:`~lightning_ood.detectors.base.percentile`, ``numpy.percentile``'s
-  linear interpolation): one pass;
+* while the values seen fit in ``max_values`` they are kept and the percentile is
+  ``numpy.percentile``'s linear interpolation between two order statistics, found by
+  selection (``torch.kthvalue``, O(n)) instead of a full sort: bit-identical to the sort-based
+  :func:`~lightning_ood.detectors.base.percentile`, one pass;
 * beyond that, a radix selection on the order-preserving integer key of each float finds the
   two order statistics the interpolation needs: pass 1 counts the keys' top 16 bits (65,536
   bins), every further pass the next 16 bits of the values that share the prefix found so far,
@@ -25,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_ood.detectors.base import Reducer, percentile
+from lightning_ood.detectors.base import Reducer
 
 _BINS = 1 << 16
 
@@ -39,6 +40,34 @@ def _order_key(x: Tensor) -> tuple[Tensor, int]:
         bits, width, mask = x.float().view(torch.int32).to(torch.int64), 32, 0x7FFFFFFF
     # Negative floats: flip the magnitude bits so that a larger magnitude sorts lower.
     return torch.where(bits >= 0, bits, bits ^ mask), width
+
+
+def kth_percentile(x: Tensor, p: float) -> Tensor:
+    """``numpy.percentile(x, p)`` (linear interpolation) of a flat tensor by selection: the
+    two order statistics the interpolation needs, the lower by ``torch.kthvalue`` and the upper
+    by one masked pass, combined exactly as the sort-based
+    :func:`~lightning_ood.detectors.base.percentile` does (bit-identical, O(n) instead of a
+    sort of n values)."""
+    if not 0.0 <= p <= 100.0:
+        raise ValueError(f"percentile p must be in [0, 100], got {p}")
+    v = x.flatten()
+    n = v.numel()
+    if n == 0:
+        raise ValueError("percentile of an empty tensor")
+    pos = (n - 1) * p / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    frac = pos - lo
+    a = torch.kthvalue(v, lo + 1).values
+    if hi == lo or int(torch.count_nonzero(v <= a)) > hi:
+        b = a  # the (hi + 1)-th smallest ties with the (lo + 1)-th
+    else:  # the next larger value
+        b = torch.where(v > a, v, torch.full((), math.inf, dtype=v.dtype, device=v.device)).min()
+    return a + (b - a) * frac
+
+
+def _width(dtype: torch.dtype) -> int:
+    """Bits of :func:`_order_key` for values of ``dtype``."""
+    return 64 if dtype == torch.float64 else 32
 
 
 def _from_key(key: int, width: int) -> Tensor:
@@ -90,7 +119,9 @@ class StreamingPercentile:
     def add(self, x: Tensor) -> None:
         """Feed a batch of values (any shape; flattened)."""
         v = x.detach().flatten()
-        if not torch.isfinite(v).all():
+        # one cheap reduction; NaN/inf always make the sum non-finite (an overflowing sum of
+        # finite values only costs the full check)
+        if not torch.isfinite(v.sum()) and not torch.isfinite(v).all():
             bad = int((~torch.isfinite(v)).sum())
             raise ValueError(
                 f"percentile: {bad} of {v.numel()} values are NaN/inf; the training features "
@@ -99,19 +130,27 @@ class StreamingPercentile:
         if self._dtype is None:
             self._dtype = v.dtype if v.dtype == torch.float64 else torch.float32
             self._device = v.device
+            self._width = _width(self._dtype)
         self._count += v.numel()
-        key, self._width = _order_key(v.to(self._dtype))
-        if not self.selecting:  # first pass: keep while small, always count the top 16 bits
-            if self._count <= self.max_values:
+        if not self.selecting:  # first pass: keep while small; past that, count top 16 bits
+            if self._hist is None and self._count <= self.max_values:
                 self._kept.append(v.to(self._dtype))
-            else:
+                return
+            if self._hist is None:  # just overflowed: histogram what was kept, drop it
+                for kept in self._kept:
+                    self._add_top(kept)
                 self._kept = []
-            top = (key >> (self._width - 16)) + (_BINS // 2)
-            self._add_hist(0, top)
+            self._add_top(v.to(self._dtype))
             return
+        key, _ = _order_key(v.to(self._dtype))
         for i, (prefix, _) in enumerate(self._targets):
             sel = key[(key >> (self._shift + 16)) == prefix]
             self._add_hist(i, (sel >> self._shift) & (_BINS - 1))
+
+    def _add_top(self, v: Tensor) -> None:
+        """Count the values' top 16 key bits (the first radix digit)."""
+        key, _ = _order_key(v)
+        self._add_hist(0, (key >> (self._width - 16)) + (_BINS // 2))
 
     def _add_hist(self, i: int, bins: Tensor) -> None:
         counts = torch.bincount(bins, minlength=_BINS)
@@ -127,20 +166,29 @@ class StreamingPercentile:
         device = self._device or torch.device("cpu")
         if self._dtype is None:  # a rank that saw no value: the float32 key layout
             self._dtype, self._width = torch.float32, 32
+        if not self.selecting:
+            seen = torch.tensor(self._count, dtype=torch.int64, device=device)
+            n = int(reducer.sum(seen))
+            if n == 0:
+                raise RuntimeError("percentile: no values were seen in the training pass")
+            if n <= self.max_values:  # then every rank kept all its values: select from them
+                dtype = self._dtype or torch.float32
+                mine = (
+                    (self._kept[0] if len(self._kept) == 1 else torch.cat(self._kept))
+                    if self._kept
+                    else torch.zeros(0, dtype=dtype)
+                )
+                self.value = kth_percentile(reducer.cat(mine.to(device)), self.p)
+                self._finish()
+                return False
+            if self._hist is None:  # this rank's values fit: count their top bits now
+                for kept in self._kept:
+                    self._add_top(kept)
         if self._hist is None:  # a rank that saw no batch still joins the reductions
             rows = max(1, len(self._targets))
             self._hist = torch.zeros(rows, _BINS, dtype=torch.int64, device=device)
         hist = reducer.sum(self._hist).cpu()
         if not self.selecting:
-            n = int(hist.sum())
-            if n == 0:
-                raise RuntimeError("percentile: no values were seen in the training pass")
-            if n <= self.max_values:  # then every rank kept all its values: sort them
-                dtype = self._dtype or torch.float32
-                mine = torch.cat(self._kept) if self._kept else torch.zeros(0, dtype=dtype)
-                self.value = percentile(reducer.cat(mine.to(device)), self.p)
-                self._finish()
-                return False
             self._kept = []
             pos = (n - 1) * self.p / 100.0
             ranks = sorted({math.floor(pos), math.ceil(pos)})
@@ -189,4 +237,4 @@ class StreamingPercentile:
         self._kept, self._targets, self._hist = [], [], None
 
 
-__all__ = ["StreamingPercentile"]
+__all__ = ["StreamingPercentile", "kth_percentile"]

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lightning_ood.detectors.base import Detector, OptInput, OptModel, Reducer
-from lightning_ood.detectors.mahalanobis import squared_distances
+from lightning_ood.detectors.mahalanobis import batch_gram, covariance_pinv, squared_distances
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 
@@ -27,7 +27,8 @@ class RMDS(Detector):
     v1.5's ``sklearn.covariance.EmpiricalCovariance``: the within-class
     ``Σ = (Σ_i x_i x_iᵀ - Σ_k n_k μ_k μ_kᵀ) / N`` and the background
     ``Σ_0 = Σ_i x_i x_iᵀ / N - μ_0 μ_0ᵀ``; precisions by ``pinv(·, hermitian=True)`` (sklearn's
-    ``pinvh``). The distances come from Mahalanobis' ``squared_distances``.
+    ``pinvh``; a Cholesky inverse where that provably equals it, ``covariance_pinv``). The
+    distances come from Mahalanobis' ``squared_distances``.
 
     Args:
         name: instance name (default ``"rmds"``).
@@ -83,7 +84,7 @@ class RMDS(Detector):
             )
         self.class_count += torch.bincount(y, minlength=n_classes).to(h)
         self.class_sum.index_add_(0, y, h)
-        self.outer.addmm_(h.T, h)
+        self.outer += batch_gram(out.features, h)
 
     def finalize(self, model: OODBackbone, reducer: Reducer | None = None) -> None:
         """All-reduce the sums, then derive μ_k, Σ⁺, μ_0 and Σ_0⁺."""
@@ -111,9 +112,9 @@ class RMDS(Detector):
         mean0 = sums.sum(dim=0) / total
         cov0 = outer / total - torch.outer(mean0, mean0)
         self.means = means
-        self.precision = torch.linalg.pinv(0.5 * (cov + cov.T), hermitian=True)
+        self.precision = covariance_pinv(0.5 * (cov + cov.T))
         self.background_mean = mean0
-        self.background_precision = torch.linalg.pinv(0.5 * (cov0 + cov0.T), hermitian=True)
+        self.background_precision = covariance_pinv(0.5 * (cov0 + cov0.T))
         self.fitted.fill_(True)
 
     def relative_distances(self, features: Tensor) -> Tensor:

@@ -138,13 +138,14 @@ class ViM(LinearHeadDetector):
             )
         self.count += h.shape[0]
         self.feature_sum += hd.sum(dim=0)
+        # in place, in stream order: the sums, hence the basis, do not depend on the batching
         self.outer.addmm_(hd.T, hd)
         if h.shape[0]:
             self.max_logit_sum += out.logits.detach().double().max(dim=1).values.sum()
         prio = seeded_uniform(self._seen, h.shape[0], self.seed, h.device)
         self._seen += h.shape[0]
         keep = prio < self._cutoff
-        self._sample.append((prio[keep], h[keep].clone()))
+        self._sample.append((prio[keep], h[keep]))  # boolean indexing copies
         self._sample_rows += int(keep.sum())
         m = self._capacity(h.shape[1])
         if self._sample_rows > 2 * m:
@@ -190,8 +191,9 @@ class ViM(LinearHeadDetector):
             prio = torch.zeros(0, dtype=torch.float64, device=dev)
             rows = torch.zeros(0, q, dtype=self.weight.dtype, device=dev)
         prio, rows = reducer.cat(prio), reducer.cat(rows)
-        order = torch.sort(prio, stable=True).indices[: self._capacity(q)]
-        residual = ((rows[order].double() - u) @ basis).norm(dim=1).mean()
+        if rows.shape[0] > self._capacity(q):  # else the whole (all-rank) sample enters
+            rows = rows[torch.sort(prio, stable=True).indices[: self._capacity(q)]]
+        residual = ((rows.double() - u) @ basis).norm(dim=1).mean()
         if not bool(torch.isfinite(residual)) or float(residual) <= 0:
             raise ValueError(
                 f"{self.name}: the training features have no residual outside the principal "
@@ -206,13 +208,16 @@ class ViM(LinearHeadDetector):
     # -- scoring --------------------------------------------------------------------------
     def virtual_logit(self, features: Tensor) -> Tensor:
         """α‖x^{P⊥}‖, (B,) float64."""
-        h = self._check_features(features).double()
+        return self._virtual_logit(self._check_features(features).double())
+
+    def _virtual_logit(self, h: Tensor) -> Tensor:
+        """α‖x^{P⊥}‖ of features already checked and in float64 (one conversion per batch)."""
         return self.alpha * ((h - self.origin) @ self.residual_basis).norm(dim=1)
 
     def score(self, out: BackboneOutput, model: OptModel = None, inputs: OptInput = None) -> Tensor:
         h = self._check_features(out.features).double()
         energy = torch.logsumexp(h @ self.weight.double().T + self.bias.double(), dim=1)
-        return energy - self.virtual_logit(out.features)
+        return energy - self._virtual_logit(h)
 
 
 __all__ = ["ViM", "default_dim"]

@@ -322,7 +322,6 @@ def severity_summary(
     """Per detector and severity, ``metric`` over the corruption types (FSSD paper Figures 4
     and 5): mean, quartiles, min, max and the number of types. Non-corrupted sets are
     ignored; ``{}`` when there are none."""
-    import numpy as np
 
     out: dict[str, dict[str, dict[str, float]]] = {}
     for det, per_set in metrics.items():
@@ -333,20 +332,25 @@ def severity_summary(
                 by_sev.setdefault(parsed[2], []).append(float(vals[metric]))
         if not by_sev:
             continue
-        out[det] = {}
-        for sev in sorted(by_sev):
-            v = np.asarray(by_sev[sev], dtype=np.float64)
-            q1, med, q3 = np.percentile(v, [25, 50, 75])
-            out[det][str(sev)] = {
-                "mean": float(v.mean()),
-                "q1": float(q1),
-                "median": float(med),
-                "q3": float(q3),
-                "min": float(v.min()),
-                "max": float(v.max()),
-                "n": int(v.size),
-            }
+        out[det] = {str(sev): _spread(by_sev[sev]) for sev in sorted(by_sev)}
     return out
+
+
+def _spread(values: Sequence[float]) -> dict[str, float]:
+    """Mean, quartiles (numpy's linear interpolation), min, max and count of ``values``."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64)
+    q1, med, q3 = np.percentile(v, [25, 50, 75])
+    return {
+        "mean": float(v.mean()),
+        "q1": float(q1),
+        "median": float(med),
+        "q3": float(q3),
+        "min": float(v.min()),
+        "max": float(v.max()),
+        "n": int(v.size),
+    }
 
 
 def severity_lines(
@@ -632,3 +636,34 @@ __all__ += [
     "format_neuron_overlap_csv",
     "log_activated_neurons",
 ]
+
+
+def robustness_summary(
+    runs: Sequence[tuple[int, Mapping[str, Any]]], ood_set: str, metric: str = "auroc"
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``metric`` on ``ood_set`` per detector and severity over several runs (FSSD paper
+    Figure 5: ID and OOD test data both corrupted, one ``lightning-ood test`` run per
+    severity and seed). ``runs`` holds ``(severity, results)`` pairs, ``results`` an
+    ``ood_results.json`` mapping (its ``metrics``); severity 0 = clean. Same shape as
+    :func:`severity_summary` (mean, quartiles, min, max, n over the runs of a severity), so
+    :func:`severity_lines` and :func:`severity_figure` draw it.
+
+    Raises:
+        ValueError: no run reports ``ood_set``, or a severity is negative.
+    """
+
+    by: dict[str, dict[int, list[float]]] = {}
+    for severity, results in runs:
+        if int(severity) < 0:
+            raise ValueError(f"robustness_summary: severity must be >= 0, got {severity}")
+        for det, per_set in results["metrics"].items():
+            if ood_set in per_set:
+                by.setdefault(det, {}).setdefault(int(severity), []).append(
+                    float(per_set[ood_set][metric])
+                )
+    if not by:
+        raise ValueError(f"robustness_summary: no run reports OOD set {ood_set!r}")
+    return {det: {str(s): _spread(per[s]) for s in sorted(per)} for det, per in by.items()}
+
+
+__all__ += ["robustness_summary"]

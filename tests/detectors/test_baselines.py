@@ -112,6 +112,34 @@ def test_odin_step_raises_max_softmax_and_leaves_no_parameter_grads() -> None:
     assert all(p.grad is None for p in net.parameters())
 
 
+def test_odin_candidates_differing_in_epsilon_share_one_backward_per_batch() -> None:
+    """A tuning grid scores ODIN(T, ε) for many ε on each batch: the gradient sign depends on
+    T only, so one backward serves them; another T, an in-place change of the batch or another
+    batch tensor recomputes it, and every score equals a fresh computation."""
+    torch.manual_seed(0)
+    net = toy_linear()
+    calls = []
+    net.fc.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    x = torch.randn(6, 2, dtype=torch.float64)
+    with torch.no_grad():
+        out = net.extract(x)
+    calls.clear()
+    got = [ODIN(temperature=10.0, epsilon=e).score(out, net, x) for e in (0.001, 0.01, 0.1)]
+    assert calls.count(True) == 1  # one gradient forward for the three candidates
+    for e, g in zip((0.001, 0.01, 0.1), got, strict=True):
+        fresh = x.clone()  # another tensor: nothing shared
+        torch.testing.assert_close(g, ODIN(temperature=10.0, epsilon=e).score(out, net, fresh))
+    calls.clear()
+    ODIN(temperature=1.0, epsilon=0.1).score(out, net, x)
+    x.mul_(-1.0)  # in place: the sign must be recomputed
+    with torch.no_grad():
+        out = net.extract(x)
+    flipped = ODIN(temperature=1.0, epsilon=0.1).score(out, net, x)
+    assert calls.count(True) == 2
+    fresh = ODIN(temperature=1.0, epsilon=0.1).score(out, net, x.clone())
+    torch.testing.assert_close(flipped, fresh)
+
+
 def test_odin_errors() -> None:
     with pytest.raises(ValueError, match="needs `model` and `inputs`"):
         ODIN().score(logits_only([1.0, 2.0]))

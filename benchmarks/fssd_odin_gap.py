@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._record import Recorder  # noqa: E402
 from benchmarks.fssd_corruption import REUSE_NOTE, lenet_config, run_test  # noqa: E402
+from benchmarks.fssd_table2 import mean_std  # noqa: E402
 
 TEMPERATURES = [1, 10, 100, 1000]
 EPSILONS = [0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01, 0.05, 0.1, 0.2]  # Lee et al. 2018
@@ -68,13 +69,6 @@ def write_odd_half(src: Path, dst: Path) -> Path:
         tmp.write_bytes(bytes(head) + body.tobytes())
         tmp.replace(out)
     return dst
-
-
-def mean_std(values: list[float]) -> str:
-    v = [100 * x for x in values]
-    if len(v) == 1:
-        return f"{v[0]:.2f}"
-    return f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}"
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """Issue 12 item 7: FSSD ensembled over layers of one network and over several networks.
 
-The FSSD paper (§3.3) combines FSSDs "from different layers of a single neural network and
-multiple trained networks" with one logistic regression. For each seed s the LeNet of seed s
-is tested (`lightning-ood test`, the callback's protocol: every combiner fitted on 500 held-out
-samples per test set, seed 42, reported on the rest) with:
+The FSSD paper (see METHODS.md, its Figure 6) combines FSSDs "from different layers of a
+single neural network and multiple trained networks" with one logistic regression. For each
+seed s the LeNet of seed s is tested (`lightning-ood test`, the callback's protocol: every
+combiner fitted on 500 held-out samples per test set, seed 42, reported on the rest) with:
 
 * ``fssd``: the 4-tap layer ensemble of that LeNet (conv1, conv2, fc1, logits): 4 components;
 * ``fssd_nets``: ``fssd_ensemble`` over that LeNet and the 4 other LeNets of seeds 1-5, the

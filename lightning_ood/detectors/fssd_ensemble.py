@@ -1,10 +1,11 @@
 """Multi-model FSSD: the layer ensemble over the per-layer FSSDs of several networks.
 
-The FSSD paper (Huang et al., 2021, §3.3) ensembles FSSDs "from different layers of a single
-neural network and multiple trained networks". Each network n gets its own feature space
-singularity per tap, FSSD_{n,l}(x) = ||F_{n,l}(x) - FSS_{n,l}||_2 (the paper's definition), and
-one logistic regression over all N·K components combines them, fitted on the same held-out ID +
-OOD validation samples as the single-network ensemble (never on reported samples).
+The FSSD paper (Huang et al., 2021; see METHODS.md, its Figure 6) ensembles FSSDs "from
+different layers of a single neural network and multiple trained networks". Each network n
+gets its own feature space singularity per tap, FSSD_{n,l}(x) = ||F_{n,l}(x) - FSS_{n,l}||_2
+(the paper's definition), and one logistic regression over all N·K components combines them,
+fitted on the same held-out ID + OOD validation samples as the single-network ensemble (never
+on reported samples).
 
 The networks are the tested model (``include_model``) plus the members of a deep ensemble,
 loaded from lightning-ood checkpoints like :class:`~lightning_ood.detectors.DeepEnsemble`'s

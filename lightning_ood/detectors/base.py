@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, TypeAlias
 
 import numpy as np
@@ -285,6 +286,50 @@ def frozen_flags(detectors: Iterable[Detector]) -> Iterator[None]:
     finally:
         for det in dets:
             det.__dict__.pop("_frozen_flags", None)
+
+
+class BatchMemo:
+    """The last value computed from one batch, so that detectors scored or fitted on the same
+    batch (``mcd`` and ``mcd_var``; ODIN candidates that differ only in ε; Mahalanobis and RMDS)
+    compute it once.
+
+    A hit needs the same batch tensor object, unchanged since (its version counter), the same
+    ``owners`` (e.g. the model; by identity) and an equal ``key``. The tensor and owners are
+    held by weak references, so a freed batch is never mistaken for a new one at its address,
+    and the value is dropped as soon as the batch is freed. Inference tensors have no version
+    counter: they are never memoised.
+    """
+
+    def __init__(self) -> None:
+        self._entry: tuple[Any, ...] | None = None
+
+    def get(
+        self, batch: Tensor, key: Any, compute: Callable[[], Any], owners: Sequence[Any] = ()
+    ) -> Any:
+        if batch.is_inference():
+            return compute()
+        e = self._entry
+        if (
+            e is not None
+            and e[0]() is batch
+            and e[1] == batch._version
+            and e[2] == key
+            and len(e[3]) == len(owners)
+            and all(r() is o for r, o in zip(e[3], owners, strict=True))
+        ):
+            return e[4]
+        value = compute()
+        ref = weakref.ref(batch, self._forget)
+        self._entry = (ref, batch._version, key, [weakref.ref(o) for o in owners], value)
+        return value
+
+    def _forget(self, ref: weakref.ref) -> None:
+        if self._entry is not None and self._entry[0] is ref:
+            self._entry = None
+
+    @property
+    def empty(self) -> bool:
+        return self._entry is None
 
 
 def exporting() -> bool:

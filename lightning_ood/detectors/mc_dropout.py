@@ -18,15 +18,14 @@ re-run gives the same scores and the global RNG is left untouched.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
-from lightning_ood.detectors.base import Detector, OptInput, OptModel, check_int
+from lightning_ood.detectors.base import BatchMemo, Detector, OptInput, OptModel, check_int
 from lightning_ood.models.base import BackboneOutput
 
 #: Module types whose training mode means "drop units": the only ones MC Dropout switches on.
@@ -80,7 +79,7 @@ def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
 
 #: The moments of the last batch scored, so that ``mcd`` and ``mcd_var`` with the same
 #: passes/seed/max_batch run the T stochastic passes of a batch once between them.
-_LAST_MOMENTS: dict[str, tuple[Any, ...]] = {}
+_MOMENTS = BatchMemo()
 
 
 class MCDropout(Detector):
@@ -126,12 +125,13 @@ class MCDropout(Detector):
         """``(mean, variance)`` over the T passes of the softmax, each (B, L) in float64.
 
         Sums are accumulated in float64, so T identical passes (dropout p = 0) give a mean
-        bit-identical to the single softmax.
+        bit-identical to the single softmax. ``mcd`` and ``mcd_var`` with the same settings
+        share the passes of a batch (:class:`~lightning_ood.detectors.base.BatchMemo`).
         """
-        key = (self.passes, self.seed, self.max_batch, inputs._version)
-        last = _LAST_MOMENTS.get("entry")
-        if last is not None and last[0]() is model and last[1]() is inputs and last[2] == key:
-            return last[3], last[4]  # the other MCD statistic of this batch: same passes
+        key = (self.passes, self.seed, self.max_batch)
+        return _MOMENTS.get(inputs, key, lambda: self._moments(model, inputs), owners=(model,))
+
+    def _moments(self, model: nn.Module, inputs: Tensor) -> tuple[Tensor, Tensor]:
         b = inputs.shape[0]
         per_forward = max(1, self.max_batch // max(b, 1))
         device = inputs.device
@@ -150,8 +150,6 @@ class MCDropout(Detector):
         assert total is not None and total_sq is not None
         mean = total / self.passes
         var = (total_sq / self.passes - mean.square()).clamp_min(0.0)
-        # Weak references: a freed batch can never be mistaken for a new one at its address.
-        _LAST_MOMENTS["entry"] = (weakref.ref(model), weakref.ref(inputs), key, mean, var)
         return mean, var
 
     def _check_args(self, model: OptModel, inputs: OptInput) -> tuple[nn.Module, Tensor]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -10,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_ood.detectors.base import Detector, OptInput, OptModel, check_range
+from lightning_ood.detectors.base import BatchMemo, Detector, OptInput, OptModel, check_range
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 #: The input-gradient sign of the last batch perturbed (see ``ODIN._gradient_sign``).
-_LAST_SIGN: dict[str, tuple[Any, ...]] = {}
+_SIGN = BatchMemo()
 
 
 class ODIN(Detector):
@@ -85,33 +84,23 @@ class ODIN(Detector):
                 )
             std = torch.tensor(self.input_std, dtype=x.dtype, device=x.device)
             step = step / std.view(1, -1, *([1] * (x.dim() - 2)))
-        return x.detach() - self.epsilon * step
+        return x - self.epsilon * step
 
     def _gradient_sign(self, model: OODBackbone, inputs: Tensor) -> Tensor:
         """sign(∇ₓ(−log S_ŷ(x; T))) with 0 ↦ +1. It does not depend on ε, so candidates that
-        differ only in ε (a tuning grid) share one backward pass per batch: the last batch's
-        sign is kept, keyed by weak references to the model and the input tensor, T and the
-        input's version counter (an in-place change invalidates it)."""
-        key = (self.temperature, None if inputs.is_inference() else inputs._version)
-        last = _LAST_SIGN.get("entry")
-        if (
-            key[1] is not None
-            and last is not None
-            and last[0]() is model
-            and last[1]() is inputs
-            and last[2] == key
-        ):
-            return last[3]
-        with torch.enable_grad():
-            x = inputs.detach().clone().requires_grad_(True)
-            logits = model(x) / self.temperature
-            # Sum, not mean: each sample's gradient is its own, whatever the batch size.
-            loss = F.cross_entropy(logits, logits.argmax(dim=1).detach(), reduction="sum")
-            (grad,) = torch.autograd.grad(loss, x)
-        sign = torch.where(grad >= 0, 1.0, -1.0).to(x.dtype)
-        if key[1] is not None:  # weak: a freed batch is never mistaken for a new one
-            _LAST_SIGN["entry"] = (weakref.ref(model), weakref.ref(inputs), key, sign)
-        return sign
+        differ only in ε (a tuning grid) share one backward pass per batch (:class:`BatchMemo`
+        keyed by the model, the batch and T)."""
+
+        def compute() -> Tensor:
+            with torch.enable_grad():
+                x = inputs.detach().clone().requires_grad_(True)
+                logits = model(x) / self.temperature
+                # Sum, not mean: each sample's gradient is its own, whatever the batch size.
+                loss = F.cross_entropy(logits, logits.argmax(dim=1).detach(), reduction="sum")
+                (grad,) = torch.autograd.grad(loss, x)
+            return torch.where(grad >= 0, 1.0, -1.0).to(x.dtype)
+
+        return _SIGN.get(inputs, self.temperature, compute, owners=(model,))
 
     def score(self, out: BackboneOutput, model: OptModel = None, inputs: OptInput = None) -> Tensor:
         if self.epsilon == 0.0:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightning_ood.detectors import mahalanobis as maha
-from lightning_ood.detectors.base import percentile
+from lightning_ood.detectors.base import BatchMemo, percentile
 from lightning_ood.detectors.mahalanobis import batch_gram, covariance_pinv
 from lightning_ood.detectors.quantile import kth_percentile
 
@@ -56,4 +56,41 @@ def test_batch_gram_is_shared_per_batch_and_never_stale() -> None:
     assert batch_gram(other) is not second
     del f, other
     gc.collect()
-    assert maha._LAST_GRAM[0] is None  # freed batches are forgotten, never kept alive
+    assert maha._GRAM.empty  # freed batches are forgotten, never kept alive
+
+
+def test_batch_memo_keys_on_tensor_version_key_and_owners_and_skips_inference_tensors() -> None:
+    memo, calls = BatchMemo(), []
+
+    def compute() -> int:
+        calls.append(1)
+        return len(calls)
+
+    x, model, other = torch.randn(3), torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    assert memo.get(x, "a", compute, owners=(model,)) == 1
+    assert memo.get(x, "a", compute, owners=(model,)) == 1  # hit
+    assert memo.get(x, "b", compute, owners=(model,)) == 2  # another key
+    assert memo.get(x, "b", compute, owners=(other,)) == 3  # another owner
+    assert memo.get(x.clone(), "b", compute, owners=(other,)) == 4  # another tensor
+    with torch.inference_mode():
+        inf = torch.randn(3)
+    assert memo.get(inf, "b", compute) == 5 and memo.get(inf, "b", compute) == 6  # never kept
+
+
+def test_mcd_scores_inference_tensors() -> None:
+    """Under Lightning's default inference mode a batch moved to the GPU is an inference
+    tensor, which has no version counter: MC Dropout must still score it (unmemoised)."""
+    from lightning_ood.detectors import MCDropout, MCDropoutVar
+    from lightning_ood.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("lenet", num_classes=10, in_channels=1).eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        out = net.extract(x)
+    want = MCDropout(passes=4).score(out, net, x), MCDropoutVar(passes=4).score(out, net, x)
+    with torch.inference_mode():
+        xi = x.clone()
+        got = MCDropout(passes=4).score(out, net, xi), MCDropoutVar(passes=4).score(out, net, xi)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)

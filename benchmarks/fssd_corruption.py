@@ -4,7 +4,7 @@ Issue 12 item 8. Two modes, everything through ``lightning-ood test`` with gener
 
 ``shift`` (Figure 4 analogue): the corrupted half of the ID test set as OOD, every corruption
 type of our port x severity 1-5 (``kind: corrupted``; the ID side scores the other, clean
-half). FashionMNIST vs FashionMNIST-C on the 3-epoch LeNets (one run per seed), and the
+half). FashionMNIST vs FashionMNIST-C on the --epochs LeNets (one run per seed), and the
 reference DenseNet-BC-100 on the CIFAR-10 JPEG-q75 copy vs its corrupted test half (a slice
 of ``--dn_ood_every`` per set). The callback's severity summary gives AUROC mean and quartiles
 over the corruption types per severity.
@@ -20,15 +20,15 @@ Regenerate (slices as in the results)::
 
     nice -n 19 .venv/bin/python benchmarks/fssd_corruption.py shift
     nice -n 19 .venv/bin/python benchmarks/fssd_corruption.py robust
+    # the 14-epoch LeNets (fssd_table2_train.sh 14 2), in their own --out and result names:
+    nice -n 19 .venv/bin/python benchmarks/fssd_corruption.py shift --models lenet \
+        --epochs 14 --out .cache/fssd_corruption_e14 --name fssd_corruption_shift_e14
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
-import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._record import Recorder  # noqa: E402
+from benchmarks._runs import run_test  # noqa: E402
 from lightning_ood import report  # noqa: E402
 from lightning_ood.data.corruptions import CORRUPTIONS  # noqa: E402
 
@@ -123,41 +124,11 @@ def densenet_config(data: dict[str, Any], detectors: dict[str, Any], **cb: Any) 
     return cfg
 
 
-def run_test(
-    tag: str, cfg: dict[str, Any], out: Path, ckpt: Path | None = None, threads: int = 1
-) -> dict[str, Any]:
-    """One ``lightning-ood test`` run from a generated config (reused when its config, and
-    checkpoint, are unchanged and its results exist); returns its ood_results.json."""
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = copy.deepcopy(cfg)
-    cfg["trainer"]["callbacks"][0]["init_args"]["results_dir"] = str(out / tag)
+def fitted_from(out: Path, tag: str) -> Path | None:
+    """The ``--ckpt_path`` the run ``tag`` in ``out`` was made from (its config's last line)."""
     path = out / f"{tag}.yaml"
-    text = yaml.safe_dump(cfg) + f"# ckpt_path: {ckpt}\n"
-    done = out / tag / "ood_results.json"
-    if done.exists() and path.exists() and path.read_text() == text:  # same run: reuse
-        return json.loads(done.read_text())
-    path.write_text(text)
-    cmd = [
-        str(ROOT / ".venv/bin/lightning-ood"), "test", "--config", str(path),
-        "--experiment", f"hA_{tag}",
-        "--checkpoint_root", str(out / "ckpt"), "--log_root", str(out / "logs"),
-    ]  # fmt: skip
-    if ckpt is not None:
-        cmd += ["--ckpt_path", str(ckpt)]
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    proc = subprocess.run(
-        ["env", *(f"{k}={v}" for k, v in env.items()), *cmd],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    (out / f"{tag}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        path.unlink(missing_ok=True)  # never reuse a failed run
-        raise RuntimeError(
-            f"{tag}: lightning-ood test exited {proc.returncode}; see {out}/{tag}.log"
-        )
-    return json.loads(done.read_text())
+    last = path.read_text().rstrip().splitlines()[-1] if path.is_file() else ""
+    return Path(last.removeprefix("# ckpt_path: ")) if last.startswith("# ckpt_path: ") else None
 
 
 def pooled_summary(per_run: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -230,11 +201,11 @@ def shift(ns: argparse.Namespace, out: Path) -> tuple[dict[str, Any], str]:
                 "num_workers": 0,
             }
             cfg = lenet_config(ns.epochs, data, LENET_DETS, validation_size=ns.lenet_holdout)
-            results["lenet"][s] = run_test(f"shift_lenet_seed{s}", cfg, out, ckpt=ckpt)
+            results["lenet"][s] = run_test(f"shift_lenet_seed{s}", cfg, out, ckpt=ckpt, threads=1)
         runs = list(results["lenet"].values())
         summary = pooled_summary(runs)
         types = n_types(runs[0]["metrics"]["msp"])
-        png = save_png(summary, figs / "fssd_corruption_shift_lenet.png")
+        png = save_png(summary, figs / f"{ns.name}_lenet.png")
         held = runs[0]["validation"]["held_out_per_set"]
         md += [
             f"### FashionMNIST vs FashionMNIST-C (LeNet, {ns.epochs} epochs, seeds {ns.seeds})\n",
@@ -265,7 +236,7 @@ def shift(ns: argparse.Namespace, out: Path) -> tuple[dict[str, Any], str]:
         results["densenet"] = r
         summary = r["severity"]["detectors"]
         types = n_types(r["metrics"]["msp"])
-        png = save_png(summary, figs / "fssd_corruption_shift_densenet.png")
+        png = save_png(summary, figs / f"{ns.name}_densenet.png")
         held = r["validation"]["held_out_per_set"]
         md += [
             "\n### CIFAR-10 JPEG-q75 copy vs its corrupted test half (reference DenseNet-BC-100)\n",
@@ -313,7 +284,8 @@ def robust(ns: argparse.Namespace, out: Path) -> tuple[dict[str, Any], str]:
         for s in ns.seeds:
             ckpt = ROOT / ns.ckpt_root / f"lenet_e{ns.epochs}_seed{s}" / "last.ckpt"
             shared = out / "ckpt" / f"hA_shift_lenet_seed{s}" / "fitted.ckpt"
-            ckpt = shared if shared.is_file() else ckpt  # same detectors, same training data
+            if shared.is_file() and fitted_from(out, f"shift_lenet_seed{s}") == ckpt:
+                ckpt = shared  # same detectors fitted on the same weights and training data
 
             def make(corr: dict[str, Any] | None) -> dict[str, Any]:
                 data = {
@@ -350,7 +322,7 @@ def robust(ns: argparse.Namespace, out: Path) -> tuple[dict[str, Any], str]:
             sel = [(s, r) for s, c, r in runs if c in ("clean", noise)]
             summary = report.robustness_summary(sel, ood, "auroc")
             results[f"{model}_{noise}_summary"] = summary
-            png = save_png(summary, figs / f"fssd_robustness_{model}_{noise}.png")
+            png = save_png(summary, figs / f"{ns.name}_{model}_{noise}.png")
             n = len({id(r) for s, r in sel if s == 0})
             held = runs[0][2]["validation"]["held_out_per_set"]
             first = runs[0][2]
@@ -386,11 +358,16 @@ def main() -> None:
     ap.add_argument("--dn_robust_holdout", type=int, default=50)
     ap.add_argument("--dn_threads", type=int, default=1)
     ap.add_argument("--out", default=".cache/fssd_corruption")
-    ap.add_argument("--name", default=None)
+    ap.add_argument(
+        "--name",
+        default=None,
+        help="result stem: <results_dir>/<name>.{json,md} and its PNGs <name>_<model>*.png "
+        "(default fssd_corruption_shift / fssd_robustness)",
+    )
     ap.add_argument("--results_dir", default="benchmarks/results", help="results and PNGs")
     ns = ap.parse_args()
-    name = ns.name or ("fssd_corruption_shift" if ns.mode == "shift" else "fssd_robustness")
-    rec = Recorder(name)
+    ns.name = ns.name or ("fssd_corruption_shift" if ns.mode == "shift" else "fssd_robustness")
+    rec = Recorder(ns.name)
     out = ROOT / ns.out
     results, body = (shift if ns.mode == "shift" else robust)(ns, out)
     head = (

@@ -27,13 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._record import Recorder  # noqa: E402
+from benchmarks._runs import run_test  # noqa: E402
 from benchmarks.fssd_table2 import (  # noqa: E402
     METRICS,
     TAPS_FSSD,
     base_config,
     callback,
     mean_std,
-    run_test,
 )
 
 VARIANTS = {
@@ -70,7 +70,7 @@ def main() -> None:
         cfg = base_config(e, {"test_every": ns.every, "ood_every": ns.every,
                               "ood_sets": ["mnist", "kmnist"]})  # fmt: skip
         cfg["trainer"]["callbacks"] = callback(dets, validation_size=500)
-        results[s] = run_test(f"multi_seed{s}", ckpt[s], cfg, out)
+        results[s] = run_test(f"multi_seed{s}", cfg, out, ckpt[s], prefix="table2")
 
     md = [
         "",

@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._record import Recorder  # noqa: E402
-from benchmarks.fssd_corruption import REUSE_NOTE, lenet_config, run_test  # noqa: E402
+from benchmarks._runs import run_test  # noqa: E402
+from benchmarks.fssd_corruption import REUSE_NOTE, lenet_config  # noqa: E402
 from benchmarks.fssd_table2 import mean_std  # noqa: E402
 
 TEMPERATURES = [1, 10, 100, 1000]
@@ -124,7 +125,7 @@ def main() -> None:
             }
             tune = {"select": "auroc", "detectors": {"odin": grid}}
             cfg = lenet_config(ns.epochs, data, dets, validation_size=0, tune=tune)
-            runs[val][s] = run_test(f"{val}_seed{s}", cfg, out, ckpt=ckpt)
+            runs[val][s] = run_test(f"{val}_seed{s}", cfg, out, ckpt=ckpt, threads=1)
 
     md: list[str] = []
     first = runs[ns.val[0]][ns.seeds[0]]

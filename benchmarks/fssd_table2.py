@@ -25,9 +25,7 @@ Runs per seed s in --seeds:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._record import Recorder  # noqa: E402
+from benchmarks._runs import run_test  # noqa: E402
 
 TAPS_MAHA = ["conv1", "conv2", "fc1"]
 TAPS_FSSD = ["conv1", "conv2", "fc1", "logits"]
@@ -62,29 +61,6 @@ def base_config(epochs: int, data: dict[str, Any]) -> dict[str, Any]:
     cfg["trainer"] = {**train["trainer"], "max_epochs": epochs}
     cfg["data"]["init_args"] = {**train["data"]["init_args"], **data}
     return cfg
-
-
-def run_test(tag: str, ckpt: Path, cfg: dict[str, Any], out: Path) -> dict[str, Any]:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{tag}.yaml"
-    cfg["trainer"]["callbacks"][0]["init_args"]["results_dir"] = str(out / tag)
-    text = yaml.safe_dump(cfg)
-    done = out / tag / "ood_results.json"
-    if done.exists() and path.exists() and path.read_text() == text:  # same run: reuse
-        return json.loads(done.read_text())
-    path.write_text(text)
-    cmd = [
-        str(ROOT / ".venv/bin/lightning-ood"), "test", "--config", str(path),
-        "--ckpt_path", str(ckpt), "--experiment", f"table2_{tag}",
-        "--checkpoint_root", str(out / "ckpt"), "--log_root", str(out / "logs"),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    (out / f"{tag}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{tag}: lightning-ood test exited {proc.returncode}; see {out}/{tag}.log"
-        )
-    return json.loads((out / tag / "ood_results.json").read_text())
 
 
 def callback(detectors: dict[str, Any], **kw: Any) -> list[dict[str, Any]]:
@@ -112,11 +88,20 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=2, help="keep every n-th test image per set")
     ap.add_argument("--out", default=".cache/table2")
     ap.add_argument("--skip_tuned", action="store_true")
+    ap.add_argument(
+        "--oe_experiment",
+        default="oe_lenet_e{epochs}_seed{seed}",
+        help="OE LeNets' experiment names under --ckpt_root; fssd_table2_train.sh EPOCHS FT "
+        "names its fine-tuned ones oeft{FT}_lenet_e{epochs}_seed{seed}",
+    )
     ns = ap.parse_args()
     rec = Recorder("fssd_table2")
     e, out = ns.epochs, ROOT / ns.out
     ckpt = {s: ROOT / ns.ckpt_root / f"lenet_e{e}_seed{s}" / "last.ckpt" for s in ns.de_seeds}
-    oe_ckpt = {s: ROOT / ns.ckpt_root / f"oe_lenet_e{e}_seed{s}" / "last.ckpt" for s in ns.seeds}
+    oe_ckpt = {
+        s: ROOT / ns.ckpt_root / ns.oe_experiment.format(epochs=e, seed=s) / "last.ckpt"
+        for s in ns.seeds
+    }
     every = {"test_every": ns.every, "ood_every": ns.every}
     de_paths = [str(ckpt[s]) for s in ns.de_seeds]
     paper_dets: dict[str, Any] = {
@@ -134,7 +119,7 @@ def main() -> None:
     for s in ns.seeds:
         cfg = base_config(e, {**every, "ood_sets": ["mnist", "kmnist"]})
         cfg["trainer"]["callbacks"] = callback(paper_dets, validation_size=500)
-        results["paper"][s] = run_test(f"paper_seed{s}", ckpt[s], cfg, out)
+        results["paper"][s] = run_test(f"paper_seed{s}", cfg, out, ckpt[s], prefix="table2")
     if not ns.skip_tuned:
         for s in ns.seeds:
             data = {**every, "ood_sets": ["mnist"], "val_size": 2000}
@@ -142,11 +127,11 @@ def main() -> None:
             cfg = base_config(e, data)
             tuned = {k: v for k, v in paper_dets.items() if k not in ("de", "mcd", "mcd_var")}
             cfg["trainer"]["callbacks"] = callback(tuned, validation_size=500, tune={})
-            results["tuned"][s] = run_test(f"tuned_seed{s}", ckpt[s], cfg, out)
+            results["tuned"][s] = run_test(f"tuned_seed{s}", cfg, out, ckpt[s], prefix="table2")
     for s in ns.seeds:  # last: the OE networks train longest
         cfg = base_config(e, {**every, "ood_sets": ["mnist"]})
         cfg["trainer"]["callbacks"] = callback({"msp": {}}, validation_size=500)
-        results["oe"][s] = run_test(f"oe_seed{s}", oe_ckpt[s], cfg, out)
+        results["oe"][s] = run_test(f"oe_seed{s}", cfg, out, oe_ckpt[s], prefix="table2")
 
     def cell(run: str, det: str, ood: str, metric: str) -> str:
         vals = [
@@ -161,8 +146,10 @@ def main() -> None:
         f"every {ns.every}-th test image of each set. Values in %, mean ± std over seeds; ID "
         "positive for AUROC/AUPR-In/FPR. DE: one ensemble of the LeNets of seeds "
         f"{ns.de_seeds} (its score does not depend on the seed, so no spread). OE: MSP of "
-        "the LeNet trained with KMNIST (test split) outliers, lambda 0.5; never scored on "
-        "KMNIST. Mahalanobis/FSSD: layer ensembles, combiner on 500 held-out samples per set."
+        f"the LeNets `{ns.oe_experiment.format(epochs=e, seed='s')}` (KMNIST test split as "
+        "outliers, lambda 0.5; `oeft{F}_…` = the plain LeNet of the seed fine-tuned with OE "
+        "for F epochs, `oe_…` = from scratch); never scored on KMNIST. Mahalanobis/FSSD: "
+        "layer ensembles, combiner on 500 held-out samples per set."
     )
     for ood in ("mnist", "kmnist"):
         md.append(f"\n### Table 2 row A columns: FashionMNIST vs {ood}\n")

@@ -12,7 +12,10 @@ grid both evaluate through these functions, so a number means the same thing eve
   their combiner per OOD set on a seeded hold-out of ``validation_size`` samples of the ID set
   and of that OOD set; those samples are never reported *for them*. Every other detector is
   reported on every sample, so adding or removing a detector never changes another one's
-  numbers (:func:`holds_out` is the one rule).
+  numbers (:func:`holds_out` is the one rule). With ``combiners`` (an earlier evaluation's
+  record, e.g. of clean data) the combiners are loaded instead of fitted, and the same
+  samples are still held out, so the reported samples are those of the earlier run: the
+  FSSD paper's Figure 5 fits and tunes on clean data only.
 """
 
 from __future__ import annotations
@@ -129,6 +132,47 @@ def _warn_nonfinite(
         )
 
 
+def _fixed_combiners(
+    combiners: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    source: str,
+    detectors: Mapping[str, Detector],
+    banks: Mapping[str, Sequence[Tensor]],
+    held_out_for: Sequence[str],
+    ood_names: Sequence[str],
+) -> dict[str, dict[str, dict[str, Tensor]]]:
+    """Check and convert the fixed combiners, before anything is evaluated: one per held-out
+    detector and OOD set, with as many weights as the detector has components."""
+    unused = sorted(set(combiners) & set(detectors) - set(held_out_for))
+    if unused:
+        raise ValueError(
+            f"{source} gives combiners for {unused}, which are not evaluated on a hold-out "
+            "here (validation_size 0, or a single component): the combiners would be unused"
+        )
+    missing = [f"{d}/{o}" for d in held_out_for for o in ood_names if o not in combiners.get(d, {})]
+    if missing:
+        raise ValueError(
+            f"{source} has no combiner for {missing} (detector/OOD set); it must come from a "
+            "run with the same layer-ensemble detectors and OOD set names"
+        )
+    out: dict[str, dict[str, dict[str, Tensor]]] = {}
+    for d in held_out_for:
+        k = banks[d][0].shape[1]
+        for o in ood_names:
+            state = {  # float64 from JSON: the default float32 would perturb the weights
+                key: torch.as_tensor(v, dtype=torch.bool if isinstance(v, bool) else torch.float64)
+                for key, v in combiners[d][o].items()
+            }
+            n = state["combiner_coef"].numel() if "combiner_coef" in state else -1
+            if n != k:
+                raise ValueError(
+                    f"{source}: the combiner of {d!r} for {o!r} has {n} weights, but {d!r} "
+                    f"({type(detectors[d]).__name__}) has {k} components here; use a run with the "
+                    "same taps and members"
+                )
+            out.setdefault(d, {})[o] = state
+    return out
+
+
 @dataclass
 class Evaluation:
     """What :func:`evaluate_detectors` measured.
@@ -137,8 +181,8 @@ class Evaluation:
         metrics: ``{detector: {ood_set: metrics + counts, "average": metrics}}``.
         scores: ``{detector: {ood_set: (reported ID scores, reported OOD scores)}}`` (for
             figures).
-        combiners: ``{detector: {ood_set: fitted combiner state as lists}}`` (layer ensembles
-            with a hold-out only).
+        combiners: ``{detector: {ood_set: combiner state as lists}}`` (layer ensembles with a
+            hold-out only), fitted here or loaded from the ``combiners`` argument.
         held_out_per_set: samples held out of every set for ``held_out_for`` (0: none).
         held_out_for: the detectors evaluated on the hold-out's remainder.
     """
@@ -158,6 +202,8 @@ def evaluate_detectors(
     validation_size: int = 0,
     seed: int = 42,
     warn: Callable[[str], None] | None = None,
+    combiners: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+    combiners_source: str = "combiners",
 ) -> Evaluation:
     """Evaluate every detector on ``set_names[0]`` (ID) against each other set (OOD).
 
@@ -170,6 +216,11 @@ def evaluate_detectors(
             (for the detectors :func:`holds_out` names; the others report every sample).
         seed: seed of the hold-out permutation (the FSSD reference uses 42).
         warn: called with a message for every (detector, set) with non-finite scores.
+        combiners: fixed combiners ``{detector: {ood_set: state}}`` in the form of
+            :attr:`Evaluation.combiners` (an earlier run's ``ood_results.json`` ``combiners``):
+            loaded, never fitted; every held-out detector needs one per OOD set with as many
+            weights as it has components. ``None``: fit them on the hold-out.
+        combiners_source: where ``combiners`` came from, for error messages (a file path).
 
     The model's own (deployed) combiners are restored afterwards: per-set combiners are an
     evaluation protocol, not the detector's state.
@@ -193,6 +244,10 @@ def evaluate_detectors(
         for n, d in detectors.items()
         if holds_out(d, banks[n][0].shape[1] if banks[n][0].ndim == 2 else 1, validation_size)
     ]
+    fixed = None
+    if combiners is not None:
+        args = (detectors, banks, held_out_for, ood_names)
+        fixed = _fixed_combiners(combiners, combiners_source, *args)
     splits: dict[str, tuple[Tensor, Tensor]] = {}
     if held_out_for:
         check_holdout(sizes, validation_size, {n: detectors[n] for n in held_out_for})
@@ -221,7 +276,9 @@ def evaluate_detectors(
                         if holdout
                         else ((), ())
                     )
-                    if holdout and not all(bool(t.isfinite().all()) for t in (fit_id, fit_ood)):
+                    if fixed is not None and holdout:
+                        det.load_combiner_state(fixed[dname][ood])
+                    elif holdout and not all(bool(t.isfinite().all()) for t in (fit_id, fit_ood)):
                         # no combiner can be fitted on non-finite components: NaN, reported
                         per_set[ood] = unfittable(bank[id_name], bank[ood], len(s_id), len(s_ood))
                         result.scores[dname][ood] = (s_id[:, 0], s_ood[:, 0])
@@ -230,7 +287,8 @@ def evaluate_detectors(
                         )
                         continue
                     if holdout:
-                        det.fit_combiner(fit_id, fit_ood)
+                        if fixed is None:
+                            det.fit_combiner(fit_id, fit_ood)
                         result.combiners.setdefault(dname, {})[ood] = {
                             k: v.tolist() for k, v in det.combiner_state().items()
                         }

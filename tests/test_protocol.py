@@ -100,6 +100,56 @@ def test_per_set_combiners_are_fitted_on_held_out_samples_and_not_kept() -> None
     )
 
 
+def test_fixed_combiners_are_loaded_not_fitted_and_report_the_same_samples() -> None:
+    """FSSD Figure 5: combiners of a clean run applied to corrupted data's components."""
+    maha = build_detector("mahalanobis", {"taps": ["a", "b"], "combiner": "lr"})
+    names, sizes = ["id", "ood"], {"id": 60, "ood": 40}
+    clean = [_bank(0, 60, 1.0, 2), _bank(1, 40, -1.0, 2)]
+    noisy = [_bank(2, 60, 0.5, 2) * 3.0, _bank(3, 40, -0.5, 2) * 3.0]
+    first = evaluate_detectors({"m": maha}, {"m": clean}, names, validation_size=10, seed=7)
+    # Round trip through JSON, as the callback reads it from an earlier ood_results.json.
+    record = json.loads(json.dumps(first.combiners))
+    again = evaluate_detectors(
+        {"m": maha}, {"m": clean}, names, validation_size=10, seed=7, combiners=record
+    )
+    assert again.metrics == first.metrics and again.combiners == first.combiners
+    got = evaluate_detectors(
+        {"m": maha}, {"m": noisy}, names, validation_size=10, seed=7, combiners=record
+    )
+    # By hand: the clean run's logistic regression on the noisy run's reported samples.
+    c = {k: torch.tensor(v, dtype=torch.float64) for k, v in record["m"]["ood"].items()}
+    split = holdout_splits(sizes, 10, seed=7)
+
+    def lr(x: torch.Tensor) -> torch.Tensor:
+        z = (x - c["combiner_mean"]) / c["combiner_scale"]
+        return z @ c["combiner_coef"] + c["combiner_intercept"]
+
+    s_id, s_ood = lr(noisy[0][split["id"][1]]), lr(noisy[1][split["ood"][1]])
+    assert got.metrics["m"]["ood"]["auroc"] == ood_metrics(s_id, s_ood)["auroc"]
+    assert got.metrics["m"]["ood"]["n_id"] == 50 and got.combiners == first.combiners
+    refit = evaluate_detectors({"m": maha}, {"m": noisy}, names, validation_size=10, seed=7)
+    assert refit.combiners != first.combiners  # without them, the noisy hold-out is fitted
+    assert not maha.flag("combiner_fitted")  # and the model's own combiner is never replaced
+
+    def fixed(combiners: dict, **kw: int) -> None:
+        evaluate_detectors(
+            {"m": maha, "e": build_detector("energy")},
+            {"m": noisy, "e": [_bank(4, 60, 0.0), _bank(5, 40, 0.0)]},
+            names,
+            **{"validation_size": 10, "seed": 7, **kw},
+            combiners=combiners,
+            combiners_source="run.json",
+        )
+
+    with pytest.raises(ValueError, match=r"run.json has no combiner for \['m/ood'\]"):
+        fixed({"m": {"other": record["m"]["ood"]}})
+    three = {"m": {"ood": {**record["m"]["ood"], "combiner_coef": [1.0, 2.0, 3.0]}}}
+    with pytest.raises(ValueError, match=r"'m' for 'ood' has 3 weights, but 'm' \(Mahalanobis"):
+        fixed(three)
+    with pytest.raises(ValueError, match=r"combiners for \['m'\], which are not evaluated"):
+        fixed(record, validation_size=0)
+
+
 def test_nonfinite_scores_warn_and_report_nan() -> None:
     energy = build_detector("energy")
     s_ood = _bank(1, 30, 0.0)

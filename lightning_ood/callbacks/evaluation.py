@@ -14,6 +14,7 @@ only supplies the trainer's loaders, device and cross-rank reductions.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -204,6 +205,11 @@ class OODEvaluation(Callback):
             above each of ``activated_thresholds`` (default 0 and the first LINe's δ) and draw
             ID against each OOD set (LINe Figure 1), as ``activated_neurons.png``, in
             TensorBoard and summarised in the results.
+        combiners_from: an earlier run's ``ood_results.json`` (same layer ensembles, OOD set
+            names, ``validation_size`` and ``validation_seed``) whose per-set combiners are
+            loaded instead of fitted on this run's hold-out: with ``data.test_corruption``,
+            the combiners stay those of clean data, as the FSSD paper's Figure 5 tunes on
+            clean data only. ``None``: fit them here.
     """
 
     def __init__(
@@ -223,6 +229,7 @@ class OODEvaluation(Callback):
         figures: bool = True,
         activated_neurons: bool = False,
         activated_thresholds: list[float] | None = None,
+        combiners_from: str | None = None,
     ) -> None:
         super().__init__()
         self.tune = _check_tune(tune)
@@ -242,6 +249,8 @@ class OODEvaluation(Callback):
         self.fit_after_train = fit_after_train
         self.validation_size = validation_size
         self.validation_seed = validation_seed
+        self.combiners_from = combiners_from
+        self._fixed_combiners: dict[str, Any] | None = None
         self.results_dir = results_dir
         self.log_histograms = log_histograms
         self.log_roc = log_roc
@@ -258,6 +267,40 @@ class OODEvaluation(Callback):
             pl_module.set_detectors(self.detector_specs)
         if stage == "test":
             self._check_holdout(trainer, pl_module)
+            if self.combiners_from is not None:
+                self._fixed_combiners = self._load_combiners(self.combiners_from)
+
+    def _load_combiners(self, path: str) -> dict[str, Any]:
+        """The ``combiners`` record of an earlier run, refused unless its hold-out is ours."""
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"combiners_from={path!r} does not exist; give the ood_results.json of the run "
+                "whose combiners to reuse (e.g. the same model's run on clean data)"
+            )
+        try:
+            record = json.loads(file.read_text())
+            combiners, held = record["combiners"], record["validation"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"combiners_from={path!r} is not an ood_results.json of lightning-ood test "
+                f"(no 'combiners'/'validation' record: {err})"
+            ) from err
+        ours = (self.validation_size, self.validation_seed)
+        theirs = (held.get("held_out_per_set"), held.get("seed"))
+        if not theirs[0]:
+            raise ValueError(
+                f"combiners_from={path!r} held out no samples, so it fitted no per-set "
+                "combiners: give a run of layer ensembles with validation_size > 0"
+            )
+        if theirs != ours:
+            raise ValueError(
+                f"combiners_from={path!r} held out {theirs[0]} samples per set with seed "
+                f"{theirs[1]}, this run validation_size={ours[0]}, validation_seed={ours[1]}: "
+                "set them to the earlier run's, so that its combiners see none of the samples "
+                "reported here"
+            )
+        return combiners
 
     def _check_holdout(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Refuse a hold-out the test sets or combiners cannot take, before any data pass."""
@@ -607,6 +650,8 @@ class OODEvaluation(Callback):
             validation_size=self.validation_size,
             seed=self.validation_seed,
             warn=lambda msg: rank_zero_warn(f"[lightning_ood] {msg}"),
+            combiners=self._fixed_combiners,
+            combiners_source=f"combiners_from={self.combiners_from!r}",
         )
         self.results = {
             "id_set": names[0],
@@ -617,6 +662,7 @@ class OODEvaluation(Callback):
                 "held_out_per_set": evaluation.held_out_per_set,
                 "held_out_for": evaluation.held_out_for,
                 "seed": self.validation_seed,
+                "combiners_from": self.combiners_from,
             },
             "detectors": {n: d.config() for n, d in dets.items()},
             "thresholds": {

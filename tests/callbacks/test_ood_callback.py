@@ -177,6 +177,51 @@ def test_holdout_only_for_multi_tap_ensembles_and_never_moves_other_rows(
     assert "maha1" not in got["combiners"]
 
 
+class NoisyToyData(ToyData):
+    """ToyData with both test sets corrupted by seeded Gaussian noise (FSSD Figure 5), the OOD
+    set moved near the ID one so that no detector separates them perfectly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        for ds, shift in ((self.test, 0.0), (self.ood, -2.9)):
+            x = ds.tensors[0] + shift
+            ds.tensors = (x + torch.randn(x.shape, generator=g), ds.tensors[1])
+
+
+def test_combiners_from_a_clean_run_are_loaded_under_corruption(tmp_path: Path) -> None:
+    fssd = {"fssd": {"taps": ["conv2", "fc1"], "n_noise": 8}, "energy": {}}
+
+    def run(name: str, data: ToyData, **kw: object) -> dict:
+        cb = OODEvaluation(
+            detectors=fssd, validation_size=10, results_dir=str(tmp_path / name), progress=False,
+            **kw,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        task = ClassificationTask(model="lenet", num_classes=10)
+        _trainer(tmp_path / name, cb).test(task, datamodule=data)
+        return cb.results
+
+    clean = run("clean", ToyData())
+    source = str(tmp_path / "clean" / "ood_results.json")
+    refit = run("refit", NoisyToyData())
+    fixed = run("fixed", NoisyToyData(), combiners_from=source)
+    assert fixed["combiners"] == clean["combiners"] != refit["combiners"]
+    assert fixed["validation"]["combiners_from"] == source
+    assert refit["validation"]["combiners_from"] is None
+    # Same reported samples as the refit run; only the combined detector's numbers move.
+    assert fixed["metrics"]["energy"] == refit["metrics"]["energy"]
+    assert fixed["metrics"]["fssd"]["far"]["n_ood"] == refit["metrics"]["fssd"]["far"]["n_ood"]
+    assert fixed["metrics"]["fssd"]["far"]["auroc"] != refit["metrics"]["fssd"]["far"]["auroc"]
+    for kw, match in [
+        ({"combiners_from": str(tmp_path / "nope.json")}, r"nope.json' does not exist"),
+        ({"combiners_from": source, "validation_seed": 3}, r"held out 10 samples per set with"
+         r" seed 42, this run validation_size=10, validation_seed=3"),
+    ]:  # fmt: skip
+        with pytest.raises((FileNotFoundError, ValueError), match=match):
+            run("bad", NoisyToyData(), **kw)
+
+
 def test_holdout_sizes_are_checked_before_any_pass(tmp_path: Path) -> None:
     fssd = {"fssd": {"taps": ["conv2", "fc1"], "n_noise": 8}}
     for size, match in [

@@ -13,9 +13,10 @@ over the corruption types per severity.
 gaussian_noise and impulse_noise at severity 1-5, detectors fitted on clean training data,
 layer-ensemble combiners fitted per run on held-out corrupted samples (as the callback does
 by default) or, with ``--clean_combiners``, the clean run's loaded (``combiners_from``: fitted
-and tuned on clean data only, as the paper); one run per (corruption, severity) plus a clean one, reusing the first run's
-``fitted.ckpt``. FashionMNIST vs MNIST (LeNets, seeds) and the DenseNet CIFAR copy vs
-TinyImageNet-resize (a slice). Aggregated with :func:`lightning_ood.report.robustness_summary`.
+and tuned on clean data only, as the paper); one run per (corruption, severity) plus a
+clean one, reusing the first run's ``fitted.ckpt``. FashionMNIST vs MNIST (LeNets, seeds)
+and the DenseNet CIFAR copy vs TinyImageNet-resize (a slice). Aggregated with
+:func:`lightning_ood.report.robustness_summary`.
 
 Regenerate (slices as in the results)::
 

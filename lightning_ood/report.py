@@ -354,16 +354,23 @@ def _spread(values: Sequence[float]) -> dict[str, float]:
 
 
 def severity_lines(
-    summary: Mapping[str, Mapping[str, Mapping[str, float]]], metric: str
+    summary: Mapping[str, Mapping[str, Mapping[str, float]]],
+    metric: str,
+    pooled: str = "corruption types",
 ) -> list[str]:
-    """Markdown: per detector, mean [Q1, Q3] of ``metric`` per severity (in %)."""
+    """Markdown: per detector, mean [Q1, Q3] of ``metric`` per severity (in %).
+
+    ``pooled`` names what the quartiles run over, after the largest count ``n`` of a cell:
+    corruption types for :func:`severity_summary`, e.g. ``"runs (seeds)"`` for
+    :func:`robustness_summary`.
+    """
     if not summary:
         return []
     sevs = sorted({int(s) for per in summary.values() for s in per})
-    n_types = max(int(v["n"]) for per in summary.values() for v in per.values())
+    n_pooled = max(int(v["n"]) for per in summary.values() for v in per.values())
     lines = [
         f"{HEADERS.get(metric, metric)} per corruption severity: mean [Q1, Q3] over "
-        f"{n_types} corruption types.",
+        f"{n_pooled} {pooled}.",
         "",
         "| detector | " + " | ".join(f"severity {s}" for s in sevs) + " |",
         "|---|" + "---:|" * len(sevs),

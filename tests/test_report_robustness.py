@@ -37,8 +37,9 @@ def test_robustness_summary_by_hand() -> None:
     assert got["fssd"]["3"]["n"] == 2
     assert got["fssd"]["3"]["mean"] == pytest.approx(0.85)
     # other metrics and sets are ignored; the table helper reads it like a severity summary
-    lines = report.severity_lines(got, "auroc")
+    lines = report.severity_lines(got, "auroc", pooled="runs (seeds)")
     assert "| msp | 70.00 [65.00, 75.00] | 70.00 [60.00, 80.00] |" in lines
+    assert lines[0] == "AUROC↑ per corruption severity: mean [Q1, Q3] over 3 runs (seeds)."
 
 
 def test_robustness_summary_errors() -> None:

@@ -50,9 +50,12 @@ def main() -> None:
     ap.add_argument("--networks", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     ap.add_argument("--ckpt_root", default="checkpoints/bench")
     ap.add_argument("--every", type=int, default=4, help="keep every n-th test image per set")
-    ap.add_argument("--out", default=".cache/fssd_multi")
+    ap.add_argument("--out", default=None, help="run folder; default .cache/fssd_multi[_e<E>]")
+    ap.add_argument("--name", default=None, help="result stem; default fssd_multi_model[_e<E>]")
     ns = ap.parse_args()
-    rec = Recorder("fssd_multi_model")
+    suffix = "" if ns.epochs == 3 else f"_e{ns.epochs}"  # the 3-epoch runs came first
+    ns.out = ns.out or ".cache/fssd_multi" + suffix
+    rec = Recorder(ns.name or "fssd_multi_model" + suffix)
     e, out = ns.epochs, ROOT / ns.out
     ckpt = {s: ROOT / ns.ckpt_root / f"lenet_e{e}_seed{s}" / "last.ckpt" for s in ns.networks}
     results: dict[int, dict[str, Any]] = {}

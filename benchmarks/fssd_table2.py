@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--de_seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     ap.add_argument("--ckpt_root", default="checkpoints/bench")
     ap.add_argument("--every", type=int, default=2, help="keep every n-th test image per set")
-    ap.add_argument("--out", default=".cache/table2")
+    ap.add_argument("--out", default=None, help="run folder; default .cache/table2[_e<E>]")
     ap.add_argument("--skip_tuned", action="store_true")
     ap.add_argument(
         "--oe_experiment",
@@ -94,8 +94,11 @@ def main() -> None:
         help="OE LeNets' experiment names under --ckpt_root; fssd_table2_train.sh EPOCHS FT "
         "names its fine-tuned ones oeft{FT}_lenet_e{epochs}_seed{seed}",
     )
+    ap.add_argument("--name", default=None, help="result stem; default fssd_table2[_e<E>]")
     ns = ap.parse_args()
-    rec = Recorder("fssd_table2")
+    suffix = "" if ns.epochs == 3 else f"_e{ns.epochs}"  # the 3-epoch runs came first
+    ns.out = ns.out or ".cache/table2" + suffix
+    rec = Recorder(ns.name or "fssd_table2" + suffix)
     e, out = ns.epochs, ROOT / ns.out
     ckpt = {s: ROOT / ns.ckpt_root / f"lenet_e{e}_seed{s}" / "last.ckpt" for s in ns.de_seeds}
     oe_ckpt = {

@@ -12,7 +12,9 @@ during the passes; BatchNorm and everything else keep their eval behaviour, and 
 mode is restored afterwards. The passes of one batch are ONE forward over the batch repeated
 ``passes`` times, split into chunks of at most ``max_batch`` samples. The dropout masks come
 from a private RNG stream seeded with ``seed`` for every batch (``torch.random.fork_rng``), so a
-re-run gives the same scores and the global RNG is left untouched.
+re-run gives the same scores and the global RNG is left untouched. A sample's masks depend on
+its position in its batch: the scores repeat exactly for the same batching (batch size,
+``max_batch``, world size), and are another draw of the same distribution otherwise.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 The FSSD benchmarks (Table 2, multi-model, corruption shift and robustness, ODIN's gap) run
 every evaluation through the CLI, as a user would, with configs they generate. A run is
-reused when its config *and checkpoint* are unchanged and its results exist, so regenerating
-a table after a crash or a change of one cell reruns only what changed.
+reused when its config, checkpoint path and the size and mtime of every checkpoint file it
+reads are unchanged and its results exist, so regenerating a table after a crash or a change
+of one cell reruns only what changed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,33 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _stamps(cfg: Any, ckpt: Path | None) -> str:
+    """Size and mtime of every checkpoint file the run reads (``--ckpt_path`` and any path in
+    the config, e.g. DE members): a member retrained or still training under the same path
+    changes the key, so a stale run is never reused."""
+    paths: list[str] = [] if ckpt is None else [str(ckpt)]
+
+    def walk(x: Any) -> None:
+        if isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, str) and x.endswith((".ckpt", ".pth", ".pt", ".tar")):
+            paths.append(x)
+
+    walk(cfg)
+    lines = []
+    for p in dict.fromkeys(paths):
+        f = ROOT / p
+        st = f.stat() if f.is_file() else None
+        lines.append(
+            f"# {p}: " + (f"{st.st_size} bytes, mtime_ns {st.st_mtime_ns}" if st else "missing")
+        )
+    return "".join(line + "\n" for line in lines)
 
 
 def run_test(
@@ -44,7 +72,7 @@ def run_test(
     cfg = copy.deepcopy(cfg)
     cfg["trainer"]["callbacks"][0]["init_args"]["results_dir"] = str(out / tag)
     path = out / f"{tag}.yaml"
-    text = yaml.safe_dump(cfg) + f"# ckpt_path: {ckpt}\n"
+    text = yaml.safe_dump(cfg) + f"# ckpt_path: {ckpt}\n" + _stamps(cfg, ckpt)
     done = out / tag / "ood_results.json"
     if done.exists() and path.exists() and path.read_text() == text:  # same run: reuse
         return json.loads(done.read_text())

@@ -132,31 +132,31 @@ def _warn_nonfinite(
         )
 
 
-def _fixed_combiners(
+def fixed_combiners(
     combiners: Mapping[str, Mapping[str, Mapping[str, Any]]],
     source: str,
-    detectors: Mapping[str, Detector],
-    banks: Mapping[str, Sequence[Tensor]],
-    held_out_for: Sequence[str],
+    components: Mapping[str, int],
+    detector_names: Sequence[str],
     ood_names: Sequence[str],
 ) -> dict[str, dict[str, dict[str, Tensor]]]:
-    """Check and convert the fixed combiners, before anything is evaluated: one per held-out
-    detector and OOD set, with as many weights as the detector has components."""
-    unused = sorted(set(combiners) & set(detectors) - set(held_out_for))
+    """Check and convert fixed combiners (an earlier run's ``combiners`` record) before
+    anything is evaluated: one per held-out detector (``components``: its number of
+    components) and OOD set, with that many weights, and none for a detector of
+    ``detector_names`` that is not held out (it would be silently unused)."""
+    unused = sorted(set(combiners) & set(detector_names) - set(components))
     if unused:
         raise ValueError(
             f"{source} gives combiners for {unused}, which are not evaluated on a hold-out "
             "here (validation_size 0, or a single component): the combiners would be unused"
         )
-    missing = [f"{d}/{o}" for d in held_out_for for o in ood_names if o not in combiners.get(d, {})]
+    missing = [f"{d}/{o}" for d in components for o in ood_names if o not in combiners.get(d, {})]
     if missing:
         raise ValueError(
             f"{source} has no combiner for {missing} (detector/OOD set); it must come from a "
             "run with the same layer-ensemble detectors and OOD set names"
         )
     out: dict[str, dict[str, dict[str, Tensor]]] = {}
-    for d in held_out_for:
-        k = banks[d][0].shape[1]
+    for d, k in components.items():
         for o in ood_names:
             state = {  # float64 from JSON: the default float32 would perturb the weights
                 key: torch.as_tensor(v, dtype=torch.bool if isinstance(v, bool) else torch.float64)
@@ -165,9 +165,8 @@ def _fixed_combiners(
             n = state["combiner_coef"].numel() if "combiner_coef" in state else -1
             if n != k:
                 raise ValueError(
-                    f"{source}: the combiner of {d!r} for {o!r} has {n} weights, but {d!r} "
-                    f"({type(detectors[d]).__name__}) has {k} components here; use a run with the "
-                    "same taps and members"
+                    f"{source}: the combiner of {d!r} for {o!r} has {n} weights, but {d!r} has "
+                    f"{k} components here; use a run with the same taps and members"
                 )
             out.setdefault(d, {})[o] = state
     return out
@@ -246,8 +245,8 @@ def evaluate_detectors(
     ]
     fixed = None
     if combiners is not None:
-        args = (detectors, banks, held_out_for, ood_names)
-        fixed = _fixed_combiners(combiners, combiners_source, *args)
+        components = {n: banks[n][0].shape[1] for n in held_out_for}
+        fixed = fixed_combiners(combiners, combiners_source, components, list(detectors), ood_names)
     splits: dict[str, tuple[Tensor, Tensor]] = {}
     if held_out_for:
         check_holdout(sizes, validation_size, {n: detectors[n] for n in held_out_for})
@@ -311,6 +310,7 @@ __all__ = [
     "check_holdout",
     "evaluate_detectors",
     "evaluate_pair",
+    "fixed_combiners",
     "holdout_splits",
     "holds_out",
     "unfittable",

@@ -35,7 +35,13 @@ from lightning_ood.detectors.line import activated_neuron_counts
 from lightning_ood.io import atomic_write_text
 from lightning_ood.metrics import METRIC_NAMES
 from lightning_ood.models import BackboneOutput
-from lightning_ood.protocol import CONVENTION, check_holdout, evaluate_detectors, holds_out
+from lightning_ood.protocol import (
+    CONVENTION,
+    check_holdout,
+    evaluate_detectors,
+    fixed_combiners,
+    holds_out,
+)
 
 TUNE_KEYS = ("detectors", "select", "seed", "combiner_fraction")
 
@@ -269,6 +275,19 @@ class OODEvaluation(Callback):
             self._check_holdout(trainer, pl_module)
             if self.combiners_from is not None:
                 self._fixed_combiners = self._load_combiners(self.combiners_from)
+                backbone = pl_module.backbone
+                components = {
+                    n: len(d.component_names(backbone))
+                    for n, d in pl_module.detectors.items()
+                    if holds_out(d, len(d.component_names(backbone)), self.validation_size)
+                }
+                fixed_combiners(  # refused here, before any pass over the data
+                    self._fixed_combiners,
+                    f"combiners_from={self.combiners_from!r}",
+                    components,
+                    list(pl_module.detectors),
+                    self._test_set_names(trainer)[1:],
+                )
 
     def _load_combiners(self, path: str) -> dict[str, Any]:
         """The ``combiners`` record of an earlier run, refused unless its hold-out is ours."""

@@ -193,10 +193,10 @@ def test_combiners_from_a_clean_run_are_loaded_under_corruption(tmp_path: Path) 
     fssd = {"fssd": {"taps": ["conv2", "fc1"], "n_noise": 8}, "energy": {}}
 
     def run(name: str, data: ToyData, **kw: object) -> dict:
+        kw = {"detectors": fssd, **kw}
         cb = OODEvaluation(
-            detectors=fssd, validation_size=10, results_dir=str(tmp_path / name), progress=False,
-            **kw,
-        )  # fmt: skip
+            validation_size=10, results_dir=str(tmp_path / name), progress=False, **kw
+        )  # type: ignore[arg-type]
         torch.manual_seed(0)
         task = ClassificationTask(model="lenet", num_classes=10)
         _trainer(tmp_path / name, cb).test(task, datamodule=data)
@@ -213,13 +213,20 @@ def test_combiners_from_a_clean_run_are_loaded_under_corruption(tmp_path: Path) 
     assert fixed["metrics"]["energy"] == refit["metrics"]["energy"]
     assert fixed["metrics"]["fssd"]["far"]["n_ood"] == refit["metrics"]["fssd"]["far"]["n_ood"]
     assert fixed["metrics"]["fssd"]["far"]["auroc"] != refit["metrics"]["fssd"]["far"]["auroc"]
+    other_taps = {"fssd": {"taps": ["conv1", "conv2", "fc1"], "n_noise": 8}}
     for kw, match in [
         ({"combiners_from": str(tmp_path / "nope.json")}, r"nope.json' does not exist"),
+        ({"combiners_from": source, "detectors": other_taps}, r"has 2 weights, but 'fssd' has 3"),
         ({"combiners_from": source, "validation_seed": 3}, r"held out 10 samples per set with"
          r" seed 42, this run validation_size=10, validation_seed=3"),
     ]:  # fmt: skip
-        with pytest.raises((FileNotFoundError, ValueError), match=match):
+        where = "lightning_ood.callbacks.evaluation"
+        with (
+            mock.patch(f"{where}.fit_with_trainer") as fit,
+            pytest.raises((FileNotFoundError, ValueError), match=match),
+        ):
             run("bad", NoisyToyData(), **kw)
+        assert fit.call_count == 0  # refused at setup: no pass ran
 
 
 def test_holdout_sizes_are_checked_before_any_pass(tmp_path: Path) -> None:

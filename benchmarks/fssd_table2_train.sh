@@ -21,11 +21,15 @@ LOGS=.cache/bench_logs
 fit() {  # epochs, seed, experiment, extra args...
   local e=$1 s=$2 exp=$3; shift 3
   local start; start=$(date +%s)
-  rm -f "$LOGS/$exp.done"
-  OMP_NUM_THREADS=1 .venv/bin/lightning-ood fit \
+  rm -f "$LOGS/$exp.done" "$LOGS/$exp.failed"
+  if ! OMP_NUM_THREADS=1 .venv/bin/lightning-ood fit \
     --config benchmarks/configs/lenet_fashionmnist_train.yaml \
     --seed_everything "$s" --trainer.max_epochs "$e" --experiment "$exp" "$@" \
-    > "$LOGS/$exp.log" 2>&1
+    > "$LOGS/$exp.log" 2>&1; then
+    touch "$LOGS/$exp.failed"  # the other lane may be waiting for it
+    echo "$exp failed: see $LOGS/$exp.log" >&2
+    return 1
+  fi
   echo "$exp: $(( $(date +%s) - start )) s" | tee "$LOGS/$exp.done"
 }
 oe() {  # seed: the OE LeNet of that seed, from scratch or fine-tuned from the plain one
@@ -35,12 +39,17 @@ oe() {  # seed: the OE LeNet of that seed, from scratch or fine-tuned from the p
     return
   fi
   local base="lenet_e${EPOCHS}_seed$s"
-  while [[ ! -f $LOGS/$base.done ]]; do sleep 20; done  # the other lane may still train it
+  while [[ ! -f $LOGS/$base.done ]]; do  # the other lane may still train it
+    [[ -f $LOGS/$base.failed ]] && { echo "$base failed: no OE fine-tune of it" >&2; return 1; }
+    sleep 20
+  done
   fit "$FT" "$s" "oeft${FT}_lenet_e${EPOCHS}_seed$s" "${args[@]}" \
     --model.model_kwargs.weights "checkpoints/bench/$base/last.ckpt"
 }
 mkdir -p "$LOGS"
-( fit "$EPOCHS" 1 "lenet_e${EPOCHS}_seed1"; fit "$EPOCHS" 2 "lenet_e${EPOCHS}_seed2"; fit "$EPOCHS" 3 "lenet_e${EPOCHS}_seed3"
-  oe 3 ) &
+( fit "$EPOCHS" 1 "lenet_e${EPOCHS}_seed1"; fit "$EPOCHS" 2 "lenet_e${EPOCHS}_seed2"
+  fit "$EPOCHS" 3 "lenet_e${EPOCHS}_seed3"; oe 3 ) &
 ( fit "$EPOCHS" 4 "lenet_e${EPOCHS}_seed4"; fit "$EPOCHS" 5 "lenet_e${EPOCHS}_seed5"; oe 1; oe 2 ) &
-wait
+status=0
+for job in $(jobs -p); do wait "$job" || status=1; done
+exit $status

@@ -128,10 +128,14 @@ def densenet_config(data: dict[str, Any], detectors: dict[str, Any], **cb: Any) 
 
 
 def fitted_from(out: Path, tag: str) -> Path | None:
-    """The ``--ckpt_path`` the run ``tag`` in ``out`` was made from (its config's last line)."""
+    """The ``--ckpt_path`` the run ``tag`` in ``out`` was made from (the ``# ckpt_path:`` line
+    that :func:`benchmarks._runs.run_test` writes into its config)."""
     path = out / f"{tag}.yaml"
-    last = path.read_text().rstrip().splitlines()[-1] if path.is_file() else ""
-    return Path(last.removeprefix("# ckpt_path: ")) if last.startswith("# ckpt_path: ") else None
+    lines = path.read_text().splitlines() if path.is_file() else []
+    found = [
+        line.removeprefix("# ckpt_path: ") for line in lines if line.startswith("# ckpt_path: ")
+    ]
+    return Path(found[-1]) if found and found[-1] != "None" else None
 
 
 def pooled_summary(per_run: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:

@@ -144,12 +144,13 @@ def main() -> None:
 
     md: list[str] = []
     seeds = ", ".join(map(str, ns.seeds))
+    oe_names = ns.oe_experiment.format(epochs=e, seed="{" + ",".join(map(str, ns.seeds)) + "}")
     md.append(
         f"LeNet (FSSD recipe, **{e} epochs**; the paper trains 14) on FashionMNIST, seeds {seeds}; "
         f"every {ns.every}-th test image of each set. Values in %, mean ± std over seeds; ID "
         "positive for AUROC/AUPR-In/FPR. DE: one ensemble of the LeNets of seeds "
         f"{ns.de_seeds} (its score does not depend on the seed, so no spread). OE: MSP of "
-        f"the LeNets `{ns.oe_experiment.format(epochs=e, seed='s')}` (KMNIST test split as "
+        f"the LeNets `{oe_names}` (KMNIST test split as "
         "outliers, lambda 0.5; `oeft{F}_…` = the plain LeNet of the seed fine-tuned with OE "
         "for F epochs, `oe_…` = from scratch); never scored on KMNIST. Mahalanobis/FSSD: "
         "layer ensembles, combiner on 500 held-out samples per set."

@@ -187,8 +187,8 @@ def spread_check(summary: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     return lines
 
 
-def save_png(summary: dict[str, Any], path: Path) -> str:
-    fig = report.severity_figure(summary, "auroc")
+def save_png(summary: dict[str, Any], path: Path, pooled: str = "types") -> str:
+    fig = report.severity_figure(summary, "auroc", pooled=pooled)
     report.save_figure(fig, path)
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
@@ -212,7 +212,7 @@ def shift(ns: argparse.Namespace, out: Path) -> tuple[dict[str, Any], str]:
         runs = list(results["lenet"].values())
         summary = pooled_summary(runs)
         types = n_types(runs[0]["metrics"]["msp"])
-        png = save_png(summary, figs / f"{ns.name}_lenet.png")
+        png = save_png(summary, figs / f"{ns.name}_lenet.png", pooled="types x seeds")
         held = runs[0]["validation"]["held_out_per_set"]
         md += [
             f"### FashionMNIST vs FashionMNIST-C (LeNet, {ns.epochs} epochs, seeds {ns.seeds})\n",
@@ -344,7 +344,7 @@ def robust(ns: argparse.Namespace, out: Path) -> tuple[dict[str, Any], str]:
             sel = [(s, r) for s, c, r in runs if c in ("clean", noise)]
             summary = report.robustness_summary(sel, ood, "auroc")
             results[f"{model}_{noise}_summary"] = summary
-            png = save_png(summary, figs / f"{ns.name}_{model}_{noise}.png")
+            png = save_png(summary, figs / f"{ns.name}_{model}_{noise}.png", pooled="seeds")
             n = len({id(r) for s, r in sel if s == 0})
             held = runs[0][2]["validation"]["held_out_per_set"]
             first = runs[0][2]

@@ -385,10 +385,13 @@ def severity_lines(
 
 
 def severity_figure(
-    summary: Mapping[str, Mapping[str, Mapping[str, float]]], metric: str = "auroc"
+    summary: Mapping[str, Mapping[str, Mapping[str, float]]],
+    metric: str = "auroc",
+    pooled: str = "types",
 ) -> Any:
     """``metric`` against severity per detector: the mean as a line, the interquartile range
-    over corruption types as a band (FSSD paper Figures 4 and 5)."""
+    as a band (FSSD paper Figures 4 and 5); ``pooled`` names what the band runs over, corruption
+    types for :func:`severity_summary`, e.g. seeds for :func:`robustness_summary`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -409,7 +412,7 @@ def severity_figure(
         )
     ax.set_xlabel("corruption severity")
     ax.set_ylabel(f"{HEADERS.get(metric, metric)} (%)")
-    ax.set_title(f"{HEADERS.get(metric, metric)} vs severity (band: Q1-Q3 over types)")
+    ax.set_title(f"{HEADERS.get(metric, metric)} vs severity (band: Q1-Q3 over {pooled})")
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -40,6 +40,13 @@ def test_robustness_summary_by_hand() -> None:
     lines = report.severity_lines(got, "auroc", pooled="runs (seeds)")
     assert "| msp | 70.00 [65.00, 75.00] | 70.00 [60.00, 80.00] |" in lines
     assert lines[0] == "AUROC↑ per corruption severity: mean [Q1, Q3] over 3 runs (seeds)."
+    # ... and the figure: one line per detector through the means, titled by what it pools
+    fig = report.severity_figure(got, "auroc", pooled="seeds")
+    ax = fig.axes[0]
+    assert ax.get_title().endswith("(band: Q1-Q3 over seeds)")
+    msp = next(line for line in ax.get_lines() if line.get_label() == "msp")
+    assert list(msp.get_xdata()) == [0, 3]
+    assert list(msp.get_ydata()) == pytest.approx([70.0, 70.0])
 
 
 def test_robustness_summary_errors() -> None:

@@ -9,6 +9,7 @@ of one cell reruns only what changed.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -95,3 +96,12 @@ def run_test(
             f"{tag}: lightning-ood test exited {proc.returncode}; see {out}/{tag}.log"
         )
     return json.loads(done.read_text())
+
+
+def epoch_defaults(ns: argparse.Namespace, run_dir: str, stem: str) -> str:
+    """Fill ``ns.out`` (default ``run_dir``) and return the result stem (``ns.name``, default
+    ``stem``), both with ``_e<E>`` for LeNets of other than 3 epochs (the 3-epoch runs came
+    first), so that runs on other networks never overwrite them."""
+    suffix = "" if ns.epochs == 3 else f"_e{ns.epochs}"
+    ns.out = ns.out or run_dir + suffix
+    return ns.name or stem + suffix

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._record import Recorder  # noqa: E402
-from benchmarks._runs import run_test  # noqa: E402
+from benchmarks._runs import epoch_defaults, run_test  # noqa: E402
 from benchmarks.fssd_table2 import (  # noqa: E402
     METRICS,
     TAPS_FSSD,
@@ -53,9 +53,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="run folder; default .cache/fssd_multi[_e<E>]")
     ap.add_argument("--name", default=None, help="result stem; default fssd_multi_model[_e<E>]")
     ns = ap.parse_args()
-    suffix = "" if ns.epochs == 3 else f"_e{ns.epochs}"  # the 3-epoch runs came first
-    ns.out = ns.out or ".cache/fssd_multi" + suffix
-    rec = Recorder(ns.name or "fssd_multi_model" + suffix)
+    rec = Recorder(epoch_defaults(ns, ".cache/fssd_multi", "fssd_multi_model"))
     e, out = ns.epochs, ROOT / ns.out
     ckpt = {s: ROOT / ns.ckpt_root / f"lenet_e{e}_seed{s}" / "last.ckpt" for s in ns.networks}
     results: dict[int, dict[str, Any]] = {}

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._record import Recorder  # noqa: E402
-from benchmarks._runs import run_test  # noqa: E402
+from benchmarks._runs import epoch_defaults, run_test  # noqa: E402
 
 TAPS_MAHA = ["conv1", "conv2", "fc1"]
 TAPS_FSSD = ["conv1", "conv2", "fc1", "logits"]
@@ -96,9 +96,7 @@ def main() -> None:
     )
     ap.add_argument("--name", default=None, help="result stem; default fssd_table2[_e<E>]")
     ns = ap.parse_args()
-    suffix = "" if ns.epochs == 3 else f"_e{ns.epochs}"  # the 3-epoch runs came first
-    ns.out = ns.out or ".cache/table2" + suffix
-    rec = Recorder(ns.name or "fssd_table2" + suffix)
+    rec = Recorder(epoch_defaults(ns, ".cache/table2", "fssd_table2"))
     e, out = ns.epochs, ROOT / ns.out
     ckpt = {s: ROOT / ns.ckpt_root / f"lenet_e{e}_seed{s}" / "last.ckpt" for s in ns.de_seeds}
     oe_ckpt = {
@@ -171,19 +169,17 @@ def main() -> None:
             )
             md.append(f"| {det} | " + " | ".join(cells) + f" | {paper} |")
     every_det = ["msp", "odin", "mahalanobis", "fssd", *LEADERS]
-    md.append("\n### Every detector vs KMNIST, paper/default values\n")
-    md.append("| detector | AUROC↑ | AUPR-In↑ | FPR80↓ | FPR95↓ |")
-    md.append("|---|---:|---:|---:|---:|")
-    for det in every_det:
-        cells = [cell("paper", det, "kmnist", m) for m in METRICS]
-        md.append(f"| {det} | " + " | ".join(cells) + " |")
-    if ns.skip_tuned:
-        md.append("\n### Every detector vs MNIST, paper/default values (no tuned runs)\n")
-        md.append("| detector | AUROC↑ | AUPR-In↑ | FPR80↓ | FPR95↓ |")
-        md.append("|---|---:|---:|---:|---:|")
+
+    def default_table(ood: str, title: str) -> None:
+        md.extend([f"\n### {title}\n", "| detector | AUROC↑ | AUPR-In↑ | FPR80↓ | FPR95↓ |",
+                   "|---|---:|---:|---:|---:|"])  # fmt: skip
         for det in every_det:
-            cells = [cell("paper", det, "mnist", m) for m in METRICS]
+            cells = [cell("paper", det, ood, m) for m in METRICS]
             md.append(f"| {det} | " + " | ".join(cells) + " |")
+
+    default_table("kmnist", "Every detector vs KMNIST, paper/default values")
+    if ns.skip_tuned:
+        default_table("mnist", "Every detector vs MNIST, paper/default values (no tuned runs)")
     else:
         md.append("\n### Every detector vs MNIST: paper/default values and validation-selected\n")
         md.append(

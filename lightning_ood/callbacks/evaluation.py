@@ -275,19 +275,24 @@ class OODEvaluation(Callback):
             self._check_holdout(trainer, pl_module)
             if self.combiners_from is not None:
                 self._fixed_combiners = self._load_combiners(self.combiners_from)
-                backbone = pl_module.backbone
-                components = {
-                    n: len(d.component_names(backbone))
-                    for n, d in pl_module.detectors.items()
-                    if holds_out(d, len(d.component_names(backbone)), self.validation_size)
-                }
                 fixed_combiners(  # refused here, before any pass over the data
                     self._fixed_combiners,
                     f"combiners_from={self.combiners_from!r}",
-                    components,
+                    self._held_out_components(pl_module),
                     list(pl_module.detectors),
                     self._test_set_names(trainer)[1:],
                 )
+
+    def _held_out_components(self, pl_module: LightningModule) -> dict[str, int]:
+        """The detectors evaluated on the hold-out (:func:`holds_out`) and their number of
+        components."""
+        backbone = pl_module.backbone
+        sizes = {n: len(d.component_names(backbone)) for n, d in pl_module.detectors.items()}
+        return {
+            n: k
+            for n, k in sizes.items()
+            if holds_out(pl_module.detectors[n], k, self.validation_size)
+        }
 
     def _load_combiners(self, path: str) -> dict[str, Any]:
         """The ``combiners`` record of an earlier run, refused unless its hold-out is ours."""
@@ -323,12 +328,7 @@ class OODEvaluation(Callback):
 
     def _check_holdout(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Refuse a hold-out the test sets or combiners cannot take, before any data pass."""
-        backbone = pl_module.backbone
-        dets = {
-            n: d
-            for n, d in pl_module.detectors.items()
-            if holds_out(d, len(d.component_names(backbone)), self.validation_size)
-        }
+        dets = {n: pl_module.detectors[n] for n in self._held_out_components(pl_module)}
         if not dets:
             return
         loaders = trainer.datamodule.test_dataloader() if trainer.datamodule is not None else []

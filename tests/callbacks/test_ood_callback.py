@@ -196,7 +196,7 @@ def test_combiners_from_a_clean_run_are_loaded_under_corruption(tmp_path: Path) 
         kw = {"detectors": fssd, **kw}
         cb = OODEvaluation(
             validation_size=10, results_dir=str(tmp_path / name), progress=False, **kw
-        )  # type: ignore[arg-type]
+        )
         torch.manual_seed(0)
         task = ClassificationTask(model="lenet", num_classes=10)
         _trainer(tmp_path / name, cb).test(task, datamodule=data)

@@ -10,7 +10,7 @@ Pure torch (no Lightning import), so models, detectors and the hand-off loader c
   has its own error and remedy: not a checkpoint at all, truncated, or a device that is absent.
 * :func:`atomic_save` / :func:`atomic_write_text` write to a temporary file in the target's
   folder, fsync it and rename it over the target: a run killed mid-write leaves the previous
-  good file in place, never a prefix.
+  good file in place, never a prefix, and concurrent writers of one target all finish.
 * :func:`download_timeout` bounds every network fetch (datasets, torchvision weights), so a
   blocked network fails fast instead of hanging.
 """
@@ -18,11 +18,15 @@ Pure torch (no Lightning import), so models, detectors and the hand-off loader c
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import os
 import pickle
+import re
 import socket
 import tarfile
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -192,9 +196,71 @@ def _corrupt_message(path: Path, err: BaseException) -> str:
     )
 
 
+#: A temporary of another writer is removed only when provably abandoned: its owner (recorded
+#: in the name) was a process on this host that no longer runs, or, for a temporary whose
+#: owner cannot be checked (another host on a shared filesystem, an older naming), when it was
+#: last modified this long ago (seconds). A live writer keeps its file's mtime fresh.
+STALE_TEMP_AGE_S = 6 * 3600.0
+#: ``<host tag>-<pid>-`` after the target's name: who writes a temporary.
+_TEMP_OWNER = re.compile(r"lood-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[A-Za-z0-9_]+\.tmp")
+#: Temporaries of lightning-ood versions that did not record their owner: ``mkstemp``'s
+#: random part only.
+_TEMP_LEGACY = re.compile(r"[A-Za-z0-9_]{8}\.tmp")
+
+
+def _host_tag() -> str:
+    """Eight hex digits naming this host (a hostname may hold characters a file name should not)."""
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (a process of another user counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:  # e.g. a pid outside the platform's range: nothing to probe, keep the file
+        return True
+    return True
+
+
+def _abandoned(tmp: Path, target: str, host: str, now: float) -> bool:
+    """Whether ``tmp``, a temporary beside ``target``, was left by a writer that is gone."""
+    rest = tmp.name[len(f".{target}.") :]
+    owner = _TEMP_OWNER.fullmatch(rest)
+    if owner is None and _TEMP_LEGACY.fullmatch(rest) is None:
+        return False  # another target's temporary (".a.b.<...>.tmp" beside target "a")
+    if owner is not None and owner["host"] == host:
+        pid = int(owner["pid"])
+        return pid != os.getpid() and not _pid_alive(pid)
+    try:
+        return now - tmp.stat().st_mtime > STALE_TEMP_AGE_S
+    except FileNotFoundError:  # its writer renamed or removed it meanwhile
+        return False
+
+
+def _remove_abandoned_temporaries(path: Path) -> None:
+    """Delete the temporaries of ``path`` whose writers died mid-write, never a live one."""
+    host, now = _host_tag(), time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if _abandoned(tmp, path.name, host, now):
+            tmp.unlink(missing_ok=True)
+
+
 def _atomic_write(path: Path, write: Callable[[IO[Any]], None], mode: str) -> None:
+    """Write through a temporary named after its owner, then rename it over ``path``.
+
+    Concurrent writers of one target (two runs filling the same cache entry) each write their
+    own temporary, and each rename is atomic: every reader sees one writer's complete file,
+    the last rename wins, and neither writer touches the other's temporary.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    prefix = f".{path.name}.lood-{_host_tag()}-{os.getpid()}-"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
@@ -205,16 +271,16 @@ def _atomic_write(path: Path, write: Callable[[IO[Any]], None], mode: str) -> No
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
+    _remove_abandoned_temporaries(path)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` to a hidden temporary file beside ``path``, fsync, then rename.
 
     The rename is atomic on POSIX filesystems, so readers see the old file or the new one,
-    never a prefix. Stale temporaries of ``path`` (from a process killed mid-write) are
-    removed after a successful save.
+    never a prefix. Temporaries of ``path`` left by a process killed mid-write are removed
+    after a successful save; those of writers still running never are, so concurrent writers
+    of one file all finish (the last rename wins).
     """
     _atomic_write(Path(path), lambda f: torch.save(obj, f), "wb")
 

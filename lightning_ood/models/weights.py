@@ -3,9 +3,12 @@
 Accepts the formats a user actually has on disk: a plain ``state_dict``, a reference research
 checkpoint (``{'epoch', 'state_dict'}``, possibly saved from ``nn.DataParallel`` with
 ``module.`` prefixes) and a Lightning ``.ckpt`` whose module holds the backbone under some
-attribute (``model.``, ``backbone.``...). The prefix is found, not guessed from a fixed list:
-the one under which most checkpoint keys match the model's own keys wins, so no per-file key
-surgery is ever needed. Every failure names the file and says what to do.
+attribute (``model.``, ``backbone.``...). A lightning-ood ``.ckpt`` (the fine-tuning recipe's
+``model_kwargs.weights: .../last.ckpt``) gives its ``backbone.`` tensors; its detectors' state
+(buffers, non-tensor ``_extra_state``, an ensemble's member networks) is ignored. The prefix
+is found, not guessed from a fixed list: the one under which most checkpoint keys match the
+model's own keys wins, so no per-file key surgery is ever needed. Every failure names the file
+and says what to do; a file of another architecture is reported as such, with keys and shapes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ _NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net")
 #: BatchNorm counters are absent from older files (e.g. torchvision's ImageNet weights) and do
 #: not affect the forward pass, so a checkpoint without them is still complete.
 _OPTIONAL_SUFFIX = "num_batches_tracked"
+#: Key suffix of a module's ``get_extra_state()`` in a state dict (any value, not a tensor).
+_EXTRA_STATE = "_extra_state"
+#: Where a lightning-ood checkpoint keeps the classifier (``ClassificationTask.backbone``).
+_TASK_BACKBONE = "backbone."
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Tensor]:
@@ -94,12 +101,23 @@ def load_pickled(path: str | os.PathLike[str]) -> object:
 
 
 def _unnest(obj: object, path: Path) -> dict[str, Tensor]:
-    """Descend through ``{'state_dict': ...}``-style wrappers down to the tensor mapping."""
+    """Descend through ``{'state_dict': ...}``-style wrappers down to the tensor mapping.
+
+    Modules' extra state (``<prefix>._extra_state``: FSSD's resolved taps, an ensemble's member
+    records; any value) is part of a state dict but no weight, so it is dropped here. A
+    lightning-ood checkpoint yields only its ``backbone.`` tensors: its detectors' buffers (and
+    an ensemble's member networks, whose keys look like a backbone's) are never weights of the
+    model being built.
+    """
+    task = _is_lightning_ood(obj)
     for _ in range(3):
         if not isinstance(obj, Mapping):
             break
-        if obj and all(isinstance(v, Tensor) for v in obj.values()):
-            return dict(obj)
+        tensors = _tensor_entries(obj)
+        if tensors is not None:
+            if task and any(k.startswith(_TASK_BACKBONE) for k in tensors):
+                return {k: v for k, v in tensors.items() if k.startswith(_TASK_BACKBONE)}
+            return tensors
         inner = next((obj[k] for k in _NESTING_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
             break
@@ -109,6 +127,25 @@ def _unnest(obj: object, path: Path) -> dict[str, Tensor]:
         f"weights file {str(path)!r} holds no state_dict (found {keys}); expected a mapping of "
         "parameter names to tensors, optionally nested under 'state_dict'"
     )
+
+
+def _tensor_entries(obj: Mapping[str, object]) -> dict[str, Tensor] | None:
+    """The tensors of a state dict (its ``_extra_state`` entries left out), or None when
+    ``obj`` is no state dict: empty, or holding other non-tensor values."""
+    tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    others = [k for k in obj if k not in tensors]
+    if not tensors or any(not str(k).endswith(_EXTRA_STATE) for k in others):
+        return None
+    return tensors
+
+
+def _is_lightning_ood(obj: object) -> bool:
+    """A checkpoint written by lightning-ood: a ClassificationTask's hyperparameters (with
+    ``model``) beside its ``state_dict``."""
+    if not isinstance(obj, Mapping) or not isinstance(obj.get("state_dict"), Mapping):
+        return False
+    hp = obj.get("hyper_parameters")
+    return isinstance(hp, Mapping) and "model" in hp
 
 
 def strip_prefix(state: Mapping[str, Tensor], expected: set[str]) -> dict[str, Tensor]:
@@ -131,6 +168,15 @@ def strip_prefix(state: Mapping[str, Tensor], expected: set[str]) -> dict[str, T
     if not best:
         return dict(state)
     return {k[len(best) :]: v for k, v in state.items() if k.startswith(best)}
+
+
+def _shapes(state: Mapping[str, object], keys: list[str], most: int = 5) -> str:
+    """``['name' (shape), ...]`` for the first ``most`` of ``keys``."""
+    shown = [
+        f"{k!r} {tuple(v.shape)}" if isinstance(v := state[k], Tensor) else repr(k)
+        for k in keys[:most]
+    ]
+    return f"[{', '.join(shown)}{', ...' if len(keys) > most else ''}]"
 
 
 def _module_name(root: nn.Module, target: nn.Module) -> str | None:
@@ -199,24 +245,28 @@ def apply_state_dict(
                 f"num_classes={ckpt_w.shape[0]}"
             )
 
-    missing = [k for k in own if k not in state and not k.endswith(_OPTIONAL_SUFFIX)]
+    optional = (_OPTIONAL_SUFFIX, _EXTRA_STATE)
+    missing = [k for k in own if k not in state and not k.endswith(optional)]
     unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise ValueError(
-            f"{source} does not match the architecture of {name}: "
-            f"{len(missing)} missing keys (e.g. {missing[:5]}), {len(unexpected)} unexpected keys "
-            f"(e.g. {unexpected[:5]}). Was it saved from a different model or configuration?"
-        )
     wrong = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
         for k, v in own.items()
-        if k in state and state[k].shape != v.shape
+        if k in state and isinstance(v, Tensor) and state[k].shape != v.shape
     ]
-    if wrong:
+    shapes = f"{len(wrong)} tensors differ in shape, e.g. {wrong[:5]}"
+    if missing or unexpected:
         raise ValueError(
             f"{source} does not match the architecture of {name}: "
-            f"{len(wrong)} tensors differ in shape, e.g. {wrong[:5]}. Was it saved from a "
-            "different model or configuration?"
+            f"{len(missing)} missing keys (e.g. {_shapes(own, missing)}), {len(unexpected)} "
+            f"unexpected keys (e.g. {_shapes(state, unexpected)})"
+            f"{f'; {shapes}' if wrong else ''}. Was it saved from a different model or "
+            "configuration? Build the architecture it was trained with (a lightning-ood "
+            "checkpoint records it as hyper_parameters.model)."
+        )
+    if wrong:
+        raise ValueError(
+            f"{source} does not match the architecture of {name}: {shapes}. Was it saved from "
+            "a different model or configuration?"
         )
     for k, v in own.items():  # optional counters: keep the model's own value
         state.setdefault(k, v)

@@ -139,3 +139,83 @@ def test_load_weights_returns_the_model(trained: LeNet, tmp_path: Path) -> None:
     target = LeNet()
     assert load_weights(target, path) is target
     assert torch.equal(target.fc2.bias, trained.fc2.bias)
+
+
+def _project_checkpoint(path: Path, member: LeNet) -> dict[str, Tensor]:
+    """A lightning-ood ``last.ckpt`` as ``lightning-ood fit`` writes it: the task's state dict
+    (LeNet backbone, fitted-detector buffers, FSSD's ``_extra_state`` dict) with an ensemble's
+    record and member network beside it. Returns the backbone's tensors."""
+    from lightning_ood.task import ClassificationTask
+
+    torch.manual_seed(11)
+    task = ClassificationTask(
+        model="lenet",
+        model_kwargs={"in_channels": 1},
+        detectors={"fssd": {"taps": ["conv1", "fc1"]}, "msp": {}},
+    )
+    state = task.state_dict()
+    assert isinstance(state["detectors.fssd._extra_state"], dict)  # what broke the loader
+    state["detectors.de._extra_state"] = {"archs": [{"model": "lenet"}], "sources": ["m.ckpt"]}
+    state.update({f"detectors.de.members.0.{k}": v for k, v in member.state_dict().items()})
+    torch.save(
+        {
+            "epoch": 0,
+            "global_step": 10,
+            "pytorch-lightning_version": "2.6.0",
+            "state_dict": state,
+            "hyper_parameters": dict(task.hparams),
+            "lightning_ood": {"data": {"input_shape": [1, 28, 28]}},
+        },
+        path,
+    )
+    return {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+
+
+def test_a_project_checkpoint_with_detector_extra_state_gives_its_backbone(
+    trained: LeNet, tmp_path: Path
+) -> None:
+    """The fine-tuning recipe (``model_kwargs.weights: .../last.ckpt``) and ``grid --ckpt_path``
+    on a checkpoint with FSSD and an ensemble: the backbone's tensors, never a member's."""
+    from lightning_ood.task import ClassificationTask
+
+    path = tmp_path / "last.ckpt"
+    backbone = _project_checkpoint(path, member=trained)
+    for model in (
+        create_model("lenet", weights=path),
+        load_weights(LeNet(), path),  # grid --ckpt_path
+        ClassificationTask(model="lenet", model_kwargs={"weights": str(path)}).backbone,
+    ):
+        got = model.state_dict()
+        assert set(got) == set(backbone)
+        for k, v in backbone.items():
+            assert torch.equal(got[k], v), k
+            assert not torch.equal(got[k], trained.state_dict()[k]), k  # not the member's
+    assert read_checkpoint(path).keys() == {f"backbone.{k}" for k in backbone}
+
+
+def test_a_lenet_checkpoint_for_another_architecture_says_so(
+    trained: LeNet, tmp_path: Path
+) -> None:
+    path = tmp_path / "last.ckpt"
+    _project_checkpoint(path, member=trained)
+    with pytest.raises(ValueError) as err:
+        create_model("tv:resnet18", num_classes=10, in_channels=1, image_size=28, weights=path)
+    msg = str(err.value)
+    assert "holds no state_dict" not in msg
+    assert f"weights file {str(path)!r} does not match the architecture of tv:resnet18" in msg
+    assert "101 missing keys (e.g. ['bn1.weight' (64,)" in msg
+    assert "7 unexpected keys (e.g. ['conv1.bias' (32,), 'conv2.weight' (64, 32, 3, 3)" in msg
+    assert "conv1.weight: checkpoint (32, 1, 3, 3) vs model (64, 1, 7, 7)" in msg
+    assert "hyper_parameters.model" in msg
+
+
+def test_extra_state_is_no_weight_but_other_values_are_no_state_dict(tmp_path: Path) -> None:
+    w = torch.ones(2)
+    extra = tmp_path / "extra.pt"
+    torch.save({"state_dict": {"fc.weight": w, "det._extra_state": {"taps": ["a"]}}}, extra)
+    got = read_checkpoint(extra)
+    assert list(got) == ["fc.weight"] and torch.equal(got["fc.weight"], w)
+    odd = tmp_path / "odd.pt"
+    torch.save({"state_dict": {"fc.weight": w, "note": "hello"}}, odd)
+    with pytest.raises(RuntimeError, match=r"odd\.pt.* holds no state_dict"):
+        read_checkpoint(odd)

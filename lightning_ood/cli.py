@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
+import os
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +32,9 @@ from lightning_ood.callbacks.predictions import PredictionCSVWriter
 from lightning_ood.checkpoint import SafeCheckpointIO, check_lightning_checkpoint, safe_load
 from lightning_ood.data import OODDataModule
 from lightning_ood.grid import GridResult, load_spec, run_spec, write_grid_results
+from lightning_ood.models.trust import UntrustedCheckpointError, allow_modules, trust_modules
+from lightning_ood.runs import ReplacedRunGuard, check_experiment, move_aside, run_folder
+from lightning_ood.state import checkpoint_task_args
 from lightning_ood.task import ClassificationTask
 
 
@@ -41,6 +46,10 @@ class OODCLI(LightningCLI):
     weights (unless ``--allow_untrained true``), a ``fit`` over an earlier run's checkpoints or
     a ``predict`` over an existing file (unless ``--overwrite true``), and a checkpoint whose
     class count the data does not have. Flags that ``--ckpt_path`` overrides are warned about.
+
+    A checkpoint is data: ``--ckpt_path`` contributes only a registered architecture and plain
+    values to the run (:mod:`lightning_ood.models.trust`), never an import path, unless the user
+    lists it in ``--allow_modules`` or configures ``model: wrap`` with that module themselves.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -81,8 +90,17 @@ class OODCLI(LightningCLI):
             type=bool,
             default=False,
             help="fit: replace the checkpoints of an earlier run of this experiment (otherwise "
-            "refused: resume it with --ckpt_path last); predict: replace an existing "
+            "refused: resume it with --ckpt_path last); they are moved aside and deleted only "
+            "once the new run has written its first checkpoint. predict: replace an existing "
             "--predictions file.",
+        )
+        parser.add_argument(
+            "--allow_modules",
+            type=list[str],
+            default=[],
+            help="Import paths of your own network classes (my_pkg.nets.MyNet) that a checkpoint "
+            "or ensemble member file recording `model: wrap` may name. A file can never make "
+            "lightning-ood import anything else.",
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
@@ -94,21 +112,33 @@ class OODCLI(LightningCLI):
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the checkpoint's hyperparameters before anything else; read the
-        # file through safe_load first so a truncated, corrupt, code-carrying or bare-weights
-        # file fails with an error that names it and the fix (LightningCLI itself also loads
-        # weights_only, and then fails with a KeyError on a bare weights file).
+        # Overrides LightningCLI's private hook (lightning 2.x, LightningCLI._parse_ckpt_path),
+        # which merges *every* hyperparameter of the file into the config (including
+        # `_class_path`, and wrap import paths that the model then imports and calls). A
+        # checkpoint is data, so only the task's plain arguments are taken from it, each checked
+        # by lightning_ood.models.trust; the file is read through safe_load so a truncated,
+        # corrupt, code-carrying or bare-weights file fails with an error naming it and the fix.
         self._ckpt_data: dict[str, Any] = {}
         sub = self.config.get("subcommand")
+        self._trust_user_modules(sub)
         path = self.config[sub].get("ckpt_path") if sub else None
         if not (path and path not in ("last", "best", "hpc", "registry") and Path(path).is_file()):
-            super()._parse_ckpt_path()
-            return
+            return  # Lightning resolves "last"/"best" to files of this run: nothing to merge
         ckpt = safe_load(path)
         check_lightning_checkpoint(ckpt, path)
         self._ckpt_data = dict((ckpt.get("lightning_ood") or {}).get("data") or {})
+        try:
+            hparams = checkpoint_task_args(ckpt.get("hyper_parameters"), f"--ckpt_path {path}")
+        except UntrustedCheckpointError as err:
+            raise SystemExit(f"lightning-ood {sub}: {err}") from None
+        if not hparams:
+            return
         given = self._given_model_args(sub)
-        super()._parse_ckpt_path()
+        try:
+            self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write(f"Parsing of the hyperparameters of --ckpt_path {path} failed!\n")
+            raise
         model_cfg = self.config[sub]["model"]
         for key, value in given.items():
             now = model_cfg.get(key)
@@ -120,6 +150,19 @@ class OODCLI(LightningCLI):
                 f"(its weights, class count and detectors); drop --model.{key}, or drop "
                 "--ckpt_path to build the configured model instead."
             )
+
+    def _trust_user_modules(self, sub: str | None) -> None:
+        """The user's own ``--allow_modules`` and ``model: wrap`` module are the import paths
+        that files read in this run (a checkpoint, ensemble members) may name."""
+        if not sub:
+            return
+        cfg = self.config[sub]
+        names = list(cfg.get("allow_modules") or [])
+        model_cfg = cfg.get("model") or {}
+        module = (model_cfg.get("model_kwargs") or {}).get("module")
+        if model_cfg.get("model") == "wrap" and isinstance(module, str):
+            names.append(module)
+        trust_modules(names)
 
     def _given_model_args(self, sub: str) -> dict[str, Any]:
         """Model arguments set by a flag or a config file (not left at their defaults), among
@@ -138,9 +181,16 @@ class OODCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         sub = self.subcommand
-        if sub not in ("test", "predict"):
+        if sub is None:
             return
         cfg = self.config[sub]
+        try:  # before anything is written: a name may not leave the roots
+            run_folder(cfg["checkpoint_root"], cfg["experiment"])
+            run_folder(cfg["log_root"], cfg["experiment"])
+        except ValueError as err:
+            raise SystemExit(f"lightning-ood {sub}: {err}") from None
+        if sub not in ("test", "predict"):
+            return
         weights = (cfg["model"].get("model_kwargs") or {}).get("weights")
         if cfg.get("ckpt_path") or weights or cfg["allow_untrained"]:
             return
@@ -152,6 +202,19 @@ class OODCLI(LightningCLI):
             "backbone's weights (--model.model_kwargs.weights PATH); or --allow_untrained true "
             f"to {sub} the untrained network on purpose (no fitted.ckpt is then written)."
         )
+
+    def instantiate_classes(self) -> None:
+        # jsonargparse reports a class that refuses its arguments as "Does not validate against
+        # any of the Union subtypes" plus a dump of the config, with the project's own message
+        # buried above; the user needs that message, so it becomes the last line printed.
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            own = _own_refusal(err)
+            if own is None:
+                raise
+            sub = f" {self.subcommand}" if self.subcommand else ""
+            raise SystemExit(f"lightning-ood{sub}: {own}") from err
 
     def after_instantiate_classes(self) -> None:
         sub = self.subcommand
@@ -195,7 +258,9 @@ class OODCLI(LightningCLI):
         """``fit`` writes ``last.ckpt`` and the best epoch into a fixed folder: a second run of
         the same experiment would replace the first one's checkpoints. Refused, or with
         ``overwrite`` the earlier run's checkpoints (``fitted.ckpt`` included, so that no file
-        of the replaced model is left to be loaded by mistake) are removed first."""
+        of the replaced model is left to be loaded by mistake) are moved aside
+        (:func:`lightning_ood.runs.move_aside`) and deleted only once the new run has written
+        its first checkpoint; a run that fails before that gets them back."""
         for cb in self.trainer.checkpoint_callbacks:
             folder = Path(cb.dirpath) if getattr(cb, "dirpath", None) else None
             if folder is None or not folder.is_dir():
@@ -206,11 +271,14 @@ class OODCLI(LightningCLI):
                 continue  # resuming the run that lives in this folder
             earlier = sorted(p.name for p in folder.glob("*.ckpt"))
             if earlier and overwrite:
-                for name in earlier:
-                    (folder / name).unlink(missing_ok=True)  # DDP: every rank runs this
+                if not _is_launching_rank():
+                    continue  # rank 0 moved them aside before it started this process
+                backup = move_aside(folder, earlier)
+                self.trainer.callbacks.insert(0, ReplacedRunGuard(folder, backup, earlier))
                 rank_zero_info(
-                    f"[lightning_ood] --overwrite: removed the earlier run's {earlier} from "
-                    f"{folder}"
+                    f"[lightning_ood] --overwrite: moved the earlier run's {earlier} to {backup}; "
+                    "they are deleted once this run writes its first checkpoint, and restored "
+                    "if it fails before"
                 )
             elif earlier:
                 raise SystemExit(
@@ -222,7 +290,7 @@ class OODCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        experiment = cfg["experiment"]
+        experiment = check_experiment(cfg["experiment"])
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         if trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = TensorBoardLogger(save_dir=cfg["log_root"], name=experiment)
@@ -285,26 +353,54 @@ class OODCLI(LightningCLI):
 _CKPT_MODEL_ARGS = ("model", "num_classes", "model_kwargs", "channels_last")
 
 
+def _own_refusal(err: BaseException) -> str | None:
+    """The message of the innermost exception in ``err``'s chain that lightning-ood itself
+    raised (a refused argument), or None when the failure is not one of ours."""
+    package = str(Path(__file__).resolve().parent)
+    found, seen = None, set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        frames = traceback.extract_tb(current.__traceback__)
+        if frames and str(Path(frames[-1].filename).resolve()).startswith(package):
+            found = current
+        current = current.__cause__ or current.__context__
+    if found is None:
+        return None
+    return str(found) if isinstance(found, ValueError | TypeError | OSError) else None
+
+
+def _is_launching_rank() -> bool:
+    """True in the process the user started (DDP's launcher re-runs the CLI in the others with
+    ``LOCAL_RANK``/``NODE_RANK`` set), which alone may move files."""
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
 def _same_arg(a: Any, b: Any) -> bool:
     """Equal model arguments; ``None`` and ``{}`` are the same ``model_kwargs``."""
     return (a or None) == (b or None) if isinstance(a, dict) or isinstance(b, dict) else a == b
 
 
 def main(args: ArgsType = None, run: bool = True) -> OODCLI:
-    """Entry point for the console script, ``python -m lightning_ood`` and tests."""
-    return OODCLI(
-        ClassificationTask,
-        OODDataModule,
-        subclass_mode_data=True,
-        trainer_defaults={
-            # Gradient-based detectors (ODIN, FSSD/Mahalanobis pre-processing) need autograd
-            # inside the test loop, which inference_mode would forbid.
-            "inference_mode": False,
-        },
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    """Entry point for the console script, ``python -m lightning_ood`` and tests.
+
+    The modules the run trusts (``--allow_modules``, the user's ``wrap`` module) are trusted
+    for this call only.
+    """
+    with allow_modules(()):
+        return OODCLI(
+            ClassificationTask,
+            OODDataModule,
+            subclass_mode_data=True,
+            trainer_defaults={
+                # Gradient-based detectors (ODIN, FSSD/Mahalanobis pre-processing) need autograd
+                # inside the test loop, which inference_mode would forbid.
+                "inference_mode": False,
+            },
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
 
 
 def _grid_parser() -> argparse.ArgumentParser:

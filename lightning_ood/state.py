@@ -11,14 +11,19 @@ stored detector state that does not match the configured detectors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from lightning_ood.detectors import Detector, build_detectors
-from lightning_ood.models import OODBackbone, create_model
+from lightning_ood.models import OODBackbone
+from lightning_ood.models.trust import (
+    allow_modules,
+    check_plain,
+    checked_model_record,
+    model_from_record,
+)
 
 #: Prefix of the detector buffers in a checkpoint's ``state_dict``.
 DETECTOR_PREFIX = "detectors."
@@ -36,6 +41,30 @@ def checkpoint_hparams(ckpt: Any, source: str = "<dict>") -> dict[str, Any]:
             "a ClassificationTask); for bare backbone weights use model_kwargs.weights"
         )
     return {k: hp[k] for k in MODEL_KEYS if k in hp}
+
+
+#: Task arguments a checkpoint's architecture record supplies.
+ARCH_KEYS = ("model", "num_classes", "model_kwargs", "channels_last")
+
+
+def checkpoint_task_args(hp: Any, source: str) -> dict[str, Any]:
+    """The task arguments a checkpoint contributes when a run or ``load_from_checkpoint``
+    rebuilds its task: the architecture (checked by
+    :func:`~lightning_ood.models.trust.checked_model_record`: ``weights``/``trust_pickle``
+    removed, ``wrap`` only for allowed modules), the detector configs and ``oe_weight``, all
+    plain values. Anything else in the file's hyperparameters (``_class_path``,
+    ``_instantiator``, optimizer specs) is ignored; ``{}`` when there is no ``model``."""
+    if not isinstance(hp, Mapping) or "model" not in hp:
+        return {}
+    arch = checked_model_record(hp, source)
+    out: dict[str, Any] = {k: arch[k] for k in ARCH_KEYS}
+    if hp.get("detectors") is not None:
+        check_plain(hp["detectors"], "detectors", source)
+        out["detectors"] = dict(hp["detectors"])
+    oe = hp.get("oe_weight")
+    if isinstance(oe, int | float) and not isinstance(oe, bool):
+        out["oe_weight"] = float(oe)
+    return out
 
 
 def reconcile_detector_state(
@@ -87,34 +116,39 @@ class _Parts(nn.Module):
 
 
 def build_from_checkpoint(
-    ckpt: Mapping[str, Any], source: str = "<dict>"
+    ckpt: Mapping[str, Any], source: str = "<dict>", trusted_modules: Iterable[str] = ()
 ) -> tuple[OODBackbone, nn.ModuleDict, dict[str, Any]]:
     """``(backbone, detectors, data metadata)`` of a loaded checkpoint dict, plain torch.
 
-    The backbone is built from the recorded architecture without its initial weights file
-    (the state dict carries the weights), then every tensor is loaded strictly.
+    The file is data: the backbone is built only from a registered architecture and plain
+    values (:mod:`lightning_ood.models.trust`; a ``wrap`` class only when its import path is in
+    ``trusted_modules``), without its initial weights file (the state dict carries the
+    weights), then every tensor is loaded strictly. Ensemble members recorded in the file
+    obey the same rule.
     """
     hp = checkpoint_hparams(ckpt, source)
-    kwargs = dict(hp.get("model_kwargs") or {})
-    kwargs.pop("weights", None)
-    backbone = create_model(hp["model"], num_classes=hp.get("num_classes", 10), **kwargs)
-    if hp.get("channels_last"):
-        backbone.to(memory_format=torch.channels_last)
-    stored = dict(hp.get("detectors") or {})
-    detectors = build_detectors(stored)
-    state = {
-        k: v for k, v in ckpt["state_dict"].items() if k.startswith(("backbone.", DETECTOR_PREFIX))
-    }
-    reconcile_detector_state(state, detectors, stored)
-    _Parts(backbone, detectors).load_state_dict(state)
+    with allow_modules(trusted_modules):
+        backbone = model_from_record(hp, source)
+        stored = dict(hp.get("detectors") or {})
+        check_plain(stored, "detectors", source)
+        detectors = build_detectors(stored)
+        state = {
+            k: v
+            for k, v in ckpt["state_dict"].items()
+            if k.startswith(("backbone.", DETECTOR_PREFIX))
+        }
+        reconcile_detector_state(state, detectors, stored)
+        _Parts(backbone, detectors).load_state_dict(state)  # members rebuild in here
     meta = dict((ckpt.get("lightning_ood") or {}).get("data") or {})
     return backbone, detectors, meta
 
 
 __all__ = [
+    "ARCH_KEYS",
     "DETECTOR_PREFIX",
     "MODEL_KEYS",
     "build_from_checkpoint",
     "checkpoint_hparams",
+    "checkpoint_task_args",
     "reconcile_detector_state",
 ]

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_ood.models import OODBackbone, create_model
+from lightning_ood.models import OODBackbone
+from lightning_ood.models.trust import checked_model_record, model_from_record
 
 #: The hyperparameters that make two checkpoints members of one ensemble.
 _ARCH_KEYS = ("model", "num_classes", "model_kwargs")
@@ -55,24 +56,16 @@ def member_paths(
     return paths
 
 
-def _arch(hp: dict[str, Any]) -> dict[str, Any]:
-    """A member's architecture record (primitives only, so it survives a weights-only load)."""
-    kwargs = dict(hp.get("model_kwargs") or {})
-    kwargs.pop("weights", None)  # the state dict carries the weights
-    return {
-        "model": hp["model"],
-        "num_classes": int(hp.get("num_classes", 10)),
-        "model_kwargs": kwargs,
-        "channels_last": bool(hp.get("channels_last", False)),
-    }
+def _arch(hp: dict[str, Any], source: str) -> dict[str, Any]:
+    """A member's architecture record: plain values only, checked as any file's record is
+    (:mod:`lightning_ood.models.trust`: no import path, no ``trust_pickle``, no weights file)."""
+    return checked_model_record(hp, source)
 
 
-def _build(arch: dict[str, Any]) -> OODBackbone:
-    """An untrained member of the recorded architecture (its weights are loaded after)."""
-    model = create_model(arch["model"], num_classes=arch["num_classes"], **arch["model_kwargs"])
-    if arch.get("channels_last"):
-        model.to(memory_format=torch.channels_last)
-    return model
+def _build(arch: dict[str, Any], source: str) -> OODBackbone:
+    """An untrained member of the recorded architecture (its weights are loaded after); the
+    record comes from a file, so it is checked again before anything is built."""
+    return model_from_record(arch, source)
 
 
 class MemberEnsemble(nn.Module):
@@ -113,7 +106,9 @@ class MemberEnsemble(nn.Module):
         archs: list[dict[str, Any]] = []
         for path in self.paths:
             ckpt = safe_load(path, map_location="cpu")  # weights only: no code from the file
-            arch = _arch(checkpoint_hparams(ckpt, source=path))
+            arch = _arch(
+                checkpoint_hparams(ckpt, source=path), source=f"member checkpoint {path!r}"
+            )
             if archs:
                 self._check_same(archs[0], self.paths[0], arch, path)
             # Only the backbone: the member's own detectors are not needed.
@@ -122,7 +117,7 @@ class MemberEnsemble(nn.Module):
                 for k, v in ckpt["state_dict"].items()
                 if k.startswith("backbone.")
             }
-            member = _build(arch)
+            member = _build(arch, source=f"member checkpoint {path!r}")
             try:
                 member.load_state_dict(state)
             except RuntimeError as err:
@@ -165,7 +160,10 @@ class MemberEnsemble(nn.Module):
         if archs == self.archs and len(self.members) == len(archs):
             self.sources = list(state.get("sources", self.sources))
             return
-        members = [_build(arch) for arch in archs]
+        members = [
+            _build(arch, source=f"{self.name} member record {i} in the checkpoint")
+            for i, arch in enumerate(archs)
+        ]
         device = next((b.device for b in self.buffers()), torch.device("cpu"))
         self._set_members([m.to(device) for m in members], archs, list(state.get("sources", [])))
 

@@ -14,6 +14,7 @@ the file). :meth:`OODPredictor.export` gives a ``torch.export`` program of the s
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -236,13 +237,61 @@ class OODPredictor(nn.Module):
             )
 
 
+#: Why a detector of a checkpoint cannot score, for the detectors that share a remedy.
+_UNFITTED = "unfitted"
+_UNCALIBRATED = "uncalibrated"
+#: The remedy of both.
+_RUN_TEST = (
+    "Run `lightning-ood test --ckpt_path <checkpoint>` with the OODEvaluation callback, which "
+    "fits, calibrates and saves them (fitted.ckpt)."
+)
+
+
+def _unusable(detectors: dict[str, Detector]) -> dict[str, str]:
+    """Why each detector that cannot score cannot: :data:`_UNFITTED`, :data:`_UNCALIBRATED`,
+    or the detector's own account of the fitted state its checkpoint lacks (KNN/NNGuide saved
+    with ``store_bank: false`` keep only their bank's metadata, and name ``store_bank: true``
+    as the fix)."""
+    why: dict[str, str] = {}
+    for name, det in detectors.items():
+        if not det.is_fitted:
+            why[name] = _UNFITTED
+            if det.flag("fitted"):  # fitted, but part of its state was not saved
+                try:
+                    det.check_fitted()
+                except RuntimeError as err:
+                    why[name] = str(err)
+        elif not det.is_calibrated:
+            why[name] = _UNCALIBRATED
+    return why
+
+
+def _explain(why: dict[str, str]) -> str:
+    """The reasons of :func:`_unusable` as sentences, those sharing a remedy grouped."""
+    unfitted = [n for n, w in why.items() if w == _UNFITTED]
+    uncalibrated = [n for n, w in why.items() if w == _UNCALIBRATED]
+    parts = [w for w in why.values() if w not in (_UNFITTED, _UNCALIBRATED)]
+    if unfitted:
+        parts.append(f"{unfitted} are not fitted (saved before detector fitting).")
+    if uncalibrated:
+        parts.append(f"{uncalibrated} have no decision threshold (not calibrated).")
+    if unfitted or uncalibrated:
+        parts.append(_RUN_TEST)
+    return " ".join(parts)
+
+
 def load(
     path: str | os.PathLike[str],
     detectors: Sequence[str] | None = None,
     map_location: str | torch.device = "cpu",
     chunk_size: int = 256,
+    allow_modules: Sequence[str] = (),
 ) -> OODPredictor:
     """Load a lightning-ood checkpoint as an :class:`OODPredictor` (safe: weights only).
+
+    The file is data: nothing in it is imported, called or unpickled. Its backbone must be a
+    registered architecture, a ``tv:``/``timm:`` classifier, or a ``wrap`` of a class whose
+    import path you list in ``allow_modules`` (:mod:`lightning_ood.models.trust`).
 
     Args:
         path: a ``.ckpt`` written by ``lightning-ood fit`` (after detector fitting) or
@@ -251,15 +300,22 @@ def load(
         map_location: device for the weights.
         chunk_size: most samples scored per forward pass (bounds memory, see
             :class:`OODPredictor`).
+        allow_modules: import paths of your own network classes (``my_pkg.nets.MyNet``) that
+            a ``wrap`` checkpoint may name; empty by default, so a checkpoint cannot make
+            this call import anything.
 
     Raises:
         FileNotFoundError / CheckpointError / UnsafeCheckpointError: see
             :func:`~lightning_ood.checkpoint.safe_load`.
+        UntrustedCheckpointError: the checkpoint asks to import a class not in
+            ``allow_modules``, or records its model with anything but plain values.
         ValueError: the checkpoint is not a lightning-ood checkpoint, holds no fitted detector,
             or lacks a requested one.
     """
     ckpt = safe_load(path, map_location=map_location)
-    backbone, fitted, meta = build_from_checkpoint(ckpt, source=str(path))
+    backbone, fitted, meta = build_from_checkpoint(
+        ckpt, source=str(path), trusted_modules=allow_modules
+    )
     backbone.to(map_location)
     fitted.to(map_location)
     if not meta.get("input_shape"):
@@ -268,21 +324,35 @@ def load(
             "lightning-ood stored them, or without a datamodule); re-run `lightning-ood test` "
             "on it to write a complete checkpoint"
         )
-    available = {n: d for n, d in fitted.items() if d.is_fitted and d.is_calibrated}
+    why_not = _unusable(dict(fitted.items()))
+    available = {n: d for n, d in fitted.items() if n not in why_not}
     if detectors is None:
         chosen = available
+        if why_not and available:
+            warnings.warn(
+                f"lightning_ood.load({str(path)!r}): detector(s) {sorted(why_not)} left out of "
+                f"the predictor, which scores with {sorted(available)}: {_explain(why_not)}",
+                UserWarning,
+                stacklevel=2,
+            )
     else:
-        missing = [n for n in detectors if n not in available]
-        if missing:
+        unknown = [n for n in detectors if n not in fitted]
+        if unknown:
             raise ValueError(
-                f"checkpoint {str(path)!r} has no fitted, calibrated detector(s) {missing}; "
-                f"available: {sorted(available)}"
+                f"checkpoint {str(path)!r} has no fitted, calibrated detector(s) {unknown}: it "
+                f"holds no detector of that name; it holds {sorted(fitted)}, of which "
+                f"{sorted(available)} can score"
+            )
+        refused = {n: why_not[n] for n in detectors if n in why_not}
+        if refused:
+            raise ValueError(
+                f"checkpoint {str(path)!r} has no fitted, calibrated detector(s) "
+                f"{list(refused)}: {_explain(refused)} Usable now: {sorted(available)}."
             )
         chosen = {n: available[n] for n in detectors}
     if not chosen:
         raise ValueError(
-            f"checkpoint {str(path)!r} holds no fitted, calibrated detector; it was saved before "
-            "detector fitting. Run `lightning-ood test --ckpt_path ...` with the OODEvaluation "
-            "callback, which fits, calibrates and saves them."
+            f"checkpoint {str(path)!r} holds no fitted, calibrated detector: "
+            + (_explain(why_not) if why_not else f"it holds none at all. {_RUN_TEST}")
         )
     return OODPredictor(backbone, chosen, meta, chunk_size).to(map_location).eval()

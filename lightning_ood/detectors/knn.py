@@ -236,9 +236,13 @@ class BankDetector(Detector):
             raise RuntimeError(
                 f"detector {self.name!r} ({type(self).__name__}) was fitted with a bank of "
                 f"{n} x {q} training features, but the bank is not in memory: it was saved with "
-                "store_bank: false, which keeps only its metadata. Refit it on the training data "
-                "(`refit: true` in the OOD callback, or engine.fit_detectors), or set "
-                "store_bank: true before fitting so that checkpoints carry the bank."
+                "store_bank: false, which keeps only its metadata. To score, refit it on the "
+                "training data (`refit: true` in the OOD callback, or engine.fit_detectors); for "
+                "a checkpoint that carries the bank (lightning_ood.load, predict), refit it with "
+                "store_bank: true: `lightning-ood test --ckpt_path <checkpoint>` with "
+                f"`{self.name}: {{type: {self.kind}, store_bank: true, ...}}` among the OOD "
+                "callback's detectors refits it in one pass over the training data and writes "
+                "fitted.ckpt with the bank."
             )
         return self.bank
 

@@ -18,3 +18,16 @@ class KillAt(Callback):
     ) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FailAt(Callback):
+    """Stops the run at the start of training, before any checkpoint: an error (a typo found
+    late, out of memory) or a Ctrl-C (``KeyboardInterrupt``, which Lightning handles)."""
+
+    def __init__(self, kind: str = "error") -> None:
+        self.kind = kind
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.kind == "interrupt":
+            raise KeyboardInterrupt
+        raise RuntimeError("FailAt: the run failed before its first checkpoint")

@@ -460,7 +460,7 @@ def grid_main(args: Sequence[str] | None = None) -> GridResult:
         },
     )
     experiment = getattr(cli.config, "experiment", None) or "default"
-    out = Path(ns.out or Path("logs") / "grid" / str(experiment))
+    out = Path(ns.out) if ns.out else run_folder(Path("logs") / "grid", str(experiment))
     write_grid_results(result, out)
     print("\n" + result.to_markdown())
     print(f"[lightning_ood] grid results written to {out}/grid_results.{{md,json,csv}}")

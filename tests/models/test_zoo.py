@@ -70,7 +70,8 @@ def test_torchvision_cnn_features_are_the_pooled_last_stage() -> None:
 
 @pytest.mark.parametrize("arch", list(TIMM_MODELS))
 def test_timm_model_contract(arch: str) -> None:
-    pytest.importorskip("timm")
+    import timm  # noqa: F401  (dev extra: a missing timm fails, never skips)
+
     q, tap, tap_shape = TIMM_MODELS[arch]
     model = create_model(f"timm:{arch}", num_classes=3, image_size=32).eval()
     assert model.input_shape == (3, 32, 32)
@@ -83,7 +84,6 @@ def test_timm_model_contract(arch: str) -> None:
 
 
 def test_timm_in_channels_and_default_size() -> None:
-    pytest.importorskip("timm")
     model = create_model("timm:resnet18", num_classes=4, in_channels=1)
     assert model.input_shape == (1, 224, 224)  # timm's pretrained_cfg input size
     assert model.net.conv1.in_channels == 1
@@ -99,8 +99,6 @@ def test_timm_in_channels_and_default_size() -> None:
     ],
 )
 def test_unknown_model_names_list_close_matches(name: str, expected: str) -> None:
-    if name.startswith("timm:"):
-        pytest.importorskip("timm")
     with pytest.raises(ValueError, match="close matches") as info:
         create_model(name)
     assert expected in str(info.value)
@@ -226,7 +224,8 @@ def test_offline_torchvision_download_says_what_to_do(monkeypatch: pytest.Monkey
 
 
 def test_offline_timm_download_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
-    timm = pytest.importorskip("timm")
+    import timm
+
     real = timm.create_model
 
     def offline(name: str, pretrained: bool = False, **kw: object) -> nn.Module:

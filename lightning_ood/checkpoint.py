@@ -12,7 +12,6 @@ from typing import Any
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import Tensor
-from typing_extensions import override
 
 from lightning_ood.io import (
     CheckpointDeviceError,
@@ -78,7 +77,6 @@ class SafeCheckpointIO(TorchCheckpointIO):
     is no Lightning checkpoint (e.g. bare weights) is refused with what to do instead.
     """
 
-    @override
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
@@ -86,7 +84,6 @@ class SafeCheckpointIO(TorchCheckpointIO):
             raise TypeError("SafeCheckpointIO.save_checkpoint takes no storage_options")
         atomic_save(checkpoint, path)
 
-    @override
     def load_checkpoint(
         self, path: Any, map_location: Any = None, weights_only: bool | None = None
     ) -> dict[str, Any]:

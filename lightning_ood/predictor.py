@@ -7,7 +7,7 @@
 
 The checkpoint carries everything needed: the backbone weights, every fitted detector with
 its decision threshold (95 % TPR on held-out ID data), the class names, the normalisation and
-the input size. It is read with :func:`~lightning_ood.checkpoint.safe_load` (no code runs from
+the input size. It is read with :func:`~lightning_ood.io.safe_load` (no code runs from
 the file). :meth:`OODPredictor.export` gives a ``torch.export`` program of the same module.
 """
 
@@ -306,7 +306,7 @@ def load(
 
     Raises:
         FileNotFoundError / CheckpointError / UnsafeCheckpointError: see
-            :func:`~lightning_ood.checkpoint.safe_load`.
+            :func:`~lightning_ood.io.safe_load`.
         UntrustedCheckpointError: the checkpoint asks to import a class not in
             ``allow_modules``, or records its model with anything but plain values.
         ValueError: the checkpoint is not a lightning-ood checkpoint, holds no fitted detector,

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["OODPredictor", "load"]
+#: The one place the version is written (pyproject.toml reads it; ``lightning-ood --version``).
+__version__ = "0.2.0"
+
+__all__ = ["OODPredictor", "__version__", "load"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
+    if name in ("OODPredictor", "load"):
         from lightning_ood import predictor
 
         return getattr(predictor, name)

@@ -109,6 +109,10 @@ class OODCLI(LightningCLI):
             self._argv = sys.argv[1:]
         else:
             self._argv = [str(a) for a in args] if isinstance(args, list | tuple) else []
+        if args is None or isinstance(args, list | tuple):
+            # `--config demo`: a config shipped in the package (lightning_ood/configs/)
+            self.config = parser.parse_args(packaged_configs(self._argv))
+            return
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
@@ -349,6 +353,39 @@ class OODCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+#: The configs shipped inside the package: ``--config demo`` is ``PACKAGED_CONFIGS/demo.yaml``.
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def packaged_config(value: str) -> str:
+    """``value`` when it is an existing path, else the packaged config it names (``demo``,
+    ``ood/svhn``, ``configs/demo.yaml`` outside the checkout), else ``value`` unchanged (the
+    parser then says the file does not exist)."""
+    if not value or Path(value).exists():
+        return value
+    name = value.removeprefix("configs/")
+    name = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
+    candidate = (PACKAGED_CONFIGS / name).resolve()
+    if PACKAGED_CONFIGS in candidate.parents and candidate.is_file():
+        return str(candidate)
+    return value
+
+
+def packaged_configs(argv: Sequence[str]) -> list[str]:
+    """``argv`` with every ``--config`` value passed through :func:`packaged_config`."""
+    out: list[str] = []
+    after_flag = False
+    for arg in argv:
+        if after_flag:
+            out.append(packaged_config(arg))
+        elif arg.startswith("--config="):
+            out.append("--config=" + packaged_config(arg.split("=", 1)[1]))
+        else:
+            out.append(arg)
+        after_flag = arg == "--config"
+    return out
+
+
 #: Model arguments a checkpoint's hyperparameters replace (``detectors`` come from the callback).
 _CKPT_MODEL_ARGS = ("model", "num_classes", "model_kwargs", "channels_last")
 
@@ -431,7 +468,7 @@ def grid_main(args: Sequence[str] | None = None) -> GridResult:
     spec = load_spec(ns.grid)
     cli_args: list[str] = []
     for cfg in ns.config:
-        cli_args += ["--config", cfg]
+        cli_args += ["--config", packaged_config(cfg)]
     with warnings.catch_warnings():  # our own argv is not LightningCLI's: that is intended
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
         cli = main([*cli_args, *extra], run=False)
@@ -503,7 +540,11 @@ def entrypoint() -> None:
     :func:`models_main` for ``models``), but returns nothing (a return value would become
     the process exit status)."""
     argv = sys.argv[1:]
-    if argv[:1] == ["grid"]:
+    if argv[:1] in (["--version"], ["-V"]):
+        from lightning_ood import __version__
+
+        print(f"lightning-ood {__version__}")
+    elif argv[:1] == ["grid"]:
         grid_main(argv[1:])
     elif argv[:1] == ["models"]:
         models_main(argv[1:])

@@ -7,9 +7,12 @@ a file name:
 
 * the backbone's weights: a SHA-256 over the raw bytes of every parameter and buffer in sorted
   key order (so fine-tuning one bias, or loading another checkpoint, changes the key);
-* the dataset: class, length, scalar attributes (folders resolved), a hash of its tensors and
-  file lists, and the same for every wrapped dataset, ``Subset`` indices included (so
-  every-k-th slices are told apart);
+* the dataset: class, length, scalar attributes (folders resolved), settings held as
+  dataclasses (a ``test_corruption`` spec: another severity is another entry), a hash of its
+  tensors and file lists, the files themselves (path, size and modification time of each,
+  plus their bytes for sets up to :data:`CONTENT_HASH_MAX_BYTES`, so images replaced under
+  the same names are another entry), and the same for every wrapped dataset, ``Subset``
+  indices included (so every-k-th slices are told apart);
 * the transforms: the ``repr`` of every ``*transform*`` attribute along the wrapper chain (a
   ``Normalize`` with other constants is another entry);
 * the tap set.
@@ -28,6 +31,7 @@ from it holds at most two shards in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -368,6 +372,50 @@ _SCALARS = (str, int, float, bool, type(None), range)
 _PATH_ATTRS = ("root", "path", "folder", "dir", "data_dir", "images_file", "labels_file")
 #: Nesting bound for dataset wrappers (guards against reference cycles).
 _MAX_DEPTH = 8
+#: Attribute names of a dataset's image-file list (``ImageFiles.files``, ``ImageFolder.samples``
+#: and its alias ``imgs``); lists of ``os.PathLike`` count under any name.
+_FILE_LIST_ATTRS = ("files", "samples", "imgs")
+#: File sets holding at most this many bytes together enter the key with their contents (one
+#: SHA-256 pass; measured for CIFAR-10's 10,000 test JPEGs: 0.2 s from the page cache, 1 s
+#: cold); larger ones with each file's size and modification time only (one ``stat`` each).
+CONTENT_HASH_MAX_BYTES = 256 * 2**20
+
+
+def _file_list(name: str, value: Any) -> list[str] | None:
+    """The absolute paths of a file-list attribute (entries may be ``(path, label)``), or None."""
+    if not isinstance(value, list | tuple) or not value:
+        return None
+    items = [v[0] if isinstance(v, tuple) and v else v for v in value]
+    if all(isinstance(p, os.PathLike) for p in items) or (
+        name in _FILE_LIST_ATTRS and all(isinstance(p, str | os.PathLike) for p in items)
+    ):
+        return [os.path.abspath(p) for p in items]
+    return None
+
+
+def files_fingerprint(paths: Sequence[str | os.PathLike[str]]) -> str:
+    """SHA-256 of a file list as the tensors depend on it: each file's absolute path, size and
+    modification time (ns), and, when the files hold at most :data:`CONTENT_HASH_MAX_BYTES`
+    together, their bytes (so a file rewritten with the same size and mtime is caught too).
+    A missing or unreadable file enters as such (the loader will name it)."""
+    stats: list[tuple[int, int] | None] = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            stats.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            stats.append(None)
+    content = sum(st[0] for st in stats if st is not None) <= CONTENT_HASH_MAX_BYTES
+    h = hashlib.sha256(f"files; content={content}\0".encode())
+    for p, st in zip(paths, stats, strict=True):
+        h.update(f"{os.path.abspath(p)}\0{st}\0".encode())
+        if content and st is not None:
+            try:
+                with open(p, "rb") as f:
+                    h.update(hashlib.sha256(f.read()).digest())
+            except OSError as err:
+                h.update(f"unreadable: {type(err).__name__}".encode())
+    return h.hexdigest()[:32]
 
 
 def _stable_list(value: list | tuple) -> bool:
@@ -394,11 +442,13 @@ def _attrs(obj: Any) -> list[tuple[str, Any]]:
 def describe_dataset(dataset: Dataset, _depth: int = 0) -> dict[str, Any]:
     """A JSON-able description that changes whenever the samples a dataset yields change.
 
-    Generic: the class, the length, every public scalar attribute (folders resolved), a hash
-    of every tensor/array/sample-list attribute (images, labels, file lists, crop offsets,
-    ``Subset`` indices), and wrapped datasets recursively. Attributes whose name contains
-    ``transform`` are left to :func:`describe_transforms`. A dataset may define ``cache_id``
-    (a string or a no-argument method) to replace all this.
+    Generic: the class, the length, every public scalar attribute (folders resolved), the
+    ``repr`` of every dataclass attribute (settings such as a corruption spec), a hash of every
+    tensor/array/sample-list attribute (images, labels, file lists, crop offsets, ``Subset``
+    indices), the files of every file list (:func:`files_fingerprint`: sizes, modification
+    times and, for small sets, contents), and wrapped datasets recursively. Attributes whose
+    name contains ``transform`` are left to :func:`describe_transforms`. A dataset may define
+    ``cache_id`` (a string or a no-argument method) to replace all this.
     """
     own = getattr(dataset, "cache_id", None)
     if own is not None:
@@ -411,9 +461,15 @@ def describe_dataset(dataset: Dataset, _depth: int = 0) -> dict[str, Any]:
         desc["len"] = None
     if _depth >= _MAX_DEPTH:
         return desc
+    fingerprints: dict[int, str] = {}  # ImageFolder's imgs is its samples list
     for k, v in _attrs(dataset):
         if "transform" in k:
             continue
+        paths = _file_list(k, v)
+        if paths is not None:
+            if id(v) not in fingerprints:
+                fingerprints[id(v)] = files_fingerprint(paths)
+            desc[f"{k}#files"] = fingerprints[id(v)]
         if isinstance(v, Dataset):
             desc[k] = describe_dataset(v, _depth + 1)
         elif _dataset_list(v):
@@ -426,6 +482,8 @@ def describe_dataset(dataset: Dataset, _depth: int = 0) -> dict[str, Any]:
             isinstance(v, list | tuple) and _stable_list(v)
         ):
             desc[f"{k}#sha"] = _digest(v)
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type) and " at 0x" not in repr(v):
+            desc[k] = repr(v)  # a settings record, e.g. Corrupted's CorruptionSpec
     return desc
 
 

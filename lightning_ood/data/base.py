@@ -96,6 +96,7 @@ class OODDataModule(LightningDataModule):
             ``seed_everything`` seed (``PL_GLOBAL_SEED``), else 0.
         predict_sets: sets ``lightning-ood predict`` scores after the ID test set (registry
             names or ``{name, kind: folder, path}`` for your own images); default none.
+            Each is scored whole: ``ood_every`` does not apply, an entry's own ``every`` does.
         outlier_set: Outlier Exposure (Hendrycks et al. 2019): an auxiliary OOD set (an
             ``ood_sets`` entry, e.g. ``kmnist``) that :meth:`train_dataloader` pairs with the
             ID batches in a ``CombinedLoader({"id", "outliers"})``; it may not be reported.
@@ -469,13 +470,30 @@ class OODDataModule(LightningDataModule):
         return [self.id_name, *(s.name for s in self.predict_specs)]
 
     def predict_dataloader(self) -> DataLoader | list[DataLoader]:
-        """The ID test set, then every ``predict_sets`` entry (a list when there are any)."""
+        """The ID test set, then every ``predict_sets`` entry (a list when there are any).
+
+        A ``predict_sets`` entry is scored whole: ``ood_every`` thins the reported OOD sets of
+        a fast run, never the files a user asked to score; an entry takes its own ``every``
+        for a slice.
+        """
         sets = self._ready()
         if not self.predict_specs:
             return self._loader(sets["test"])
         root, _ = self.resolved_root()
-        extra = [self._loader(self._build_ood(s, root, "test")) for s in self.predict_specs]
+        extra = [self._loader(self._build_predict(s, root)) for s in self.predict_specs]
         return [self._loader(sets["test"]), *extra]
+
+    def _build_predict(self, spec: OODSpec, root: Path) -> Dataset:
+        """One ``predict_sets`` entry: every sample unless the entry's own ``every`` slices it."""
+        return build_ood_dataset(
+            spec,
+            root,
+            self.input_shape,
+            self.normalization,
+            every=1,
+            split="test",
+            corruption=self.test_corruption,
+        )
 
     def fit_dataloader(self) -> DataLoader:
         """The training set under the EVAL transform, in order: the detector-fitting pass."""

@@ -44,11 +44,14 @@ corrupted                     its ``base`` set's location
 
 Files that exist but cannot be read raise :class:`~lightning_ood.data.readers.CorruptDataError`
 naming the file: idx files are checked against their headers before they are read, image
-files when they are decoded. Image-folder sets (``folder``, the LSUN/iSUN/Textures/Places/
-Tiny-ImageNet sets, CIFAR as JPEGs) take ``skip_corrupt: true`` to decode every file once
-when the set is built and leave out those that fail, with a warning that counts and names
-them (about 1.3 s per 10,000 small JPEGs, 2 ms per 512x512 one). A folder holding
-images in a format that is not read (``.gif``, ...) is an error that lists them.
+files when they are decoded (PIL's decompression-bomb refusals and 32-bit images of no known
+full scale included; 16-bit images are scaled to 8 bits by
+:func:`~lightning_ood.data.readers.to_rgb`).
+Image-folder sets (``folder``, the LSUN/iSUN/Textures/Places/Tiny-ImageNet sets, CIFAR as
+JPEGs) take ``skip_corrupt: true`` to decode every file once when the set is built and leave
+out those that fail, with a warning that counts and names them (about 1.3 s per 10,000 small
+JPEGs, 2 ms per 512x512 one). A folder holding images in a format that is not read
+(``.gif``, ...) is an error that lists them.
 
 Every set is registered here except ``genome_ood``, which :mod:`lightning_ood.data.genome`
 registers beside its reader and datamodule (the genome module imports this one, so this one

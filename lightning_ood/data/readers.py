@@ -351,32 +351,129 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(folder).parts)
 
 
+#: Where ``skip_corrupt`` is set, for the hints of errors about one image file.
+_SKIP_HINT = (
+    "set skip_corrupt: true in the set's ood_sets (or predict_sets) entry to leave such files "
+    "out (they are counted and reported)"
+)
+
+
 def _skip_hint(path: Path, err: BaseException) -> str:
     return (
         f"cannot decode image {path} ({type(err).__name__}: {err}): the file is probably "
-        "truncated or corrupt. Replace or remove it, or set skip_corrupt: true in the set's "
-        "ood_sets entry to leave undecodable files out (they are counted and reported)"
+        f"truncated or corrupt. Replace or remove it, or {_SKIP_HINT}"
     )
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Open an image as RGB, like ``ImageFolder``'s default loader.
+def _bomb_hint(path: Path, err: BaseException) -> str:
+    limit = Image.MAX_IMAGE_PIXELS
+    cap = f"{2 * limit:,} pixels (2 x PIL.Image.MAX_IMAGE_PIXELS)" if limit else "PIL's limit"
+    return (
+        f"image {path} is refused as a possible decompression bomb ({err}): PIL opens images "
+        f"of at most {cap}, since decoding a larger one can exhaust memory. If the image is "
+        "genuine, downscale it (the model reads every image resized to its input size anyway) "
+        f"or remove it; or {_SKIP_HINT}"
+    )
+
+
+def open_image(fp: Any, path: Path) -> Image.Image:
+    """``Image.open(fp)`` (lazy: nothing decoded yet) with PIL's decompression-bomb checks
+    naming the file.
+
+    An image above ``PIL.Image.MAX_IMAGE_PIXELS`` is opened with a
+    ``DecompressionBombWarning`` that names the file (PIL's own names none); above twice that,
+    PIL refuses it with ``DecompressionBombError``, which the callers turn into an error that
+    names the file (or a skipped file under ``skip_corrupt``).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(fp)
+    limit = Image.MAX_IMAGE_PIXELS
+    pixels = img.width * img.height
+    if limit and pixels > limit:
+        warnings.warn(
+            f"image {path} is {img.width}x{img.height} = {pixels:,} pixels, above "
+            f"PIL.Image.MAX_IMAGE_PIXELS = {limit:,} (a possible decompression bomb); it is "
+            f"read, but decoding it costs memory and time: downscale it (above {2 * limit:,} "
+            "pixels it is refused)",
+            Image.DecompressionBombWarning,
+            stacklevel=2,
+        )
+    return img
+
+
+def _unscaled(img: Image.Image) -> str | None:
+    """Why ``img``'s pixels have no known full scale (32-bit integer or float), or None."""
+    if img.mode == "F" or (img.mode == "I" and img.format != "PNG"):
+        kind = "32-bit float" if img.mode == "F" else "32-bit integer"
+        fmt = img.format or "unknown"
+        return f"{kind} pixels (PIL mode {img.mode}, {fmt} format) of no known full scale"
+    return None
+
+
+#: PIL modes of 16-bit integer images (16-bit grayscale PNG and TIFF): full scale 65535.
+MODES_16BIT: tuple[str, ...] = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(img: Image.Image, path: Path) -> Image.Image:
+    """``img`` as 8-bit RGB, high-bit-depth grayscale scaled rather than clipped.
+
+    PIL's ``convert("RGB")`` (and ``convert("L")``) clips a 16-bit value to 255, so every pixel
+    of a 16-bit PNG above 255/65535 of full scale would turn white. Here a 16-bit value v
+    becomes ``round(v / 257)`` (65535 -> 255, the 8-bit value with the same fraction of full
+    scale), replicated to three channels. (16-bit RGB PNGs already come out of PIL as 8-bit
+    RGB, scaled.) 32-bit integer and float images (mode ``I`` or ``F``, e.g. from a TIFF)
+    have no known full scale and are refused; a mode ``I`` PNG is 16-bit (older PIL reads
+    16-bit PNGs so).
 
     Raises:
-        CorruptDataError: the file does not decode; the message names it.
+        CorruptDataError: a 32-bit integer or float image, or a mode ``I`` PNG with values
+            outside 0..65535; the message names the file and how to convert it.
+    """
+    if img.mode in MODES_16BIT or (img.mode == "I" and img.format == "PNG"):
+        values = np.asarray(img, dtype=np.float64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise CorruptDataError(
+                f"image {path} is a mode-I PNG with values {values.min():g}..{values.max():g}, "
+                "outside the 16-bit range 0..65535; save it as an 8-bit or 16-bit PNG",
+                path,
+            )
+        return Image.fromarray(np.rint(values / 257.0).astype(np.uint8)).convert("RGB")
+    reason = _unscaled(img)
+    if reason is not None:
+        raise CorruptDataError(
+            f"image {path} holds {reason}, so its pixels cannot be brought to 8 bits without "
+            "guessing; convert it to an 8-bit or 16-bit PNG scaled to that type's full range "
+            f"(0..255 or 0..65535), or remove it; or {_SKIP_HINT}",
+            path,
+        )
+    return img.convert("RGB")
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open an image as 8-bit RGB, like ``ImageFolder``'s default loader, except that 16-bit
+    images are scaled (:func:`to_rgb`) and decompression bombs are refused naming the file.
+
+    Raises:
+        CorruptDataError: the file does not decode, is too large for PIL, or holds pixels
+            of no known range; the message names it.
     """
     try:
         with open(path, "rb") as f:
-            img = Image.open(f)
-            return img.convert("RGB")
+            return to_rgb(open_image(f, path), path)
     except (FileNotFoundError, PermissionError):
         raise  # these name the file already, and re-copying would not help
+    except CorruptDataError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise CorruptDataError(_bomb_hint(path, err), path) from err
     except _DECODE_ERRORS as err:
         raise CorruptDataError(_skip_hint(path, err), path) from err
 
 
 def find_corrupt(files: Sequence[Path]) -> list[tuple[int, str]]:
-    """``(index, reason)`` of every file in ``files`` that does not decode.
+    """``(index, reason)`` of every file in ``files`` that cannot be read: it does not decode,
+    PIL refuses it as a decompression bomb, or its pixels have no known range (:func:`to_rgb`).
 
     Each file is decoded in full once (JPEGs at 1/8 scale through ``Image.draft``, which
     still reads the whole stream): ``Image.verify()`` alone does not notice a truncated JPEG.
@@ -387,11 +484,17 @@ def find_corrupt(files: Sequence[Path]) -> list[tuple[int, str]]:
     bad: list[tuple[int, str]] = []
     for i, path in enumerate(files):
         try:
-            with Image.open(path) as img:
+            with open(path, "rb") as f, open_image(f, path) as img:
+                reason = _unscaled(img)
+                if reason is not None:  # to_rgb refuses it
+                    bad.append((i, reason))
+                    continue
                 img.draft(img.mode, (1, 1))
                 img.load()
         except (FileNotFoundError, PermissionError):
             raise
+        except Image.DecompressionBombError as err:
+            bad.append((i, f"decompression bomb refused by PIL: {err}"))
         except _DECODE_ERRORS as err:
             bad.append((i, f"{type(err).__name__}: {err}"))
     return bad
@@ -423,8 +526,8 @@ def drop_corrupt(dataset: Dataset, files: Sequence[Path], where: Path) -> Datase
         return dataset
     skipped = [(files[i], reason) for i, reason in bad]
     warnings.warn(
-        f"skip_corrupt: left out {len(bad)} of {len(files)} image files under {where} that do "
-        f"not decode: {_some([f'{p} ({r})' for p, r in skipped])}",
+        f"skip_corrupt: left out {len(bad)} of {len(files)} image files under {where} that "
+        f"cannot be read: {_some([f'{p} ({r})' for p, r in skipped])}",
         stacklevel=2,
     )
     drop = {i for i, _ in bad}

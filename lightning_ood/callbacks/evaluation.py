@@ -271,6 +271,11 @@ class OODEvaluation(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.detector_specs is not None:
             pl_module.set_detectors(self.detector_specs)
+        dm = trainer.datamodule
+        if stage == "fit" and self.fit_after_train and hasattr(dm, "fit_dataloader"):
+            num_train = len(dm.fit_dataloader().dataset)  # refused before any training step
+            for det in pl_module.detectors.values():
+                det.check_data(num_train)
         if stage == "test":
             self._check_holdout(trainer, pl_module)
             if self.combiners_from is not None:

@@ -27,8 +27,9 @@ OptInput: TypeAlias = Tensor | None
 
 class InvalidConfiguration(ValueError):
     """A hyperparameter value this backbone or training set rules out, found at ``finalize``
-    (ViM's ``dim`` >= the feature width, KNN's ``k`` > the bank): tuning skips such candidates
-    and says why; a configured detector still fails with the message."""
+    (ViM's ``dim`` >= the feature width, KNN's ``k`` > the bank), or before training by
+    :meth:`Detector.check_data`: tuning skips such candidates and says why; a configured
+    detector still fails with the message."""
 
 
 class Reducer:
@@ -131,6 +132,14 @@ class Detector(nn.Module):
         if frozen is not None and name in frozen:
             return frozen[name]
         return [int(v) for v in getattr(self, name).tolist()]
+
+    # -- what the training data allows ---------------------------------------------------
+    def check_data(self, num_train: int) -> None:
+        """Refuse, before any training, a configuration that fitting on ``num_train`` training
+        samples would reject only at the end of ``fit`` (KNN/NNGuide's ``k`` above their bank
+        size). Raises :class:`InvalidConfiguration` naming the detector, the parameter, the
+        values and the fix. The OOD callback calls it at ``setup("fit")``. Default: any size.
+        """
 
     # -- fitting -------------------------------------------------------------------------
     def reset(self) -> None:

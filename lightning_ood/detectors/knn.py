@@ -141,7 +141,13 @@ class BankDetector(Detector):
     Fitting keeps each training sample with probability ``bank_fraction``, decided by
     :func:`seeded_uniform` of its position in the (per-rank) stream, so the bank is the same
     for any batching; ``finalize`` concatenates the ranks' shares (``Reducer.cat``). The bank
-    size is Binomial(N, bank_fraction), not exactly ``round(N * bank_fraction)``.
+    size is Binomial(N, bank_fraction), not exactly ``round(N * bank_fraction)``, but never
+    below ``min(N, min_bank)``: on a small training set the ``min_bank`` samples of smallest
+    draw are kept as well (OpenOOD keeps at least its first training batch), so a fraction
+    meant for 50,000 images still leaves ``k`` neighbours on a few thousand. The floor is a
+    function of the draws too, so the bank still does not depend on the batching.
+    :meth:`check_data` predicts the bank size from the training-set size alone and refuses a
+    ``k`` it cannot hold before any training.
 
     With ``store_bank=False`` the bank is a non-persistent buffer: checkpoints keep only
     ``bank_shape`` (N, q), ``bank_sampling`` (fraction, seed) and ``bank_fingerprint`` (sum and
@@ -164,6 +170,7 @@ class BankDetector(Detector):
         query_chunk: int,
         bank_chunk: int,
         name: str | None,
+        min_bank: int = 0,
     ) -> None:
         super().__init__(name)
         owner = type(self).__name__
@@ -187,6 +194,7 @@ class BankDetector(Detector):
             )
         self.query_chunk = check_int("query_chunk", query_chunk, 1, owner)
         self.bank_chunk = check_int("bank_chunk", bank_chunk, 1, owner)
+        self.min_bank = check_int("min_bank", min_bank, 0, owner)
         self.register_buffer("bank", torch.zeros(0, 0))
         self.register_buffer("bank_shape", torch.zeros(2, dtype=torch.long))
         self.register_buffer("bank_sampling", torch.zeros(2, dtype=torch.float64))
@@ -194,6 +202,52 @@ class BankDetector(Detector):
         self.store_bank = store_bank
         self._chunks: list[Tensor] = []
         self._seen = 0
+        # The floor's candidates: the `min_bank` smallest draws not kept by the fraction, as
+        # (rows, draws, positions) in stream order.
+        self._spare: tuple[Tensor, Tensor, Tensor] | None = None
+
+    #: ``min_bank``'s default in the subclass. A configuration records ``min_bank`` only when it
+    #: differs, so checkpoints written before the floor existed still match their detector.
+    MIN_BANK: ClassVar[int] = 0
+
+    def config(self) -> dict[str, Any]:
+        cfg = super().config()
+        if cfg.get("min_bank") == self.MIN_BANK:
+            del cfg["min_bank"]
+        return cfg
+
+    # -- what the training set allows ---------------------------------------------------------
+    def bank_size(self, num_train: int) -> int:
+        """Rows of the bank fitted on ``num_train`` samples read in one stream (one process):
+        the draws below ``bank_fraction``, at least ``min(num_train, min_bank)``. Under DDP
+        each rank draws for its own shard, so the size there differs slightly."""
+        if self.bank_fraction >= 1.0:
+            return num_train
+        kept, step = 0, 1 << 20
+        for start in range(0, num_train, step):
+            u = seeded_uniform(start, min(step, num_train - start), self.seed)
+            kept += int((u < self.bank_fraction).sum())
+        return max(kept, min(num_train, self.min_bank))
+
+    def check_data(self, num_train: int) -> None:
+        """Refuse a ``k`` larger than the bank ``num_train`` training samples give."""
+        size = self.bank_size(num_train)
+        if self.k <= size:
+            return
+        floor = "" if self.bank_fraction >= 1.0 else f", at least min_bank={self.min_bank}"
+        if self.k > num_train:
+            fix = f"lower k to at most {num_train} (k must not exceed the training samples)"
+        else:
+            fix = (
+                f"lower k to at most {size}, or raise bank_fraction (1.0 keeps all {num_train}) "
+                f"or min_bank (to {self.k} or more)"
+            )
+        raise InvalidConfiguration(
+            f"detector {self.name!r} ({type(self).__name__}): k={self.k} exceeds the {size} "
+            f"training features its bank would hold (bank_fraction={self.bank_fraction:g} of "
+            f"the {num_train} training samples{floor}), so fitting it after training would "
+            f"fail. Fix the detector's config: {fix}."
+        )
 
     # -- bank persistence -----------------------------------------------------------------
     @property
@@ -250,7 +304,8 @@ class BankDetector(Detector):
         if self.k > n:
             raise InvalidConfiguration(
                 f"{self.name}: k={self.k} exceeds the bank size {n} (training samples kept with "
-                f"bank_fraction={self.bank_fraction:g}); lower k or raise bank_fraction"
+                f"bank_fraction={self.bank_fraction:g}, at least min_bank={self.min_bank}); "
+                "lower k or raise bank_fraction or min_bank"
             )
 
     # -- fitting --------------------------------------------------------------------------
@@ -261,6 +316,7 @@ class BankDetector(Detector):
     def reset(self) -> None:
         self._chunks = []
         self._seen = 0
+        self._spare = None
         self.fitted.fill_(False)
 
     def update(self, out: BackboneOutput, target: Tensor, model: OODBackbone | None = None) -> None:
@@ -269,7 +325,11 @@ class BankDetector(Detector):
             raise ValueError(f"{self.name}: features must be (B, q), got {tuple(rows.shape)}")
         n = rows.shape[0]
         if self.bank_fraction < 1.0:
-            keep = seeded_uniform(self._seen, n, self.seed, rows.device) < self.bank_fraction
+            u = seeded_uniform(self._seen, n, self.seed, rows.device)
+            keep = u < self.bank_fraction
+            if self.min_bank:
+                pos = torch.arange(self._seen, self._seen + n, device=rows.device)
+                self._keep_spare(rows[~keep], u[~keep], pos[~keep])
             rows = rows[keep]  # boolean indexing copies
         elif any(rows.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
                  for t in (out.features, out.logits, *out.taps.values())):  # fmt: skip
@@ -282,15 +342,43 @@ class BankDetector(Detector):
             )
         self._chunks.append(rows)
 
+    def _keep_spare(self, rows: Tensor, u: Tensor, pos: Tensor) -> None:
+        """Merge a batch's unkept rows into the floor's candidates: the ``min_bank`` smallest
+        draws so far (ties by position), kept in stream order."""
+        if self._spare is not None:
+            old_rows, old_u, old_pos = self._spare
+            rows = torch.cat([old_rows, rows.to(old_rows.dtype)])
+            u, pos = torch.cat([old_u, u]), torch.cat([old_pos, pos])
+        if u.numel() > self.min_bank:
+            order = torch.sort(u, stable=True).indices[: self.min_bank]  # pos ascends: ties
+            order = torch.sort(order).values  # back to stream order
+            rows, u, pos = rows[order], u[order], pos[order]
+        self._spare = (rows, u, pos)  # boolean indexing copied the rows: no batch is aliased
+
+    def _floor(self, bank: Tensor, reducer: Reducer, width: int) -> Tensor:
+        """``bank`` topped up to ``min_bank`` rows (or every sample) with the smallest draws
+        of all ranks' candidates; every rank calls this, so the gathers match."""
+        if self.bank_fraction >= 1.0 or bank.shape[0] >= self.min_bank:
+            return bank
+        if self._spare is None:
+            rows, u = bank.new_zeros(0, width), torch.zeros(0, dtype=torch.float64)
+        else:
+            rows, u, _ = self._spare
+        rows, u = reducer.cat(rows.to(bank.device)), reducer.cat(u.to(bank.device))
+        need = min(self.min_bank - bank.shape[0], u.numel())
+        pick = torch.sort(torch.sort(u, stable=True).indices[:need]).values
+        return torch.cat([bank, rows[pick].to(bank.dtype)])
+
     def finalize(self, model: OODBackbone, reducer: Reducer | None = None) -> None:
-        """Concatenate the kept rows of every rank into the bank and record its metadata."""
+        """Concatenate the kept rows of every rank into the bank (topped up to ``min_bank``)
+        and record its metadata."""
         reducer = reducer or Reducer()
         if self._chunks:
             local = self._chunks[0] if len(self._chunks) == 1 else torch.cat(self._chunks)
         else:  # a rank that saw no batch still joins the gather
             local = self.bank.new_zeros(0, model.num_features)
         self._chunks = [local]  # finalize may run again (finalize-only configurations)
-        bank = reducer.cat(local)
+        bank = self._floor(reducer.cat(local), reducer, local.shape[1])
         if bank.shape[0] == 0:
             raise RuntimeError(
                 f"{self.name}: the bank is empty: no training sample was kept (seen: "
@@ -389,6 +477,9 @@ class KNN(BankDetector):
             "auto" (faiss when importable, else torch).
         query_chunk: query rows per search chunk.
         bank_chunk: bank rows per search chunk.
+        min_bank: the bank keeps at least this many training samples (all when fewer): the
+            smallest seeded draws beyond ``bank_fraction``. 0 (the default): exactly the
+            fraction, as in the paper.
         name: instance name.
     """
 
@@ -410,9 +501,12 @@ class KNN(BankDetector):
         backend: str = "auto",
         query_chunk: int = 1024,
         bank_chunk: int = 16384,
+        min_bank: int = 0,
         name: str | None = None,
     ) -> None:
-        super().__init__(k, bank_fraction, seed, store_bank, backend, query_chunk, bank_chunk, name)
+        super().__init__(
+            k, bank_fraction, seed, store_bank, backend, query_chunk, bank_chunk, name, min_bank
+        )
 
     def bank_rows(self, out: BackboneOutput) -> Tensor:
         return normalize_rows(out.features)

@@ -30,7 +30,11 @@ class NNGuide(BankDetector):
     batches of the (shuffled) training loader up to ``alpha`` of the set: here the bank is a
     seeded random fraction (:class:`~lightning_ood.detectors.knn.BankDetector`), and the
     features are normalised without OpenOOD's ``+ 1e-10`` per entry. The authors' repository
-    uses k = 10 by default; the defaults below are OpenOOD v1.5's (K = 100, alpha = 0.01).
+    uses k = 10 by default; the defaults below are OpenOOD v1.5's (K = 100, alpha = 0.01). As
+    OpenOOD's bank is never smaller than its first training batch (128 images), the bank here
+    keeps at least ``min_bank`` = 128 samples, so the defaults also work on training sets
+    under 10,000 images (1 % of them would leave fewer than K = 100); on CIFAR's 50,000 (1 %:
+    about 500 rows) and larger sets the floor changes nothing.
 
     Args:
         k: number of nearest guided bank entries averaged.
@@ -40,6 +44,9 @@ class NNGuide(BankDetector):
         backend: "torch", "faiss" or "auto" (see :class:`~lightning_ood.detectors.knn.KNN`).
         query_chunk: query rows per search chunk.
         bank_chunk: bank rows per search chunk.
+        min_bank: the bank keeps at least this many training samples (all when fewer): the
+            smallest seeded draws beyond ``bank_fraction``; must be >= k on a training set
+            whose fraction gives fewer than k.
         name: instance name.
     """
 
@@ -50,6 +57,8 @@ class NNGuide(BankDetector):
     #: OpenOOD v1.5 ``configs/postprocessors/nnguide.yml``: ``K_list: [100]``,
     #: ``alpha_list: [0.01]`` (alpha = the bank fraction).
     search_space: ClassVar[Mapping[str, Sequence[Any]]] = {"k": (100,), "bank_fraction": (0.01,)}
+    #: One OpenOOD v1.5 training batch (CIFAR ``batch_size: 128``), at least the default k.
+    MIN_BANK: ClassVar[int] = 128
 
     def __init__(
         self,
@@ -60,9 +69,12 @@ class NNGuide(BankDetector):
         backend: str = "auto",
         query_chunk: int = 1024,
         bank_chunk: int = 16384,
+        min_bank: int = MIN_BANK,
         name: str | None = None,
     ) -> None:
-        super().__init__(k, bank_fraction, seed, store_bank, backend, query_chunk, bank_chunk, name)
+        super().__init__(
+            k, bank_fraction, seed, store_bank, backend, query_chunk, bank_chunk, name, min_bank
+        )
 
     def bank_rows(self, out: BackboneOutput) -> Tensor:
         """ẑ_i · energy(x_i): the training features scaled by their confidence."""

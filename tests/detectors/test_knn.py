@@ -210,8 +210,8 @@ def test_nnguide_matches_the_paper_formula_in_numpy(net: LinearHeadNet) -> None:
         ltr, lt = net(x).double().numpy(), net(xt).double().numpy()
     want = _numpy_nnguide(x.double().numpy(), ltr, xt.double().numpy(), lt, 20)
     np.testing.assert_allclose(_score(det, net, xt).double().numpy(), want, rtol=1e-5)
-    # the fraction keeps the seeded rows, scaled by their energy
-    part = _fit(NNGuide(k=20, bank_fraction=0.3, seed=2), net, x, y)
+    # the fraction keeps the seeded rows, scaled by their energy (no floor: min_bank=0)
+    part = _fit(NNGuide(k=20, bank_fraction=0.3, seed=2, min_bank=0), net, x, y)
     keep = (seeded_uniform(0, N, 2) < 0.3).numpy()
     want = _numpy_nnguide(x.double().numpy()[keep], ltr[keep], xt.double().numpy(), lt, 20)
     np.testing.assert_allclose(_score(part, net, xt).double().numpy(), want, rtol=1e-5)

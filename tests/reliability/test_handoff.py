@@ -23,18 +23,19 @@ EXPORTABLE = ["msp", "energy", "react", "dice", "line", "mahalanobis", "fssd"]
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory: pytest.TempPathFactory, lenet_fitted: dict) -> dict:
-    """The session's fitted LeNet checkpoint, and a `predict` CSV of it (500 ID, 500 MNIST)."""
+    """The session's fitted LeNet checkpoint, and a `predict` CSV of it (500 ID, 500 MNIST,
+    40 PNGs)."""
     tmp = tmp_path_factory.mktemp("handoff")
     cfg, ckpt = lenet_fitted["config"], lenet_fitted["ckpt"]
     out = tmp / "pred.csv"
-    folder = tmp / "mine"  # the user's own images: 40 PNGs, of which every 20th is scored
+    folder = tmp / "mine"  # the user's own images: 40 PNGs, all scored (ood_every: 20 is not)
     folder.mkdir()
     images = FashionMNIST(str(lenet_fitted["config"]["data"]["init_args"]["root"]), train=False)
     for i in range(40):
         images[i][0].save(folder / f"img{i:02d}.png")
     pred_cfg = {**cfg, "data": {**cfg["data"], "init_args": {**cfg["data"]["init_args"]}}}
     pred_cfg["data"]["init_args"]["predict_sets"] = [
-        "mnist",
+        {"name": "mnist", "every": 20},  # a predict set is sliced only by its own `every`
         {"name": "mine", "kind": "folder", "path": str(folder)},
     ]
     run_cli(
@@ -103,7 +104,7 @@ def test_predict_writes_one_row_per_sample_matching_the_module(
     fitted: dict, shared_data: Path
 ) -> None:
     rows = list(csv.DictReader(fitted["csv"].open()))
-    assert len(rows) == 500 + 500 + 2  # FashionMNIST test, MNIST test, 40 PNGs: each [::20]
+    assert len(rows) == 500 + 500 + 40  # FashionMNIST and MNIST test [::20], all 40 PNGs
     assert len({(r["set"], r["position"]) for r in rows}) == len(rows)
     id_rows = [r for r in rows if r["set"] == "fashionmnist"]
     assert [int(r["position"]) for r in id_rows] == list(range(500))
@@ -111,8 +112,7 @@ def test_predict_writes_one_row_per_sample_matching_the_module(
     assert [int(r["index"]) for r in id_rows] == list(range(0, 10_000, 20))
     mine = [r for r in rows if r["set"] == "mine"]
     assert [(int(r["index"]), Path(r["path"]).name) for r in mine] == [
-        (0, "img00.png"),
-        (20, "img20.png"),
+        (i, f"img{i:02d}.png") for i in range(40)
     ]
     model = lightning_ood.load(fitted["ckpt"])
     x, y = _test_images(shared_data)

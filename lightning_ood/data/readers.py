@@ -225,6 +225,35 @@ class IdxImages(Dataset):
         return Image.fromarray(self.images[index].numpy()), int(self.labels[index])
 
 
+#: The only globals a CIFAR python pickle needs: numpy arrays (the images), written by numpy 1
+#: or 2, and ``_codecs.encode`` (how protocol-2 pickles store bytes). Anything else in a data
+#: file would be code, and is refused (:class:`DataUnpickler`).
+_CIFAR_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+)
+
+
+class DataUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, containers and primitives only: a dataset file is data, so a
+    pickled class or function in it (a ``__reduce__`` payload) is refused, never called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _CIFAR_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"the file asks to load the Python object {module}.{name}; a dataset pickle holds "
+            "only numpy arrays and lists, so this one is refused (it could run code)"
+        )
+
+
 class CIFARPickles(Dataset):
     """The original CIFAR-10/100 python pickles (torchvision's download layout).
 
@@ -238,7 +267,7 @@ class CIFARPickles(Dataset):
             path = folder / name
             try:
                 with open(path, "rb") as f:
-                    entry = pickle.load(f, encoding="latin1")
+                    entry = DataUnpickler(f, encoding="latin1").load()
             except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
                 raise CorruptDataError(
                     f"{path} cannot be unpickled ({type(err).__name__}: {err}): it is "

@@ -306,3 +306,20 @@ def test_a_config_module_is_the_users_own(tmp_path: Path, user_package: str) -> 
     with allow_modules([user_package]):
         model = create_model("wrap", module=user_package, head="fc", input_shape=[1, 28, 28])
     assert isinstance(model.net, nn.Module)
+
+
+# -- data files -------------------------------------------------------------------------------
+def test_a_dataset_pickle_with_code_is_refused(tmp_path: Path, canary: Path) -> None:
+    """CIFAR's python batches are pickles: only numpy arrays and containers are unpickled."""
+    import numpy as np
+
+    from lightning_ood.data.readers import CIFARPickles, CorruptDataError
+
+    good = {"data": np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072), "labels": [3, 7]}
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps(good, protocol=2))
+    ds = CIFARPickles(tmp_path, ["data_batch_1"], "labels")
+    assert len(ds) == 2 and ds[1][1] == 7
+    evil = {"data": good["data"], "labels": [3, 7], "x": _Payload(canary)}
+    (tmp_path / "data_batch_2").write_bytes(pickle.dumps(evil, protocol=2))
+    with pytest.raises(CorruptDataError, match=r"asks to load the Python object posix\.system"):
+        CIFARPickles(tmp_path, ["data_batch_2"], "labels")

@@ -5,7 +5,8 @@ singularity* (FSS); in-distribution samples lie far from it, OOD samples close t
 ``l`` the score is ``FSSD_l(x) = ||F_l(x) - FSS_l||_2`` (the paper's definition of FSSD),
 higher = more in-distribution, and the layers are combined by a logistic regression fitted on
 held-out ID + OOD validation samples (the paper's ensemble; the reference's ``train_lr``).
-Paper/reference differences follow ``METHODS.md`` (FSSD items 2, 4, 5).
+Paper/reference differences (noise, input pre-processing, combiner) and the options that
+select them: ``docs/methods.md#fssd``.
 
 The per-tap components + logistic combiner base and the input pre-processing helpers are
 shared with Mahalanobis: :mod:`lightning_ood.detectors.layer_ensemble`.

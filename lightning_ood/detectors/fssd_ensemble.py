@@ -1,6 +1,6 @@
 """Multi-model FSSD: the layer ensemble over the per-layer FSSDs of several networks.
 
-The FSSD paper (Huang et al., 2021; see METHODS.md, its Figure 6) ensembles FSSDs "from
+The FSSD paper (Huang et al., 2021, Figure 6; docs/methods.md#fssd_ensemble) ensembles FSSDs "from
 different layers of a single neural network and multiple trained networks". Each network n
 gets its own feature space singularity per tap, FSSD_{n,l}(x) = ||F_{n,l}(x) - FSS_{n,l}||_2
 (the paper's definition), and one logistic regression over all N·K components combines them,

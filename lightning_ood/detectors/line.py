@@ -2,7 +2,7 @@
 
 The detector keeps, per class k, the neurons and classifier weights that contribute most to
 class k on the training set, and scores a test sample by the energy of the logits recomputed
-with only the neurons/weights important for its predicted class. See METHODS.md, "LINe".
+with only the neurons/weights important for its predicted class. See docs/methods.md#line.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class LINe(Detector):
     (paper eq. 9 and Table 12, :func:`intgrad_contributions`); for a linear head all three
     agree, for a non-linear ``forward_head`` the Taylor and IntGrad contributions differ.
 
-    Scoring (METHODS.md LINe 2–5): ĥ = min(h, δ); l = argmax(W ĥ + b);
+    Scoring (docs/methods.md#line): ĥ = min(h, δ); l = argmax(W ĥ + b);
     z = (W ⊙ M_w^l)(m_l ⊙ ĥ) + b; score = logsumexp(z). The L masked weight matrices are never
     materialised: the batch is grouped by predicted class and one L×q mask is built per group.
 
@@ -293,15 +293,15 @@ class LINe(Detector):
         if self.abs_contribution:
             contrib = contrib.abs()
 
-        # Activation pruning (METHODS.md LINe 3): per class, keep the neurons strictly above
+        # Activation pruning (docs/methods.md#line, AP): per class, keep the neurons strictly above
         # the p_a percentile of that class's contributions.
         by_class = contrib.T  # (L, q): row k is C[:, k]
         act_threshold = row_percentile(by_class, self.p_a)
         act_mask = by_class > act_threshold[:, None]
 
-        # Weight pruning (METHODS.md LINe 4): V_k = |C[:, k]|ᵀ ⊙ W over all L·q entries; only
-        # the per-class thresholds t_k are kept (M_w^k is rebuilt at scoring from |C|, W, t_k),
-        # computed a few classes at a time so no L×L×q tensor ever exists.
+        # Weight pruning (docs/methods.md#line, WP): V_k = |C[:, k]|ᵀ ⊙ W over all L·q
+        # entries; only the per-class thresholds t_k are kept (M_w^k is rebuilt at scoring
+        # from |C|, W, t_k), computed a few classes at a time so no L×L×q tensor ever exists.
         if self.weight_prune:
             abs_c = by_class.abs()
             per_chunk = min(num_classes, max(1, _CHUNK_ELEMENTS // weight.numel()))
@@ -327,7 +327,7 @@ class LINe(Detector):
 
     # -- scoring -------------------------------------------------------------------------
     def weight_mask(self, k: int) -> Tensor:
-        """M_w^k = 1[|C[:, k]|ᵀ ⊙ W > t_k], shape (L, q) (METHODS.md LINe 4)."""
+        """M_w^k = 1[|C[:, k]|ᵀ ⊙ W > t_k], shape (L, q) (docs/methods.md#line, WP)."""
         self.check_fitted()
         if not self.weight_prune:
             return torch.ones_like(self.weight, dtype=torch.bool)
@@ -342,7 +342,7 @@ class LINe(Detector):
         return h.clamp(max=self.delta) if self.clip else h
 
     def score(self, out: BackboneOutput, model: OptModel = None, inputs: OptInput = None) -> Tensor:
-        """Energy of the pruned logits, logsumexp(z) (METHODS.md LINe 5); shape (B,)."""
+        """Energy of the pruned logits, logsumexp(z) (docs/methods.md#line); shape (B,)."""
         self.check_fitted()
         h = out.features
         if h.dim() != 2 or h.shape[1] != self.weight.shape[1]:

@@ -548,6 +548,10 @@ def entrypoint() -> None:
         grid_main(argv[1:])
     elif argv[:1] == ["models"]:
         models_main(argv[1:])
+    elif argv[:1] == ["serve"]:
+        from lightning_ood.serve import serve_main  # LitServe only when serving
+
+        serve_main(argv[1:])
     else:
         main()
 

@@ -435,9 +435,28 @@ def main(args: ArgsType = None, run: bool = True) -> OODCLI:
                 "inference_mode": False,
             },
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": _DESCRIPTION, "epilog": _EPILOG},
             args=args,
             run=run,
         )
+
+
+_DESCRIPTION = (
+    "lightning-ood: train a classifier, fit post-hoc OOD detectors, evaluate and hand off. "
+    "fit/validate/test/predict are Lightning's (below); grid, models and serve are listed at "
+    "the end."
+)
+#: The subcommands that are not Trainer methods, shown in ``lightning-ood --help``.
+_EXTRA_SUBCOMMANDS = {
+    "grid": "grid-search a detector's hyperparameters from cached features",
+    "models": "list model names (registered, tv:NAME, timm:NAME, wrap) or one model's taps",
+    "serve": "serve a fitted checkpoint over HTTP (LitServe; extra 'serve')",
+}
+_EPILOG = (
+    "more subcommands (each takes --help): "
+    + "; ".join(f"{name}: {text}" for name, text in _EXTRA_SUBCOMMANDS.items())
+    + ". lightning-ood --version prints the version."
+)
 
 
 def _grid_parser() -> argparse.ArgumentParser:

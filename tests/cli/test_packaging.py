@@ -87,3 +87,14 @@ def test_a_built_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path) ->
     ).stdout  # fmt: skip
     assert str(venv) in where  # the installed copy, not the checkout
     assert "--help" in run("--help") or "usage" in run("--help")
+
+
+def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_ood.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for sub in ("fit", "validate", "test", "predict", "grid:", "models:", "serve:", "--version"):
+        assert sub in text, sub

@@ -15,7 +15,7 @@ from toys import LinearHeadNet
 
 from lightning_ood import engine
 from lightning_ood.detectors.base import Detector, Reducer
-from lightning_ood.detectors.knn import KNN, faiss_available, seeded_uniform, topk_scores
+from lightning_ood.detectors.knn import KNN, seeded_uniform, topk_scores
 from lightning_ood.detectors.nnguide import NNGuide
 
 N, Q, L = 300, 10, 3
@@ -184,13 +184,7 @@ def test_clear_errors(net: LinearHeadNet) -> None:
         _fit(KNN(k=5), net, x, y).search(torch.zeros(2, 4))
 
 
-@pytest.mark.skipif(faiss_available(), reason="faiss is installed here")
-def test_faiss_backend_without_faiss_is_refused_by_name() -> None:
-    with pytest.raises(ImportError, match=r"backend='faiss' needs the faiss package.*faiss-cpu"):
-        KNN(backend="faiss")
-    with pytest.raises(ImportError, match="backend='faiss'"):
-        NNGuide(backend="faiss")
-    assert not KNN(backend="auto")._use_faiss()  # auto falls back to the torch search
+# The faiss backend (with and without faiss installed): test_knn_faiss.py.
 
 
 # -- NNGuide ----------------------------------------------------------------------------------

@@ -8,11 +8,13 @@
 The checkpoint carries everything needed: the backbone weights, every fitted detector with
 its decision threshold (95 % TPR on held-out ID data), the class names, the normalisation and
 the input size. It is read with :func:`~lightning_ood.io.safe_load` (no code runs from
-the file). :meth:`OODPredictor.export` gives a ``torch.export`` program of the same module.
+the file). :meth:`OODPredictor.export` gives a ``torch.export`` program of the same module, and
+:meth:`OODPredictor.export_onnx` an ONNX file of it for runtimes outside PyTorch.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -24,13 +26,17 @@ from torch import Tensor, nn
 from lightning_ood import engine
 from lightning_ood.detectors import Detector
 from lightning_ood.detectors.base import exporting, frozen_flags
-from lightning_ood.io import safe_load
+from lightning_ood.io import atomic_write_bytes, safe_load
 from lightning_ood.models import OODBackbone
 from lightning_ood.state import build_from_checkpoint
 
 #: First words of the refusals, shared by the eager errors and the exported assertions.
 _NONFINITE = "input batch contains NaN or Inf values"
 _OUT_OF_RANGE = "input pixels lie outside [0, 1]"
+#: The input of an ONNX file written by :meth:`OODPredictor.export_onnx`.
+ONNX_INPUT = "images"
+#: protobuf's limit on one serialised ONNX model (weights included).
+_ONNX_MAX_BYTES = 2**31 - 1
 
 
 def _samples(bad: Tensor, most: int = 10) -> str:
@@ -213,6 +219,101 @@ class OODPredictor(nn.Module):
         ``epsilon > 0``) need autograd at inference, which an exported graph cannot hold; build
         the predictor without them (``lightning_ood.load(path, detectors=[...])``).
         """
+        return self._trace(self.eval(), self._export_example(example))
+
+    def onnx_output_names(self) -> list[str]:
+        """The outputs of :meth:`export_onnx`'s graph, in order: ``logits`` (N, L), ``pred``
+        (N,) int64, ``input_ok`` (N,) bool, then per detector ``score/<name>`` (N,) and
+        ``is_ood/<name>`` (N,) bool, detectors in :attr:`detector_names` order."""
+        names = ["logits", "pred", "input_ok"]
+        for det in self.detector_names:
+            names += [f"score/{det}", f"is_ood/{det}"]
+        return names
+
+    def export_onnx(
+        self, example: Tensor, path: str | os.PathLike[str], opset_version: int | None = None
+    ) -> list[str]:
+        """Write :meth:`forward` as an ONNX file (``torch.onnx``'s exporter) at ``path``.
+
+        The graph has one input, ``images`` (N, *input_shape) of the example's dtype (uint8, or
+        a float dtype, as for :meth:`export`), with a dynamic batch dimension named ``batch``
+        (1 to 65,536), and the flat outputs of :meth:`onnx_output_names`; the method returns
+        those names, and the file records them in its metadata (``lightning_ood.outputs``) with
+        the thresholds, class names, input shape and dtype. Scores keep the eager module's
+        dtypes (ViM and RMDS score in float64).
+
+        ONNX has no assertion operator, so the graph cannot refuse bad values the way the eager
+        module (``ValueError``) and a ``torch.export`` program (``RuntimeError``) do. It flags
+        them instead: ``input_ok`` is False for a sample with a NaN/Inf pixel or a float pixel
+        outside [0, 1], and that sample's scores are NaN and its ``is_ood`` True for every
+        detector, so a caller that ignores ``input_ok`` never takes such a sample for
+        in-distribution. On valid samples the outputs are the eager module's: under
+        onnxruntime (CPU) the tests find logits and scores within ``atol=1e-4, rtol=1e-5``
+        (float32 rounding of reordered arithmetic) and ``pred``/``is_ood`` equal except for a
+        sample whose logits or score lie within that tolerance of a tie or of the threshold.
+        One more exception: where activations tie at ASH-B's pruning cut (ReLU zeros, with a
+        percentile that keeps more features than a sample has positive ones), which of them
+        get the binarised value is up to each runtime's top-k, so ASH-B's score may differ.
+
+        The file is written atomically (no reader sees a half-written file). Needs the ``onnx``
+        extra (``pip install 'lightning_ood[onnx]'``: onnx, onnxscript; onnxruntime to run it).
+
+        Raises:
+            ValueError: as :meth:`export` (detectors that need input gradients or random passes
+                are named, token models refused, empty example), or a model over protobuf's
+                2 GB limit.
+            ImportError: onnx or onnxscript is not installed.
+        """
+        example = self._export_example(example)
+        try:
+            import onnx
+            import onnxscript  # noqa: F401  (torch.onnx's exporter translates with it)
+        except ImportError as err:
+            raise ImportError(
+                f"export_onnx needs the onnx and onnxscript packages ({err}); install them with "
+                "`pip install 'lightning_ood[onnx]'`"
+            ) from err
+        size = sum(t.numel() * t.element_size() for t in (*self.parameters(), *self.buffers()))
+        if size > _ONNX_MAX_BYTES:
+            raise ValueError(
+                f"the predictor holds {size / 2**30:.1f} GiB of weights and detector state, over "
+                "the 2 GiB limit of one ONNX file; leave out large detectors (a KNN/NNGuide bank: "
+                "lower bank_fraction) or use export() (torch.export)"
+            )
+        names = self.onnx_output_names()
+        program = self._trace(_OnnxOutputs(self).eval(), example)
+        onnx_program = torch.onnx.export(
+            program,
+            (example,),
+            input_names=[ONNX_INPUT],
+            output_names=names,
+            opset_version=opset_version,
+            dynamic_shapes=({0: _batch_dim()},),
+            dynamo=True,
+            verbose=False,
+        )
+        model = onnx_program.model_proto
+        model.doc_string = (
+            "lightning_ood OODPredictor: images (N, "
+            f"{', '.join(map(str, self.input_shape))}) {example.dtype} -> {', '.join(names)}. "
+            "Higher scores = more in-distribution; is_ood = score < threshold; input_ok False "
+            "marks NaN/Inf or out-of-range samples (scores NaN, is_ood True)."
+        )
+        props = {
+            "lightning_ood.outputs": names,
+            "lightning_ood.input": [ONNX_INPUT, *self.input_shape],
+            "lightning_ood.input_dtype": str(example.dtype).removeprefix("torch."),
+            "lightning_ood.thresholds": self.thresholds,
+            "lightning_ood.class_names": self.class_names,
+            "lightning_ood.data_version": self.meta.get("data_version"),
+        }
+        onnx.helper.set_model_props(model, {k: json.dumps(v) for k, v in props.items()})
+        atomic_write_bytes(path, model.SerializeToString())
+        return names
+
+    def _export_example(self, example: Tensor) -> Tensor:
+        """The refusals shared by :meth:`export` and :meth:`export_onnx`, and the example
+        batch to trace with (at least two samples, so the batch dimension stays symbolic)."""
         grad = [n for n, d in self.detectors.items() if d.needs_input_grad or not d.exportable]
         if grad:
             raise ValueError(
@@ -230,11 +331,47 @@ class OODPredictor(nn.Module):
             raise ValueError("export needs an example batch with at least one image")
         if example.shape[0] < 2:  # a batch of 1 would be specialised to a constant
             example = example[:1].expand(2, *example.shape[1:]).contiguous()
-        batch = torch.export.Dim("batch", min=1, max=65536)
-        with frozen_flags(self.detectors.values()):
+        return example
+
+    def _trace(self, module: nn.Module, example: Tensor) -> torch.export.ExportedProgram:
+        # Detectors inside detectors (the FSSDs of an FSSD ensemble) read their own flags.
+        nested = [
+            m for d in self.detectors.values() for m in d.modules() if isinstance(m, Detector)
+        ]
+        with frozen_flags(nested):
             return torch.export.export(
-                self.eval(), (example,), dynamic_shapes=({0: batch},), strict=False
+                module, (example,), dynamic_shapes=({0: _batch_dim()},), strict=False
             )
+
+
+def _batch_dim() -> Any:
+    """The symbolic batch dimension of exported programs and ONNX graphs."""
+    return torch.export.Dim("batch", min=1, max=65536)
+
+
+class _OnnxOutputs(nn.Module):
+    """:class:`OODPredictor`'s outputs as the flat tuple of
+    :meth:`OODPredictor.onnx_output_names`, with invalid samples flagged instead of refused."""
+
+    def __init__(self, predictor: OODPredictor) -> None:
+        super().__init__()
+        self.predictor = predictor
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        out = self.predictor(images)
+        if images.dtype == torch.uint8:  # every uint8 value is a valid pixel
+            ok = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+        else:  # NaN compares False, so NaN and +-Inf fail the range test too
+            flat = images.flatten(1)
+            ok = ((flat >= 0) & (flat <= 1)).all(dim=1)
+        flat_out = [out["logits"], out["pred"], ok]
+        for det in self.predictor.detector_names:
+            score = out["scores"][det]
+            flat_out += [
+                torch.where(ok, score, torch.full_like(score, float("nan"))),
+                out["is_ood"][det] | ~ok,
+            ]
+        return tuple(flat_out)
 
 
 #: Why a detector of a checkpoint cannot score, for the detectors that share a remedy.

@@ -364,6 +364,59 @@ def score_loader(
         )
 
 
+# -- shipped layer-ensemble combiners ------------------------------------------------------------
+#: ``method`` of a combiner fitted on ID validation + validation OOD samples.
+COMBINER_LOGISTIC = "logistic"
+#: ``method`` of the OOD-free fallback (LayerEnsembleDetector.fit_id_only_combiner).
+COMBINER_ID_ONLY = "id_zscore_mean"
+
+
+def ships_combiner(det: Detector, components: Tensor) -> bool:
+    """Whether ``det`` is a layer ensemble whose shipped score combines several components
+    (``components``: its (N, K) validation components)."""
+    return det.needs_validation and components.ndim == 2 and components.shape[1] > 1
+
+
+def deploy_combiners(
+    detectors: Mapping[str, Detector],
+    id_components: Mapping[str, Tensor],
+    ood_components: Mapping[str, Tensor] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Fit the combiner each multi-component layer ensemble ships with, from data that exists
+    before deployment only: ID validation components (N, K) and, when given, validation OOD
+    components (M, K), never a reported test set.
+
+    With OOD components the detector's logistic regression is fitted (ID = 1, OOD = 0, as the
+    FSSD/Mahalanobis references do per test set); without, the OOD-free fallback
+    (:meth:`~lightning_ood.detectors.layer_ensemble.LayerEnsembleDetector.fit_id_only_combiner`).
+    Returns ``{name: {"method", "n_id", "n_ood"}}`` for the detectors it fitted.
+    """
+    fitted: dict[str, dict[str, Any]] = {}
+    for name, det in detectors.items():
+        cid = id_components[name]
+        if not ships_combiner(det, cid):
+            continue
+        cood = None if ood_components is None else ood_components.get(name)
+        if cood is not None and len(cood):
+            det.fit_combiner(cid, cood)  # type: ignore[attr-defined]
+            fitted[name] = {"method": COMBINER_LOGISTIC, "n_id": len(cid), "n_ood": len(cood)}
+        else:
+            det.fit_id_only_combiner(cid)  # type: ignore[attr-defined]
+            fitted[name] = {"method": COMBINER_ID_ONLY, "n_id": len(cid), "n_ood": 0}
+    return fitted
+
+
+def combined_scores(detectors: Mapping[str, Detector], bank: Mapping[str, Tensor]) -> dict:
+    """Scores as the detectors ship them from a bank that may hold a layer ensemble's (N, K)
+    components (``score_batch(components=True)``): those are combined with the detector's own
+    combiner, every other (N,) score is passed through."""
+    out: dict[str, Tensor] = {}
+    for name, det in detectors.items():
+        t = bank[name]
+        out[name] = det.combine(t) if det.needs_validation and t.ndim == 2 else t  # type: ignore[attr-defined]
+    return out
+
+
 # -- decisions -----------------------------------------------------------------------------------
 def calibrate_detectors(
     detectors: Mapping[str, Detector], id_scores: Mapping[str, Tensor], tpr: float = 0.95
@@ -399,11 +452,15 @@ def predict_batch(
 
 
 __all__ = [
+    "COMBINER_ID_ONLY",
+    "COMBINER_LOGISTIC",
     "OutputSource",
     "Outputs",
     "calibrate_detectors",
     "check_feature_only",
+    "combined_scores",
     "decide",
+    "deploy_combiners",
     "detector_taps",
     "eval_mode",
     "eval_pass",
@@ -421,5 +478,6 @@ __all__ = [
     "score_batch",
     "score_loader",
     "score_stream",
+    "ships_combiner",
     "split_batch",
 ]

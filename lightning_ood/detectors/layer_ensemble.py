@@ -271,6 +271,36 @@ class LayerEnsembleDetector(Detector):
         self.combiner_scale = torch.as_tensor(scale, dtype=f64, device=dev).clone()
         self.combiner_fitted.fill_(True)
 
+    def fit_id_only_combiner(self, components_id: Tensor) -> None:
+        """The OOD-free combiner a detector ships when no validation OOD data exists: each
+        component z-scored with the ID validation mean and std, then averaged (coefficients
+        1/K, intercept 0), i.e. ``mean_k (c_k - mu_k) / sigma_k``.
+
+        Every component is oriented "higher = more ID", so the average rewards a sample that is
+        typical at every tap and needs no outlier to be fitted; z-scoring puts taps whose
+        scores live on very different scales (FSSD's early vs late layers) on one footing.
+        ``docs/methods.md#layer-ensembles-what-ships`` compares it with the alternatives.
+        """
+        cid = self._components_2d("components_id", components_id)
+        x = cid.detach().cpu().double()
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{self.name}: the ID validation components contain NaN/inf values")
+        if x.shape[0] < 2:
+            raise ValueError(
+                f"{self.name}: an ID-only combiner needs at least 2 ID validation samples to "
+                f"estimate each component's spread, got {x.shape[0]}"
+            )
+        mean, scale = x.mean(0), x.std(0, unbiased=False)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        k = x.shape[1]
+        dev = self.combiner_fitted.device
+        f64 = torch.float64
+        self.combiner_coef = torch.full((k,), 1.0 / k, dtype=f64, device=dev)
+        self.combiner_intercept = torch.zeros((), dtype=f64, device=dev)
+        self.combiner_mean = mean.to(device=dev, dtype=f64).clone()
+        self.combiner_scale = scale.to(device=dev, dtype=f64).clone()
+        self.combiner_fitted.fill_(True)
+
     def combine(self, components: Tensor) -> Tensor:
         """Decision function of the fitted combiner, or component ``default_layer``; an empty
         batch gives an empty score vector."""

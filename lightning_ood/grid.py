@@ -5,7 +5,11 @@ features and scored on cached validation sets; no network pass is repeated. The 
 with the best validation metric, averaged over *validation* OOD sets that are never reported,
 is then scored once on the test sets. Selection data and reported data never overlap:
 
-* OOD: a validation OOD set may not share its name with a reported test OOD set (refused);
+* OOD: a validation OOD set may not read any sample of a reported test OOD set, nor of the
+  Outlier Exposure set the checkpoint's network was trained with (compared by what is read:
+  kind, location, split, slice; never by name; refused);
+* ID: the datamodule's held-out training images (``val_size``) may not include any image the
+  checkpoint's network was trained on (its recorded training split; refused);
 * ID: unless explicit ID validation features are passed, a seeded permutation of the ID test
   features is split, ``id_val_fraction`` (half by default) for selection and the rest reported;
 * layer-ensemble combiners (FSSD, Mahalanobis): fitted on a seeded ``combiner_fraction`` of
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -395,9 +400,13 @@ def run_spec(
     (through ``cache`` when given), then :func:`grid_search`.
 
     The validation OOD sets come from the spec (``val_ood_sets``) unless the datamodule was
-    configured with its own (``val_names_given``); either way they may not be reported.
+    configured with its own (``val_names_given``); either way they may not read a reported
+    sample. With ``info["ckpt_path"]`` (the checkpoint the backbone's weights came from), the
+    Outlier Exposure sets and training split it records are checked as ``test`` checks them,
+    before any feature is computed.
     """
     from lightning_ood.data import parse_ood_spec
+    from lightning_ood.task import recorded_training
 
     spec_val = spec.get("val_ood_sets")
     if spec_val is not None and not val_names_given:  # the grid spec names the validation sets
@@ -426,8 +435,20 @@ def run_spec(
             "(a registry set with its own validation split can be named apart: "
             "{name: <set>_val, kind: <set>})"
         )
+    if hasattr(dm, "check_sample_leaks"):
+        dm.check_sample_leaks()  # the spec's val_ood_sets, by what they read
+    ckpt = (info or {}).get("ckpt_path")
+    record = recorded_training(ckpt) if ckpt else None
+    if record is not None and hasattr(dm, "check_outliers"):
+        trained = [r.get("name") for r in record.outliers]
+        dm.check_outliers(
+            record.outliers, f"checkpoint {ckpt} (trained with Outlier Exposure on {trained})"
+        )
     dm.prepare_data()
     dm.setup("test")
+    if record is not None and hasattr(dm, "check_split"):
+        for note in dm.check_split(record.splits, record.unrecorded, f"checkpoint {ckpt}"):
+            warnings.warn(f"[lightning_ood] {note}", stacklevel=2)
     all_val = dm.val_ood_dataloaders()
     val_loaders = {n: all_val[n] for n in val_names}
     test_loaders = dm.test_dataloader()

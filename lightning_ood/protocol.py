@@ -132,6 +132,82 @@ def _warn_nonfinite(
         )
 
 
+#: A per-set combiner record, as :attr:`Evaluation.combiners` writes it (a layer ensemble's
+#: ``combiner_state()`` as lists): one value per component, scalars, and the fitted flag.
+COMBINER_VECTORS = ("combiner_coef", "combiner_mean", "combiner_scale")
+COMBINER_SCALARS = ("combiner_intercept",)
+COMBINER_FLAG = "combiner_fitted"
+COMBINER_FIELDS = (*COMBINER_VECTORS, *COMBINER_SCALARS, COMBINER_FLAG)
+_COMBINERS_FIX = (
+    "give the ood_results.json that `lightning-ood test` wrote for a run of the same "
+    "layer-ensemble detectors with validation_size > 0, unedited (or drop the fixed combiners "
+    "to fit them on this run's hold-out)"
+)
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_combiner_record(
+    state: Any, num_components: int, source: str, detector: str, ood: str
+) -> None:
+    """Refuse a per-set combiner record that is not exactly what a fitted combiner writes:
+    the :data:`COMBINER_FIELDS`, ``combiner_fitted`` true (false means no combiner was fitted:
+    its score would be the single default layer, not the ensemble), finite numbers,
+    ``num_components`` per vector, positive scales. Messages name ``source`` (the file) and
+    the ``detector``/``ood`` key."""
+    where = f"{source}: combiners[{detector!r}][{ood!r}]"
+    if not isinstance(state, Mapping):
+        raise ValueError(
+            f"{where} must be a mapping of {list(COMBINER_FIELDS)}, got "
+            f"{type(state).__name__}; {_COMBINERS_FIX}"
+        )
+    missing = [k for k in COMBINER_FIELDS if k not in state]
+    unknown = sorted(str(k) for k in set(state) - set(COMBINER_FIELDS))
+    if missing or unknown:
+        wrong = [f"lacks {missing}"] if missing else []
+        wrong += [f"has unknown fields {unknown}"] if unknown else []
+        raise ValueError(
+            f"{where} {' and '.join(wrong)}; a combiner record holds exactly "
+            f"{list(COMBINER_FIELDS)}; {_COMBINERS_FIX}"
+        )
+    if state[COMBINER_FLAG] is not True:
+        why = (
+            "is false: that run fitted no combiner here, and its weights would report the "
+            "single default layer as the ensemble"
+            if state[COMBINER_FLAG] is False
+            else f"must be true, got {state[COMBINER_FLAG]!r}"
+        )
+        raise ValueError(f"{where}.{COMBINER_FLAG} {why}; {_COMBINERS_FIX}")
+    for key in COMBINER_SCALARS:
+        if not _finite_number(state[key]):
+            raise ValueError(
+                f"{where}.{key} must be a finite number, got {state[key]!r}; {_COMBINERS_FIX}"
+            )
+    for key in COMBINER_VECTORS:
+        value = state[key]
+        if not isinstance(value, list | tuple) or not all(_finite_number(v) for v in value):
+            raise ValueError(
+                f"{where}.{key} must be a list of {num_components} finite numbers (one per "
+                f"component), got {value!r}; {_COMBINERS_FIX}"
+            )
+        if len(value) != num_components:
+            what, unit = (
+                ("the combiner", "weights") if key == COMBINER_VECTORS[0] else (key, "values")
+            )
+            raise ValueError(
+                f"{source}: {what} of {detector!r} for {ood!r} has {len(value)} {unit}, but "
+                f"{detector!r} has {num_components} components here; use a run with the same "
+                "taps and members"
+            )
+        if key == "combiner_scale" and not all(v > 0 for v in value):
+            raise ValueError(
+                f"{where}.combiner_scale must be positive (a standard deviation, 1 without "
+                f"standardisation), got {value!r}; {_COMBINERS_FIX}"
+            )
+
+
 def fixed_combiners(
     combiners: Mapping[str, Mapping[str, Mapping[str, Any]]],
     source: str,
@@ -141,14 +217,26 @@ def fixed_combiners(
 ) -> dict[str, dict[str, dict[str, Tensor]]]:
     """Check and convert fixed combiners (an earlier run's ``combiners`` record) before
     anything is evaluated: one per held-out detector (``components``: its number of
-    components) and OOD set, with that many weights, and none for a detector of
-    ``detector_names`` that is not held out (it would be silently unused)."""
+    components) and OOD set, each a complete fitted record (:func:`check_combiner_record`),
+    and none for a detector of ``detector_names`` that is not held out (it would be silently
+    unused). Every error names ``source`` (the file) and the detector/set key."""
+    if not isinstance(combiners, Mapping):
+        raise ValueError(
+            f"{source}: combiners must map detector names to {{OOD set: combiner}}, got "
+            f"{type(combiners).__name__}; {_COMBINERS_FIX}"
+        )
     unused = sorted(set(combiners) & set(detector_names) - set(components))
     if unused:
         raise ValueError(
             f"{source} gives combiners for {unused}, which are not evaluated on a hold-out "
             "here (validation_size 0, or a single component): the combiners would be unused"
         )
+    for d in components:
+        if d in combiners and not isinstance(combiners[d], Mapping):
+            raise ValueError(
+                f"{source}: combiners[{d!r}] must map OOD set names to combiner records, got "
+                f"{type(combiners[d]).__name__}; {_COMBINERS_FIX}"
+            )
     missing = [f"{d}/{o}" for d in components for o in ood_names if o not in combiners.get(d, {})]
     if missing:
         raise ValueError(
@@ -158,17 +246,12 @@ def fixed_combiners(
     out: dict[str, dict[str, dict[str, Tensor]]] = {}
     for d, k in components.items():
         for o in ood_names:
-            state = {  # float64 from JSON: the default float32 would perturb the weights
-                key: torch.as_tensor(v, dtype=torch.bool if isinstance(v, bool) else torch.float64)
-                for key, v in combiners[d][o].items()
+            state = combiners[d][o]
+            check_combiner_record(state, k, source, d, o)
+            out.setdefault(d, {})[o] = {  # float64 from JSON: float32 would perturb the weights
+                key: torch.as_tensor(v, dtype=torch.bool if key == COMBINER_FLAG else torch.float64)
+                for key, v in state.items()
             }
-            n = state["combiner_coef"].numel() if "combiner_coef" in state else -1
-            if n != k:
-                raise ValueError(
-                    f"{source}: the combiner of {d!r} for {o!r} has {n} weights, but {d!r} has "
-                    f"{k} components here; use a run with the same taps and members"
-                )
-            out.setdefault(d, {})[o] = state
     return out
 
 
@@ -303,10 +386,12 @@ def evaluate_detectors(
 
 
 __all__ = [
+    "COMBINER_FIELDS",
     "CONVENTION",
     "COUNT_KEYS",
     "Evaluation",
     "average",
+    "check_combiner_record",
     "check_holdout",
     "evaluate_detectors",
     "evaluate_pair",

@@ -8,18 +8,17 @@ checkpoint and come back with ``load_from_checkpoint``; their config lives in
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_ood import engine
-from lightning_ood.data.base import check_outlier_leak, outlier_record
 from lightning_ood.detectors import Detector, build_detectors
 from lightning_ood.io import CheckpointError, safe_load
 from lightning_ood.models import BackboneOutput, OODBackbone, create_model
@@ -35,15 +34,45 @@ def outlier_exposure_loss(logits: Tensor) -> Tensor:
     return (torch.logsumexp(logits, dim=1) - logits.mean(dim=1)).mean()
 
 
-def recorded_outliers(path: Any) -> list[dict[str, Any]]:
-    """The Outlier Exposure sets a lightning-ood checkpoint's weights were trained with (none
-    for any other weights file), so that fine-tuning or testing from it keeps the refusal."""
+class TrainingRecord(NamedTuple):
+    """What a checkpoint records of the training that made its weights."""
+
+    #: Outlier Exposure sets (:func:`~lightning_ood.data.base.outlier_record` dicts).
+    outliers: list[dict[str, Any]]
+    #: Training splits (:meth:`~lightning_ood.data.OODDataModule.split_record` dicts).
+    splits: list[dict[str, Any]]
+    #: Sources of the weights whose split is not recorded (older checkpoints), for warnings.
+    unrecorded: list[str]
+
+
+def training_record(section: Any, source: str) -> TrainingRecord:
+    """Read a checkpoint's ``lightning_ood`` section (plain data; anything else is skipped);
+    without a ``train_splits`` list, ``source`` is a weights source of unknown split."""
+    meta = section if isinstance(section, Mapping) else {}
+    outliers = [dict(r) for r in meta.get("outliers") or [] if isinstance(r, Mapping)]
+    splits = meta.get("train_splits")
+    unrecorded = [str(u) for u in meta.get("train_splits_unrecorded") or []]
+    if not isinstance(splits, list):
+        return TrainingRecord(outliers, [], [source, *unrecorded])
+    return TrainingRecord(outliers, [dict(r) for r in splits if isinstance(r, Mapping)], unrecorded)
+
+
+def recorded_training(path: Any) -> TrainingRecord:
+    """What a weights file records of the training that made it (:func:`training_record`),
+    so that fine-tuning, testing or tuning from it keeps the refusals; a file that does not
+    load records nothing."""
     try:
         ckpt = safe_load(path, map_location="cpu")
     except (CheckpointError, OSError):
-        return []  # not ours to judge: the backbone loaded (or refused) the file already
-    meta = ckpt.get("lightning_ood") if isinstance(ckpt, Mapping) else None
-    return [dict(r) for r in (meta or {}).get("outliers") or []]
+        return TrainingRecord([], [], [])  # not ours to judge: the backbone loaded it already
+    section = ckpt.get("lightning_ood") if isinstance(ckpt, Mapping) else None
+    return training_record(section, f"the weights {path}")
+
+
+def recorded_outliers(path: Any) -> list[dict[str, Any]]:
+    """The Outlier Exposure sets a lightning-ood checkpoint's weights were trained with (none
+    for any other weights file)."""
+    return recorded_training(path).outliers
 
 
 def _default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -99,9 +128,17 @@ class ClassificationTask(LightningModule):
         #: Outlier Exposure sets the weights were trained with (``outlier_record`` dicts),
         #: kept in every checkpoint: they may never be reported OOD sets of this model.
         self.trained_outliers: list[dict[str, Any]] = []
+        #: The training splits the weights were trained with (``split_record`` dicts), kept in
+        #: every checkpoint: no later run may hold out (calibrate, tune on) an image in them.
+        self.trained_splits: list[dict[str, Any]] = []
+        #: Where the weights came from without such a record (older checkpoints): warned about.
+        self.unrecorded_splits: list[str] = []
+        self._split_notes: set[str] = set()
         weights = (model_kwargs or {}).get("weights")
         if weights is not None:
-            self.trained_outliers = recorded_outliers(weights)
+            record = recorded_training(weights)
+            self.trained_outliers = record.outliers
+            self.trained_splits, self.unrecorded_splits = record.splits, record.unrecorded
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -232,20 +269,36 @@ class ClassificationTask(LightningModule):
                     "(e.g. model_kwargs.in_channels)"
                 )
             self.data_meta = meta
-            spec = getattr(dm, "outlier_spec", None)
-            if stage == "fit" and spec is not None:
-                rec = outlier_record(spec)
-                if rec not in self.trained_outliers:
-                    self.trained_outliers.append(rec)
+            record = dm.outlier_record() if hasattr(dm, "outlier_record") else None
+            if stage == "fit" and record is not None and record not in self.trained_outliers:
+                self.trained_outliers.append(record)
             self._check_outlier_leak(dm)
+            weights = (self.hparams.get("model_kwargs") or {}).get("weights")
+            self._check_split(dm, stage, "the network" + (f" ({weights})" if weights else ""))
+            if stage == "fit" and hasattr(dm, "split_record"):
+                split = dm.split_record()
+                if split not in self.trained_splits:
+                    self.trained_splits.append(split)
 
     def _check_outlier_leak(self, dm: Any) -> None:
-        """A reported OOD set of ``dm`` that the weights saw as OE outliers is refused."""
-        specs = getattr(dm, "ood_specs", None)
-        if self.trained_outliers and specs:
-            names = [r["name"] for r in self.trained_outliers]
-            where = f"model trained with Outlier Exposure on {names}"
-            check_outlier_leak(self.trained_outliers, list(specs), where)
+        """A reported or tuning OOD set of ``dm`` that reads samples the weights saw as OE
+        outliers is refused (compared by what is read, not by name)."""
+        if self.trained_outliers and hasattr(dm, "check_outliers"):
+            names = [r.get("name") for r in self.trained_outliers]
+            dm.check_outliers(
+                self.trained_outliers, f"model trained with Outlier Exposure on {names}"
+            )
+
+    def _check_split(self, dm: Any, stage: Any, where: str) -> None:
+        """Refuse a datamodule whose held-out ID validation data (calibration, tuning) holds
+        training images the weights were trained on; warn where the weights record no split.
+        Prediction reads no validation data."""
+        if dm is None or not hasattr(dm, "check_split") or stage == "predict":
+            return
+        for note in dm.check_split(self.trained_splits, self.unrecorded_splits, where):
+            if note not in self._split_notes:
+                self._split_notes.add(note)
+                rank_zero_warn(f"[lightning_ood] {note}")
 
     # -- checkpoint plumbing ----------------------------------------------------------------
     def _check_compatible(self, checkpoint: Mapping[str, Any]) -> None:
@@ -283,6 +336,9 @@ class ClassificationTask(LightningModule):
         checkpoint["lightning_ood"] = {"format": 1, "data": self.data_meta}
         if self.trained_outliers:
             checkpoint["lightning_ood"]["outliers"] = [dict(r) for r in self.trained_outliers]
+        checkpoint["lightning_ood"]["train_splits"] = [dict(r) for r in self.trained_splits]
+        if self.unrecorded_splits:
+            checkpoint["lightning_ood"]["train_splits_unrecorded"] = list(self.unrecorded_splits)
         checkpoint["rng_states"] = self._gather_rng_states()
 
     def _gather_rng_states(self) -> dict[str, Any]:
@@ -328,11 +384,19 @@ class ClassificationTask(LightningModule):
         if stored.get("data") and not self.data_meta:
             self.data_meta = dict(stored["data"])
         self._rng_to_restore = checkpoint.get("rng_states")
-        for rec in stored.get("outliers") or []:
-            if rec not in self.trained_outliers:
-                self.trained_outliers.append(dict(rec))
+        path = self.trainer.ckpt_path if self._trainer is not None else None
+        source = f"the checkpoint {path}" if path else "the checkpoint"
+        record = training_record(stored, source)
+        for mine, theirs in (
+            (self.trained_outliers, record.outliers),
+            (self.trained_splits, record.splits),
+            (self.unrecorded_splits, record.unrecorded),
+        ):
+            mine.extend(r for r in theirs if r not in mine)
         if self._trainer is not None:
-            self._check_outlier_leak(getattr(self.trainer, "datamodule", None))
+            dm = getattr(self.trainer, "datamodule", None)
+            self._check_outlier_leak(dm)
+            self._check_split(dm, self.trainer.state.fn, f"the network of {source}")
         stored_cfg = (checkpoint.get("hyper_parameters") or {}).get("detectors") or {}
         reconcile_detector_state(
             checkpoint["state_dict"],

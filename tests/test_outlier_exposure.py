@@ -112,7 +112,10 @@ def test_a_checkpoint_trained_with_kmnist_outliers_refuses_kmnist_as_test_set(
     ckpt = tmp_path / "oe.ckpt"
     trainer.save_checkpoint(ckpt)
     record = torch.load(ckpt, weights_only=True)["lightning_ood"]["outliers"]
-    assert record == [{"name": "kmnist", "kind": "kmnist", "path": None}]
+    assert [{k: r[k] for k in ("name", "kind", "path")} for r in record] == [
+        {"name": "kmnist", "kind": "kmnist", "path": None}
+    ]
+    assert ["default", "KMNIST/raw", ""] in record[0]["samples"]["places"]  # what it read
     test_dm = FashionMNISTDataModule(
         root=root, test_every=500, ood_every=500, num_workers=0, ood_sets=["mnist", "kmnist"]
     )

@@ -307,14 +307,32 @@ class OODEvaluation(Callback):
                 f"combiners_from={path!r} does not exist; give the ood_results.json of the run "
                 "whose combiners to reuse (e.g. the same model's run on clean data)"
             )
+        fix = (
+            "give the ood_results.json that `lightning-ood test` wrote for the run whose "
+            "combiners to reuse, unedited"
+        )
         try:
             record = json.loads(file.read_text())
-            combiners, held = record["combiners"], record["validation"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"combiners_from={path!r} is not JSON ({err}); {fix}") from err
+        combiners = record.get("combiners") if isinstance(record, dict) else None
+        held = record.get("validation") if isinstance(record, dict) else None
+        if not isinstance(combiners, dict) or not isinstance(held, dict):
             raise ValueError(
                 f"combiners_from={path!r} is not an ood_results.json of lightning-ood test "
-                f"(no 'combiners'/'validation' record: {err})"
-            ) from err
+                "(it needs a 'combiners' and a 'validation' mapping); " + fix
+            )
+        for key, kind in (("held_out_per_set", "an integer >= 0"), ("seed", "an integer")):
+            value = held.get(key)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or (key != "seed" and value < 0)
+            ):
+                raise ValueError(
+                    f"combiners_from={path!r}: validation.{key} must be {kind}, got {value!r}; "
+                    + fix
+                )
         ours = (self.validation_size, self.validation_seed)
         theirs = (held.get("held_out_per_set"), held.get("seed"))
         if not theirs[0]:
@@ -474,10 +492,12 @@ class OODEvaluation(Callback):
                 "tune needs validation OOD sets that are never reported: set "
                 "`data.init_args.val_ood_sets` (e.g. [kmnist])"
             )
-        reported = set(self._test_set_names(trainer))
-        leaked = sorted(set(val_ood) & reported)
-        if leaked:
-            raise ValueError(f"tune: validation OOD sets {leaked} are also reported test sets")
+        if hasattr(dm, "check_sample_leaks"):
+            dm.check_sample_leaks()  # by what the sets read, whatever they are named
+        else:  # a datamodule without entries: its names are all there is to compare
+            leaked = sorted(set(val_ood) & set(self._test_set_names(trainer)))
+            if leaked:
+                raise ValueError(f"tune: validation OOD sets {leaked} are also reported test sets")
         dets = dict(pl_module.detectors.items())
         wanted = self.tune["detectors"]
         auto = wanted is None  # every declared search space: skip what this backbone rules out

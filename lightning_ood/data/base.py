@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePath
 from typing import Any, ClassVar, Literal
 
 from lightning.pytorch import LightningDataModule
@@ -33,6 +35,7 @@ from lightning_ood.data.ood_sets import (
     build_ood_dataset,
     download_ood_set,
     id_test_view,
+    ood_location,
     parse_ood_spec,
     parse_ood_specs,
 )
@@ -50,25 +53,176 @@ from lightning_ood.splits import seeded_parts
 OODEntry = str | dict[str, Any]
 
 
-def outlier_record(spec: OODSpec) -> dict[str, Any]:
-    """What a checkpoint records of an Outlier Exposure set (primitives only)."""
+#: A place samples are read from: ``(scope, where, reader)`` (see :class:`SampleIdentity`).
+Place = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class SampleIdentity:
+    """Which samples an OOD set reads, whatever its entry is called: two names for one set of
+    files are one identity, so no check may compare names.
+
+    Attributes:
+        places: where the samples come from, as ``(scope, where, reader)``: scope ``"path"``
+            with the real path of the set's location (symlinks and ``..`` resolved), and for a
+            set read from its registered default location also scope ``"default"`` with that
+            location relative to the data root (the same files under any root, e.g. in a
+            checkpoint written on another machine). ``reader`` is the registry kind for kinds
+            that read a fixed part of a root folder (CIFAR under the data root), else ``""``.
+        every: the slice step (every n-th sample in file order).
+        offset: the slice's first sample.
+        half: ``(split_seed, part)`` of a ``corrupted`` set (its seeded half of the base),
+            else None. A corruption does not change which samples are read: a corrupted copy
+            of a set is the same samples.
+    """
+
+    places: frozenset[Place]
+    every: int = 1
+    offset: int = 0
+    half: tuple[int, int] | None = None
+
+    @property
+    def location(self) -> str:
+        """The real path the samples are read from (for messages)."""
+        return next((where for scope, where, _ in sorted(self.places) if scope == "path"), "?")
+
+    def shares_samples(self, other: SampleIdentity) -> bool:
+        """Whether the two read at least one common sample: a common place (a folder holds
+        every file below it: image folders are read recursively) and slices that meet."""
+        if not any(_same_files(p, q) for p in self.places for q in other.places):
+            return False
+        if self.half is not None or other.half is not None:
+            # Seeded halves: only the two halves of one split are known to be disjoint.
+            a, b = self.half, other.half
+            return not (a is not None and b is not None and a[0] == b[0] and a[1] != b[1])
+        # offset + k * every meet iff the offsets agree modulo the gcd of the steps
+        return (self.offset - other.offset) % math.gcd(self.every, other.every) == 0
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain data (lists, strings, numbers) for a checkpoint."""
+        return {
+            "places": [list(p) for p in sorted(self.places)],
+            "every": self.every,
+            "offset": self.offset,
+            "half": None if self.half is None else list(self.half),
+        }
+
+    @classmethod
+    def from_record(cls, record: Any) -> SampleIdentity | None:
+        """The identity :meth:`to_record` wrote; None for anything else (an older record)."""
+        try:
+            places = frozenset((str(s), str(w), str(r)) for s, w, r in record["places"])
+            half = record.get("half")
+            return cls(
+                places,
+                int(record["every"]),
+                int(record.get("offset", 0)),
+                None if half is None else (int(half[0]), int(half[1])),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+
+
+def _same_files(p: Place, q: Place) -> bool:
+    (scope, where, reader), (scope2, where2, reader2) = p, q
+    if scope != scope2:
+        return False
+    if scope == "default":
+        return where == where2 and reader == reader2
+    if where == where2:
+        return reader == reader2 or not reader or not reader2
+    inner, outer = PurePath(where), PurePath(where2)
+    return (not reader2 and inner.is_relative_to(outer)) or (
+        not reader and outer.is_relative_to(inner)
+    )
+
+
+def sample_identity(
+    spec: OODSpec, root: Path, split: Literal["test", "val"] = "test", every: int = 1
+) -> SampleIdentity:
+    """What ``spec`` reads under the data ``root`` as the ``split`` variant, with the
+    datamodule's default slice step ``every`` (the entry's own wins); reads no file.
+
+    A ``corrupted`` set is its base set's samples (its seeded half of them); a registered kind
+    given another ``path`` is the files at that path, whatever it is named.
+    """
+    kind, half = spec.kind, None
+    if kind == "corrupted":
+        kind = str(spec.options["base"])
+        half = (int(spec.options.get("split_seed", 0)), 1)  # corruption_halves()[1]
+        info = OOD_SETS[kind]
+        sub = info.subpath or ""
+        location = (spec.path if spec.path is not None else root) / sub
+    else:
+        info = OOD_SETS[kind]
+        location = ood_location(spec, root, split)
+        sub = (info.val_subpath if split == "val" and info.val_subpath else info.subpath) or ""
+    reader = kind if info.subpath == "" else ""
+    places = {("path", os.path.realpath(location), reader)}
+    if spec.path is None:
+        places.add(("default", sub, reader))
+    return SampleIdentity(frozenset(places), spec.every or every, 0, half)
+
+
+def outlier_record(spec: OODSpec, root: Path) -> dict[str, Any]:
+    """What a checkpoint records of an Outlier Exposure set (plain data): the entry, and which
+    samples it is (:meth:`SampleIdentity.to_record`), so that no later run reports or tunes
+    on them under another name or path."""
     path = None if spec.path is None else str(spec.path)
-    return {"name": spec.name, "kind": spec.kind, "path": path}
+    identity = sample_identity(spec, root)
+    return {"name": spec.name, "kind": spec.kind, "path": path, "samples": identity.to_record()}
 
 
-def check_outlier_leak(outliers: list[dict[str, Any]], reported: list[OODSpec], where: str) -> None:
-    """Refuse reporting an OOD set that a model saw as Outlier Exposure outliers in training
-    (same name, or the same samples: same kind and location): its scores would be leaked."""
+def recorded_identity(record: Mapping[str, Any], root: Path) -> SampleIdentity | None:
+    """The samples an :func:`outlier_record` names; for a record written before identities
+    were stored (name, kind and path only) those of that entry under ``root``; None when
+    neither can be known (then only its name can be compared)."""
+    identity = SampleIdentity.from_record(record.get("samples"))
+    if identity is not None:
+        return identity
+    entry = {"name": record.get("name"), "kind": record.get("kind")}
+    if record.get("path"):
+        entry["path"] = record["path"]
+    try:
+        return sample_identity(parse_ood_spec(entry), root)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+#: ``(label naming the entry, entry name, its samples)``, as :meth:`OODDataModule.leak_entries`.
+Entry = tuple[str, str, SampleIdentity]
+
+
+def check_outlier_leak(
+    outliers: Sequence[Mapping[str, Any]], entries: Sequence[Entry], where: str, root: Path
+) -> None:
+    """Refuse any reported or tuning entry that reads a sample a model saw as Outlier
+    Exposure outliers in training (compared by :class:`SampleIdentity`, not by name): its
+    scores would be leaked."""
     for rec in outliers:
-        for spec in reported:
-            path = None if spec.path is None else str(spec.path)
-            if spec.name == rec["name"] or (spec.kind == rec["kind"] and path == rec["path"]):
+        identity = recorded_identity(rec, root)
+        for label, name, other in entries:
+            same = other.shares_samples(identity) if identity else name == rec.get("name")
+            if same:
+                where_oe = f" at {identity.location}" if identity else ""
                 raise ValueError(
-                    f"{where}: OOD set {spec.name!r} (kind {spec.kind!r}) is reported, but "
-                    f"{rec['name']!r} (kind {rec['kind']!r}) is the Outlier Exposure set the "
-                    "model is trained with; a set seen in training must never be a reported "
-                    "OOD set: drop it from ood_sets or train with another outlier_set"
+                    f"{where}: {label} reads samples of {rec.get('name')!r} (kind "
+                    f"{rec.get('kind')!r}{where_oe}), the Outlier Exposure set the model is "
+                    "trained with (a corrupted copy or another name or path is still the same "
+                    "samples); a set seen in training must never be a reported OOD set nor a "
+                    f"tuning set: drop {name!r} from {label.split()[0]}, or train with "
+                    "another outlier_set"
                 )
+
+
+def trained_indices(train_size: int, val_size: int, val_seed: int, train_every: int) -> set[int]:
+    """The training images a run with this split trained on (:meth:`OODDataModule._split`,
+    then every ``train_every``-th)."""
+    if val_size == 0:
+        rest: Sequence[int] = range(train_size)
+    else:
+        rest = sorted(seeded_parts(train_size, [val_size], val_seed)[1].tolist())
+    return set(rest[::train_every])
 
 
 class OODDataModule(LightningDataModule):
@@ -169,13 +323,15 @@ class OODDataModule(LightningDataModule):
         if outlier_batch_size is not None and outlier_batch_size < 1:
             raise ValueError(f"outlier_batch_size must be >= 1, got {outlier_batch_size}")
         self.outlier_batch_size = outlier_batch_size or batch_size
-        if self.outlier_spec is not None:
-            if self.id_name in (self.outlier_spec.name, self.outlier_spec.kind):
-                raise ValueError(
-                    f"outlier_set {self.outlier_spec.name!r} is the in-distribution set of "
-                    f"{type(self).__name__}; Outlier Exposure needs an auxiliary OOD set"
-                )
-            check_outlier_leak([outlier_record(self.outlier_spec)], self.ood_specs, "outlier_set")
+        if self.outlier_spec is not None and self.id_name in (
+            self.outlier_spec.name,
+            self.outlier_spec.kind,
+        ):
+            raise ValueError(
+                f"outlier_set {self.outlier_spec.name!r} is the in-distribution set of "
+                f"{type(self).__name__}; Outlier Exposure needs an auxiliary OOD set"
+            )
+        self.check_sample_leaks()
         self._outliers: Dataset | None = None
         self._resolved: tuple[Path, bool] | None = None
         self._sets: dict[str, Dataset] | None = None
@@ -183,6 +339,8 @@ class OODDataModule(LightningDataModule):
         self._val_ood: dict[str, Dataset] = {}
         self._data_version: str | None = None
         self._class_names: list[str] | None = None
+        self._train_size: int | None = None
+        self._held_out: list[int] = []
 
     # -- what subclasses provide ------------------------------------------------------------
     @property
@@ -252,18 +410,59 @@ class OODDataModule(LightningDataModule):
                     f"{label} contains {self.id_name!r}, the in-distribution set of "
                     f"{type(self).__name__}; name an OOD set that differs from the ID data"
                 )
-        test = {s.name: s for s in self.ood_specs}
-        for spec in self.val_ood_specs:
-            other = test.get(spec.name)
-            if other is None:
-                continue
-            separate = OOD_SETS[spec.kind].val_subpath is not None and spec.path is None
-            if not separate and other.kind == spec.kind and other.path == spec.path:
-                raise ValueError(
-                    f"OOD set {spec.name!r} is both reported (ood_sets) and used for tuning "
-                    "(val_ood_sets) with the same samples; tune on a different set or give "
-                    "the validation entry its own path"
-                )
+
+    def _leak_root(self) -> Path:
+        """The data root the entries resolve against (not cached: nothing is read yet)."""
+        return resolve_root(self.root, self.download)[0]
+
+    def _entries(self, label: str, split: Literal["test", "val"]) -> list[Entry]:
+        specs = self.ood_specs if split == "test" else self.val_ood_specs
+        root = self._leak_root()
+        out: list[Entry] = []
+        for spec in specs:
+            ident = sample_identity(spec, root, split, self.ood_every)
+            out.append(
+                (f"{label} entry {spec.name!r} ({spec.kind}, {ident.location})", spec.name, ident)
+            )
+        return out
+
+    def leak_entries(self) -> list[Entry]:
+        """Every reported (``ood_sets``) and tuning (``val_ood_sets``) entry with the samples
+        it reads (:func:`sample_identity`), for the leak checks."""
+        return [*self._entries("ood_sets", "test"), *self._entries("val_ood_sets", "val")]
+
+    def check_sample_leaks(self) -> None:
+        """Refuse a tuning set, or the Outlier Exposure set, that reads any sample of a
+        reported set; compared by what is read (kind, location, split, slice), never by
+        name. Reads no file."""
+        reported = self._entries("ood_sets", "test")
+        tuning = self._entries("val_ood_sets", "val")
+        for v_label, v_name, v_ident in tuning:
+            for r_label, _, r_ident in reported:
+                if v_ident.shares_samples(r_ident):
+                    raise ValueError(
+                        f"{v_label} and {r_label} read the same samples, which would be both "
+                        "reported (ood_sets) and used for tuning (val_ood_sets): tuning would "
+                        "select on reported samples while the results say they were never "
+                        "reported. Validate on another set (e.g. val_ood_sets: [kmnist]) or "
+                        f"on other files ({{name: {v_name}, kind: folder, path: <a folder "
+                        "no reported set reads>})"
+                    )
+        record = self.outlier_record()
+        if record is not None:
+            check_outlier_leak([record], [*reported, *tuning], "outlier_set", self._leak_root())
+
+    def outlier_record(self) -> dict[str, Any] | None:
+        """The checkpoint record of this datamodule's ``outlier_set`` (None without one)."""
+        if self.outlier_spec is None:
+            return None
+        return outlier_record(self.outlier_spec, self._leak_root())
+
+    def check_outliers(self, outliers: Sequence[Mapping[str, Any]], where: str) -> None:
+        """Refuse reporting or tuning on samples a model saw as Outlier Exposure outliers
+        (``outliers``: :func:`outlier_record` dicts, e.g. from a checkpoint)."""
+        if outliers:
+            check_outlier_leak(outliers, self.leak_entries(), where, self._leak_root())
 
     @property
     def test_set_names(self) -> list[str]:
@@ -329,6 +528,8 @@ class OODDataModule(LightningDataModule):
         if isinstance(classes, list | tuple) and len(classes) == self.num_classes:
             self._class_names = [str(c) for c in classes]
         train_idx, val_idx = self._split(len(raw["train"]))  # type: ignore[arg-type]
+        self._train_size = len(raw["train"])  # type: ignore[arg-type]
+        self._held_out = val_idx[:: self.test_every]
         train_idx = train_idx[:: self.train_every]
         eval_tf = self._eval_transform()
         if self.test_corruption is not None:
@@ -386,6 +587,87 @@ class OODDataModule(LightningDataModule):
             n, [self.val_size], self.val_seed, what=f"{self.display_name} training set"
         )
         return sorted(rest.tolist()), sorted(held.tolist())
+
+    # -- the training split a checkpoint records ----------------------------------------------
+    def split_record(self) -> dict[str, Any]:
+        """Which training images this run trains on (plain data, for the checkpoint): of the
+        ``train_size`` images of ``id_set``, the first ``val_size`` of the seeded permutation
+        ``val_seed`` are held out, every ``train_every``-th of the rest is trained on."""
+        self._ready()
+        return {
+            "id_set": self.id_name,
+            "train_size": self._train_size,
+            "val_size": self.val_size,
+            "val_seed": self.val_seed,
+            "train_every": self.train_every,
+        }
+
+    def check_split(
+        self, records: Sequence[Mapping[str, Any]], unrecorded: Sequence[str], where: str
+    ) -> list[str]:
+        """Refuse a hold-out (the ID validation data: thresholds, tuning, validation) holding
+        training images a network was trained on.
+
+        Args:
+            records: :meth:`split_record` dicts of the runs that trained the weights.
+            unrecorded: the weights' sources that recorded no split (older checkpoints).
+            where: the weights, for messages.
+
+        Returns:
+            Warnings: a source whose split is unknown, or a record of another copy of the data
+            (another training-set size), cannot be checked.
+
+        Raises:
+            ValueError: a held-out image was trained on; names both splits and the fix.
+        """
+        self._ready()
+        held = self._held_out
+        if not held:  # val_size 0: the ID test split validates, no training image
+            return []
+        mine = f"val_size={self.val_size}, val_seed={self.val_seed}"
+        notes = [
+            f"{source} records no training split (written before lightning-ood recorded it), "
+            f"so this run cannot check that its {len(held)} held-out training images "
+            f"(data.init_args.{mine}), which calibrate the thresholds and tune, were not "
+            "trained on; if the network was trained with another val_size/val_seed, pass those"
+            for source in unrecorded
+        ]
+        for rec in records:
+            if not isinstance(rec, Mapping) or rec.get("id_set") != self.id_name:
+                continue  # trained on another ID set: none of these images
+            try:
+                n, k, seed = int(rec["train_size"]), int(rec["val_size"]), int(rec["val_seed"])
+                every = int(rec.get("train_every", 1))
+            except (KeyError, TypeError, ValueError):
+                k = n = every = -1
+            if not (0 <= k < n and every >= 1):
+                notes.append(f"{where}: unreadable training-split record {rec!r}; not checked")
+                continue
+            if n != self._train_size:
+                notes.append(
+                    f"{where} was trained on {n} {self.display_name} training images, this run "
+                    f"reads {self._train_size}: another copy of the data, whose held-out "
+                    "images cannot be checked against the trained ones"
+                )
+                continue
+            seen = trained_indices(n, k, seed, every)
+            overlap = sum(1 for i in held if i in seen)
+            if overlap:
+                hint = (
+                    " (val_size 0 holds nothing out: thresholds are then calibrated on the ID "
+                    "test split; to tune, train again with val_size > 0)"
+                    if k == 0
+                    else ""
+                )
+                raise ValueError(
+                    f"{where} was trained with data.init_args.val_size={k}, val_seed={seed} "
+                    f"(train_every={every}: {len(seen)} of the {n} {self.display_name} training "
+                    f"images), but this run holds out {mine} to calibrate thresholds, tune and "
+                    f"validate: {overlap} of its {len(held)} held-out images were trained on. "
+                    f"Use the training split: --data.init_args.val_size {k} "
+                    f"--data.init_args.val_seed {seed}{hint}"
+                )
+        return notes
 
     def _ready(self) -> dict[str, Dataset]:
         if self._sets is None:

@@ -20,7 +20,10 @@ from lightning_ood.detectors import ReAct
 from lightning_ood.io import safe_load
 from lightning_ood.state import build_from_checkpoint
 
-DATA = {"test_every": 20, "ood_every": 20, "val_size": 400, "ood_sets": ["mnist"]}
+# The session network trained on every 6th training image with val_size 0, so a hold-out may
+# only hold images it never saw: val_seed 53's 20 held-out images (every 20th of 400) are none
+# of them (any other split is refused: item 15 of issue 21).
+DATA = {"test_every": 20, "ood_every": 20, "val_size": 400, "val_seed": 53, "ood_sets": ["mnist"]}
 
 
 def test_tune_selects_on_validation_data_and_stores_the_choice(

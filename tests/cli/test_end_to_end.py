@@ -59,6 +59,9 @@ def run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path, lenet_fitte
                         "train_every": 6,  # 10,000 training images (as lenet_fitted)
                         "test_every": 10,  # 1,000 ID test images
                         "ood_every": 10,  # 1,000 MNIST test images
+                        # lenet_fitted trained with val_size 0: the demo's 2,000 held-out
+                        # images would be trained-on images (refused)
+                        "val_size": 0,
                         "num_workers": 0,
                     }
                 },

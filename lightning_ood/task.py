@@ -7,7 +7,9 @@ checkpoint and come back with ``load_from_checkpoint``; their config lives in
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import io
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -21,8 +23,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_ood import engine
 from lightning_ood.detectors import Detector, build_detectors
 from lightning_ood.io import CheckpointError, safe_load
-from lightning_ood.models import BackboneOutput, OODBackbone, create_model
-from lightning_ood.state import reconcile_detector_state
+from lightning_ood.models import BackboneOutput, OODBackbone, create_model, trust
+from lightning_ood.state import checkpoint_task_args, reconcile_detector_state
 
 DetectorSpecs = Mapping[str, Mapping[str, Any] | None]
 
@@ -142,6 +144,46 @@ class ClassificationTask(LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | os.PathLike[str],
+        map_location: Any = None,
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        *,
+        allow_modules: Sequence[str] = (),
+        **kwargs: Any,
+    ) -> ClassificationTask:
+        """Lightning's ``load_from_checkpoint``, with the checkpoint read as data.
+
+        Lightning would pass every stored hyperparameter to ``__init__``; here only the task
+        arguments that :func:`~lightning_ood.state.checkpoint_task_args` admits are (plain
+        values, a registered architecture, a ``wrap`` class only if listed in
+        ``allow_modules``), so the file cannot make this call import or unpickle anything.
+        ``kwargs`` override them, as in Lightning.
+        """
+        if hparams_file is not None:
+            raise ValueError(
+                "ClassificationTask.load_from_checkpoint: hparams_file is not supported: the "
+                "checkpoint records its own task arguments; pass overrides as keyword arguments"
+            )
+        source = str(checkpoint_path)
+        ckpt = safe_load(checkpoint_path, map_location="cpu")
+        with trust.allow_modules(allow_modules):
+            args = checkpoint_task_args(ckpt.get("hyper_parameters"), source)
+            if not args:
+                raise ValueError(
+                    f"{source} is not a lightning-ood checkpoint (no hyper_parameters with a "
+                    "model); bare backbone weights go to model_kwargs.weights"
+                )
+            buffer = io.BytesIO()
+            torch.save({**ckpt, "hyper_parameters": args}, buffer)
+            buffer.seek(0)
+            return super().load_from_checkpoint(
+                buffer, map_location=map_location, strict=strict, weights_only=True, **kwargs
+            )
 
     # -- detectors ------------------------------------------------------------------------
     def set_detectors(self, specs: DetectorSpecs) -> None:

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._record import Recorder  # noqa: E402
-from benchmarks._runs import run_test  # noqa: E402
+from benchmarks._runs import paper_metrics, run_test  # noqa: E402
 from lightning_ood import report  # noqa: E402
 from lightning_ood.data.corruptions import CORRUPTIONS  # noqa: E402
 
@@ -144,7 +144,7 @@ def pooled_summary(per_run: list[dict[str, Any]]) -> dict[str, dict[str, dict[st
     seed's sets renamed ``<base>@<k>/<type>/<severity>``, so types x seeds are pooled)."""
     merged: dict[str, dict[str, dict[str, float]]] = {}
     for k, r in enumerate(per_run):
-        for det, per_set in r["metrics"].items():
+        for det, per_set in paper_metrics(r["metrics"]).items():  # the papers' per-set rows
             for name, vals in per_set.items():
                 parsed = report.severity_of(name)
                 if parsed is not None:

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._record import Recorder  # noqa: E402
-from benchmarks._runs import epoch_defaults, run_test  # noqa: E402
+from benchmarks._runs import epoch_defaults, paper_metrics, run_test  # noqa: E402
 from benchmarks.fssd_table2 import (  # noqa: E402
     METRICS,
     TAPS_FSSD,
@@ -95,7 +95,8 @@ def main() -> None:
         ]
         for det, label in VARIANTS.items():
             runs = results.values()
-            cells = [mean_std([r["metrics"][det][ood][m] for r in runs]) for m in METRICS]
+            rows = [paper_metrics(r["metrics"]) for r in runs]  # the papers' per-set rows
+            cells = [mean_std([r[det][ood][m] for r in rows]) for m in METRICS]
             md.append(f"| {det} | {label} | " + " | ".join(cells) + " |")
     rec.write({"seeds": ns.seeds, "networks": ns.networks, "runs": results}, "\n".join(md))
 

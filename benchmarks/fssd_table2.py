@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._record import Recorder  # noqa: E402
-from benchmarks._runs import epoch_defaults, run_test  # noqa: E402
+from benchmarks._runs import epoch_defaults, paper_metrics, run_test  # noqa: E402
 
 TAPS_MAHA = ["conv1", "conv2", "fc1"]
 TAPS_FSSD = ["conv1", "conv2", "fc1", "logits"]
@@ -135,9 +135,8 @@ def main() -> None:
         results["oe"][s] = run_test(f"oe_seed{s}", cfg, out, oe_ckpt[s], prefix="table2")
 
     def cell(run: str, det: str, ood: str, metric: str) -> str:
-        vals = [
-            r["metrics"][det][ood][metric] for r in results[run].values() if det in r["metrics"]
-        ]
+        rows = [paper_metrics(r["metrics"]) for r in results[run].values()]  # papers' rows
+        vals = [m[det][ood][metric] for m in rows if det in m]
         return mean_std(vals) if vals else ""
 
     md: list[str] = []

@@ -367,8 +367,43 @@ def score_loader(
 # -- shipped layer-ensemble combiners ------------------------------------------------------------
 #: ``method`` of a combiner fitted on ID validation + validation OOD samples.
 COMBINER_LOGISTIC = "logistic"
-#: ``method`` of the OOD-free fallback (LayerEnsembleDetector.fit_id_only_combiner).
+#: ``method`` of a combiner fitted on ID validation vs FGSM-perturbed ID validation samples
+#: (proxy outliers, no OOD data: Lee et al. 2018's validation for the feature ensemble).
+COMBINER_FGSM_PROXY = "logistic_fgsm_proxy"
+#: ``method`` of the last-resort OOD-free fallback (LayerEnsembleDetector.fit_id_only_combiner)
+#: for inputs without gradients (token models).
 COMBINER_ID_ONLY = "id_zscore_mean"
+#: FGSM step of the proxy outliers, in pixel units ([0, 1] images): one value, set a priori
+#: (not tuned on any test set); benchmarks/results/shipped_combiners.md measures it.
+FGSM_PROXY_EPS = 0.05
+
+
+def fgsm_batches(
+    backbone: OODBackbone,
+    loader: Iterable[Any],
+    eps: float = FGSM_PROXY_EPS,
+    input_std: Sequence[float] | float | None = None,
+) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """``loader``'s images moved one FGSM step away from the class the network predicts:
+    ``x + eps / std * sign(grad_x CE(f(x), argmax f(x)))`` (normalised inputs; ``input_std`` is
+    the dataset's per-channel std, so ``eps`` is in pixel units). They serve as proxy outliers
+    where no OOD data may be used (Lee et al. 2018, Sec. 3: validation on adversarial samples).
+    """
+    device = module_device(backbone)
+    with eval_mode(backbone):
+        for batch in loader:
+            x, y = split_batch(batch)
+            x = x.to(device)
+            if not x.is_floating_point():
+                raise ValueError("FGSM proxy outliers need float image inputs")
+            std = torch.as_tensor(1.0 if input_std is None else input_std, dtype=x.dtype)
+            std = std.to(device).reshape(1, -1, *([1] * (x.ndim - 2)))
+            with torch.inference_mode(False), torch.enable_grad():
+                xg = x.detach().clone().requires_grad_(True)
+                logits = backbone(xg)
+                loss = torch.nn.functional.cross_entropy(logits, logits.argmax(1), reduction="sum")
+                (grad,) = torch.autograd.grad(loss, xg)
+            yield (x + eps / std * grad.sign()).detach(), y
 
 
 def ships_combiner(det: Detector, components: Tensor) -> bool:
@@ -381,14 +416,18 @@ def deploy_combiners(
     detectors: Mapping[str, Detector],
     id_components: Mapping[str, Tensor],
     ood_components: Mapping[str, Tensor] | None = None,
+    proxy_components: Mapping[str, Tensor] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Fit the combiner each multi-component layer ensemble ships with, from data that exists
-    before deployment only: ID validation components (N, K) and, when given, validation OOD
-    components (M, K), never a reported test set.
+    before deployment only: ID validation components (N, K) and validation OOD components
+    (M, K) when given, never a reported test set.
 
-    With OOD components the detector's logistic regression is fitted (ID = 1, OOD = 0, as the
-    FSSD/Mahalanobis references do per test set); without, the OOD-free fallback
+    In order of preference: the detector's logistic regression on ID vs validation OOD (as
+    the FSSD/Mahalanobis references fit it per test set); on ID vs ``proxy_components``
+    (FGSM-perturbed ID validation samples, :func:`fgsm_batches`) when there is no OOD data;
+    else the ID-only z-score mean
     (:meth:`~lightning_ood.detectors.layer_ensemble.LayerEnsembleDetector.fit_id_only_combiner`).
+    ``docs/methods.md#layer-ensembles-what-ships`` gives the evidence for that order.
     Returns ``{name: {"method", "n_id", "n_ood"}}`` for the detectors it fitted.
     """
     fitted: dict[str, dict[str, Any]] = {}
@@ -397,9 +436,13 @@ def deploy_combiners(
         if not ships_combiner(det, cid):
             continue
         cood = None if ood_components is None else ood_components.get(name)
+        proxy = None if proxy_components is None else proxy_components.get(name)
         if cood is not None and len(cood):
             det.fit_combiner(cid, cood)  # type: ignore[attr-defined]
             fitted[name] = {"method": COMBINER_LOGISTIC, "n_id": len(cid), "n_ood": len(cood)}
+        elif proxy is not None and len(proxy):
+            det.fit_combiner(cid, proxy)  # type: ignore[attr-defined]
+            fitted[name] = {"method": COMBINER_FGSM_PROXY, "n_id": len(cid), "n_ood": len(proxy)}
         else:
             det.fit_id_only_combiner(cid)  # type: ignore[attr-defined]
             fitted[name] = {"method": COMBINER_ID_ONLY, "n_id": len(cid), "n_ood": 0}
@@ -452,6 +495,7 @@ def predict_batch(
 
 
 __all__ = [
+    "COMBINER_FGSM_PROXY",
     "COMBINER_ID_ONLY",
     "COMBINER_LOGISTIC",
     "OutputSource",
@@ -465,6 +509,7 @@ __all__ = [
     "eval_mode",
     "eval_pass",
     "extra_passes",
+    "fgsm_batches",
     "finalize_detectors",
     "fit_detectors",
     "fit_from_loader",

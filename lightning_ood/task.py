@@ -130,6 +130,9 @@ class ClassificationTask(LightningModule):
         #: Outlier Exposure sets the weights were trained with (``outlier_record`` dicts),
         #: kept in every checkpoint: they may never be reported OOD sets of this model.
         self.trained_outliers: list[dict[str, Any]] = []
+        #: How each layer ensemble's shipped combiner was fitted (``engine.deploy_combiners``
+        #: plus the data it saw), kept in every checkpoint so a receiving team can tell.
+        self.shipped_combiners: dict[str, dict[str, Any]] = {}
         #: The training splits the weights were trained with (``split_record`` dicts), kept in
         #: every checkpoint: no later run may hold out (calibrate, tune on) an image in them.
         self.trained_splits: list[dict[str, Any]] = []
@@ -379,6 +382,9 @@ class ClassificationTask(LightningModule):
         if self.trained_outliers:
             checkpoint["lightning_ood"]["outliers"] = [dict(r) for r in self.trained_outliers]
         checkpoint["lightning_ood"]["train_splits"] = [dict(r) for r in self.trained_splits]
+        live = {n: dict(r) for n, r in self.shipped_combiners.items() if n in self.detectors}
+        if live:
+            checkpoint["lightning_ood"]["shipped_combiners"] = live
         if self.unrecorded_splits:
             checkpoint["lightning_ood"]["train_splits_unrecorded"] = list(self.unrecorded_splits)
         checkpoint["rng_states"] = self._gather_rng_states()
@@ -423,6 +429,11 @@ class ClassificationTask(LightningModule):
         """
         self._check_compatible(checkpoint)
         stored = checkpoint.get("lightning_ood") or {}
+        combiners = stored.get("shipped_combiners")
+        if isinstance(combiners, Mapping):
+            self.shipped_combiners.update(
+                {str(n): dict(r) for n, r in combiners.items() if isinstance(r, Mapping)}
+            )
         if stored.get("data") and not self.data_meta:
             self.data_meta = dict(stored["data"])
         self._rng_to_restore = checkpoint.get("rng_states")

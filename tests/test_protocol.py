@@ -20,6 +20,7 @@ from lightning_ood.protocol import (
     evaluate_pair,
     holdout_splits,
     holds_out,
+    per_set_row,
 )
 from lightning_ood.splits import seeded_parts
 
@@ -85,7 +86,16 @@ def test_per_set_combiners_are_fitted_on_held_out_samples_and_not_kept() -> None
         oracle.fit_combiner(comps[0][split["id"][0]], comps[j][split[ood][0]])
         s_id = oracle.combine(comps[0][split["id"][1]])
         s_ood = oracle.combine(comps[j][split[ood][1]])
-        assert result.metrics["maha"][ood]["auroc"] == ood_metrics(s_id, s_ood)["auroc"]
+        row = result.metrics[per_set_row("maha")][ood]  # the papers' protocol, its own row
+        assert row["auroc"] == ood_metrics(s_id, s_ood)["auroc"]
+        assert (row["n_id"], row["n_ood"]) == (50, len(comps[j]) - 10)
+        # the row named after the detector is what it ships: its own combiner (none fitted
+        # here: default_layer, the last tap) on every sample
+        shipped = result.metrics["maha"][ood]
+        assert shipped == {
+            **ood_metrics(comps[0][:, -1], comps[j][:, -1]),
+            "n_id": 60, "n_ood": len(comps[j]), "nonfinite_id": 0, "nonfinite_ood": 0,
+        }  # fmt: skip
         assert result.combiners["maha"][ood]["combiner_coef"] == oracle.combiner_coef.tolist()
         # detectors without a combiner keep every sample
         e = result.metrics["energy"][ood]
@@ -125,8 +135,9 @@ def test_fixed_combiners_are_loaded_not_fitted_and_report_the_same_samples() -> 
         return z @ c["combiner_coef"] + c["combiner_intercept"]
 
     s_id, s_ood = lr(noisy[0][split["id"][1]]), lr(noisy[1][split["ood"][1]])
-    assert got.metrics["m"]["ood"]["auroc"] == ood_metrics(s_id, s_ood)["auroc"]
-    assert got.metrics["m"]["ood"]["n_id"] == 50 and got.combiners == first.combiners
+    assert got.metrics[per_set_row("m")]["ood"]["auroc"] == ood_metrics(s_id, s_ood)["auroc"]
+    assert got.metrics[per_set_row("m")]["ood"]["n_id"] == 50
+    assert got.combiners == first.combiners
     refit = evaluate_detectors({"m": maha}, {"m": noisy}, names, validation_size=10, seed=7)
     assert refit.combiners != first.combiners  # without them, the noisy hold-out is fitted
     assert not maha.flag("combiner_fitted")  # and the model's own combiner is never replaced
@@ -243,9 +254,14 @@ def test_nonfinite_held_out_components_report_nan_not_a_crash() -> None:
         seed=7,
         warn=messages.append,
     )
-    near, far = result.metrics["maha"]["near"], result.metrics["maha"]["far"]
+    row = per_set_row("maha")
+    near, far = result.metrics[row]["near"], result.metrics[row]["far"]
     assert all(math.isnan(near[m]) for m in METRIC_NAMES) and near["nonfinite_ood"] == 1
     assert not math.isnan(far["auroc"]) and "near" not in result.combiners["maha"]
-    assert math.isnan(result.metrics["maha"]["average"]["auroc"])
+    assert math.isnan(result.metrics[row]["average"]["auroc"])
     assert not math.isnan(result.metrics["energy"]["near"]["auroc"])
-    assert len(messages) == 1 and "'maha'" in messages[0] and "'near'" in messages[0]
+    # the shipped score (the last tap) sees the same inf: NaN with its count, not a crash
+    assert result.metrics["maha"]["near"]["nonfinite_ood"] == 1
+    assert not math.isnan(result.metrics["maha"]["far"]["auroc"])
+    assert len(messages) == 2 and all("'near'" in m for m in messages)
+    assert "detector 'maha' " in messages[0] and f"detector '{row}' " in messages[1]

@@ -140,11 +140,17 @@ def calibrate_with_trainer(
     tpr: float = 0.95,
     progress: bool = True,
 ) -> None:
-    """Give every detector its decision threshold: ``tpr`` of held-out ID samples are called ID.
+    """Make every detector deployable: the combiner a layer ensemble ships, then each
+    detector's decision threshold (``tpr`` of held-out ID samples are called ID).
 
     Scores the datamodule's ID validation loader (the ``val_size`` hold-out of the training
     set, or the ID test set when ``val_size`` is 0, as in the reference scripts) with one
-    forward pass per batch for all detectors; the scores of all ranks are pooled.
+    forward pass per batch for all detectors; the scores of all ranks are pooled. A layer
+    ensemble with several components first gets its shipped combiner from that data and the
+    validation OOD sets (``val_ood_sets``, never reported), or the OOD-free fallback without
+    them (:func:`lightning_ood.engine.deploy_combiners`); its threshold is calibrated on that
+    combined score, the one ``lightning_ood.load()`` returns. What was fitted is recorded in
+    ``pl_module.shipped_combiners`` (saved in the checkpoint and the results).
     """
     if not detectors:
         return
@@ -157,16 +163,49 @@ def calibrate_with_trainer(
         )
         return
     dets = {d.name: d for d in detectors}
-    local = engine.score_loader(
-        dets,
-        pl_module.backbone,
-        dm.val_dataloader(),
-        progress=progress and trainer.global_rank == 0,
-        desc="Calibrating thresholds",
-    )
-    reducer = StrategyReducer(trainer)
-    pooled = {n: reducer.cat(s.to(pl_module.device)).cpu() for n, s in local.items()}
-    engine.calibrate_detectors(dets, pooled, tpr)
+    show = progress and trainer.global_rank == 0
+
+    def pooled(loader: Any, chosen: dict[str, Detector], desc: str) -> dict[str, Tensor]:
+        """Every rank's scores (or components) of ``loader``, in dataset order."""
+        local = engine.score_loader(
+            chosen, pl_module.backbone, loader, components=True, progress=show, desc=desc
+        )
+        return {n: in_dataset_order(s, trainer).cpu() for n, s in local.items()}
+
+    id_bank = pooled(dm.val_dataloader(), dets, "Calibrating thresholds")
+    ensembles = {n: d for n, d in dets.items() if engine.ships_combiner(d, id_bank[n])}
+    if ensembles:
+        val_ood = dm.val_ood_dataloaders() if hasattr(dm, "val_ood_dataloaders") else {}
+        ood_bank: dict[str, Tensor] | None = None
+        proxy_bank: dict[str, Tensor] | None = None
+        if val_ood:
+            parts = [pooled(loader, ensembles, f"combiner {k}") for k, loader in val_ood.items()]
+            ood_bank = {n: torch.cat([p[n] for p in parts]) for n in ensembles}
+        elif getattr(pl_module.backbone, "input_kind", "image") == "image":
+            std = (dm.hand_off_meta() if hasattr(dm, "hand_off_meta") else {}).get("std")
+            adversarial = engine.fgsm_batches(
+                pl_module.backbone, dm.val_dataloader(), input_std=std
+            )
+            proxy_bank = pooled(adversarial, ensembles, "combiner FGSM proxy")
+        how = engine.deploy_combiners(ensembles, id_bank, ood_bank, proxy_bank)
+        id_source = (
+            "ID test set (data.val_size 0)"
+            if int(getattr(dm, "val_size", 0) or 0) <= 0
+            else "held-out training images (data.val_size)"
+        )
+        record = getattr(pl_module, "shipped_combiners", None)
+        if isinstance(record, dict):
+            for n, h in how.items():
+                record[n] = {**h, "id_data": id_source, "ood_sets": sorted(val_ood)}
+        rank_zero_info(
+            "[lightning_ood] shipped combiners: "
+            + "; ".join(
+                f"{n}: {h['method']} on {h['n_id']} ID + {h['n_ood']} "
+                + (f"validation OOD ({', '.join(sorted(val_ood))})" if val_ood else "proxy")
+                for n, h in how.items()
+            )
+        )
+    engine.calibrate_detectors(dets, engine.combined_scores(dets, id_bank), tpr)
 
 
 class OODEvaluation(Callback):
@@ -714,6 +753,11 @@ class OODEvaluation(Callback):
                 for n, d in dets.items()
             },
             "combiners": evaluation.combiners,
+            "shipped_combiners": {
+                n: dict(r)
+                for n, r in getattr(pl_module, "shipped_combiners", {}).items()
+                if n in dets
+            },
             "metrics": evaluation.metrics,
         }
         if self.tuning:

@@ -1,7 +1,9 @@
-"""Deep Ensemble and MC Dropout: values against hand computations, seeding, bad inputs."""
+"""Deep Ensemble and MC Dropout: values against hand computations, seeding (MC Dropout: per-sample
+seeded masks, independent of batch position), bad inputs."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,14 @@ from toys import TapNet
 
 from lightning_ood import engine
 from lightning_ood.detectors.deep_ensemble import DeepEnsemble
-from lightning_ood.detectors.mc_dropout import MCDropout, MCDropoutVar
+from lightning_ood.detectors.mc_dropout import (
+    MCDropout,
+    MCDropoutVar,
+    apply_dropout,
+    keep_mask,
+    row_keys,
+    sample_keys,
+)
 from lightning_ood.detectors.msp import MSP
 from lightning_ood.io import safe_load
 from lightning_ood.models import OODBackbone, create_model
@@ -179,6 +188,11 @@ class _BNDropNet(OODBackbone):
 
 
 def test_mcd_matches_a_loop_over_passes_and_is_seeded() -> None:
+    """The stacked, chunked passes equal T separate forwards of each sample ALONE, with the
+    dropout module replaced by its hand-written training-mode formula (x * keep / (1 - p)) on
+    that sample's documented mask. (Before the per-sample masks, the oracle drew the masks of
+    the whole batch from torch's RNG seeded with ``seed``: a sample's masks then depended on its
+    position in its batch.)"""
     torch.manual_seed(0)
     net = _BNDropNet()
     with torch.no_grad():
@@ -190,16 +204,19 @@ def test_mcd_matches_a_loop_over_passes_and_is_seeded() -> None:
     rng_before = torch.get_rng_state()
     mcd, var = MCDropout(passes=6, seed=3, max_batch=5), MCDropoutVar(passes=6, seed=3, max_batch=5)
     s_mean, s_var = mcd.score(out, net, x), var.score(out, net, x)
-    # the oracle: T separate forwards in eval mode with only the dropout module on
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        net.eval()
-        net.drop.train()
-        with torch.no_grad():
-            probs = torch.stack([net(x).softmax(1) for _ in range(6)]).double()
-    torch.testing.assert_close(s_mean, probs.mean(0).amax(1).float(), atol=1e-7, rtol=0)
+    # the oracle: one forward per (sample, pass) in eval mode, the dropout written out by hand
+    oracle = copy.deepcopy(net).eval()
+    probs = torch.zeros(6, 5, 3, dtype=torch.float64)
+    for s in range(5):
+        xs = x[s : s + 1]
+        for t in range(6):
+            keep = keep_mask(row_keys(sample_keys(xs), 3, range(t, t + 1)), 0, 144, 0.5)
+            oracle.drop = _Mask(keep.view(1, 4, 6, 6).float() / 0.5)
+            with torch.no_grad():
+                probs[t, s] = oracle(xs).softmax(1)[0].double()
+    torch.testing.assert_close(s_mean, probs.mean(0).amax(1).float(), atol=1e-6, rtol=0)
     expected_var = -probs.var(0, unbiased=False).mean(1).float()
-    torch.testing.assert_close(s_var, expected_var, atol=1e-9, rtol=1e-5)
+    torch.testing.assert_close(s_var, expected_var, atol=1e-8, rtol=1e-5)
     assert (s_var < 0).all()  # dropout p = 0.5 really varies the predictions
     net.train()
     assert torch.equal(torch.get_rng_state(), rng_before)  # the global stream is untouched
@@ -207,6 +224,103 @@ def test_mcd_matches_a_loop_over_passes_and_is_seeded() -> None:
     assert not torch.equal(MCDropout(passes=6, seed=4, max_batch=5).score(out, net, x), s_mean)
     assert torch.equal(net.bn.running_mean, bn_before)  # BatchNorm stayed in eval mode
     assert net.training and net.bn.training and net.drop.training  # modes restored
+    assert not net.drop._forward_hooks  # the mask hooks are removed
+
+
+class _Mask(nn.Module):
+    """A fixed dropout: multiply by a given (already scaled) noise tensor."""
+
+    def __init__(self, noise: Tensor) -> None:
+        super().__init__()
+        self.noise = noise
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.noise
+
+
+def test_mcd_scores_do_not_depend_on_batch_position_size_or_chunking() -> None:
+    """A sample's masks depend on its content, not its place: alone, in a batch of 7, in a
+    shuffled batch, or with other ``max_batch`` chunkings it scores the same (up to LeNet's
+    float32 convolutions, which round differently for different batch sizes); a duplicated
+    sample gets identical masks, hence identical scores."""
+    net = _lenet(0)
+    x = torch.randn(7, 1, 28, 28)
+    x[5] = x[2]  # a duplicate
+    ref = MCDropout(passes=8, seed=1).score(net.extract(x), net, x)
+    assert ref[5] == ref[2]
+    perm = torch.tensor([3, 0, 6, 1, 5, 2, 4])
+    shuffled = MCDropout(passes=8, seed=1).score(net.extract(x[perm]), net, x[perm])
+    torch.testing.assert_close(shuffled, ref[perm], atol=1e-6, rtol=0)
+    alone = torch.cat(
+        [MCDropout(passes=8, seed=1).score(net.extract(x[i : i + 1]), net, x[i : i + 1])
+         for i in range(7)]
+    )  # fmt: skip
+    torch.testing.assert_close(alone, ref, atol=1e-6, rtol=0)
+    for max_batch in (1, 10, 56):  # 8, 1 and 8 passes per forward
+        got = MCDropout(passes=8, seed=1, max_batch=max_batch).score(net.extract(x), net, x)
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+    # the same values in float64 hash to the same keys (float32 bit patterns)
+    assert torch.equal(sample_keys(x.double()), sample_keys(x))
+    # the position-dependent masks of the old implementation moved this sample by up to 0.3
+    assert (ref - MSP().score(net.extract(x))).abs().max() > 1e-3
+
+
+def test_mcd_masks_are_bernoulli_and_independent() -> None:
+    """The hash masks keep each unit with probability 1 - p (binomial bounds), independently
+    across samples, passes, modules and seeds."""
+    keys = sample_keys(torch.randn(64, 3, 5, 5))
+    assert keys.unique().numel() == 64
+    rows = row_keys(keys, 0, range(16))  # 1,024 rows
+    assert rows.unique().numel() == rows.numel()
+    n_units = 500
+    for p in (0.1, 0.25, 0.5, 0.9):
+        keep = keep_mask(rows, 0, n_units, p)
+        n = keep.numel()
+        frac = float(keep.float().mean())
+        assert abs(frac - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5, (p, frac)
+        per_unit = keep.float().mean(0)  # every unit is dropped alike
+        assert (per_unit - (1 - p)).abs().max() < 5 * (p * (1 - p) / rows.numel()) ** 0.5
+    a = keep_mask(rows, 0, n_units, 0.5).float()
+    others = {
+        "next pass": keep_mask(row_keys(keys, 0, range(1, 17)), 0, n_units, 0.5),
+        "other module": keep_mask(rows, 1, n_units, 0.5),
+        "other seed": keep_mask(row_keys(keys, 1, range(16)), 0, n_units, 0.5),
+    }
+    for what, b in others.items():  # agreement of independent fair coins: 1/2
+        agree = float((a == b.float()).float().mean())
+        assert abs(agree - 0.5) < 5 * (0.25 / a.numel()) ** 0.5, what
+    assert torch.equal(keep_mask(rows, 0, 0, 0.5), torch.zeros(1024, 0, dtype=torch.bool))
+    assert keep_mask(rows, 0, 10, 0.0).all() and not keep_mask(rows, 0, 10, 1.0).any()
+
+
+@pytest.mark.parametrize(
+    "module", [nn.Dropout(0.3), nn.Dropout2d(0.3), nn.AlphaDropout(0.3),
+               nn.FeatureAlphaDropout(0.3)], ids=lambda m: type(m).__name__
+)  # fmt: skip
+def test_mcd_dropout_formulas_are_torchs(module: nn.Module) -> None:
+    """Given the units torch's own training-mode dropout dropped, :func:`apply_dropout`
+    reproduces its output: the same scaling (1 / (1 - p)) and SELU affine correction."""
+    x = torch.rand(4, 6, 5, 5) + 0.5  # positive: a dropped unit is recognisable
+    module.train()
+    want = module(x)
+    kept = want != apply_dropout(module, x, torch.zeros(1, dtype=torch.bool))
+    if isinstance(module, (nn.Dropout2d, nn.FeatureAlphaDropout)):
+        assert (kept == kept[:, :, :1, :1]).all()  # whole channels
+    assert 0 < float(kept.float().mean()) < 1
+    torch.testing.assert_close(apply_dropout(module, x, kept), want, atol=1e-6, rtol=1e-6)
+
+
+def test_mcd_refuses_activations_that_are_not_batch_first() -> None:
+    class TimeFirst(_BNDropNet):
+        def forward_features(self, x: Tensor) -> Tensor:
+            h = torch.relu(self.bn(self.conv(x))).flatten(1)
+            return self.drop(h.T.contiguous()).T  # (features, batch) at the dropout
+
+    net = TimeFirst().eval()
+    x = torch.randn(3, 1, 6, 6)
+    with pytest.raises(ValueError, match=r"batch-first"):
+        MCDropout(passes=2).score(net.extract(x), net, x)
+    assert not net.drop._forward_hooks
 
 
 def test_mcd_and_mcd_var_share_the_passes_of_a_batch() -> None:

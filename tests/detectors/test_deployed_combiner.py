@@ -75,3 +75,39 @@ def test_a_single_component_ships_without_a_combiner() -> None:
     det = build_detector("mahalanobis", {})
     how = engine.deploy_combiners({"m": det}, {"m": torch.randn(10, 1)})
     assert how == {} and not bool(det.combiner_fitted)
+
+
+def test_fgsm_batches_step_along_the_sign_of_the_loss_gradient() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    from lightning_ood.models import wrap
+
+    model = wrap(net, head="1", input_shape=(3, 2, 2))
+    x = torch.randn(5, 3, 2, 2)
+    std = [0.5, 0.25, 1.0]
+    (got, y), *_ = list(engine.fgsm_batches(model, [(x, torch.arange(5))], eps=0.1, input_std=std))
+    assert all(p.grad is None for p in net.parameters())  # input gradients only
+    xg = x.clone().requires_grad_(True)
+    logits = net(xg)
+    torch.nn.functional.cross_entropy(logits, logits.argmax(1), reduction="sum").backward()
+    step = 0.1 / torch.tensor(std).view(1, 3, 1, 1) * xg.grad.sign()
+    torch.testing.assert_close(got, x + step, rtol=0, atol=0)
+    assert torch.equal(y, torch.arange(5))
+
+
+def test_deploy_prefers_validation_ood_then_the_proxy_then_the_id_only_mean() -> None:
+    g = torch.Generator().manual_seed(2)
+    cid = torch.randn(40, 3, generator=g, dtype=torch.float64) + 1.0
+    proxy = torch.randn(40, 3, generator=g, dtype=torch.float64) - 0.5
+    cood = torch.randn(30, 3, generator=g, dtype=torch.float64) - 1.0
+    det = _fssd()
+    how = engine.deploy_combiners({"f": det}, {"f": cid}, None, {"f": proxy})
+    assert how == {"f": {"method": "logistic_fgsm_proxy", "n_id": 40, "n_ood": 40}}
+    ref = LogisticRegression(C=1.0, max_iter=1000).fit(
+        np.concatenate([cid.numpy(), proxy.numpy()]), np.r_[np.ones(40), np.zeros(40)]
+    )
+    torch.testing.assert_close(
+        det.combine(cid), torch.from_numpy(ref.decision_function(cid.numpy())), atol=1e-6, rtol=0
+    )
+    how = engine.deploy_combiners({"f": det}, {"f": cid}, {"f": cood}, {"f": proxy})
+    assert how["f"]["method"] == "logistic" and how["f"]["n_ood"] == 30

@@ -1,20 +1,23 @@
 """KNN (Sun et al. 2022) and NNGuide (Park et al. 2023): the chunked exact top-k against
-brute force, the seeded bank fraction, checkpoints with and without the bank, clear errors,
+brute force, the seeded bank fraction (the same bank on any world size), checkpoints with and without the bank, clear errors,
 and equality with an independent numpy formula and pytorch-ood 0.4.0 on the same features."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
 from scipy.special import logsumexp
 from torch import Tensor, nn
+from threaded_ranks import run_ranks, shard
 from toys import LinearHeadNet
 
 from lightning_ood import engine
 from lightning_ood.detectors.base import Detector, Reducer
+from lightning_ood.detectors import knn as knn_module
 from lightning_ood.detectors.knn import KNN, seeded_uniform, topk_scores
 from lightning_ood.detectors.nnguide import NNGuide
 
@@ -91,29 +94,65 @@ def test_bank_fraction_is_seeded_and_independent_of_the_batching(net: LinearHead
     assert torch.equal(full.bank, _unit(x))
 
 
-class _TwoRanks(Reducer):
-    """Rank 0's reducer in a two-process run whose other rank holds ``other``."""
+def _fit_sharded(
+    make: Callable[[], Detector],
+    net: LinearHeadNet,
+    x: Tensor,
+    y: Tensor,
+    world: int,
+    batch: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> list[Detector]:
+    """``make()`` fitted by ``world`` ranks at once, each on its EvalShardedSampler shard
+    (rows r, r+w, ...) in batches of ``batch``; returns every rank's detector."""
 
-    def __init__(self, other: Tensor) -> None:
-        self.other = other
+    def fit(rank: int, reducer: Reducer) -> Detector:
+        det = make()
+        xs, ys = shard(x, rank, world), shard(y, rank, world)
+        outputs = [(net.extract(a), b) for a, b in zip(xs.split(batch), ys.split(batch), strict=True)]
+        engine.fit_detectors([det], net, outputs, reducer)
+        return det
 
-    def cat(self, t: Tensor) -> Tensor:
-        return torch.cat([t, self.other])
+    return run_ranks(world, fit, monkeypatch)
 
 
-def test_bank_under_ddp_is_each_ranks_seeded_share(net: LinearHeadNet) -> None:
-    """Each rank keeps the seeded share of its own shard (positions counted per rank);
-    ``finalize`` concatenates them."""
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: KNN(k=3, bank_fraction=0.4, seed=1),
+        lambda: KNN(k=3),  # the whole set: only the order of the ranks' shares is at stake
+        lambda: NNGuide(k=3, bank_fraction=0.05, min_bank=40, seed=2),  # the floor tops up
+    ],
+    ids=["knn_fraction", "knn_full", "nnguide_floor"],
+)
+@pytest.mark.parametrize("world", [2, 3])
+def test_bank_is_the_same_on_any_world_size(
+    net: LinearHeadNet, make: Callable[[], Detector], world: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each rank draws for the training-set positions of its shard (r + p * w) and finalize
+    orders the gathered rows by position, so every rank's bank buffer (rows, order, metadata,
+    fingerprint) is one process's, bit for bit. Before, each rank drew for its own stream
+    positions 0, 1, ... and the bank was the ranks' shares concatenated: another sample of
+    another size, in another order."""
     x, y = _data()
-    half = N // 2
-    rank1 = KNN(k=3, bank_fraction=0.5, seed=1)
-    engine.fit_detectors([rank1], net, [(net.extract(x[half:]), y[half:])], finalize=False)
-    rank0 = KNN(k=3, bank_fraction=0.5, seed=1)
-    outputs = [(net.extract(x[:half]), y[:half])]
-    engine.fit_detectors([rank0], net, outputs, _TwoRanks(torch.cat(rank1._chunks)))
-    keep = seeded_uniform(0, half, 1) < 0.5
-    want = torch.cat([_unit(x[:half])[keep], _unit(x[half:])[keep]])
-    assert torch.equal(rank0.bank, want)
+    one = _fit(make(), net, x, y, batch=50)
+    for det in _fit_sharded(make, net, x, y, world, batch=16, monkeypatch=monkeypatch):
+        for key, want in one.state_dict(keep_vars=True).items():  # NaN: uncalibrated
+            torch.testing.assert_close(det.get_buffer(key), want, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(det.bank, one.bank)
+    if one.bank_fraction < 1.0:  # a real sample of the set
+        assert 0 < one.bank.shape[0] < N
+
+
+def test_bank_refuses_a_reducer_that_does_not_span_the_ranks(
+    net: LinearHeadNet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Streams numbered as shards of 2 ranks, finalized with a one-process reducer (each rank
+    would keep a different bank): refused with the fix."""
+    x, y = _data()
+    monkeypatch.setattr(knn_module, "stream_layout", lambda: (0, 2))
+    with pytest.raises(RuntimeError, match=r"2 torch.distributed ranks.*gathered 1 rank"):
+        _fit(KNN(k=3, bank_fraction=0.5), net, x[::2], y[::2])
 
 
 def test_checkpoint_without_bank_refuses_to_score_until_refit(net: LinearHeadNet) -> None:

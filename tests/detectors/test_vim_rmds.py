@@ -10,10 +10,11 @@ import torch
 from scipy.special import logsumexp
 from sklearn.covariance import EmpiricalCovariance
 from torch import Tensor
+from threaded_ranks import run_ranks, shard
 from toys import LinearHeadNet
 
 from lightning_ood import engine
-from lightning_ood.detectors.base import Detector
+from lightning_ood.detectors.base import Detector, Reducer
 from lightning_ood.detectors.knn import seeded_uniform
 from lightning_ood.detectors.mahalanobis import squared_distances
 from lightning_ood.detectors.rmds import RMDS
@@ -140,6 +141,33 @@ def test_vim_alpha_subsample_is_seeded_split_invariant_and_exact_on_its_rows(
     assert alpha_sub == pytest.approx(alpha_all, rel=0.1)  # ... and a close estimate
     other = _fit(ViM(**{**kw, "seed": 8}), net, x, y)
     assert float(other.alpha) != float(a.alpha)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vim_alpha_subsample_is_the_same_on_any_world_size(
+    net: LinearHeadNet, world: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under DDP each rank gives its rows the priorities of their training-set positions
+    (r + p * w), so the union's m smallest are one process's m smallest, averaged in the same
+    order: α equals one process's exactly, and the basis (from all-reduced float64 sums, whose
+    order of addition differs) to rounding. Before, each rank drew priorities for its own
+    positions 0, 1, ...: another subsample for every world size."""
+    x, y = _data()
+    kw = {"dim": 4, "max_samples": 60 * Q, "seed": 7}
+    one = _fit(ViM(**kw), net, x, y, batch=N)
+
+    def fit(rank: int, reducer: Reducer) -> ViM:
+        det = ViM(**kw)
+        xs, ys = shard(x, rank, world), shard(y, rank, world)
+        outputs = [(net.extract(a), b) for a, b in zip(xs.split(9), ys.split(9), strict=True)]
+        engine.fit_detectors([det], net, outputs, reducer)
+        return det
+
+    for det in run_ranks(world, fit, monkeypatch):
+        assert float(det.alpha) == pytest.approx(float(one.alpha), rel=1e-12)
+        assert torch.equal(det.origin, one.origin) and int(det.principal_dim) == 4
+        proj = det.residual_basis @ det.residual_basis.T  # the subspace, not its basis' signs
+        torch.testing.assert_close(proj, one.residual_basis @ one.residual_basis.T, atol=1e-12, rtol=0)
 
 
 def test_vim_checkpoint_round_trip(net: LinearHeadNet) -> None:

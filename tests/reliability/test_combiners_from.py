@@ -113,7 +113,7 @@ def test_an_intact_fitted_record_is_loaded_and_applied(tmp_path: Path) -> None:
     assert task.steps == 40 // 16 + 1 + 48 // 16  # every batch of both sets was scored
     assert cb.results["combiners"]["fssd"]["far"] == GOOD  # loaded as written, not refitted
     assert cb.results["validation"]["combiners_from"] == str(tmp_path / "ood_results.json")
-    n = cb.results["metrics"]["fssd"]["far"]
+    n = cb.results["metrics"]["fssd[per-set]"]["far"]  # the per-set protocol's row
     assert (n["n_id"], n["n_ood"]) == (30, 38)  # the same 10 per set held out as the source run
 
 

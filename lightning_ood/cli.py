@@ -451,6 +451,7 @@ _EXTRA_SUBCOMMANDS = {
     "grid": "grid-search a detector's hyperparameters from cached features",
     "models": "list model names (registered, tv:NAME, timm:NAME, wrap) or one model's taps",
     "serve": "serve a fitted checkpoint over HTTP (LitServe; extra 'serve')",
+    "inspect": "print a checkpoint's card: where every shipped number came from",
 }
 _EPILOG = (
     "more subcommands (each takes --help): "
@@ -554,6 +555,29 @@ def models_main(args: Sequence[str] | None = None) -> str:
     return text
 
 
+def inspect_main(args: Sequence[str] | None = None) -> dict[str, Any]:
+    """``lightning-ood inspect CKPT [--json]``: the checkpoint's card (where every shipped
+    number came from), read as data; printed, and returned for tests."""
+    import json
+
+    from lightning_ood.card import card_of, format_card
+
+    p = argparse.ArgumentParser(
+        prog="lightning-ood inspect",
+        description="Print a checkpoint's card: model, weights origin, data, training, each "
+        "shipped detector's hyperparameters (tuned or not), threshold and combiner, and the "
+        "reported metrics of its rows. The file is read weights-only; nothing in it runs.",
+    )
+    p.add_argument("ckpt_path", help="a lightning-ood .ckpt (fitted.ckpt carries the metrics)")
+    p.add_argument("--json", action="store_true", help="print the card as JSON")
+    ns = p.parse_args(args)
+    ckpt = safe_load(ns.ckpt_path)
+    check_lightning_checkpoint(ckpt, ns.ckpt_path)
+    card = card_of(ckpt, ns.ckpt_path)
+    print(json.dumps(card, indent=2, default=str) if ns.json else format_card(card))
+    return card
+
+
 def entrypoint() -> None:
     """Console script: like :func:`main` (or :func:`grid_main` for ``grid``,
     :func:`models_main` for ``models``), but returns nothing (a return value would become
@@ -567,6 +591,8 @@ def entrypoint() -> None:
         grid_main(argv[1:])
     elif argv[:1] == ["models"]:
         models_main(argv[1:])
+    elif argv[:1] == ["inspect"]:
+        inspect_main(argv[1:])
     elif argv[:1] == ["serve"]:
         from lightning_ood.serve import serve_main  # LitServe only when serving
 

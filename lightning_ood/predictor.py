@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ood import engine
+from lightning_ood.card import card_of
 from lightning_ood.detectors import Detector
 from lightning_ood.detectors.base import exporting, frozen_flags
 from lightning_ood.io import atomic_write_bytes, safe_load
@@ -492,4 +493,7 @@ def load(
             f"checkpoint {str(path)!r} holds no fitted, calibrated detector: "
             + (_explain(why_not) if why_not else f"it holds none at all. {_RUN_TEST}")
         )
-    return OODPredictor(backbone, chosen, meta, chunk_size).to(map_location).eval()
+    predictor = OODPredictor(backbone, chosen, meta, chunk_size).to(map_location).eval()
+    #: Where every shipped number came from (:mod:`lightning_ood.card`); plain data.
+    predictor.card = card_of(ckpt, str(path))
+    return predictor

@@ -133,6 +133,14 @@ class ClassificationTask(LightningModule):
         #: How each layer ensemble's shipped combiner was fitted (``engine.deploy_combiners``
         #: plus the data it saw), kept in every checkpoint so a receiving team can tell.
         self.shipped_combiners: dict[str, dict[str, Any]] = {}
+        #: ``tune``'s selection per detector (metric, validation sets, chosen values), and the
+        #: shipped rows of the last evaluation: both go into the checkpoint's card.
+        self.tuned_record: dict[str, dict[str, Any]] = {}
+        self.reported: dict[str, Any] | None = None
+        #: The training record of the checkpoint this task was restored from (a `test` run
+        #: trains nothing: its card keeps the recipe and progress that made the weights).
+        self._restored_training: dict[str, Any] | None = None
+        self._restored_origin: str | None = None
         #: The training splits the weights were trained with (``split_record`` dicts), kept in
         #: every checkpoint: no later run may hold out (calibrate, tune on) an image in them.
         self.trained_splits: list[dict[str, Any]] = []
@@ -385,9 +393,68 @@ class ClassificationTask(LightningModule):
         live = {n: dict(r) for n, r in self.shipped_combiners.items() if n in self.detectors}
         if live:
             checkpoint["lightning_ood"]["shipped_combiners"] = live
+        checkpoint["lightning_ood"]["card"] = self._card(checkpoint, live)
         if self.unrecorded_splits:
             checkpoint["lightning_ood"]["train_splits_unrecorded"] = list(self.unrecorded_splits)
         checkpoint["rng_states"] = self._gather_rng_states()
+
+    def _card(self, checkpoint: Mapping[str, Any], combiners: Mapping[str, Any]) -> dict:
+        """The card (:mod:`lightning_ood.card`) of the checkpoint being written."""
+        from lightning_ood.card import UNKNOWN
+
+        step = int(checkpoint.get("global_step", 0) or 0)
+        weights = (self.hparams.get("model_kwargs") or {}).get("weights")
+        trained = f"trained by lightning-ood fit ({step} optimizer steps)" if step else ""
+        if weights is not None:
+            origin = f"initial weights from {weights}" + (f", then {trained}" if trained else "")
+        else:
+            origin = trained or UNKNOWN
+        training: dict[str, Any] = {"epoch": checkpoint.get("epoch"), "global_step": step}
+        if not step and self._restored_training is not None:  # `test` of a trained checkpoint
+            return self._card_with(checkpoint, combiners, self._restored_origin or UNKNOWN,
+                                   dict(self._restored_training))  # fmt: skip
+        if self._trainer is not None:
+            training["max_epochs"] = self.trainer.max_epochs
+            opts = self.trainer.optimizers
+            if opts:
+                training["optimizer"] = type(opts[0]).__name__
+                training["lr"] = opts[0].param_groups[0].get("lr")
+        return self._card_with(checkpoint, combiners, origin, training)
+
+    def _card_with(
+        self,
+        checkpoint: Mapping[str, Any],
+        combiners: Mapping[str, Any],
+        origin: str,
+        training: dict[str, Any],
+    ) -> dict:
+        from lightning_ood.card import build_card
+
+        dets = {
+            n: {
+                "config": d.config(),
+                "threshold": float(d.threshold) if d.is_calibrated else None,
+                "threshold_tpr": float(d.threshold_tpr) if d.is_calibrated else None,
+                "tuned": self.tuned_record.get(n) or False,
+                "combiner": dict(combiners[n]) if n in combiners else None,
+            }
+            for n, d in self.detectors.items()
+            if d.is_fitted
+        }
+        reported = self.reported
+        if reported:
+            rows = {n: r for n, r in reported.get("rows", {}).items() if n in dets}
+            reported = {**reported, "rows": rows}
+        return build_card(
+            hparams=self.hparams,
+            data=self.data_meta,
+            detectors=dets,
+            training=training,
+            weights_origin=origin,
+            train_splits=[dict(r) for r in self.trained_splits],
+            outliers=[dict(r) for r in self.trained_outliers],
+            reported=reported,
+        )
 
     def _gather_rng_states(self) -> dict[str, Any]:
         """Every rank's torch RNG state (dropout masks, augmentation draws), so a resumed run
@@ -429,6 +496,16 @@ class ClassificationTask(LightningModule):
         """
         self._check_compatible(checkpoint)
         stored = checkpoint.get("lightning_ood") or {}
+        card = stored.get("card") if isinstance(stored.get("card"), Mapping) else {}
+        self._restored_training = dict(card.get("training") or {}) or {
+            "epoch": checkpoint.get("epoch"),
+            "global_step": checkpoint.get("global_step"),
+        }
+        origin = (card.get("model") or {}).get("weights_origin")
+        step = checkpoint.get("global_step")
+        self._restored_origin = origin or (
+            f"trained by lightning-ood fit ({step} optimizer steps)" if step else None
+        )
         combiners = stored.get("shipped_combiners")
         if isinstance(combiners, Mapping):
             self.shipped_combiners.update(

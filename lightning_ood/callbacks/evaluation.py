@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-from lightning_ood import engine, report, tuning
+from lightning_ood import card, engine, report, tuning
 from lightning_ood.data.samplers import unshard
 from lightning_ood.detectors import Detector, LINe, Reducer, build_detectors
 from lightning_ood.detectors.line import activated_neuron_counts
@@ -296,6 +296,9 @@ class OODEvaluation(Callback):
         self.validation_seed = validation_seed
         self.combiners_from = combiners_from
         self._fixed_combiners: dict[str, Any] | None = None
+        #: fitted.ckpt written by this run's test start: re-saved after the evaluation so that
+        #: its card carries the reported rows.
+        self._fitted_path: str | None = None
         self.results_dir = results_dir
         self.log_histograms = log_histograms
         self.log_roc = log_roc
@@ -651,6 +654,16 @@ class OODEvaluation(Callback):
             "seed": self.tune["seed"],
             "combiner_fraction": self.tune["combiner_fraction"],
         }
+        record = getattr(pl_module, "tuned_record", None)
+        if isinstance(record, dict):
+            for n, t in self.tuning.items():
+                if "selected" in t:
+                    record[n] = {
+                        "selected": t["selected"],
+                        "select": self.tuning_meta["select"],
+                        "val_ood_sets": sorted(self.tuning_meta["val_ood_sets"]),
+                        "id_validation": self.tuning_meta["id_validation"],
+                    }
         rank_zero_info(
             "[lightning_ood] tune selected: "
             + "; ".join(f"{n}: {t['selected']}" for n, t in self.tuning.items() if "selected" in t)
@@ -670,6 +683,7 @@ class OODEvaluation(Callback):
             return
         path = os.path.join(dirpath, "fitted.ckpt")
         trainer.save_checkpoint(path)
+        self._fitted_path = path
         rank_zero_info(f"[lightning_ood] saved the model with its fitted detectors to {path}")
 
     # -- scoring -----------------------------------------------------------------------------
@@ -762,6 +776,10 @@ class OODEvaluation(Callback):
         }
         if self.tuning:
             self.results["tuning"] = {"protocol": self.tuning_meta, "detectors": self.tuning}
+        if hasattr(pl_module, "reported"):  # the shipped rows go into the checkpoint's card
+            pl_module.reported = card.reported_of(self.results, list(dets))
+        if self._fitted_path:  # re-saved: its card now holds these rows
+            trainer.save_checkpoint(self._fitted_path)
         severity = report.severity_summary(evaluation.metrics, "auroc")
         if severity:
             self.results["severity"] = {"metric": "auroc", "detectors": severity}

@@ -29,10 +29,7 @@ temporary folder first. Only 127.0.0.1 is contacted.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -53,7 +50,7 @@ from torchvision.datasets import FashionMNIST  # noqa: E402
 
 import lightning_ood  # noqa: E402
 from benchmarks._record import Recorder  # noqa: E402
-from lightning_ood.serve import sha256_file  # noqa: E402
+from lightning_ood.serve import sha256_file, stop_server  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 HOST = "127.0.0.1"
@@ -113,18 +110,6 @@ def start_server(ckpt: Path, ns: argparse.Namespace, log: Path) -> tuple[subproc
             stop_server(proc)
             raise SystemExit(f"server not healthy after 300 s:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    with contextlib.suppress(ProcessLookupError):  # workers of a launcher that died first
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
 
 
 def png(x: torch.Tensor) -> bytes:

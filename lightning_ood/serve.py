@@ -668,6 +668,25 @@ def _split(value: Sequence[str] | str | None) -> list[str] | None:
 _MAIN_PID = os.getpid()
 
 
+def stop_server(proc: Any) -> None:
+    """Stop a ``lightning-ood serve`` started as ``subprocess.Popen(...,
+    start_new_session=True)``: SIGTERM its process group (launcher and LitServe workers), then
+    SIGKILL whatever is left (workers of a launcher that died first). Tests and benchmarks use
+    it so no worker outlives them."""
+    import contextlib
+    import subprocess
+
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
 def _stop_on_sigterm(signum: int, frame: Any) -> None:
     """SIGTERM in the launcher → KeyboardInterrupt, on which ``LitServer.run`` stops its
     workers (the default action would leave them running). Processes forked from the launcher

@@ -9,13 +9,11 @@ clients, and every kind of bad request (4xx with the module's message, then a go
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import io
 import json
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +33,7 @@ from PIL import Image
 from torchvision.datasets import MNIST, FashionMNIST
 
 import lightning_ood
+from lightning_ood.serve import stop_server
 
 #: Detectors that score without input gradients (fast), served by the module's server.
 SERVED = ["energy", "msp", "mahalanobis", "line"]
@@ -54,19 +53,6 @@ def _env() -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (launcher, LitServe workers), then SIGKILL."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    with contextlib.suppress(ProcessLookupError):  # workers of a launcher that died first
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +102,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, lenet_fitted: dict) -> Iter
             time.sleep(0.2)
         yield {"url": url, "ckpt": ckpt, "log": log, "proc": proc}
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")

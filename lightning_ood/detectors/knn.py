@@ -34,37 +34,87 @@ _MASK32 = 0xFFFFFFFF
 
 
 # -- seeded, split-invariant sampling --------------------------------------------------------
-def _mul32(x: Tensor, c: int) -> Tensor:
+def mul32(x: Tensor, c: int) -> Tensor:
     """``(x * c) mod 2**32`` for int64 ``x`` in [0, 2**32) without int64 overflow."""
     lo, hi = x & 0xFFFF, x >> 16
     return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _MASK32
 
 
-def _mix32(x: Tensor) -> Tensor:
-    """MurmurHash3's 32-bit finaliser (a bijection with good avalanche) on int64 tensors."""
+def mix32(x: Tensor) -> Tensor:
+    """MurmurHash3's 32-bit finaliser (a bijection with good avalanche) on int64 tensors
+    holding values in [0, 2**32); exact integer arithmetic, so identical on every device."""
     x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
+    x = mul32(x, 0x85EBCA6B)
     x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
+    x = mul32(x, 0xC2B2AE35)
     return x ^ (x >> 16)
+
+
+def seed_key(seed: int, device: torch.device | str | None = None) -> Tensor:
+    """The two 32-bit words of a (64-bit) ``seed``, mixed: (2,) int64."""
+    # Golden-ratio / Murmur constants keep (seed 0, position 0) away from the fixed point 0.
+    words = [(seed & _MASK32) ^ 0x9E3779B9, ((seed >> 32) & _MASK32) ^ 0x85EBCA6B]
+    return mix32(torch.tensor(words, dtype=torch.int64, device=device))
+
+
+def seeded_uniform_at(positions: Tensor, seed: int) -> Tensor:
+    """Pseudo-random numbers in [0, 1) (float64) for the int64 stream ``positions``.
+
+    A counter-based hash of (seed, position): the value of a sample depends only on its
+    position, never on how the stream is cut into batches or shards, and is identical on every
+    device.
+    """
+    idx = positions.to(torch.int64)
+    key = seed_key(seed, idx.device)
+    x = mix32((idx & _MASK32) ^ key[0])
+    x = mix32(x ^ ((idx >> 32) & _MASK32) ^ key[1])
+    return x.double() / float(2**32)
 
 
 def seeded_uniform(
     start: int, n: int, seed: int, device: torch.device | str | None = None
 ) -> Tensor:
-    """Pseudo-random numbers in [0, 1) for the stream positions ``start .. start + n - 1``.
+    """:func:`seeded_uniform_at` of the positions ``start .. start + n - 1``."""
+    return seeded_uniform_at(torch.arange(start, start + n, dtype=torch.int64, device=device), seed)
 
-    A counter-based hash of (seed, position): the value of a sample depends only on its
-    position in the stream, never on how the stream is cut into batches, and is identical on
-    every device. Under DDP each rank numbers its own shard from 0.
+
+def stream_layout() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process in the initialised ``torch.distributed`` process
+    group, ``(0, 1)`` without one.
+
+    Under DDP the fitting stream of rank ``r`` of ``w`` is its
+    :class:`~lightning_ood.data.samplers.EvalShardedSampler` shard (what the datamodules'
+    ``fit_dataloader`` gives): its ``p``-th sample is sample ``r + p * w`` of the training set.
     """
-    idx = torch.arange(start, start + n, dtype=torch.int64, device=device)
-    # Golden-ratio / Murmur constants keep (seed 0, position 0) away from the fixed point 0.
-    words = [(seed & _MASK32) ^ 0x9E3779B9, ((seed >> 32) & _MASK32) ^ 0x85EBCA6B]
-    key = _mix32(torch.tensor(words, dtype=torch.int64, device=device))
-    x = _mix32((idx & _MASK32) ^ key[0])
-    x = _mix32(x ^ ((idx >> 32) & _MASK32) ^ key[1])
-    return x.double() / float(2**32)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def global_positions(
+    seen: int, n: int, layout: tuple[int, int], device: torch.device | str | None = None
+) -> Tensor:
+    """Training-set positions of the ``n`` samples that follow the first ``seen`` of this
+    rank's stream (rank ``r`` of ``w`` reads ``r, r+w, ...``), (n,) int64."""
+    rank, world = layout
+    return rank + torch.arange(seen, seen + n, dtype=torch.int64, device=device) * world
+
+
+def check_layout(reducer: Reducer, world: int, owner: str, device: torch.device) -> None:
+    """Refuse a ``finalize`` whose ``reducer`` does not gather over the ``world`` ranks the
+    fitting streams were numbered for (a process group of ``world`` ranks was initialised,
+    so every rank's stream was taken for its shard of the training set)."""
+    ranks = reducer.cat(torch.tensor([world], dtype=torch.int64, device=device))
+    if ranks.numel() != world or bool((ranks != world).any()):
+        raise RuntimeError(
+            f"{owner}: the training stream was numbered as the shard of one of {world} "
+            f"torch.distributed ranks (sample r + p * w), but finalize's reducer gathered "
+            f"{ranks.numel()} rank(s); fit under DDP with a reducer that reduces across the "
+            "ranks (the OOD callback's StrategyReducer), each rank reading its "
+            "EvalShardedSampler shard, or fit in a process without a process group"
+        )
 
 
 def normalize_rows(h: Tensor) -> Tensor:
@@ -139,8 +189,11 @@ class BankDetector(Detector):
     """A detector that scores against a bank of (a seeded fraction of) training feature rows.
 
     Fitting keeps each training sample with probability ``bank_fraction``, decided by
-    :func:`seeded_uniform` of its position in the (per-rank) stream, so the bank is the same
-    for any batching; ``finalize`` concatenates the ranks' shares (``Reducer.cat``). The bank
+    :func:`seeded_uniform_at` of its position in the training set (under DDP rank ``r`` of
+    ``w`` numbers its ``p``-th sample ``r + p * w``, see :func:`stream_layout`), so the bank is
+    the same for any batching and any world size; ``finalize`` gathers the ranks' shares with
+    their positions (``Reducer.cat``) and orders the bank by position, so the bank buffer
+    itself, not only its set of rows, equals one process's. The bank
     size is Binomial(N, bank_fraction), not exactly ``round(N * bank_fraction)``, but never
     below ``min(N, min_bank)``: on a small training set the ``min_bank`` samples of smallest
     draw are kept as well (OpenOOD keeps at least its first training batch), so a fraction
@@ -201,7 +254,9 @@ class BankDetector(Detector):
         self.register_buffer("bank_fingerprint", torch.zeros(2, dtype=torch.float64))
         self.store_bank = store_bank
         self._chunks: list[Tensor] = []
+        self._positions: list[Tensor] = []  # training-set positions of the kept rows
         self._seen = 0
+        self._layout = stream_layout()
         # The floor's candidates: the `min_bank` smallest draws not kept by the fraction, as
         # (rows, draws, positions) in stream order.
         self._spare: tuple[Tensor, Tensor, Tensor] | None = None
@@ -218,9 +273,8 @@ class BankDetector(Detector):
 
     # -- what the training set allows ---------------------------------------------------------
     def bank_size(self, num_train: int) -> int:
-        """Rows of the bank fitted on ``num_train`` samples read in one stream (one process):
-        the draws below ``bank_fraction``, at least ``min(num_train, min_bank)``. Under DDP
-        each rank draws for its own shard, so the size there differs slightly."""
+        """Rows of the bank fitted on ``num_train`` samples, on any world size: the draws
+        below ``bank_fraction``, at least ``min(num_train, min_bank)``."""
         if self.bank_fraction >= 1.0:
             return num_train
         kept, step = 0, 1 << 20
@@ -315,7 +369,9 @@ class BankDetector(Detector):
 
     def reset(self) -> None:
         self._chunks = []
+        self._positions = []
         self._seen = 0
+        self._layout = stream_layout()
         self._spare = None
         self.fitted.fill_(False)
 
@@ -324,13 +380,13 @@ class BankDetector(Detector):
         if rows.dim() != 2:
             raise ValueError(f"{self.name}: features must be (B, q), got {tuple(rows.shape)}")
         n = rows.shape[0]
+        pos = global_positions(self._seen, n, self._layout, rows.device)
         if self.bank_fraction < 1.0:
-            u = seeded_uniform(self._seen, n, self.seed, rows.device)
+            u = seeded_uniform_at(pos, self.seed)
             keep = u < self.bank_fraction
             if self.min_bank:
-                pos = torch.arange(self._seen, self._seen + n, device=rows.device)
                 self._keep_spare(rows[~keep], u[~keep], pos[~keep])
-            rows = rows[keep]  # boolean indexing copies
+            rows, pos = rows[keep], pos[keep]  # boolean indexing copies
         elif any(rows.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
                  for t in (out.features, out.logits, *out.taps.values())):  # fmt: skip
             rows = rows.clone()  # rows that alias the batch's outputs (bank_rows = a view)
@@ -341,6 +397,7 @@ class BankDetector(Detector):
                 f"{rows.shape[1]} during fitting"
             )
         self._chunks.append(rows)
+        self._positions.append(pos)
 
     def _keep_spare(self, rows: Tensor, u: Tensor, pos: Tensor) -> None:
         """Merge a batch's unkept rows into the floor's candidates: the ``min_bank`` smallest
@@ -357,28 +414,40 @@ class BankDetector(Detector):
 
     def _floor(self, bank: Tensor, reducer: Reducer, width: int) -> Tensor:
         """``bank`` topped up to ``min_bank`` rows (or every sample) with the smallest draws
-        of all ranks' candidates; every rank calls this, so the gathers match."""
+        of all ranks' candidates (ties by position), appended in position order; every rank
+        calls this, so the gathers match."""
         if self.bank_fraction >= 1.0 or bank.shape[0] >= self.min_bank:
             return bank
         if self._spare is None:
-            rows, u = bank.new_zeros(0, width), torch.zeros(0, dtype=torch.float64)
+            rows = bank.new_zeros(0, width)
+            u = torch.zeros(0, dtype=torch.float64, device=bank.device)
+            pos = torch.zeros(0, dtype=torch.int64, device=bank.device)
         else:
-            rows, u, _ = self._spare
+            rows, u, pos = self._spare
         rows, u = reducer.cat(rows.to(bank.device)), reducer.cat(u.to(bank.device))
+        pos = reducer.cat(pos.to(bank.device))
+        by_pos = torch.sort(pos).indices  # the ranks' candidates in training-set order
+        rows, u = rows[by_pos], u[by_pos]
         need = min(self.min_bank - bank.shape[0], u.numel())
         pick = torch.sort(torch.sort(u, stable=True).indices[:need]).values
         return torch.cat([bank, rows[pick].to(bank.dtype)])
 
     def finalize(self, model: OODBackbone, reducer: Reducer | None = None) -> None:
-        """Concatenate the kept rows of every rank into the bank (topped up to ``min_bank``)
-        and record its metadata."""
+        """Gather the kept rows of every rank into the bank, in training-set order (topped up
+        to ``min_bank``), and record its metadata."""
         reducer = reducer or Reducer()
         if self._chunks:
             local = self._chunks[0] if len(self._chunks) == 1 else torch.cat(self._chunks)
+            pos = torch.cat(self._positions)
         else:  # a rank that saw no batch still joins the gather
             local = self.bank.new_zeros(0, model.num_features)
-        self._chunks = [local]  # finalize may run again (finalize-only configurations)
-        bank = self._floor(reducer.cat(local), reducer, local.shape[1])
+            pos = torch.zeros(0, dtype=torch.int64, device=local.device)
+        self._chunks, self._positions = [local], [pos]  # finalize may run again (grid)
+        check_layout(reducer, self._layout[1], self.name, local.device)
+        rows, pos = reducer.cat(local), reducer.cat(pos.to(local.device))
+        if self._layout[1] > 1:  # the ranks' shares interleave: restore the training order
+            rows = rows[torch.sort(pos).indices]
+        bank = self._floor(rows, reducer, local.shape[1])
         if bank.shape[0] == 0:
             raise RuntimeError(
                 f"{self.name}: the bank is empty: no training sample was kept (seen: "
@@ -528,8 +597,15 @@ __all__ = [
     "BACKENDS",
     "KNN",
     "BankDetector",
+    "check_layout",
     "faiss_available",
+    "global_positions",
+    "mix32",
+    "mul32",
     "normalize_rows",
+    "seed_key",
     "seeded_uniform",
+    "seeded_uniform_at",
+    "stream_layout",
     "topk_scores",
 ]

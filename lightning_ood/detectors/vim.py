@@ -25,7 +25,12 @@ from lightning_ood.detectors.base import (
     Reducer,
     check_int,
 )
-from lightning_ood.detectors.knn import seeded_uniform
+from lightning_ood.detectors.knn import (
+    check_layout,
+    global_positions,
+    seeded_uniform_at,
+    stream_layout,
+)
 from lightning_ood.detectors.linear_head import LinearHeadDetector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
@@ -40,6 +45,20 @@ def default_dim(q: int) -> int:
     return q // 2
 
 
+#: A mean training residual below this fraction of the mean feature norm (about u) is float
+#: rounding: the features span no more than the principal subspace (e.g. dim >= the number of
+#: live ReLU units), and α = mean max-logit / residual would amplify rounding noise ~1e12-fold.
+_ROUNDING = 1e-6
+
+
+def _bottom(prio: Tensor, pos: Tensor, m: int) -> Tensor:
+    """Indices of the ``m`` smallest priorities (ties by position), in position order: the
+    same rows in the same order however the candidates were split over batches and ranks."""
+    by_pos = torch.sort(pos).indices
+    chosen = by_pos[torch.sort(prio[by_pos], stable=True).indices[:m]]
+    return chosen[torch.sort(pos[chosen]).indices]
+
+
 class ViM(LinearHeadDetector):
     """ViM: energy minus the α-scaled norm of the feature residual outside the principal
     subspace.
@@ -49,11 +68,15 @@ class ViM(LinearHeadDetector):
     ``finalize``) is ``(Σxxᵀ - s uᵀ - u sᵀ + N u uᵀ)/N`` with s = Σx, and the numerator of α is
     exact. The denominator of α, the mean residual norm, is a mean of square roots and cannot
     come from second moments; it is computed on a seeded uniform subsample of at most
-    ``max_samples // q`` training rows (the rows with the smallest :func:`seeded_uniform`
-    priority of their stream position, so the sample does not depend on the batching), which
-    is the whole training set, hence exact, when it fits (CIFAR: 50,000 x 342 features are 17M
-    values, under the default 20M). Under DDP each rank keeps its own bottom-m sample and
-    ``finalize`` keeps the m smallest priorities of their union.
+    ``max_samples // q`` training rows (the rows with the smallest
+    :func:`~lightning_ood.detectors.knn.seeded_uniform_at` priority of their position in the
+    training set, ties by position), which is the whole training set, hence exact, when it
+    fits (CIFAR: 50,000 x 342 features are 17M values, under the default 20M). The sample does
+    not depend on the batching nor on the world size: under DDP rank ``r`` of ``w`` numbers its
+    ``p``-th sample ``r + p * w`` (its EvalShardedSampler shard, see
+    :func:`~lightning_ood.detectors.knn.stream_layout`), keeps its own bottom-m, and
+    ``finalize`` keeps the m smallest priorities of their union and averages the residual norms
+    in training-set order, as one process does.
 
     Args:
         dim: principal-subspace dimension D, 1 <= D < q; None = :func:`default_dim` (the
@@ -93,10 +116,11 @@ class ViM(LinearHeadDetector):
         self.register_buffer("residual_basis", torch.zeros(0, 0, dtype=f64))  # (q, q - D)
         self.register_buffer("alpha", torch.zeros((), dtype=f64))
         self.register_buffer("principal_dim", torch.zeros((), dtype=torch.long))  # D used
-        self._sample: list[tuple[Tensor, Tensor]] = []  # (priorities, rows) chunks
+        self._sample: list[tuple[Tensor, Tensor, Tensor]] = []  # (priorities, rows, positions)
         self._sample_rows = 0
         self._cutoff = float("inf")
         self._seen = 0
+        self._layout = stream_layout()
 
     # -- fitting --------------------------------------------------------------------------
     def reset(self) -> None:
@@ -106,20 +130,22 @@ class ViM(LinearHeadDetector):
         self.outer = torch.zeros(0, 0, dtype=torch.float64, device=dev)
         self.max_logit_sum = torch.zeros((), dtype=torch.float64, device=dev)
         self._sample, self._sample_rows, self._cutoff, self._seen = [], 0, float("inf"), 0
+        self._layout = stream_layout()
         self.fitted.fill_(False)
 
     def _capacity(self, q: int) -> int:
         return max(1, self.max_samples // q)
 
     def _compact(self, m: int) -> None:
-        """Keep the ``m`` rows of smallest priority (stable order on ties)."""
-        prio = torch.cat([p for p, _ in self._sample])
-        rows = torch.cat([r for _, r in self._sample])
+        """Keep the ``m`` rows of smallest priority (ties by position), in position order."""
+        prio = torch.cat([p for p, _, _ in self._sample])
+        rows = torch.cat([r for _, r, _ in self._sample])
+        pos = torch.cat([i for _, _, i in self._sample])
         if prio.numel() > m:
-            order = torch.sort(prio, stable=True).indices[:m]
-            prio, rows = prio[order], rows[order]
+            order = _bottom(prio, pos, m)
+            prio, rows, pos = prio[order], rows[order], pos[order]
             self._cutoff = float(prio.max())
-        self._sample = [(prio, rows)]
+        self._sample = [(prio, rows, pos)]
         self._sample_rows = prio.numel()
 
     def update(self, out: BackboneOutput, target: Tensor, model: OODBackbone | None = None) -> None:
@@ -142,10 +168,11 @@ class ViM(LinearHeadDetector):
         self.outer.addmm_(hd.T, hd)
         if h.shape[0]:
             self.max_logit_sum += out.logits.detach().double().max(dim=1).values.sum()
-        prio = seeded_uniform(self._seen, h.shape[0], self.seed, h.device)
+        pos = global_positions(self._seen, h.shape[0], self._layout, h.device)
+        prio = seeded_uniform_at(pos, self.seed)
         self._seen += h.shape[0]
         keep = prio < self._cutoff
-        self._sample.append((prio[keep], h[keep]))  # boolean indexing copies
+        self._sample.append((prio[keep], h[keep], pos[keep]))  # boolean indexing copies
         self._sample_rows += int(keep.sum())
         m = self._capacity(h.shape[1])
         if self._sample_rows > 2 * m:
@@ -184,20 +211,26 @@ class ViM(LinearHeadDetector):
         _, vecs = torch.linalg.eigh(0.5 * (cov + cov.T))  # ascending eigenvalues
         basis = vecs[:, : q - d].contiguous()  # the q - D least-explained directions
         # α's denominator on the (all-rank) bottom-m sample.
+        check_layout(reducer, self._layout[1], self.name, dev)
         if self._sample:
             self._compact(self._capacity(q))
-            prio, rows = self._sample[0]
+            prio, rows, pos = self._sample[0]
         else:
             prio = torch.zeros(0, dtype=torch.float64, device=dev)
             rows = torch.zeros(0, q, dtype=self.weight.dtype, device=dev)
-        prio, rows = reducer.cat(prio), reducer.cat(rows)
-        if rows.shape[0] > self._capacity(q):  # else the whole (all-rank) sample enters
-            rows = rows[torch.sort(prio, stable=True).indices[: self._capacity(q)]]
-        residual = ((rows.double() - u) @ basis).norm(dim=1).mean()
-        if not bool(torch.isfinite(residual)) or float(residual) <= 0:
-            raise ValueError(
+            pos = torch.zeros(0, dtype=torch.int64, device=dev)
+        prio, rows, pos = reducer.cat(prio), reducer.cat(rows), reducer.cat(pos)
+        rows = rows[_bottom(prio, pos, self._capacity(q))]  # every rank's m smallest
+        centred = rows.double() - u
+        residual = (centred @ basis).norm(dim=1).mean()
+        spread = centred.norm(dim=1).mean()
+        if not bool(torch.isfinite(residual)) or float(residual) <= _ROUNDING * float(spread):
+            raise InvalidConfiguration(
                 f"{self.name}: the training features have no residual outside the principal "
-                f"subspace of dimension {d} (mean residual norm {float(residual):g}); lower dim"
+                f"subspace of dimension {d} (mean residual norm {float(residual):g}, "
+                f"{float(residual) / max(float(spread), 1e-300):.1e} of their mean norm about "
+                "the origin u: float rounding, not signal); they span at most "
+                f"{d} dimensions, so α would scale rounding noise into the score; lower dim"
             )
         self.origin = u
         self.residual_basis = basis
@@ -211,8 +244,11 @@ class ViM(LinearHeadDetector):
         return self._virtual_logit(self._check_features(features).double())
 
     def _virtual_logit(self, h: Tensor) -> Tensor:
-        """α‖x^{P⊥}‖ of features already checked and in float64 (one conversion per batch)."""
-        return self.alpha * ((h - self.origin) @ self.residual_basis).norm(dim=1)
+        """α‖x^{P⊥}‖ of features already checked and in float64 (one conversion per batch).
+        The buffers are read in float64 whatever their dtype (a module moved with
+        ``.to(torch.float32)`` holds them in float32)."""
+        residual = (h - self.origin.double()) @ self.residual_basis.double()
+        return self.alpha.double() * residual.norm(dim=1)
 
     def score(self, out: BackboneOutput, model: OptModel = None, inputs: OptInput = None) -> Tensor:
         h = self._check_features(out.features).double()

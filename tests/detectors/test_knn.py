@@ -1,6 +1,7 @@
 """KNN (Sun et al. 2022) and NNGuide (Park et al. 2023): the chunked exact top-k against
-brute force, the seeded bank fraction (the same bank on any world size), checkpoints with and without the bank, clear errors,
-and equality with an independent numpy formula and pytorch-ood 0.4.0 on the same features."""
+brute force, the seeded bank fraction (the same bank on any world size), checkpoints with and
+without the bank, clear errors, and equality with an independent numpy formula and
+pytorch-ood 0.4.0 on the same features."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 from scipy.special import logsumexp
-from torch import Tensor, nn
 from threaded_ranks import run_ranks, shard
+from torch import Tensor, nn
 from toys import LinearHeadNet
 
 from lightning_ood import engine
-from lightning_ood.detectors.base import Detector, Reducer
 from lightning_ood.detectors import knn as knn_module
+from lightning_ood.detectors.base import Detector, Reducer
 from lightning_ood.detectors.knn import KNN, seeded_uniform, topk_scores
 from lightning_ood.detectors.nnguide import NNGuide
 
@@ -109,7 +110,9 @@ def _fit_sharded(
     def fit(rank: int, reducer: Reducer) -> Detector:
         det = make()
         xs, ys = shard(x, rank, world), shard(y, rank, world)
-        outputs = [(net.extract(a), b) for a, b in zip(xs.split(batch), ys.split(batch), strict=True)]
+        outputs = [
+            (net.extract(a), b) for a, b in zip(xs.split(batch), ys.split(batch), strict=True)
+        ]
         engine.fit_detectors([det], net, outputs, reducer)
         return det
 

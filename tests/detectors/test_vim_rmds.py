@@ -9,12 +9,12 @@ import pytest
 import torch
 from scipy.special import logsumexp
 from sklearn.covariance import EmpiricalCovariance
-from torch import Tensor
 from threaded_ranks import run_ranks, shard
+from torch import Tensor
 from toys import LinearHeadNet
 
 from lightning_ood import engine
-from lightning_ood.detectors.base import Detector, Reducer
+from lightning_ood.detectors.base import Detector, InvalidConfiguration, Reducer
 from lightning_ood.detectors.knn import seeded_uniform
 from lightning_ood.detectors.mahalanobis import squared_distances
 from lightning_ood.detectors.rmds import RMDS
@@ -167,7 +167,9 @@ def test_vim_alpha_subsample_is_the_same_on_any_world_size(
         assert float(det.alpha) == pytest.approx(float(one.alpha), rel=1e-12)
         assert torch.equal(det.origin, one.origin) and int(det.principal_dim) == 4
         proj = det.residual_basis @ det.residual_basis.T  # the subspace, not its basis' signs
-        torch.testing.assert_close(proj, one.residual_basis @ one.residual_basis.T, atol=1e-12, rtol=0)
+        torch.testing.assert_close(
+            proj, one.residual_basis @ one.residual_basis.T, atol=1e-12, rtol=0
+        )
 
 
 def test_vim_checkpoint_round_trip(net: LinearHeadNet) -> None:
@@ -194,6 +196,13 @@ def test_vim_refuses_bad_dimensions(net: LinearHeadNet) -> None:
     det = _fit(ViM(dim=4), net, x, y)
     with pytest.raises(ValueError, match=r"features must have shape \(B, 12\)"):
         det.score(BackboneOutput(torch.zeros(2, 5), torch.zeros(2, L)))
+    # features of rank 5 (5 live units): about u they span 6 dimensions, so for dim >= 6 the
+    # residual is float rounding (once fitted with alpha ~1e12, which made noise the score)
+    g = torch.Generator().manual_seed(3)
+    low = torch.relu(torch.randn(40, 5, generator=g)) @ torch.randn(5, Q, generator=g)
+    with pytest.raises(InvalidConfiguration, match=r"dimension 6 .*float rounding.*lower dim"):
+        _fit(ViM(dim=6), net, low, y)
+    assert float(_fit(ViM(dim=5), net, low, y).alpha) < 1e3
 
 
 def test_vim_matches_pytorch_ood(net: LinearHeadNet) -> None:

@@ -123,14 +123,7 @@ KINDS = sorted(set(DETECTORS) | set(CONFIGS))
 
 #: Known failures of code outside this suite's reach, by (property, kind): strict xfails, so
 #: the day one is fixed its test fails until the line here is removed.
-KNOWN: dict[tuple[str, str], str] = {
-    ("float32", kind): (
-        "LayerEnsembleDetector.combine reads its float64 combiner buffers with .to(device) "
-        "only: after .to(torch.float32) they are float32 and the float64 matmul fails "
-        "(layer_ensemble.py: .to(dev, torch.float64))"
-    )
-    for kind in ("fssd", "mahalanobis", "fssd_ensemble")
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def _known(prop: str, kinds: list[str]) -> list[Any]:

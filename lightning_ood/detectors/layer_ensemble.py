@@ -312,8 +312,10 @@ class LayerEnsembleDetector(Detector):
                     f"components, got {c.shape[1]}"
                 )
             dev = c.device
-            z = (c.double() - self.combiner_mean.to(dev)) / self.combiner_scale.to(dev)
-            z = z @ self.combiner_coef.to(dev) + self.combiner_intercept.to(dev)
+            # float64 whatever dtype a .to() gave the buffers: the weights were fitted so
+            f64 = torch.float64
+            z = (c.double() - self.combiner_mean.to(dev, f64)) / self.combiner_scale.to(dev, f64)
+            z = z @ self.combiner_coef.to(dev, f64) + self.combiner_intercept.to(dev, f64)
             return z.to(c.dtype if c.is_floating_point() else torch.float32)
         k = c.shape[1]
         if not -k <= self.default_layer < k:

@@ -32,6 +32,12 @@ def git_commit() -> str:
     """The commit of the checkout lightning_ood runs from, or ``unknown`` (installed wheel)."""
     root = Path(__file__).resolve().parents[1]
     try:
+        top = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--show-toplevel"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()  # fmt: skip
+        if Path(top).resolve() != root:  # an installed copy inside some other repository
+            return UNKNOWN
         out = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"],
             capture_output=True, text=True, timeout=5, check=True,

@@ -165,7 +165,17 @@ def _tensor_value(t: Any) -> Any:
 
 
 def format_card(card: Mapping[str, Any]) -> str:
-    """The card as Markdown tables (what ``lightning-ood inspect`` prints)."""
+    """The card as Markdown tables (what ``lightning-ood inspect`` prints). The card is the
+    file's own claim: malformed entries are printed as such, and control characters (terminal
+    escape sequences) are dropped."""
+    try:
+        text = _format_card(card)
+    except (TypeError, AttributeError, ValueError) as err:
+        text = f"malformed card ({type(err).__name__}: {err}); use --json to see it raw\n"
+    return "".join(c for c in text if c == "\n" or ord(c) >= 32)
+
+
+def _format_card(card: Mapping[str, Any]) -> str:
     model, data = card.get("model") or {}, card.get("data") or {}
     lines = [
         f"# {card.get('source', 'checkpoint')}",

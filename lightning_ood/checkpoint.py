@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -69,6 +70,44 @@ def check_lightning_checkpoint(ckpt: Any, path: str | os.PathLike[str]) -> None:
     )
 
 
+#: ``ModelCheckpoint`` state entries that name files it may later delete.
+_PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+
+def contain_callback_paths(ckpt: dict[str, Any], path: Any) -> dict[str, Any]:
+    """Keep the file paths a checkpoint's callback state records (``ModelCheckpoint``'s best,
+    k-th best and last checkpoints, which it deletes when it replaces them) only where they
+    name a ``.ckpt`` file beside ``path`` itself, i.e. the run being resumed. Anything else,
+    a URL, another folder, any other kind of file, would let a file received from someone else
+    delete that path on the next save, so it is forgotten (as if the run had none)."""
+    states = ckpt.get("callbacks")
+    if not isinstance(states, dict):
+        return ckpt
+    try:
+        home = Path(path).resolve().parent
+    except (TypeError, OSError):
+        home = None
+
+    def ours(p: Any) -> bool:
+        if not isinstance(p, str) or not p or "://" in p or home is None:
+            return False
+        target = Path(p).resolve()
+        return target.parent == home and target.suffix == ".ckpt"
+
+    for key, state in states.items():
+        if not (isinstance(key, str) and key.startswith("ModelCheckpoint")):
+            continue
+        if not isinstance(state, dict):
+            continue
+        for field in _PATH_KEYS:
+            if field in state and not ours(state[field]):
+                state[field] = ""
+        best = state.get("best_k_models")
+        if isinstance(best, dict):
+            state["best_k_models"] = {k: v for k, v in best.items() if ours(k)}
+    return ckpt
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint I/O: :func:`atomic_save` to write, :func:`safe_load` to read.
 
@@ -89,4 +128,4 @@ class SafeCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         ckpt = safe_load(path, map_location=map_location or "cpu")
         check_lightning_checkpoint(ckpt, path)
-        return ckpt
+        return contain_callback_paths(ckpt, path)

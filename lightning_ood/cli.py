@@ -138,12 +138,11 @@ class OODCLI(LightningCLI):
         if not hparams:
             return
         given = self._given_model_args(sub)
-        try:
-            self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
-        except SystemExit:
-            sys.stderr.write(f"Parsing of the hyperparameters of --ckpt_path {path} failed!\n")
-            raise
+        # Assigned, never parsed: jsonargparse reads a string under an `Any` type as YAML and
+        # instantiates a `class_path` in it, so a file's values must not go through the parser.
         model_cfg = self.config[sub]["model"]
+        for key, value in hparams.items():
+            model_cfg[key] = copy.deepcopy(value)
         for key, value in given.items():
             now = model_cfg.get(key)
             if _same_arg(now, value):

@@ -93,7 +93,7 @@ def safe_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
     _check_device(path, map_location)
     _check_format(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         if any(marker in str(err) for marker in _UNSAFE_MARKERS):
             raise UnsafeCheckpointError(
@@ -109,6 +109,34 @@ def safe_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
         raise TruncatedCheckpointError(_corrupt_message(path, err)) from err
     except Exception as err:  # a damaged file can fail anywhere inside the unpickler
         raise TruncatedCheckpointError(_corrupt_message(path, err)) from err
+    _check_tensor_sizes(obj, path)
+    return obj
+
+
+def _check_tensor_sizes(obj: Any, path: Path, depth: int = 0) -> None:
+    """Refuse tensors that claim more elements than their storage holds (a stride-0 or
+    overlapping view): a few stored bytes would become gigabytes as soon as anything copies
+    them (``empty_like``, ``clone``). ``torch.save`` of a real tensor never writes one."""
+    if depth > 64:
+        raise NotACheckpointError(f"checkpoint {str(path)!r} nests containers over 64 deep")
+    if isinstance(obj, torch.Tensor):
+        if obj.is_sparse or obj.layout != torch.strided or obj.numel() == 0:
+            return
+        dense = obj.numel() * obj.element_size()
+        stored = obj.untyped_storage().nbytes()
+        if dense > stored:
+            raise NotACheckpointError(
+                f"checkpoint {str(path)!r} holds a tensor of shape {tuple(obj.shape)} that "
+                f"repeats {stored} stored bytes as {dense} (a stride-0 or overlapping view); "
+                "lightning-ood never writes one, so the file is refused"
+            )
+        return
+    if isinstance(obj, dict):
+        for v in obj.values():
+            _check_tensor_sizes(v, path, depth + 1)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            _check_tensor_sizes(v, path, depth + 1)
 
 
 def _check_format(path: Path) -> None:
@@ -135,6 +163,8 @@ def _check_format(path: Path) -> None:
         what = "a zip archive without the data.pkl of a torch.save checkpoint"
     elif head.startswith(b"\x80") and _LEGACY_MAGIC in head:
         return  # torch's legacy (pre-1.6) format
+    elif size == 0:
+        what = "it reports a size of 0 but has content (a special file such as /proc/...)"
     elif tarfile.is_tarfile(path):
         return  # torch's oldest format
     elif head.startswith(b"\x80"):

@@ -7,7 +7,6 @@ checkpoint and come back with ``load_from_checkpoint``; their config lives in
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -169,11 +168,12 @@ class ClassificationTask(LightningModule):
     ) -> ClassificationTask:
         """Lightning's ``load_from_checkpoint``, with the checkpoint read as data.
 
-        Lightning would pass every stored hyperparameter to ``__init__``; here only the task
-        arguments that :func:`~lightning_ood.state.checkpoint_task_args` admits are (plain
-        values, a registered architecture, a ``wrap`` class only if listed in
-        ``allow_modules``), so the file cannot make this call import or unpickle anything.
-        ``kwargs`` override them, as in Lightning.
+        Lightning would pass every stored hyperparameter (and legacy keys such as ``hparams``
+        with an ``_instantiator``) through its instantiation machinery; here the task is built
+        directly from the arguments :func:`~lightning_ood.state.checkpoint_task_args` admits
+        (plain values, a registered architecture, a ``wrap`` class only if listed in
+        ``allow_modules``), then the state dict is loaded. ``kwargs`` override them, as in
+        Lightning; nothing else in the file is read.
         """
         if hparams_file is not None:
             raise ValueError(
@@ -184,17 +184,25 @@ class ClassificationTask(LightningModule):
         ckpt = safe_load(checkpoint_path, map_location="cpu")
         with trust.allow_modules(allow_modules):
             args = checkpoint_task_args(ckpt.get("hyper_parameters"), source)
-            if not args:
+            if not args or not isinstance(ckpt.get("state_dict"), Mapping):
                 raise ValueError(
                     f"{source} is not a lightning-ood checkpoint (no hyper_parameters with a "
-                    "model); bare backbone weights go to model_kwargs.weights"
+                    "model, or no state_dict); bare backbone weights go to model_kwargs.weights"
                 )
-            buffer = io.BytesIO()
-            torch.save({**ckpt, "hyper_parameters": args}, buffer)
-            buffer.seek(0)
-            return super().load_from_checkpoint(
-                buffer, map_location=map_location, strict=strict, weights_only=True, **kwargs
-            )
+            task = cls(**{**args, **kwargs})
+            section = ckpt.get("lightning_ood")
+            clean = {
+                "hyper_parameters": args,
+                "state_dict": dict(ckpt["state_dict"]),
+                "lightning_ood": dict(section) if isinstance(section, Mapping) else {},
+                "epoch": ckpt.get("epoch"),
+                "global_step": ckpt.get("global_step"),
+            }
+            task.on_load_checkpoint(clean)
+            task.load_state_dict(clean["state_dict"], strict=True if strict is None else strict)
+        if map_location is not None:
+            task.to(map_location)
+        return task
 
     # -- detectors ------------------------------------------------------------------------
     def set_detectors(self, specs: DetectorSpecs) -> None:

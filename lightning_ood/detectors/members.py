@@ -10,6 +10,7 @@ rebuilds the ensemble without the member files.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,14 +44,17 @@ def member_paths(
                 "'{seed}') plus `seeds: [1, 2, ...]`; got checkpoint_template="
                 f"{checkpoint_template!r}, seeds={seeds!r}"
             )
-        paths = [checkpoint_template.format(seed=int(s)) for s in seeds]
+        # a literal replacement, not str.format: a template read from a file may carry
+        # format specs ("{seed:>300000000}") that would build strings of any size
+        paths = [checkpoint_template.replace("{seed}", str(int(s))) for s in seeds]
     else:
         if isinstance(checkpoints, str):
             raise ValueError(f"{owner}: `checkpoints` must be a list of paths, got one string")
         paths = [str(p) for p in checkpoints]
     if not paths:
         raise ValueError(f"{owner}: the ensemble has no member checkpoints")
-    dupes = sorted({p for p in paths if paths.count(p) > 1})
+    counts = Counter(paths)
+    dupes = sorted(p for p, n in counts.items() if n > 1)
     if dupes:
         raise ValueError(f"{owner}: member checkpoints listed twice: {dupes}")
     return paths

@@ -90,7 +90,10 @@ def _check_names(modules: Iterable[str]) -> list[str]:
 def check_plain(value: Any, where: str, source: str) -> None:
     """Refuse anything but numbers, strings, booleans, None and lists/dicts of them, and the
     instantiation keys of configs; ``where`` names the field in the error."""
-    if value is None or isinstance(value, bool | int | float | str):
+    if isinstance(value, str):
+        _check_string(value, where, source)
+        return
+    if value is None or isinstance(value, bool | int | float):
         return
     if isinstance(value, list | tuple):
         for i, item in enumerate(value):
@@ -117,6 +120,30 @@ def check_plain(value: Any, where: str, source: str) -> None:
     )
 
 
+#: Most classes a file may ask a head for (ImageNet-21k has 21,841): the model is built
+#: before its weights are checked, so the file must not size it at will.
+MAX_CLASSES = 1_000_000
+#: Longest string a file may record in a model/detector argument (names, paths, tap lists).
+MAX_STRING = 4096
+
+
+def _check_string(value: str, where: str, source: str) -> None:
+    """A recorded string is a name or a path, never a document: configuration parsers read a
+    string that looks like YAML/JSON (``{class_path: ...}``) as an object to build."""
+    stripped = value.strip()
+    if len(value) > MAX_STRING or any(ord(c) < 32 and c not in "\t" for c in value):
+        raise UntrustedCheckpointError(
+            f"{source}: {where} is a string of {len(value)} characters with control "
+            "characters or over the limit; a checkpoint records names and paths only"
+        )
+    if stripped[:1] in "{[" or "class_path" in value or "init_args" in value:
+        raise UntrustedCheckpointError(
+            f"{source}: {where} is the string {value[:60]!r}, which a configuration parser "
+            "would read as an object to build (YAML/JSON, class_path); a checkpoint records "
+            "names and paths only, so it is refused"
+        )
+
+
 def checked_model_record(record: Mapping[str, Any], source: str) -> dict[str, Any]:
     """``{"model", "num_classes", "model_kwargs", "channels_last"}`` of ``record`` (a
     checkpoint's hyperparameters or a member's architecture), checked as described in the
@@ -138,6 +165,11 @@ def checked_model_record(record: Mapping[str, Any], source: str) -> dict[str, An
     if isinstance(num_classes, bool) or not isinstance(num_classes, int):
         raise UntrustedCheckpointError(
             f"{source}: hyperparameter num_classes is {num_classes!r}, not an integer"
+        )
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise UntrustedCheckpointError(
+            f"{source}: hyperparameter num_classes={num_classes} is outside 1..{MAX_CLASSES}; "
+            "the head is built before the weights are checked, so a file may not ask for that"
         )
     raw = record.get("model_kwargs") or {}
     if not isinstance(raw, Mapping):

@@ -323,3 +323,93 @@ def test_a_dataset_pickle_with_code_is_refused(tmp_path: Path, canary: Path) -> 
     (tmp_path / "data_batch_2").write_bytes(pickle.dumps(evil, protocol=2))
     with pytest.raises(CorruptDataError, match=r"asks to load the Python object posix\.system"):
         CIFARPickles(tmp_path, ["data_batch_2"], "labels")
+
+
+# -- found by red-teaming the checks above ---------------------------------------------------
+_YAML_SPEC = "{class_path: subprocess.Popen, init_args: {args: 'touch %s', shell: true}}"
+
+
+@pytest.mark.parametrize(
+    "where", ["model_kwargs", "detector", "detector_list"], ids=["model", "det", "list"]
+)
+def test_a_string_that_parses_as_a_class_spec_is_refused(
+    tmp_path: Path, shared_data: Path, canary: Path, where: str
+) -> None:
+    """jsonargparse reads a string under an ``Any`` type as YAML and builds a ``class_path`` in
+    it, so such strings may not come from a file, whatever key holds them."""
+    spec = _YAML_SPEC % canary
+    net = create_model("lenet", num_classes=10, in_channels=1)
+    state = {f"backbone.{k}": v for k, v in net.state_dict().items()}
+    kwargs: dict[str, Any] = {"in_channels": 1}
+    hp: dict[str, Any] = {}
+    if where == "model_kwargs":
+        kwargs["x"] = spec
+    elif where == "detector":
+        hp = {"detectors": {"e": {"type": "energy", "t": spec}}}
+    else:
+        hp = {"detectors": {"e": {"type": "energy", "t": ["ok", spec]}}}
+    path = _crafted(tmp_path / "evil.ckpt", "lenet", kwargs, hp=hp, state_dict=state)
+    with pytest.raises(SystemExit, match="configuration parser would read as an object"):
+        main(["test", *_cli_args(tmp_path, shared_data), "--ckpt_path", str(path)])
+    with pytest.raises(UntrustedCheckpointError, match="configuration parser"):
+        ClassificationTask.load_from_checkpoint(path)
+
+
+def test_load_from_checkpoint_ignores_lightnings_legacy_keys(tmp_path: Path, canary: Path) -> None:
+    """Lightning merges ``hparams``/``module_arguments`` (with an ``_instantiator``) into the
+    arguments; ours reads the admitted task arguments and the state dict only."""
+    net = create_model("lenet", num_classes=10, in_channels=1)
+    state = {f"backbone.{k}": v for k, v in net.state_dict().items()}
+    legacy = {
+        "_instantiator": "lightning.pytorch.cli.instantiate_module",
+        "detectors": {"e": {"class_path": "subprocess.Popen", "init_args": {"args": "x"}}},
+    }
+    path = _crafted(
+        tmp_path / "l.ckpt", "lenet", {"in_channels": 1}, state_dict=state,
+        hparams=legacy, module_arguments=legacy,
+    )  # fmt: skip
+    task = ClassificationTask.load_from_checkpoint(path)
+    assert dict(task.detectors) == {} and torch.equal(task.backbone.fc2.weight, net.fc2.weight)
+
+
+def test_callback_state_cannot_point_a_checkpoint_deletion_elsewhere(tmp_path: Path) -> None:
+    """``ModelCheckpoint`` deletes the best/last paths it restores when it replaces them: only
+    ``.ckpt`` files beside the resumed checkpoint survive the read."""
+    from lightning_ood.checkpoint import SafeCheckpointIO
+
+    run = tmp_path / "ckpt" / "exp"
+    run.mkdir(parents=True)
+    (tmp_path / "victim").mkdir()
+    key = "ModelCheckpoint{'monitor': None, 'mode': 'min', 'every_n_train_steps': 200}"
+    state = {
+        "best_model_path": f"local://{tmp_path / 'victim'}",
+        "kth_best_model_path": str(run / "../../victim"),
+        "last_model_path": str(run / "last.ckpt"),
+        "best_k_models": {str(tmp_path / "victim"): 1.0, str(run / "epoch1.ckpt"): 0.5},
+    }
+    torch.save(
+        {"pytorch-lightning_version": "2.5.0", "state_dict": {}, "callbacks": {key: state}},
+        run / "last.ckpt",
+    )
+    got = SafeCheckpointIO().load_checkpoint(run / "last.ckpt")["callbacks"][key]
+    assert got["best_model_path"] == got["kth_best_model_path"] == ""
+    assert got["last_model_path"] == str(run / "last.ckpt")  # the resumed run's own file
+    assert got["best_k_models"] == {str(run / "epoch1.ckpt"): 0.5}
+
+
+def test_files_that_would_exhaust_memory_or_hang_are_refused(tmp_path: Path) -> None:
+    from lightning_ood.detectors.members import member_paths
+    from lightning_ood.io import NotACheckpointError, safe_load
+
+    torch.save({"t": torch.zeros(1).expand(10_000)}, tmp_path / "stride0.pt")
+    with pytest.raises(NotACheckpointError, match="stride-0"):
+        safe_load(tmp_path / "stride0.pt")
+    with pytest.raises(UntrustedCheckpointError, match="num_classes=2000000"):
+        checked_model_record({"model": "lenet", "num_classes": 2_000_000}, "f")
+    # a template is replaced literally: no format spec can size the string
+    assert member_paths(None, "m{seed}{seed:>300000000}.ckpt", [1]) == ["m1{seed:>300000000}.ckpt"]
+    many = [f"m{i}.ckpt" for i in range(200_000)]
+    assert member_paths(many, None, None) == many  # linear, not quadratic
+    if Path("/proc/self/pagemap").exists():
+        with pytest.raises(NotACheckpointError, match="special file"):
+            safe_load("/proc/self/pagemap")

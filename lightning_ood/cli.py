@@ -190,7 +190,7 @@ class OODCLI(LightningCLI):
         try:  # before anything is written: a name may not leave the roots
             run_folder(cfg["checkpoint_root"], cfg["experiment"])
             run_folder(cfg["log_root"], cfg["experiment"])
-        except ValueError as err:
+        except (ValueError, RuntimeError, OSError) as err:  # RuntimeError: a symlink loop
             raise SystemExit(f"lightning-ood {sub}: {err}") from None
         if sub not in ("test", "predict"):
             return

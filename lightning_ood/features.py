@@ -678,6 +678,14 @@ class FeatureCache:
             return None
         if "shards" in obj:
             folder = path.with_suffix(".shards")
+            names = [e.get("file") if isinstance(e, dict) else None for e in obj["shards"]]
+            if not all(isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..")
+                       for n in names):  # fmt: skip
+                warnings.warn(  # the index is data: it names files inside its folder only
+                    f"feature cache entry {path} names shards outside {folder}; recomputing",
+                    stacklevel=3,
+                )
+                return None
             missing = [e["file"] for e in obj["shards"] if not (folder / e["file"]).is_file()]
             if missing:
                 warnings.warn(

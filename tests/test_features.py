@@ -3,6 +3,7 @@ dataset slice, transform and tap set, and atomic writes."""
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -337,3 +338,23 @@ def test_sharded_write_interrupted_or_damaged_leaves_no_entry(
     with pytest.raises(ValueError, match="no rows"):
         cache.save_stream(iter([]), "w", "d", "t", shard_rows=10)
     assert not [p for p in tmp_path.rglob(".*tmp-*")]
+
+
+def test_a_shard_index_naming_files_outside_its_folder_is_not_read(
+    tmp_path: Path, fmnist: FashionMNIST, lenet: OODBackbone
+) -> None:
+    """The index is data: a shard named by an absolute path or with ``..`` is recomputed, never
+    loaded from elsewhere."""
+    cache = FeatureCache(tmp_path / "cache")
+    loader = _loader(fmnist, every=200)
+    stored = cache.save_stream(compute_features(lenet, loader).as_batches(30), "w", "d", "t",
+                               shard_rows=20)  # fmt: skip
+    index = stored.folder.with_suffix(".pt")
+    outside = tmp_path / "outside.pt"
+    shutil.copy(stored.folder / "shard-00000.pt", outside)
+    obj = torch.load(index, weights_only=True)
+    for name in (str(outside), "../outside.pt"):
+        obj["shards"][0]["file"] = name
+        torch.save(obj, index)
+        with pytest.warns(UserWarning, match="names shards outside"):
+            assert cache.load("w", "d", "t") is None

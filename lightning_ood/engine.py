@@ -449,15 +449,17 @@ def deploy_combiners(
     return fitted
 
 
+def shipped_score(det: Detector, scores: Tensor) -> Tensor:
+    """``det``'s score as it ships from what ``score_batch(components=True)`` gave: a layer
+    ensemble's (N, K) components combined by its own combiner, any (N,) score unchanged."""
+    if det.needs_validation and scores.ndim == 2:
+        return det.combine(scores)  # type: ignore[attr-defined]
+    return scores
+
+
 def combined_scores(detectors: Mapping[str, Detector], bank: Mapping[str, Tensor]) -> dict:
-    """Scores as the detectors ship them from a bank that may hold a layer ensemble's (N, K)
-    components (``score_batch(components=True)``): those are combined with the detector's own
-    combiner, every other (N,) score is passed through."""
-    out: dict[str, Tensor] = {}
-    for name, det in detectors.items():
-        t = bank[name]
-        out[name] = det.combine(t) if det.needs_validation and t.ndim == 2 else t  # type: ignore[attr-defined]
-    return out
+    """:func:`shipped_score` of every detector in ``bank``."""
+    return {name: shipped_score(det, bank[name]) for name, det in detectors.items()}
 
 
 # -- decisions -----------------------------------------------------------------------------------
@@ -523,6 +525,7 @@ __all__ = [
     "score_batch",
     "score_loader",
     "score_stream",
+    "shipped_score",
     "ships_combiner",
     "split_batch",
 ]

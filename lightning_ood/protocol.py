@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from lightning_ood.detectors.base import Detector
+from lightning_ood.engine import shipped_score
 from lightning_ood.metrics import METRIC_NAMES, ood_metrics
 from lightning_ood.splits import seeded_parts
 
@@ -401,14 +402,11 @@ def _shipped_row(
     """The row named after the detector: its score as it ships (a layer ensemble's components
     combined by its own combiner), on every sample: what ``lightning_ood.load()`` returns."""
 
-    def shipped(t: Tensor) -> Tensor:
-        return det.combine(t) if det.needs_validation and t.ndim == 2 else t  # type: ignore[attr-defined]
-
-    s_id = shipped(bank[id_name])
+    s_id = shipped_score(det, bank[id_name])
     per_set: dict[str, dict[str, float]] = {}
     result.scores[dname] = {}
     for ood in ood_names:
-        s_ood = shipped(bank[ood])
+        s_ood = shipped_score(det, bank[ood])
         per_set[ood] = evaluate_pair(s_id, s_ood)
         result.scores[dname][ood] = (s_id, s_ood)
         _warn_nonfinite(warn, dname, ood, per_set[ood], len(s_id), len(s_ood))

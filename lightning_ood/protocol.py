@@ -23,10 +23,11 @@ grid both evaluate through these functions, so a number means the same thing eve
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -46,6 +47,125 @@ COUNT_KEYS = ("n_id", "n_ood", "nonfinite_id", "nonfinite_ood")
 #: Suffix of the row of a layer ensemble evaluated with the papers' per-OOD-set combiners
 #: (fitted on a hold-out of each test set): a protocol, never what a checkpoint ships.
 PER_SET = "[per-set]"
+
+
+#: ``(field, where it is set)`` names accepted for each :class:`Protocol` field besides its own:
+#: the grid's ``select_metric`` argument, the callback's ``tune.select`` etc. all map here.
+PROTOCOL_ALIASES: dict[str, str] = {"select_metric": "select", "tpr": "threshold_tpr"}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The one evaluation protocol value shared by ``test`` (the OOD callback), its ``tune``
+    option and ``grid``: the same config gives the same selection, hold-outs and thresholds
+    through every entry point.
+
+    Attributes:
+        select: validation metric that chooses hyperparameters (a key of ``METRIC_NAMES``;
+            ties broken by the other of AUROC/FPR95), averaged over validation OOD sets.
+        seed: seed of the (fit, select) split of every validation set for layer-ensemble
+            combiners during selection (and of ``id_val_fraction``'s split).
+        combiner_fraction: share of each validation set that fits a candidate's combiner
+            during selection; the rest scores it.
+        validation_size: per reported set, samples held out (seeded) for the papers'
+            per-set combiners (the ``<name>[per-set]`` rows; 0: none).
+        validation_seed: seed of that hold-out (the FSSD reference uses 42).
+        threshold_tpr: ID true-positive rate of each detector's calibrated threshold.
+        id_val_fraction: the ID hold-out rule. ``None`` (the default): ID validation data is
+            the datamodule's held-out training split (``val_size`` > 0) and selection without
+            it is refused, never taken from the reported ID test set. A fraction: an explicit
+            opt-in (grid only) that selects on a seeded part of the ID test set and reports
+            the rest.
+    """
+
+    select: str = "auroc"
+    seed: int = 0
+    combiner_fraction: float = 0.5
+    validation_size: int = 500
+    validation_seed: int = 42
+    threshold_tpr: float = 0.95
+    id_val_fraction: float | None = None
+
+    #: Keys of the callback's ``tune`` option that are protocol fields (``detectors`` is not).
+    TUNE_FIELDS: ClassVar[tuple[str, ...]] = ("select", "seed", "combiner_fraction")
+
+    def __post_init__(self) -> None:
+        check_protocol_values(dataclasses.asdict(self))
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], where: str = "") -> Protocol:
+        """A protocol from config keys (aliases accepted: :data:`PROTOCOL_ALIASES`); errors
+        name ``where`` (``"tune."``, ``"grid spec x.yaml: "``) and the key."""
+        return cls().replace(where=where, **dict(options))
+
+    def replace(self, where: str = "", **changes: Any) -> Protocol:
+        """A copy with ``changes`` (field names or aliases); an unknown key is refused by
+        name, every value checked (messages prefixed with ``where``)."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        out: dict[str, Any] = {}
+        for key, value in changes.items():
+            name = PROTOCOL_ALIASES.get(key, key)
+            if name not in fields:
+                raise ValueError(
+                    f"{where}{key!r} is not a protocol setting; known: {sorted(fields)} "
+                    f"(aliases {PROTOCOL_ALIASES})"
+                )
+            out[name] = value
+        merged = {**dataclasses.asdict(self), **out}
+        check_protocol_values(merged, where)
+        return dataclasses.replace(self, **out)
+
+    def record(self) -> dict[str, Any]:
+        """The protocol as plain values, for results files."""
+        return dataclasses.asdict(self)
+
+
+def check_protocol_values(values: Mapping[str, Any], where: str = "") -> None:
+    """Refuse a protocol value by name (``where`` prefixes the key: ``tune.select=...``)."""
+    if values["select"] not in METRIC_NAMES:
+        raise ValueError(
+            f"{where}select={values['select']!r} is not one of {list(METRIC_NAMES)}"
+        )
+    if not 0.0 < float(values["combiner_fraction"]) < 1.0:
+        raise ValueError(
+            f"{where}combiner_fraction must lie in (0, 1), got {values['combiner_fraction']}"
+        )
+    frac = values.get("id_val_fraction")
+    if frac is not None and not 0.0 < float(frac) < 1.0:
+        raise ValueError(f"{where}id_val_fraction must lie in (0, 1) or be null, got {frac}")
+    if int(values["validation_size"]) < 0:
+        raise ValueError(f"{where}validation_size must be >= 0, got {values['validation_size']}")
+    if not 0.0 < float(values["threshold_tpr"]) <= 1.0:
+        raise ValueError(f"{where}threshold_tpr must lie in (0, 1], got {values['threshold_tpr']}")
+    for key in ("seed", "validation_seed"):
+        if isinstance(values[key], bool) or not isinstance(values[key], int):
+            raise ValueError(f"{where}{key} must be an integer, got {values[key]!r}")
+
+
+#: Keys of the OOD callback's ``tune`` option.
+TUNE_KEYS = ("detectors", *Protocol.TUNE_FIELDS)
+
+
+def check_tune(tune: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Validate the callback's ``tune`` option at config time and fill its defaults (the
+    protocol fields from :class:`Protocol`'s)."""
+    if tune is None:
+        return None
+    if not isinstance(tune, Mapping):
+        raise ValueError(f"tune must be a mapping with keys {list(TUNE_KEYS)}, got {tune!r}")
+    unknown = sorted(set(tune) - set(TUNE_KEYS))
+    if unknown:
+        raise ValueError(f"tune: unknown keys {unknown}; allowed: {list(TUNE_KEYS)}")
+    defaults = Protocol()
+    out = {"detectors": None, **{k: getattr(defaults, k) for k in Protocol.TUNE_FIELDS}, **tune}
+    check_protocol_values({**dataclasses.asdict(defaults), **out}, "tune.")
+    dets = out["detectors"]
+    if isinstance(dets, list | tuple):
+        dets = dict.fromkeys(dets)
+    if dets is not None and not isinstance(dets, Mapping):
+        raise ValueError(f"tune.detectors must map detector names to grids, got {dets!r}")
+    out["detectors"] = None if dets is None else dict(dets)
+    return out
 
 
 def per_set_row(detector: str) -> str:
@@ -419,9 +539,14 @@ __all__ = [
     "CONVENTION",
     "COUNT_KEYS",
     "PER_SET",
+    "PROTOCOL_ALIASES",
+    "TUNE_KEYS",
     "Evaluation",
+    "Protocol",
     "average",
     "check_combiner_record",
+    "check_protocol_values",
+    "check_tune",
     "check_holdout",
     "evaluate_detectors",
     "evaluate_pair",

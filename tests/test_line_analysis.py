@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 from toys import LinearHeadNet
 
-from lightning_ood import engine, report
+from lightning_ood import engine
+from lightning_ood.analyses import line as line_analyses
 from lightning_ood.detectors.line import LINe, activated_neuron_counts, top_neuron_overlap
 
 
@@ -66,7 +67,7 @@ def toy_counts() -> dict[str, Tensor]:
 def test_activated_neurons_figure_panels_and_bar_heights() -> None:
     counts = toy_counts()
     assert counts["cifar10"].tolist() == [[5, 2], [5, 1], [4, 1], [6, 3]]
-    fig = report.activated_neurons_figure(counts, (0.0, 1.0), num_features=6)
+    fig = line_analyses.activated_neurons_figure(counts, (0.0, 1.0), num_features=6)
     axes = fig.axes
     assert len(axes) == 4  # 2 thresholds x 2 OOD sets, ID overlaid in every panel
     assert [ax.get_title() for ax in axes] == [
@@ -90,7 +91,9 @@ def test_activated_neurons_figure_panels_and_bar_heights() -> None:
 def test_log_activated_neurons_writes_png_and_tensorboard(tmp_path: Path) -> None:
     counts = toy_counts()
     writer = FakeWriter()
-    path = report.log_activated_neurons(writer, counts, (0.0, 1.0), 6, step=3, out_dir=tmp_path)
+    path = line_analyses.log_activated_neurons(
+        writer, counts, (0.0, 1.0), 6, step=3, out_dir=tmp_path
+    )
     assert path == tmp_path / "activated_neurons.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [(tag, step) for tag, _, step in writer.figures] == [("ood_activated_neurons", 3)]
@@ -98,13 +101,16 @@ def test_log_activated_neurons_writes_png_and_tensorboard(tmp_path: Path) -> Non
     assert writer.histograms["ood_activated_neurons/svhn/gt_1"] == [0, 1]
     assert len(writer.histograms) == 6
     # Without a writer, only the PNG; without out_dir, nothing on disk.
-    assert report.log_activated_neurons(None, counts, (0.0, 1.0), 6, 0, tmp_path, "b") is not None
-    assert report.log_activated_neurons(FakeWriter(), counts, (0.0, 1.0), 6, 0) is None
+    assert (
+        line_analyses.log_activated_neurons(None, counts, (0.0, 1.0), 6, 0, tmp_path, "b")
+        is not None
+    )
+    assert line_analyses.log_activated_neurons(FakeWriter(), counts, (0.0, 1.0), 6, 0) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["activated_neurons.png", "b.png"]
 
 
 def test_activated_neurons_summary_values() -> None:
-    summary = report.activated_neurons_summary(toy_counts(), (0.0, 1.0))
+    summary = line_analyses.activated_neurons_summary(toy_counts(), (0.0, 1.0))
     assert summary["cifar10"]["h > 0"] == {"mean": 5.0, "median": 5.0, "n": 4}
     assert summary["cifar10"]["h > 1"]["mean"] == 1.75
     assert summary["svhn"]["h > 0"]["mean"] == 1.5
@@ -193,17 +199,17 @@ def test_top_neuron_overlap_bad_arguments_name_the_parameter() -> None:
 
 def test_overlap_markdown_and_csv() -> None:
     res = top_neuron_overlap(hand_contributions(), 20.0, (20.0, 30.0, 50.0))
-    md = report.format_neuron_overlap({"line": res, "line_abs": res})
+    md = line_analyses.format_neuron_overlap({"line": res, "line_abs": res})
     lines = md.splitlines()
     assert "top 20 %" in lines[0] and "at least o %" in lines[0]
     assert lines[2] == "| detector | L | q | o = 20 | o = 30 | o = 50 |"
     assert lines[4] == "| line | 5 | 10 | 50.00 (5) | 30.00 (3) | 10.00 (1) |"
     assert len(lines) == 6
-    rows = list(csv.DictReader(io.StringIO(report.format_neuron_overlap_csv({"line": res}))))
+    rows = list(csv.DictReader(io.StringIO(line_analyses.format_neuron_overlap_csv({"line": res}))))
     assert [(float(r["o"]), int(r["neurons"]), float(r["percent"])) for r in rows] == [
         (20.0, 5, 50.0), (30.0, 3, 30.0), (50.0, 1, 10.0)
     ]  # fmt: skip
     assert {r["rule"] for r in rows} == {"at_least"}
     other = top_neuron_overlap(hand_contributions(), 20.0, (20.0,))
     with pytest.raises(ValueError, match="same ones"):
-        report.format_neuron_overlap({"a": res, "b": other})
+        line_analyses.format_neuron_overlap({"a": res, "b": other})

@@ -1,4 +1,5 @@
-"""The paper pictures and the corruption-severity summary of lightning_ood.report."""
+"""The paper pictures (lightning_ood.report) and the corruption-severity summary
+(lightning_ood.analyses.fssd)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import pytest
 import torch
 
 from lightning_ood import report
+from lightning_ood.analyses import fssd
 
 
 def test_severity_of_parses_only_corrupted_set_names() -> None:
-    assert report.severity_of("fmnist_c/gaussian_noise/3") == ("fmnist_c", "gaussian_noise", 3)
-    assert report.severity_of("mnist") is None
-    assert report.severity_of("a/b/c") is None
+    assert fssd.severity_of("fmnist_c/gaussian_noise/3") == ("fmnist_c", "gaussian_noise", 3)
+    assert fssd.severity_of("mnist") is None
+    assert fssd.severity_of("a/b/c") is None
 
 
 def test_severity_summary_by_hand() -> None:
@@ -30,7 +32,7 @@ def test_severity_summary_by_hand() -> None:
         },
         "msp": {"mnist": {"auroc": 0.4}},  # no corrupted set at all: left out
     }
-    got = report.severity_summary(metrics, "auroc")
+    got = fssd.severity_summary(metrics, "auroc")
     assert set(got) == {"fssd"}
     one = got["fssd"]["1"]
     assert one["mean"] == pytest.approx(0.7) and one["n"] == 3
@@ -40,7 +42,7 @@ def test_severity_summary_by_hand() -> None:
     assert got["fssd"]["2"] == {
         "mean": 0.9, "q1": 0.9, "median": 0.9, "q3": 0.9, "min": 0.9, "max": 0.9, "n": 1,
     }  # fmt: skip
-    lines = report.severity_lines(got, "auroc")
+    lines = fssd.severity_lines(got, "auroc")
     assert lines[-1] == "| fssd | 70.00 [65.00, 75.00] | 90.00 [90.00, 90.00] |"
 
 
@@ -83,11 +85,10 @@ def test_write_figures_writes_pngs_and_logs_every_picture(tmp_path: Path) -> Non
     s = torch.linspace(0, 1, 50, dtype=torch.float64)
     scores = {"msp": {"c/fog/1": (s, s - 0.5)}, "fssd": {"c/fog/1": (s, s - 0.2)}}
     comps = {"ID": torch.rand(50, 2), "c/fog/1": torch.rand(40, 2)}
-    severity = report.severity_summary({"msp": {"c/fog/1": {"auroc": 0.7}}}, "auroc")
+    severity = fssd.severity_summary({"msp": {"c/fog/1": {"auroc": 0.7}}}, "auroc")
     writer = FakeWriter()
-    paths = report.write_figures(
-        tmp_path, writer, 3, scores, {"msp": 0.5}, {"fssd": (("l1", "l2"), comps)}, severity
-    )
+    extra = fssd.figure_makers({"fssd": (("l1", "l2"), comps)}, severity)
+    paths = report.write_figures(tmp_path, writer, 3, scores, {"msp": 0.5}, extra)
     names = sorted(p.name for p in paths)
     assert names == ["density_fssd.png", "density_msp.png", "layers_fssd.png", "severity_auroc.png"]
     for p in paths:

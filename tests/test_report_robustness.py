@@ -1,10 +1,10 @@
-"""report.robustness_summary: FSSD Figure 5's aggregation of per-severity runs."""
+"""analyses.fssd.robustness_summary: FSSD Figure 5's aggregation of per-severity runs."""
 
 from __future__ import annotations
 
 import pytest
 
-from lightning_ood import report
+from lightning_ood.analyses import fssd
 
 
 def _run(aurocs: dict[str, float]) -> dict:
@@ -21,7 +21,7 @@ def test_robustness_summary_by_hand() -> None:
         (3, _run({"msp": 0.7, "fssd": 0.8})),
         (3, _run({"msp": 0.9})),
     ]
-    got = report.robustness_summary(runs, "mnist")
+    got = fssd.robustness_summary(runs, "mnist")
     assert list(got) == ["msp", "fssd"]
     assert list(got["msp"]) == ["0", "3"]
     # msp, severity 3: values 0.5, 0.7, 0.9 -> mean 0.7, numpy linear quartiles 0.6 / 0.8
@@ -37,11 +37,11 @@ def test_robustness_summary_by_hand() -> None:
     assert got["fssd"]["3"]["n"] == 2
     assert got["fssd"]["3"]["mean"] == pytest.approx(0.85)
     # other metrics and sets are ignored; the table helper reads it like a severity summary
-    lines = report.severity_lines(got, "auroc", pooled="runs (seeds)")
+    lines = fssd.severity_lines(got, "auroc", pooled="runs (seeds)")
     assert "| msp | 70.00 [65.00, 75.00] | 70.00 [60.00, 80.00] |" in lines
     assert lines[0] == "AUROC↑ per corruption severity: mean [Q1, Q3] over 3 runs (seeds)."
     # ... and the figure: one line per detector through the means, titled by what it pools
-    fig = report.severity_figure(got, "auroc", pooled="seeds")
+    fig = fssd.severity_figure(got, "auroc", pooled="seeds")
     ax = fig.axes[0]
     assert ax.get_title().endswith("(band: Q1-Q3 over seeds)")
     msp = next(line for line in ax.get_lines() if line.get_label() == "msp")
@@ -51,6 +51,6 @@ def test_robustness_summary_by_hand() -> None:
 
 def test_robustness_summary_errors() -> None:
     with pytest.raises(ValueError, match="no run reports OOD set 'svhn'"):
-        report.robustness_summary([(1, _run({"msp": 0.5}))], "svhn")
+        fssd.robustness_summary([(1, _run({"msp": 0.5}))], "svhn")
     with pytest.raises(ValueError, match="severity must be >= 0"):
-        report.robustness_summary([(-1, _run({"msp": 0.5}))], "mnist")
+        fssd.robustness_summary([(-1, _run({"msp": 0.5}))], "mnist")

@@ -1,20 +1,32 @@
 """The documentation stays attached to the code: every registered detector has its section in
-docs/methods.md, every relative link in the READMEs and docs/ resolves (file and, for Markdown
-targets, heading anchor), and every ``docs/methods.md#anchor`` cited in the code exists."""
+docs/methods.md and its line in the README, every relative link in the READMEs and docs/
+resolves (file and, for Markdown targets, heading anchor), every ``docs/methods.md#anchor``
+cited in the code exists, and the README stays a quick start (a few screens, the commands CI
+runs, a demo table that matches the demo config, every reference page linked) (issue 24)."""
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 import pytest
+import yaml
 
-from lightning_ood.detectors import DETECTORS
+from lightning_ood.detectors import DETECTORS, build_detector
+from lightning_ood.models import create_model
+from lightning_ood.protocol import holds_out
 
 ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 METHODS = ROOT / "docs" / "methods.md"
+DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+
+#: "The README fits on a few screens" (issue 24): the reference parts live in docs/.
+README_MAX_LINES = 150
 
 #: The Markdown files whose relative links must resolve.
 LINKED_DOCS = sorted(
@@ -209,3 +221,126 @@ def test_code_citations_of_the_methods_doc_resolve() -> None:
                     if anchor not in known
                 ]
     assert not bad, "citations of missing docs/methods.md sections:\n" + "\n".join(bad)
+
+
+# -- the README is the quick start --------------------------------------------------------------
+def _readme() -> str:
+    return README.read_text(encoding="utf-8")
+
+
+def _section(text: str, heading: str) -> str:
+    """The body of the Markdown section ``heading`` (up to the next heading of any level)."""
+    lines = text.splitlines()
+    start = lines.index(heading) + 1
+    end = next(
+        (i for i in range(start, len(lines)) if _HEADING.match(lines[i])),
+        len(lines),
+    )
+    return "\n".join(lines[start:end])
+
+
+def _table_rows(text: str) -> list[list[list[str]]]:
+    """The body rows (header and rule skipped) of each Markdown table in ``text``, as cells."""
+    tables, block = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            block.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif block:
+            tables.append(block[2:])
+            block = []
+    return tables
+
+
+def _demo_callback() -> dict[str, Any]:
+    """The ``OODEvaluation`` init_args of configs/demo.yaml."""
+    config = yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))
+    (callback,) = [
+        c["init_args"]
+        for c in config["trainer"]["callbacks"]
+        if c["class_path"].endswith("OODEvaluation")
+    ]
+    return callback
+
+
+def test_readme_fits_on_a_few_screens() -> None:
+    n = len(_readme().splitlines())
+    assert n <= README_MAX_LINES, (
+        f"README.md has {n} lines (at most {README_MAX_LINES}): move reference material into "
+        "docs/ (configs.md, data.md, evaluation.md, handoff.md, scaling.md, results.md, "
+        "layout.md) and link it"
+    )
+
+
+def test_readme_links_every_reference_page() -> None:
+    """Every page under docs/ is reachable from the README in one click."""
+    linked = {(README.parent / t.partition("#")[0]).resolve() for _, t in relative_links(README)}
+    orphans = sorted(p.name for p in (ROOT / "docs").glob("*.md") if p.resolve() not in linked)
+    assert not orphans, f"README.md links no docs page {orphans}: add it to '## Documentation'"
+
+
+def test_readme_lists_every_registered_detector() -> None:
+    """The README's detector list has one entry per registry name, linked to its section in
+    docs/methods.md, and names nothing the registry lacks."""
+    body = _section(_readme(), "## Detectors")
+    listed = re.findall(r"\[`([a-z_]+)`\]\(docs/methods\.md#([a-z_]+)\)", body)
+    assert all(name == anchor for name, anchor in listed), listed
+    names = [name for name, _ in listed]
+    assert len(names) == len(set(names)), f"listed twice: {names}"
+    assert set(names) == set(DETECTORS), (
+        f"README '## Detectors' lacks {sorted(set(DETECTORS) - set(names))} and lists "
+        f"unregistered {sorted(set(names) - set(DETECTORS))}"
+    )
+
+
+def test_readme_commands_are_what_ci_runs() -> None:
+    """`.ci/run` runs exactly the README's test commands, and each is a Makefile target; the
+    README's two commands are Makefile targets too."""
+    ci = [
+        m.group(1)
+        for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+        if (m := re.fullmatch(r"make (\w+)", line.strip()))
+    ]
+    assert ci == ["test", "integration"], ci
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    targets = set(re.findall(r"(?m)^([\w-]+):", makefile))
+    text = _readme()
+    two = re.findall(r"(?m)^make (\w+)", _section(text, "## Two commands on a fresh machine"))
+    assert two == ["demo", "test"], f"README's two commands are {two}"
+    fenced = re.findall(r"(?m)^make (\w+)", text)
+    for target in {*ci, *fenced}:
+        assert target in targets, f"README/.ci/run call `make {target}`; the Makefile lacks it"
+        assert f"make {target}" in text, f".ci/run calls `make {target}`; README never names it"
+
+
+def test_readme_demo_table_follows_the_demo_config() -> None:
+    """The demo's printed rows are the detectors of configs/demo.yaml in order, each layer
+    ensemble that holds out a validation split (``protocol.holds_out``) followed by its
+    ``[per-set]`` row; the selection table lists the tuned detectors with as many candidates as
+    their search spaces hold and a selected value from each."""
+    callback = _demo_callback()
+    detectors: dict[str, dict[str, Any]] = callback["detectors"]
+    tuned: dict[str, dict[str, list[Any]] | None] = callback["tune"]["detectors"]
+    demo = _section(_readme(), "### What `make demo` printed")
+    results, selections = _table_rows(demo)
+
+    lenet = create_model("lenet", num_classes=10, in_channels=1)
+    expected = []
+    for name, spec in detectors.items():
+        expected.append(name)
+        det = build_detector(name, spec)
+        if holds_out(det, len(det.component_names(lenet)), callback["validation_size"]):
+            expected.append(f"{name}[per-set]")
+    assert [row[0] for row in results] == expected
+    assert {row[1] for row in results} == {"mnist"}
+
+    assert [row[0] for row in selections] == list(tuned)
+    for name, selected, candidates, _ in selections:
+        space = tuned[name] or DETECTORS[detectors[name].get("type", name)].search_space
+        assert int(candidates) == math.prod(len(v) for v in space.values()), name
+        chosen = dict(kv.split("=", 1) for kv in selected.split(", "))
+        assert chosen.keys() == space.keys(), name
+        for key, value in chosen.items():
+            assert value in {str(v) for v in space[key]}, f"{name}: {key}={value} not searched"
+
+    comment = re.search(r"fits (\d+) detectors, tunes (\d+) of them", _readme())
+    assert comment and (int(comment[1]), int(comment[2])) == (len(detectors), len(tuned))

@@ -41,8 +41,9 @@ _INLINE_LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*(<[^>]*>|[^)\s]+)(
 #: Reference definitions ``[id]: target``.
 _REF_DEF = re.compile(r"^ {0,3}\[[^\]]+\]:\s*(<[^>]*>|\S+)")
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
-#: A citation of this documentation from code or configs, e.g. ``docs/methods.md#fssd``.
-_CITATION = re.compile(r"docs/methods\.md#([A-Za-z0-9_-]+)")
+#: A citation of this documentation from code or configs, e.g. ``docs/methods.md#fssd`` or
+#: ``docs/handoff.md#the-card-lightning-ood-inspect``.
+_CITATION = re.compile(r"docs/([A-Za-z0-9_-]+\.md)#([A-Za-z0-9_-]+)")
 
 
 def _prose_lines(text: str) -> list[str]:
@@ -204,10 +205,10 @@ def test_relative_links_resolve(doc: Path) -> None:
     assert not broken, "broken relative links:\n" + "\n".join(broken)
 
 
-def test_code_citations_of_the_methods_doc_resolve() -> None:
-    """``docs/methods.md#<anchor>`` in the package, benchmarks and tests names a section that
-    exists (so renaming a section cannot orphan a comment)."""
-    known = anchors(METHODS)
+def test_code_citations_of_the_docs_resolve() -> None:
+    """``docs/<page>.md#<anchor>`` in the package, benchmarks and tests names a page and a
+    section that exist (so renaming or moving a section cannot orphan a comment)."""
+    known = {p.name: anchors(p) for p in (ROOT / "docs").glob("*.md")}
     bad = []
     for folder in ("lightning_ood", "benchmarks", "tests"):
         for path in sorted((ROOT / folder).rglob("*")):
@@ -216,11 +217,11 @@ def test_code_citations_of_the_methods_doc_resolve() -> None:
             text = path.read_text(encoding="utf-8", errors="replace")
             for number, line in enumerate(text.splitlines(), start=1):
                 bad += [
-                    f"{path.relative_to(ROOT)}:{number}: #{anchor}"
-                    for anchor in _CITATION.findall(line)
-                    if anchor not in known
+                    f"{path.relative_to(ROOT)}:{number}: docs/{page}#{anchor}"
+                    for page, anchor in _CITATION.findall(line)
+                    if anchor not in known.get(page, ())
                 ]
-    assert not bad, "citations of missing docs/methods.md sections:\n" + "\n".join(bad)
+    assert not bad, "citations of missing docs/ pages or sections:\n" + "\n".join(bad)
 
 
 # -- the README is the quick start --------------------------------------------------------------

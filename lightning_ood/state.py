@@ -11,9 +11,11 @@ stored detector state that does not match the configured detectors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lightning_ood.detectors import Detector, build_detectors
@@ -75,24 +77,34 @@ def reconcile_detector_state(
 ) -> tuple[list[str], list[str]]:
     """Make ``state`` (a checkpoint ``state_dict``, edited in place) fit ``detectors``.
 
-    A configured detector absent from the checkpoint, or stored with other hyperparameters,
-    gets its own fresh (unfitted) state; stored detectors that are not configured are
-    dropped. Returns ``(refit, dropped)`` names; ``log`` hears about both.
+    A configured detector absent from the checkpoint, or whose stored state
+    :meth:`~lightning_ood.detectors.base.Detector.stored_state_fits` rejects (other values of
+    hyperparameters that enter fitting; a hyperparameter added since, at its default, does
+    not count), gets its own fresh (unfitted) state; one that differs only in score-time
+    values keeps its state with the threshold reset (recalibrated at test); stored detectors
+    that are not configured are dropped. Returns ``(refit, dropped)`` names; ``log`` hears
+    about both.
     """
     refit: list[str] = []
     for name, det in detectors.items():
-        keys = [k for k in state if k.startswith(f"{DETECTOR_PREFIX}{name}.")]
-        same = stored_configs.get(name) == det.config()
-        if keys and not same and log is not None:
+        prefix = f"{DETECTOR_PREFIX}{name}."
+        keys = [k for k in state if k.startswith(prefix)]
+        fits, why = det.stored_state_fits(stored_configs.get(name))
+        if keys and why and log is not None:
             log(
                 f"detector {name!r}: checkpoint holds it with config {stored_configs.get(name)}, "
-                f"now configured as {det.config()}; refitting."
+                f"now configured as {det.config()}: {why}"
+                + ("" if fits else "; refitting.")
             )
-        if not keys or not same:
+        if keys and fits and why:  # score-time values changed: the threshold is stale
+            for key in ("threshold", "threshold_tpr"):
+                if prefix + key in state:
+                    state[prefix + key] = torch.full_like(state[prefix + key], math.nan)
+        if not keys or not fits:
             for k in keys:
                 del state[k]
             det.mark_unfitted()
-            state.update(det.state_dict(prefix=f"{DETECTOR_PREFIX}{name}."))
+            state.update(det.state_dict(prefix=prefix))
             refit.append(name)
     stored = {
         k[len(DETECTOR_PREFIX) :].split(".")[0] for k in state if k.startswith(DETECTOR_PREFIX)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,18 +32,22 @@ from lightning_ood.detectors.nci import NCI
 from lightning_ood.detectors.nnguide import NNGuide
 from lightning_ood.detectors.odin import ODIN
 from lightning_ood.detectors.react import ReAct
+from lightning_ood.detectors.registry import (
+    DETECTORS,
+    ENTRY_POINT_GROUP,
+    list_detectors,
+    register_detector,
+)
 from lightning_ood.detectors.rmds import RMDS
 from lightning_ood.detectors.scale import SCALE
 from lightning_ood.detectors.vim import ViM
 
-DETECTORS: dict[str, type[Detector]] = {
-    cls.kind: cls
-    for cls in (
-        *(MSP, MaxLogit, GEN, ODIN, Energy, ReAct, DICE, DICEReAct, LINe, FSSD, Mahalanobis),
-        *(ASH, SCALE, GradNorm, ViM, RMDS, KNN, NNGuide, NCI, FDBD),
-        *(DeepEnsemble, MCDropout, MCDropoutVar, FSSDEnsemble),
-    )
-}
+
+def _register_builtins() -> None:
+    """Import every module of this package; their ``@register_detector`` classes register.
+    A new detector file needs no line here."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
 
 
 def build_detector(name: str, spec: Mapping[str, Any] | None = None) -> Detector:
@@ -52,7 +58,7 @@ def build_detector(name: str, spec: Mapping[str, Any] | None = None) -> Detector
     """
     args = dict(spec or {})
     kind = args.pop("type", name)
-    if kind not in DETECTORS:
+    if not isinstance(kind, str) or kind not in DETECTORS:
         raise ValueError(
             f"unknown detector {kind!r} (config entry {name!r}); known detectors: "
             f"{sorted(DETECTORS)}"
@@ -65,10 +71,14 @@ def build_detectors(specs: Mapping[str, Mapping[str, Any] | None]) -> nn.ModuleD
     return nn.ModuleDict({name: build_detector(name, spec) for name, spec in specs.items()})
 
 
+_register_builtins()
+
+
 __all__ = [
     "ASH",
     "DETECTORS",
     "DICE",
+    "ENTRY_POINT_GROUP",
     "FDBD",
     "FSSD",
     "GEN",
@@ -99,5 +109,7 @@ __all__ = [
     "build_detector",
     "build_detectors",
     "energy_score",
+    "list_detectors",
     "percentile",
+    "register_detector",
 ]

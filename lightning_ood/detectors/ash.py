@@ -24,6 +24,7 @@ from lightning_ood.detectors.base import (
 )
 from lightning_ood.detectors.energy import energy_score
 from lightning_ood.detectors.linear_head import LinearHeadDetector
+from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 VARIANTS = ("p", "b", "s")
@@ -86,6 +87,7 @@ class HeadOnlyDetector(LinearHeadDetector):
         self.fitted.fill_(True)
 
 
+@register_detector
 class ASH(HeadOnlyDetector):
     """ASH: energy of the logits of the activation-shaped penultimate feature.
 

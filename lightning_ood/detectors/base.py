@@ -8,16 +8,19 @@ scoring buffers. ``score(out, ...)`` returns one float per sample, higher = more
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, ClassVar, TypeAlias
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_ood.detectors.hparams import MISSING, HParam, same_value
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 #: ``model`` and ``inputs`` of :meth:`Detector.score`: only input pre-processing reads them.
@@ -51,8 +54,13 @@ class Detector(nn.Module):
     """A post-hoc OOD detector.
 
     Conventions:
-    * every ``__init__`` argument is stored as an attribute of the same name, so
-      :meth:`config` can rebuild the detector (the task stores it in ``hparams``);
+    * hyperparameters are declared once, as :class:`~lightning_ood.detectors.hparams.HParam`
+      class attributes; the constructor takes them as keyword arguments (plus ``name``),
+      validates them and stores each as an attribute of the same name, and :meth:`config`,
+      ``search_space``, ``finalize_only`` and the class's signature follow from the
+      declarations (``__init_subclass__``). A subclass that needs buffers overrides
+      ``__init__(self, **kwargs)``, calls ``super().__init__(**kwargs)`` first, then
+      registers them (and checks constraints between hyperparameters);
     * fitted state lives in buffers; buffers whose shape depends on the backbone are created
       empty and resized on ``load_state_dict`` (see :meth:`_load_from_state_dict`);
     * ``fitted`` (a bool buffer) says whether :meth:`finalize` ran;
@@ -83,8 +91,57 @@ class Detector(nn.Module):
     #: training pass declare them for the record (nothing is shared: they accumulate nothing).
     finalize_only: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, name: str | None = None) -> None:
+    #: The declared hyperparameters by name, in declaration order (bases first); derived.
+    hparams: ClassVar[Mapping[str, HParam]] = MappingProxyType({})
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Derive ``hparams``, ``search_space``, ``finalize_only`` and ``__signature__`` from
+        the :class:`HParam` attributes of the class and its bases."""
+        super().__init_subclass__(**kwargs)
+        declared: dict[str, HParam] = {}
+        for klass in reversed(cls.__mro__):
+            for attr, value in vars(klass).items():
+                if isinstance(value, HParam):
+                    declared[attr] = value
+                elif attr in declared:  # a subclass replaced the declaration (a property)
+                    del declared[attr]
+        if "name" in declared:
+            raise TypeError(f"{cls.__name__}: 'name' is reserved for the instance name")
+        if not declared and _legacy_signature(cls):
+            cls.__signature__ = None  # type: ignore[attr-defined]  # from its own __init__
+            return  # TODO(declarative): gone once every detector declares its HParams
+        for derived in ("search_space", "finalize_only"):
+            if derived in vars(cls):
+                raise TypeError(
+                    f"{cls.__name__} declares {derived} by hand; it follows from the HParam "
+                    "declarations (search=..., stage=...)"
+                )
+        cls.hparams = MappingProxyType(declared)
+        cls.search_space = MappingProxyType(
+            {n: p.candidates for n, p in declared.items() if p.search}
+        )
+        cls.finalize_only = frozenset(n for n, p in declared.items() if p.stage != "fit")
+        params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        params += [
+            inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=p.default)
+            for n, p in declared.items()
+        ]
+        params.append(inspect.Parameter("name", inspect.Parameter.KEYWORD_ONLY, default=None))
+        # the class's signature (``inspect.signature(cls)``, jsonargparse, IDEs): the
+        # constructors themselves take ``**kwargs`` and are shared with the bases
+        cls.__signature__ = inspect.Signature(params[1:])  # type: ignore[attr-defined]
+
+    def __init__(self, name: str | None = None, **hparams: Any) -> None:
         super().__init__()
+        owner = type(self).__name__
+        unknown = sorted(set(hparams) - set(self.hparams))
+        if unknown:
+            raise TypeError(
+                f"{owner} ({self.kind!r}) got unknown hyperparameter(s) {unknown}; it takes "
+                f"{[*self.hparams, 'name']}"
+            )
+        for key, decl in self.hparams.items():
+            setattr(self, key, decl.value(key, hparams.get(key, MISSING), owner))
         self.name = name or self.kind
         self.register_buffer("fitted", torch.tensor(not self.requires_fit))
         # Decision threshold: scores below it are called OOD. NaN until calibrate().
@@ -93,10 +150,45 @@ class Detector(nn.Module):
 
     # -- configuration -------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        """Hyperparameters as ``{"type": kind, **init_args}``; ``build_detector`` inverts it."""
-        params = inspect.signature(type(self).__init__).parameters
-        args = {p: getattr(self, p) for p in params if p not in ("self", "args", "kwargs")}
-        return {"type": self.kind, **args}
+        """Hyperparameters as ``{"type": kind, **values, "name": name}``; ``build_detector``
+        inverts it. Values are copies (a caller editing the dict changes nothing here)."""
+        if not self.hparams and _legacy_signature(type(self)):
+            params = inspect.signature(type(self).__init__).parameters
+            args = {p: getattr(self, p) for p in params if p not in ("self", "args", "kwargs")}
+            return {"type": self.kind, **args}
+        values = {n: copy.deepcopy(getattr(self, n)) for n in self.hparams}
+        return {"type": self.kind, **values, "name": self.name}
+
+    def stored_state_fits(self, stored: Any) -> tuple[bool, str]:
+        """Whether fitted state stored with config ``stored`` is this detector's fitted state.
+
+        Compared by what the state depends on, not by the dict: a hyperparameter the stored
+        config lacks (declared after the checkpoint was written) means its default, so adding
+        a hyperparameter never refits old checkpoints; values that differ only in
+        ``stage="score"`` hyperparameters keep the state (the threshold is recalibrated).
+        Returns ``(fits, reason)``; ``reason`` names what differs ("" when identical).
+        """
+        if not isinstance(stored, Mapping) or stored.get("type", self.kind) != self.kind:
+            kind = stored.get("type") if isinstance(stored, Mapping) else stored
+            return False, f"stored as {kind!r}, configured as {self.kind!r}"
+        unknown = sorted(set(stored) - {*self.hparams, "type", "name"})
+        if unknown:
+            return False, f"stored with hyperparameters {unknown} that {self.kind!r} lacks"
+        differ = [
+            n
+            for n, p in self.hparams.items()
+            if not same_value(stored.get(n, p.default), getattr(self, n))
+        ]
+        refit = [n for n in differ if self.hparams[n].stage != "score"]
+        if refit:
+            what = ", ".join(
+                f"{n}: {stored.get(n, self.hparams[n].default)!r} -> {getattr(self, n)!r}"
+                for n in refit
+            )
+            return False, f"fitted with other values ({what})"
+        if differ:
+            return True, f"score-time values changed ({', '.join(differ)}); recalibrating"
+        return True, ""
 
     @property
     def taps(self) -> tuple[str, ...]:
@@ -274,6 +366,17 @@ class Detector(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+def _legacy_signature(cls: type) -> bool:
+    """A detector written before declarations: its own ``__init__`` names arguments."""
+    init = cls.__dict__.get("__init__") or next(
+        (k.__dict__["__init__"] for k in cls.__mro__ if "__init__" in k.__dict__), None
+    )
+    if init is None or init is Detector.__init__:
+        return False
+    kinds = {p.name: p.kind for p in inspect.signature(init).parameters.values()}
+    return any(n not in ("self", "name", "kwargs") for n in kinds)
 
 
 @contextlib.contextmanager

@@ -18,9 +18,11 @@ from torch import Tensor
 
 from lightning_ood.detectors.base import Detector, OptInput, OptModel
 from lightning_ood.detectors.members import MemberEnsemble, member_paths
+from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput
 
 
+@register_detector
 class DeepEnsemble(MemberEnsemble, Detector):
     """Max of the mean softmax of N independently trained members (higher = more ID).
 

@@ -11,9 +11,11 @@ from torch import Tensor
 
 from lightning_ood.detectors.base import OptInput, OptModel, Reducer, check_range, percentile
 from lightning_ood.detectors.linear_head import MeanHeadDetector
+from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 
+@register_detector
 class DICE(MeanHeadDetector):
     """DICE: energy of logits from a sparsified head, (W ⊙ M) h + b (Sun & Li 2022).
 

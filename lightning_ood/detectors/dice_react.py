@@ -11,9 +11,11 @@ from torch import Tensor
 from lightning_ood.detectors.base import Reducer
 from lightning_ood.detectors.dice import DICE
 from lightning_ood.detectors.linear_head import ActivationSampler
+from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 
+@register_detector
 class DICEReAct(ActivationSampler, DICE):
     """DICE on ReAct-clipped features: the sparse head applied to min(h, c).
 

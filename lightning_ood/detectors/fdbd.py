@@ -13,9 +13,11 @@ from torch import Tensor
 from lightning_ood.detectors.base import OptInput, OptModel, Reducer
 from lightning_ood.detectors.linear_head import MeanHeadDetector
 from lightning_ood.detectors.nci import check_flag, safe_norm
+from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 
+@register_detector
 class FDBD(MeanHeadDetector):
     """fDBD: ``(1/(L−1)) Σ_{c≠ŷ} |(w_ŷ − w_c)·h + (b_ŷ − b_c)| / ||w_ŷ − w_c||_2``, divided
     by ``||h − μ_train||_2``; higher = more in-distribution.

@@ -25,6 +25,7 @@ from lightning_ood.detectors.layer_ensemble import (
     divide_by_input_std,
     input_gradient,
 )
+from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import LOGITS, OODBackbone
 
 NOISES = ("reference", "uniform")
@@ -40,6 +41,7 @@ def model_device_dtype(model: OODBackbone) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.get_default_dtype()
 
 
+@register_detector
 class FSSD(LayerEnsembleDetector):
     """Feature Space Singularity Distance with a logistic-regression layer ensemble.
 

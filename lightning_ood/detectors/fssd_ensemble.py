@@ -24,9 +24,11 @@ from lightning_ood.detectors.base import Detector, OptInput, OptModel, Reducer
 from lightning_ood.detectors.fssd import FSSD
 from lightning_ood.detectors.layer_ensemble import LayerEnsembleDetector
 from lightning_ood.detectors.members import MemberEnsemble
+from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 
+@register_detector
 class FSSDEnsemble(MemberEnsemble, LayerEnsembleDetector):
     """Logistic regression over FSSD_{n,l} for every network n and tap l (higher = more ID).
 

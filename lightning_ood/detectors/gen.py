@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from lightning_ood.detectors.base import Detector, OptInput, OptModel, check_range
+from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput
 
 
@@ -20,6 +21,7 @@ def generalized_entropy(probs: Tensor, gamma: float, top: int) -> Tensor:
     return (p.pow(gamma) * (1.0 - p).pow(gamma)).sum(dim=1)
 
 
+@register_detector
 class GEN(Detector):
     """GEN: score −G_γ(softmax(f(x))) over the top ``M`` classes; higher = more ID.
 

@@ -13,6 +13,7 @@ from torch import Tensor
 from lightning_ood.detectors.ash import HeadOnlyDetector
 from lightning_ood.detectors.base import OptInput, OptModel, check_range
 from lightning_ood.detectors.nci import check_flag
+from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput
 
 
@@ -32,6 +33,7 @@ def gradnorm_score(
     return v * u / temperature
 
 
+@register_detector
 class GradNorm(HeadOnlyDetector):
     """GradNorm: ``S(x) = ||∂D_KL(u || softmax(f(x)/T)) / ∂W||_1``; higher = more ID.
 

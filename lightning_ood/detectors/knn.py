@@ -27,6 +27,7 @@ from lightning_ood.detectors.base import (
     check_range,
     exporting,
 )
+from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 BACKENDS = ("auto", "torch", "faiss")
@@ -529,6 +530,7 @@ class BankDetector(Detector):
         )
 
 
+@register_detector
 class KNN(BankDetector):
     """KNN: minus the L2 distance from z = h/‖h‖ to its k-th nearest normalised training
     feature (Sun et al. 2022, Sec. 3: -r_k(z*); higher = more ID).

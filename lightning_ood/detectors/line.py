@@ -25,6 +25,7 @@ from lightning_ood.detectors.base import (
     check_range,
     exporting,
 )
+from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 from lightning_ood.models.wrap import linear_classifier
 
@@ -106,6 +107,7 @@ def row_percentile(x: Tensor, p: float) -> Tensor:
     return a + (b - a) * (pos - lo)
 
 
+@register_detector
 class LINe(Detector):
     """LINe detector: activation clipping + class-wise activation and weight pruning.
 

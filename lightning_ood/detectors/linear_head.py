@@ -7,6 +7,8 @@ activations that ReAct and DICE+ReAct clip at.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -21,8 +23,8 @@ class LinearHeadDetector(Detector):
 
     requires_fit = True
 
-    def __init__(self, name: str | None = None) -> None:
-        super().__init__(name)
+    def __init__(self, name: str | None = None, **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
         self.register_buffer("weight", torch.zeros(0))  # W, (L, q)
         self.register_buffer("bias", torch.zeros(0))  # b, (L,)
 
@@ -55,8 +57,8 @@ class MeanHeadDetector(LinearHeadDetector):
     ignored (DICE's ā, NCI's global centre μ_G, fDBD's μ_train).
     """
 
-    def __init__(self, name: str | None = None) -> None:
-        super().__init__(name)
+    def __init__(self, name: str | None = None, **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
         self.register_buffer("feature_sum", torch.zeros(0, dtype=torch.float64))
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("feature_mean", torch.zeros(0))  # μ, (q,)

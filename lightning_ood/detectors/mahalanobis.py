@@ -22,6 +22,7 @@ from lightning_ood.detectors.layer_ensemble import (
     divide_by_input_std,
     input_gradient,
 )
+from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import FEATURES, BackboneOutput, OODBackbone
 
 
@@ -81,6 +82,7 @@ def covariance_pinv(cov: Tensor) -> Tensor:
     return torch.linalg.pinv(cov, hermitian=True)
 
 
+@register_detector
 class Mahalanobis(LayerEnsembleDetector):
     """Class means + tied covariance per tap, negated minimum Mahalanobis distance.
 

@@ -52,6 +52,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from lightning_ood.detectors.base import BatchMemo, Detector, OptInput, OptModel, check_int
 from lightning_ood.detectors.knn import mix32, mul32, seed_key
+from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput
 
 #: Module types whose training mode means "drop units": the only ones MC Dropout switches on.
@@ -219,6 +220,7 @@ def seeded_dropout(model: nn.Module, owner: str = "MCDropout") -> Iterator[_Seed
 _MOMENTS = BatchMemo()
 
 
+@register_detector
 class MCDropout(Detector):
     """MC Dropout: max of the mean softmax over T stochastic passes (higher = more ID).
 
@@ -310,6 +312,7 @@ class MCDropout(Detector):
         return mean.amax(dim=1).to(dtype)
 
 
+@register_detector
 class MCDropoutVar(MCDropout):
     """MC Dropout scored by minus the predictive variance (the FSSD paper's second MCD score)."""
 

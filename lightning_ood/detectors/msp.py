@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from lightning_ood.detectors.base import Detector, OptInput, OptModel
+from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput
 
 
+@register_detector
 class MSP(Detector):
     """Maximum softmax probability, max_k softmax(f(x))_k; higher = more in-distribution."""
 
     kind = "msp"
     uses_training_data = False
 
-    def __init__(self, name: str | None = None) -> None:
-        super().__init__(name)
+    def __init__(self, name: str | None = None, **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
 
     def score(self, out: BackboneOutput, model: OptModel = None, inputs: OptInput = None) -> Tensor:
         return out.logits.softmax(dim=1).amax(dim=1)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from lightning_ood.detectors.base import OptInput, OptModel, Reducer, check_range
 from lightning_ood.detectors.linear_head import MeanHeadDetector
+from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 
@@ -33,6 +34,7 @@ def safe_norm(x: Tensor) -> Tensor:
     return x.norm(dim=1).clamp_min(torch.finfo(x.dtype).tiny)
 
 
+@register_detector
 class NCI(MeanHeadDetector):
     """NCI: ``w_ŷ·(h − μ_G) / ||h − μ_G||_2 + α ||h||_1``; higher = more in-distribution.
 

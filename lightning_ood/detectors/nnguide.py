@@ -19,9 +19,11 @@ from torch import Tensor
 
 from lightning_ood.detectors.base import OptInput, OptModel
 from lightning_ood.detectors.knn import BankDetector, normalize_rows
+from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput
 
 
+@register_detector
 class NNGuide(BankDetector):
     """NNGuide: energy(x) · mean of the k largest ⟨h/‖h‖, energy(x_i) · h_i/‖h_i‖⟩ over the
     guided bank.

@@ -10,12 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_ood.detectors.base import BatchMemo, Detector, OptInput, OptModel, check_range
+from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 #: The input-gradient sign of the last batch perturbed (see ``ODIN._gradient_sign``).
 _SIGN = BatchMemo()
 
 
+@register_detector
 class ODIN(Detector):
     """ODIN: temperature-scaled max softmax on an input nudged towards higher confidence.
 

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_ood.detectors.base import OptInput, OptModel, Reducer, check_range
+from lightning_ood.detectors.base import OptInput, OptModel, Reducer
 from lightning_ood.detectors.energy import energy_score
+from lightning_ood.detectors.hparams import HParam, integer, optional, percent, positive
 from lightning_ood.detectors.linear_head import ActivationSampler, LinearHeadDetector
+from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 
+@register_detector
 class ReAct(ActivationSampler, LinearHeadDetector):
     """ReAct: Energy of the logits of the clipped features, T·logsumexp((W min(h, c) + b)/T).
 
@@ -23,43 +25,36 @@ class ReAct(ActivationSampler, LinearHeadDetector):
     validation images instead. With a fixed ``clip`` no training pass is
     needed: ``finalize`` only copies the head, so scoring needs no model.
 
-    Args:
-        clip: fixed clipping threshold c > 0, or None to estimate it.
-        percentile: percentile of training activations used when ``clip`` is None, in (0, 100].
-        temperature: energy temperature T > 0.
-        max_samples: activation values held in memory for the percentile; beyond it the exact
-            value takes one more pass over the training features (radix selection).
-        name: instance name.
     """
 
     kind = "react"
-    #: ``update`` streams activations (``clip``, ``max_samples``); the rest is finalize/score.
-    finalize_only: ClassVar[frozenset[str]] = frozenset({"percentile", "temperature"})
+    clip = HParam(
+        None, optional(positive()), doc="fixed clipping threshold c > 0, or None to estimate it"
+    )
     #: OpenOOD v1.5's ReAct sweep.
-    search_space: ClassVar[Mapping[str, Sequence[Any]]] = {"percentile": (85, 90, 95, 99)}
+    percentile = HParam(
+        90.0,
+        percent(),
+        search=(85, 90, 95, 99),
+        stage="finalize",
+        doc="percentile of training activations used when clip is None, in (0, 100]",
+    )
+    temperature = HParam(1.0, positive(), stage="score", doc="energy temperature T > 0")
+    max_samples = HParam(
+        1 << 26,
+        integer(1),
+        doc="activation values held in memory for the percentile; beyond it the exact value "
+        "takes one more pass over the training features (radix selection)",
+    )
 
     @property
     def uses_training_data(self) -> bool:  # type: ignore[override]
         """A fixed ``clip`` needs no training pass (finalize only copies the head)."""
         return self.clip is None
 
-    def __init__(
-        self,
-        clip: float | None = None,
-        percentile: float = 90.0,
-        temperature: float = 1.0,
-        max_samples: int = 1 << 26,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(name)
-        owner = type(self).__name__
-        self.clip = (
-            None if clip is None else check_range("clip", clip, low=0.0, low_open=True, owner=owner)
-        )
-        self.temperature = check_range(
-            "temperature", temperature, low=0.0, low_open=True, owner=owner
-        )
-        self._init_sampler(percentile, max_samples)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._reset_sampler()
         self.register_buffer("clip_value", torch.zeros(()))  # c actually used
 
     def reset(self) -> None:

@@ -9,16 +9,18 @@ paper Sec. 3: RMD_k(x) = MD_k(x) - MD_0(x) and the confidence is ``-min_k RMD_k(
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from lightning_ood.detectors.base import Detector, OptInput, OptModel, Reducer
 from lightning_ood.detectors.mahalanobis import batch_gram, covariance_pinv, squared_distances
+from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 
+@register_detector
 class RMDS(Detector):
     """Relative Mahalanobis distance on the penultimate features.
 
@@ -36,11 +38,10 @@ class RMDS(Detector):
 
     kind: ClassVar[str] = "rmds"
     requires_fit: ClassVar[bool] = True
-    #: No hyperparameter (OpenOOD v1.5 ``rmds.yml`` has no sweep).
-    finalize_only: ClassVar[frozenset[str]] = frozenset()
+    # No hyperparameter (OpenOOD v1.5 ``rmds.yml`` has no sweep).
 
-    def __init__(self, name: str | None = None) -> None:
-        super().__init__(name)
+    def __init__(self, name: str | None = None, **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
         f64 = torch.float64
         # Accumulators are non-persistent: checkpoints carry only what scoring needs.
         self.register_buffer("class_count", torch.zeros(0, dtype=f64), persistent=False)

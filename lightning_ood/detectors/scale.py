@@ -17,9 +17,11 @@ from lightning_ood.detectors.ash import (
 )
 from lightning_ood.detectors.base import OptInput, OptModel, check_range
 from lightning_ood.detectors.energy import energy_score
+from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput
 
 
+@register_detector
 class SCALE(HeadOnlyDetector):
     """SCALE: energy of the logits of the scaled feature, ``T·logsumexp((e^r W h + b)/T)``.
 

@@ -32,6 +32,7 @@ from lightning_ood.detectors.knn import (
     stream_layout,
 )
 from lightning_ood.detectors.linear_head import LinearHeadDetector
+from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 
@@ -59,6 +60,7 @@ def _bottom(prio: Tensor, pos: Tensor, m: int) -> Tensor:
     return chosen[torch.sort(pos[chosen]).indices]
 
 
+@register_detector
 class ViM(LinearHeadDetector):
     """ViM: energy minus the α-scaled norm of the feature residual outside the principal
     subspace.

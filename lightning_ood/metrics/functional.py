@@ -14,10 +14,14 @@ must be ranked as they are. Everything below sorts the scores once (O(N log N)),
 
 Ties: equal scores form one threshold group (a detector cannot separate them), as in
 scikit-learn's ``roc_curve``; AUROC therefore counts an ID/OOD tie as 1/2.
+
+CCR@FPR (:func:`ccr_at_fpr`, OpenOOD's open-set metric) also needs, per ID sample, whether the
+classifier's prediction equals its label (``correct_id``); its keys are :data:`CCR_NAMES`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -26,11 +30,18 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "CCR_CONVENTIONS",
+    "CCR_FPRS",
+    "CCR_NAMES",
     "METRIC_CONVENTIONS",
     "METRIC_NAMES",
     "aupr_in",
     "aupr_out",
     "auroc",
+    "ccr_at_fpr",
+    "ccr_metric_tensors",
+    "ccr_metrics",
+    "ccr_name",
     "detection_accuracy",
     "fpr_at_tpr",
     "ood_metric_tensors",
@@ -65,6 +76,7 @@ METRIC_CONVENTIONS: dict[str, str] = {
 
 Positive = Literal["id", "ood"]
 FPRMethod = Literal["roc", "reference"]
+CCRMethod = Literal["roc", "openood"]
 
 
 # -- input checks ------------------------------------------------------------------------------
@@ -325,3 +337,169 @@ def ood_metrics(scores_id: ScoresLike, scores_ood: ScoresLike) -> dict[str, floa
     the convention (:data:`METRIC_CONVENTIONS`) in the header.
     """
     return {k: float(v) for k, v in ood_metric_tensors(scores_id, scores_ood).items()}
+
+
+# -- CCR@FPR (open-set classification) ---------------------------------------------------------
+def ccr_name(fpr: float) -> str:
+    """The results key of CCR at FPR ``fpr``, e.g. ``ccr_fpr1e-4``, ``ccr_fpr2.5e-2``."""
+    mantissa, exponent = f"{_check_fpr(fpr):.15e}".split("e")
+    return f"ccr_fpr{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _check_fpr(fpr: float) -> float:
+    fpr = float(fpr)
+    if not 0.0 < fpr <= 1.0:
+        raise ValueError(
+            f"fpr must be in (0, 1] (a fraction of the OOD set, e.g. 1e-4 not 0.01 %), got {fpr}"
+        )
+    return fpr
+
+
+#: The FPRs OpenOOD's ``ccr_fpr`` was reported at (its ``ccr_4`` ... ``ccr_1``), in table order.
+CCR_FPRS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
+#: Keys of :func:`ccr_metrics` at :data:`CCR_FPRS`: ``ccr_fpr1e-4`` ... ``ccr_fpr1e-1``.
+CCR_NAMES: tuple[str, ...] = tuple(ccr_name(t) for t in CCR_FPRS)
+#: One-line description of each key of :data:`CCR_NAMES`.
+CCR_CONVENTIONS: dict[str, str] = {
+    name: (
+        f"CCR at FPR {t:g}: fraction of ALL ID samples that are accepted as ID and correctly "
+        f"classified, at the lowest threshold accepting at most {t:g} of the OOD set"
+    )
+    for name, t in zip(CCR_NAMES, CCR_FPRS, strict=True)
+}
+
+
+def _as_correct(correct_id: ScoresLike, n_id: int, device: torch.device) -> Tensor:
+    """Validate per-ID-sample correctness (bool or integer 0/1, shape (N_ID,)) as bool."""
+    t = correct_id.detach() if isinstance(correct_id, Tensor) else torch.as_tensor(correct_id)
+    if tuple(t.shape) != (n_id,):
+        raise ValueError(
+            f"correct_id must have one entry per ID score, shape ({n_id},), got "
+            f"{tuple(t.shape)}; pass (predictions == labels) of the ID samples in score order"
+        )
+    if t.dtype != torch.bool:
+        if t.is_floating_point() or t.is_complex():
+            raise TypeError(
+                f"correct_id must be bool or integer 0/1 (predictions == labels), got dtype "
+                f"{t.dtype}"
+            )
+        if bool(((t != 0) & (t != 1)).any()):
+            raise ValueError(
+                "correct_id must hold only 0/1 (or bool): whether each ID sample's predicted "
+                "class equals its label, not the labels themselves"
+            )
+        t = t != 0
+    return t.to(device)
+
+
+def _ccr_thresholds(sood: Tensor, fprs: Sequence[float], method: CCRMethod) -> list[Tensor | None]:
+    """Per FPR, the OOD score an ID sample must strictly exceed (None: accept every sample)."""
+    n = sood.numel()
+    desc = torch.sort(sood, descending=True).values
+    if method == "roc":
+        # k = max{k : k / N <= fpr}, compared in float64 as a ROC's fp / N is; for decimal
+        # rates this is floor(fpr * N) exactly (0.29 * 100 is 28.999999999999996 in float64,
+        # yet 29 / 100 == 0.29). The (k+1)-th largest OOD score, desc[k], is then refused.
+        ratios = torch.arange(n + 1, dtype=torch.float64, device=sood.device) / n
+        rates = torch.tensor(list(fprs), dtype=torch.float64, device=sood.device)
+        ks = (torch.searchsorted(ratios, rates, right=True) - 1).tolist()
+        return [None if k >= n else desc[k] for k in ks]
+    if method == "openood":
+        # fp_num = int(np.ceil(fpr * num_ood)); thresh = np.sort(ood_conf)[-fp_num], with the
+        # product in float64 as OpenOOD computes it (0.07 * 100 -> 7.000000000000001 -> 8).
+        return [desc[math.ceil(fpr * n) - 1] for fpr in fprs]
+    raise ValueError(f"method must be 'roc' or 'openood', got {method!r}")
+
+
+def _ccr(sid: Tensor, correct: Tensor, thresholds: Sequence[Tensor | None]) -> list[Tensor]:
+    """#{correct ID samples above each threshold} / N_ID: integer counts, one division."""
+    good = sid[correct]
+    counts = [good.numel() if thr is None else int((good > thr).sum()) for thr in thresholds]
+    return [torch.tensor(c / sid.numel(), dtype=torch.float64, device=sid.device) for c in counts]
+
+
+def ccr_at_fpr(
+    scores_id: ScoresLike,
+    scores_ood: ScoresLike,
+    correct_id: ScoresLike,
+    fpr: float = 1e-4,
+    *,
+    method: CCRMethod = "roc",
+) -> Tensor:
+    """Correct classification rate at a false-positive rate: open-set accuracy (Dhamija et al.,
+    2018, the OSCR curve; OpenOOD's ``ccr_fpr``).
+
+    CCR(thr) = #{ID samples with score accepted by thr AND prediction == label} / N_ID (all
+    ID samples in the denominator, so a rejected or misclassified ID sample both count as
+    failures) and FPR(thr) = #{OOD samples accepted} / N_OOD: the **OOD set is the negative
+    side**, an OOD sample accepted as ID is the false positive (the project's ID-positive
+    convention, as ``fpr95``). Higher score = more ID, as everywhere here.
+
+    Methods (``k`` is the number of OOD samples the threshold may accept):
+        ``"roc"`` (default): the exact OSCR-curve reading, the **best CCR over all
+        thresholds whose FPR is <= fpr**. With ``k = max{k : k / N_OOD <= fpr}`` (float64,
+        = floor(fpr * N_OOD) for decimal rates) and ``o_(k+1)`` the (k+1)-th largest OOD score,
+        an ID sample is accepted iff ``score > o_(k+1)`` (every ID sample when k = N_OOD).
+        Ties: scores equal to ``o_(k+1)`` are refused, ID and OOD alike, because no threshold
+        can accept an ID sample without the OOD samples of the same score (tied scores form
+        one threshold group, as in :func:`fpr_at_tpr`). The achieved FPR never exceeds fpr.
+
+        ``"openood"``: OpenOOD v1.5 ``openood/evaluators/metrics.py::ccr_fpr`` literally:
+        ``fp_num = ceil(fpr * N_OOD)`` (the float64 product: ``0.07 * 100`` gives 8),
+        ``thr = o_(fp_num)``, accept iff ``score > thr`` (strict; equal scores refused).
+
+    Relation: ``fp_num`` is ``k + 1`` (same threshold, same value) except when ``fpr * N_OOD``
+    is a whole number in float64 (e.g. 1e-4 x 10,000); then ``fp_num = k``, OpenOOD's
+    threshold is the next OOD score up, it accepts at most ``k - 1`` OOD samples (FPR strictly
+    below ``fpr``) and its CCR is <= the ``"roc"`` one by
+    ``#{correct ID with o_(k+1) < score <= o_(k)} / N_ID``.
+
+    Args:
+        scores_id: (N_ID,) ID scores.
+        scores_ood: (N_OOD,) OOD scores.
+        correct_id: (N_ID,) bool or 0/1: ``prediction == label`` of each ID sample, in the
+            order of ``scores_id``.
+        fpr: the FPR budget in (0, 1], a fraction (OpenOOD reports 1e-4 ... 1e-1).
+        method: ``"roc"`` or ``"openood"`` (above).
+
+    Returns:
+        0-d float64 tensor in [0, accuracy]: an integer count over N_ID, one rounding.
+    """
+    return ccr_metric_tensors(scores_id, scores_ood, correct_id, (fpr,), method=method)[
+        ccr_name(fpr)
+    ]
+
+
+def ccr_metric_tensors(
+    scores_id: ScoresLike,
+    scores_ood: ScoresLike,
+    correct_id: ScoresLike,
+    fprs: Sequence[float] = CCR_FPRS,
+    *,
+    method: CCRMethod = "roc",
+) -> dict[str, Tensor]:
+    """:func:`ccr_at_fpr` at every rate of ``fprs`` (one sort of the OOD scores), keyed by
+    :func:`ccr_name` (:data:`CCR_NAMES` for the default rates), 0-d float64 tensors."""
+    sid = _as_scores(scores_id, "scores_id", "ID")
+    sood = _as_scores(scores_ood, "scores_ood", "OOD")
+    correct = _as_correct(correct_id, sid.numel(), sid.device)
+    rates = [_check_fpr(t) for t in fprs]
+    names = [ccr_name(t) for t in rates]
+    if len(set(names)) != len(names):
+        raise ValueError(f"fprs must be distinct rates, got {list(fprs)}")
+    values = _ccr(sid, correct, _ccr_thresholds(sood.to(sid.device), rates, method))
+    return dict(zip(names, values, strict=True))
+
+
+def ccr_metrics(
+    scores_id: ScoresLike,
+    scores_ood: ScoresLike,
+    correct_id: ScoresLike,
+    fprs: Sequence[float] = CCR_FPRS,
+    *,
+    method: CCRMethod = "roc",
+) -> dict[str, float]:
+    """:func:`ccr_metric_tensors` as floats: fractions in [0, 1], keys :data:`CCR_NAMES` for
+    the default rates (multiply by 100 for tables, naming :data:`CCR_CONVENTIONS`)."""
+    out = ccr_metric_tensors(scores_id, scores_ood, correct_id, fprs, method=method)
+    return {k: float(v) for k, v in out.items()}

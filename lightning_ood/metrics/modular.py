@@ -5,11 +5,13 @@ gathers all samples from all ranks before :meth:`compute` ranks them once; the r
 same as on one process. torchmetrics' own ``BinaryAUROC``/``BinaryROC`` are not used because
 they push out-of-[0, 1] inputs through a sigmoid (float32 energies above ~17 collapse to 1.0)
 and bin on a [0, 1] grid when ``thresholds=`` is set; raw OOD scores must be ranked unchanged.
-Memory is 9 bytes per sample, e.g. under 1 MB for CIFAR-10 test plus six OOD sets.
+Memory is 9 bytes per sample, e.g. under 1 MB for CIFAR-10 test plus six OOD sets; the CCR
+metrics keep one more ``cat`` state, each ID sample's correctness (prediction == label).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,12 +20,16 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from lightning_ood.metrics.functional import (
+    CCR_FPRS,
     METRIC_NAMES,
+    CCRMethod,
     FPRMethod,
     Positive,
     aupr_in,
     aupr_out,
     auroc,
+    ccr_metric_tensors,
+    ccr_name,
     detection_accuracy,
     fpr_at_tpr,
     ood_metric_tensors,
@@ -32,6 +38,8 @@ from lightning_ood.metrics.functional import (
 __all__ = [
     "AUPR",
     "OODAUROC",
+    "CCRAtFPR",
+    "CCRMetrics",
     "DetectionAccuracy",
     "FPRAtTPR",
     "OODMetrics",
@@ -195,3 +203,105 @@ class DetectionAccuracy(OODScoreMetric):
 
     def _compute(self, scores_id: Tensor, scores_ood: Tensor) -> Tensor:
         return detection_accuracy(scores_id, scores_ood)
+
+
+class _CCRMetric(OODScoreMetric):
+    """Accumulates scores, ID/OOD labels and each ID sample's correctness for CCR@FPR.
+
+    ``update(scores, is_id, correct)``: ``correct`` is a (B,) bool/0-1 tensor, ``prediction
+    == label`` of each sample; it is required when the batch holds ID samples and ignored
+    (may be None) for OOD samples, which have no label. All three states are ``cat`` states,
+    so under DDP ``compute()`` sees every sample of every rank, as one process would.
+    """
+
+    higher_is_better = True
+
+    correct: list[Tensor] | Tensor
+
+    def __init__(self, fprs: Sequence[float], method: CCRMethod, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if method not in ("roc", "openood"):
+            raise ValueError(f"method must be 'roc' or 'openood', got {method!r}")
+        self.fprs = tuple(float(t) for t in fprs)
+        names = [ccr_name(t) for t in self.fprs]  # refuses rates outside (0, 1]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"fprs must be one or more distinct rates, got {list(fprs)}")
+        self.method: CCRMethod = method
+        self.add_state("correct", default=[], dist_reduce_fx="cat")
+
+    def update(  # type: ignore[override]
+        self, scores: Tensor, is_id: Tensor | bool, correct: Tensor | None = None
+    ) -> None:
+        """Append a batch of scores, ID/OOD labels and (for ID samples) correctness."""
+        if not isinstance(scores, Tensor):
+            super().update(scores, is_id)  # raises the base class's TypeError
+        labels = self._labels(is_id, scores)
+        ok = self._correct(correct, labels, scores.shape[0])
+        super().update(scores, labels)
+        self.correct.append(ok)
+
+    @staticmethod
+    def _correct(correct: Tensor | None, labels: Tensor, n: int) -> Tensor:
+        if correct is None:
+            if bool(labels.any()):
+                raise ValueError(
+                    "CCR needs `correct` (prediction == label, a (B,) bool tensor) for every "
+                    f"batch holding ID samples; this batch holds {int(labels.sum())} ID samples"
+                )
+            return torch.zeros(n, dtype=torch.bool, device=labels.device)
+        if not isinstance(correct, Tensor):
+            raise TypeError(
+                f"correct must be a (B,) bool/0-1 tensor (prediction == label), got "
+                f"{type(correct).__name__}"
+            )
+        if tuple(correct.shape) != (n,):
+            raise ValueError(
+                f"correct must have the same shape as scores ({n},), got {tuple(correct.shape)}"
+            )
+        if correct.dtype != torch.bool:
+            if correct.is_floating_point() or correct.is_complex():
+                raise TypeError(f"correct must be bool or integer 0/1, got dtype {correct.dtype}")
+            if bool(((correct != 0) & (correct != 1)).any()):
+                raise ValueError(
+                    "correct must hold only 0/1 (prediction == label), not class labels"
+                )
+            correct = correct != 0
+        # OOD samples have no label: their entry is stored False and never read.
+        return correct.detach().to(labels.device) & labels
+
+    def compute(self) -> Any:
+        """CCR over all samples seen since the last ``reset`` (gathered over ranks)."""
+        scores_id, scores_ood = self._split()
+        is_id = dim_zero_cat(self.is_id).to(torch.bool)
+        correct_id = dim_zero_cat(self.correct).to(torch.bool)[is_id]
+        return self._ccr(
+            ccr_metric_tensors(scores_id, scores_ood, correct_id, self.fprs, method=self.method)
+        )
+
+    def _ccr(self, values: dict[str, Tensor]) -> Any:
+        raise NotImplementedError
+
+
+class CCRAtFPR(_CCRMetric):
+    """CCR at one FPR (0-d float64 tensor); ``fpr`` and ``method`` as in
+    ``functional.ccr_at_fpr`` (``"roc"``: best CCR with FPR <= fpr; ``"openood"``: OpenOOD's
+    ``ccr_fpr`` literally)."""
+
+    def __init__(self, fpr: float = 1e-4, method: CCRMethod = "roc", **kwargs: Any) -> None:
+        super().__init__((fpr,), method, **kwargs)
+
+    def _ccr(self, values: dict[str, Tensor]) -> Tensor:
+        return values[ccr_name(self.fprs[0])]
+
+
+class CCRMetrics(_CCRMetric):
+    """CCR at every rate of ``fprs`` (default 1e-4 ... 1e-1, OpenOOD's): ``compute()`` returns
+    ``{ccr_name(fpr): 0-d float64 tensor}`` (``CCR_NAMES`` for the default rates)."""
+
+    def __init__(
+        self, fprs: Sequence[float] = CCR_FPRS, method: CCRMethod = "roc", **kwargs: Any
+    ) -> None:
+        super().__init__(fprs, method, **kwargs)
+
+    def _ccr(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        return values

@@ -14,6 +14,12 @@ float32) and each mode:
 - ``ddp``: the same parts on two real ``gloo`` ranks on CPU; ``compute()`` gathers them. All
   cases run in one process group (:func:`ddp_results`) because starting ranks costs seconds.
 
+CCR@FPR also needs each ID sample's correctness: every case carries a seeded ``correct`` array
+(about 70 % True) and the OOD samples a random one the metrics must ignore. Its "sklearn" mode
+compares with :func:`ccr_reference_values`: the best CCR over every threshold with FPR <= t
+found by brute force (``"roc"``), and OpenOOD v1.5's ``ccr_fpr`` formula written out with
+numpy (``"openood"``).
+
 sklearn conventions (ID is label 1; scores higher = more ID):
 
 - ``auroc`` = ``roc_auc_score(y, s)``; ``aupr_in`` = ``average_precision_score(y, s)``;
@@ -50,8 +56,11 @@ from torchmetrics import Metric
 
 from lightning_ood.metrics import (
     AUPR,
+    CCR_FPRS,
     METRIC_NAMES,
     OODAUROC,
+    CCRAtFPR,
+    CCRMetrics,
     DetectionAccuracy,
     FPRAtTPR,
     OODMetrics,
@@ -59,6 +68,9 @@ from lightning_ood.metrics import (
     aupr_in,
     aupr_out,
     auroc,
+    ccr_at_fpr,
+    ccr_metric_tensors,
+    ccr_name,
     detection_accuracy,
     fpr_at_tpr,
     modular,
@@ -76,13 +88,15 @@ Labels = Tensor | bool
 # -- the arrays ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Case:
-    """One pair of score arrays; ``sid``/``sood`` hold values exactly representable in dtype."""
+    """One pair of score arrays; ``sid``/``sood`` hold values exactly representable in dtype;
+    ``correct`` says which ID samples the classifier got right (for CCR)."""
 
     name: str
     sid: np.ndarray
     sood: np.ndarray
     dtype: torch.dtype
     seed: int
+    correct: np.ndarray
 
     def tensors(self) -> tuple[Tensor, Tensor]:
         return torch.tensor(self.sid, dtype=self.dtype), torch.tensor(self.sood, dtype=self.dtype)
@@ -138,6 +152,7 @@ def _cases() -> list[Case]:
                     sood=np.asarray(sood).astype(np_dtype).astype(np.float64),
                     dtype=dtype,
                     seed=seed,
+                    correct=np.random.default_rng(3000 + seed).random(len(sid)) < 0.7,
                 )
             )
     return cases
@@ -148,40 +163,53 @@ CASE_BY_NAME = {c.name: c for c in CASES}
 
 
 # -- feeding the classes -------------------------------------------------------------------
-Part = tuple[np.ndarray, np.ndarray]  # (scores, is_id)
+Part = tuple[np.ndarray, np.ndarray, np.ndarray]  # (scores, is_id, correct)
 
 
 def _pooled(case: Case) -> Part:
-    return np.r_[case.sid, case.sood], np.r_[np.ones(len(case.sid)), np.zeros(len(case.sood))]
+    # OOD samples get random "correctness": there is no label, the CCR metrics must ignore it.
+    ood_noise = np.random.default_rng(4000 + case.seed).random(len(case.sood)) < 0.5
+    return (
+        np.r_[case.sid, case.sood],
+        np.r_[np.ones(len(case.sid)), np.zeros(len(case.sood))],
+        np.r_[case.correct, ood_noise],
+    )
 
 
 def _rank_parts(case: Case) -> list[Part]:
     """Two disjoint parts of the shuffled samples, about 30/70 (each non-empty, so uneven
     whenever there are 3 or more samples)."""
-    scores, is_id = _pooled(case)
+    scores, is_id, correct = _pooled(case)
     order = np.random.default_rng(1000 + case.seed).permutation(len(scores))
     cut = min(max(1, round(0.3 * len(scores))), len(scores) - 1)
-    return [(scores[idx], is_id[idx]) for idx in (order[:cut], order[cut:])]
+    return [(scores[idx], is_id[idx], correct[idx]) for idx in (order[:cut], order[cut:])]
 
 
-def _batches(part: Part, dtype: torch.dtype, seed: int) -> list[tuple[Tensor, Labels]]:
+Batch = tuple[Tensor, Labels, Tensor | None]  # (scores, is_id, correct)
+
+
+def _batches(part: Part, dtype: torch.dtype, seed: int) -> list[Batch]:
     """Shuffled uneven batches of ``part``, ID and OOD interleaved, using every label form:
     a (B,) bool tensor, a (B,) int 0/1 tensor, and a pure-ID batch labelled ``True`` followed
-    by a pure-OOD batch labelled ``False``."""
-    scores, is_id = part
+    by a pure-OOD batch labelled ``False`` (whose correctness is passed as None)."""
+    scores, is_id, correct = part
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(scores))
     n_cuts = min(4, len(scores) - 1)
     cuts = np.sort(rng.choice(np.arange(1, len(scores)), size=n_cuts, replace=False))
-    out: list[tuple[Tensor, Labels]] = []
+    out: list[Batch] = []
     for i, idx in enumerate(np.split(order, cuts)):
         s, y = torch.tensor(scores[idx], dtype=dtype), torch.tensor(is_id[idx] == 1)
+        c = torch.tensor(correct[idx])
         if i % 3 == 0:
-            out.append((s, y))
+            out.append((s, y, c))
         elif i % 3 == 1:
-            out.append((s, y.to(torch.int64)))
+            out.append((s, y.to(torch.int64), c.to(torch.int64)))
         else:
-            out.extend((s[sel], flag) for sel, flag in ((y, True), (~y, False)) if sel.any())
+            if y.any():
+                out.append((s[y], True, c[y]))
+            if (~y).any():
+                out.append((s[~y], False, None))
     return out
 
 
@@ -200,14 +228,35 @@ FUNCTIONAL: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 }
 
 
+#: CCR rates: OpenOOD's four, plus two that move the threshold in the 1-3 sample cases.
+CCR_RATES: tuple[float, ...] = (*CCR_FPRS, 0.5, 1.0)
+#: Functional CCR values, ``"roc"`` under :func:`ccr_name`, ``"openood"`` with a suffix.
+CCR_FUNCTIONAL: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    **{
+        ccr_name(t): (lambda i, o, c, t=t: ccr_at_fpr(i, o, c, t))  # type: ignore[misc]
+        for t in CCR_RATES
+    },
+    **{
+        f"{ccr_name(t)}_openood": (
+            lambda i, o, c, t=t: ccr_at_fpr(i, o, c, t, method="openood")  # type: ignore[misc]
+        )
+        for t in CCR_RATES
+    },
+}
+
+
 @dataclass(frozen=True)
 class ClassSpec:
     """A configured Metric class and the functional key its ``compute()`` must equal
-    (``None``: it returns a dict keyed by METRIC_NAMES)."""
+    (``None``: it returns a dict keyed by ``dict_keys``, each with ``suffix`` appended to
+    give the functional key). ``with_correct``: ``update`` takes correctness (CCR)."""
 
     name: str
     make: Callable[[], OODScoreMetric]
     key: str | None
+    with_correct: bool = False
+    dict_keys: tuple[str, ...] = METRIC_NAMES
+    suffix: str = ""
 
 
 CLASS_SPECS = (
@@ -225,14 +274,36 @@ CLASS_SPECS = (
     ClassSpec("AUPR", AUPR, "aupr_in"),
     ClassSpec("AUPR-ood", lambda: AUPR(positive="ood"), "aupr_out"),
     ClassSpec("DetectionAccuracy", DetectionAccuracy, "detection_acc"),
+    ClassSpec("CCRAtFPR", CCRAtFPR, "ccr_fpr1e-4", with_correct=True),
+    ClassSpec(
+        "CCRAtFPR-0.5-openood",
+        lambda: CCRAtFPR(0.5, method="openood"),
+        "ccr_fpr5e-1_openood",
+        with_correct=True,
+    ),
+    ClassSpec(
+        "CCRMetrics",
+        lambda: CCRMetrics(CCR_RATES),
+        None,
+        with_correct=True,
+        dict_keys=tuple(ccr_name(t) for t in CCR_RATES),
+    ),
+    ClassSpec(
+        "CCRMetrics-openood",
+        lambda: CCRMetrics(CCR_RATES, method="openood"),
+        None,
+        with_correct=True,
+        dict_keys=tuple(ccr_name(t) for t in CCR_RATES),
+        suffix="_openood",
+    ),
 )
 
 
 def _class_values(spec: ClassSpec, value: Any) -> dict[str, Tensor]:
     """``compute()`` output as {functional key: 0-d tensor}."""
     if spec.key is None:
-        assert list(value) == list(METRIC_NAMES), spec.name
-        return dict(value)
+        assert list(value) == list(spec.dict_keys), spec.name
+        return {f"{k}{spec.suffix}": v for k, v in value.items()}
     return {spec.key: value}
 
 
@@ -241,8 +312,11 @@ def _run_class(spec: ClassSpec, parts: list[Part], case: Case) -> dict[str, floa
     metrics = []
     for j, part in enumerate(parts):
         metric = spec.make()
-        for scores, is_id in _batches(part, case.dtype, seed=case.seed * 10 + j):
-            metric.update(scores, is_id)
+        for scores, is_id, correct in _batches(part, case.dtype, seed=case.seed * 10 + j):
+            if spec.with_correct:
+                metric.update(scores, is_id, correct)  # type: ignore[call-arg]
+            else:
+                metric.update(scores, is_id)
         metrics.append(metric)
     for other in metrics[1:]:
         metrics[0].merge_state(other)
@@ -254,8 +328,11 @@ def _run_class(spec: ClassSpec, parts: list[Part], case: Case) -> dict[str, floa
 
 @cache
 def functional_values(case_name: str) -> dict[str, float]:
-    sid, sood = CASE_BY_NAME[case_name].tensors()
+    case = CASE_BY_NAME[case_name]
+    sid, sood = case.tensors()
     values = {k: fn(sid, sood) for k, fn in FUNCTIONAL.items()}
+    correct = torch.from_numpy(case.correct)
+    values |= {k: fn(sid, sood, correct) for k, fn in CCR_FUNCTIONAL.items()}
     for key, v in values.items():
         assert v.dtype == torch.float64 and v.dim() == 0, key
     return {k: float(v) for k, v in values.items()}
@@ -288,6 +365,44 @@ def sklearn_values(sid: np.ndarray, sood: np.ndarray) -> dict[str, float]:
         "fpr95_reference": reference_rule(0.95),
         "fpr80_reference": reference_rule(0.80),
     }
+
+
+def ccr_reference_values(sid: np.ndarray, sood: np.ndarray, correct: np.ndarray) -> dict:
+    """Every key of :data:`CCR_FUNCTIONAL`, computed without the package's code.
+
+    ``"roc"``: over every candidate threshold (each distinct score, accepting ``s >= thr``,
+    and +inf accepting nothing), the best ``#{correct ID accepted} / N_ID`` among those whose
+    ``#{OOD accepted} / N_OOD <= t``. ``"openood"``: OpenOOD v1.5 ``ccr_fpr`` on its own
+    inputs (``conf``, ``pred``, ``label`` with -1 for OOD), line for line.
+    """
+    out: dict[str, float] = {}
+    candidates = np.r_[np.unique(np.r_[sid, sood]), np.inf]
+    fpr = np.array([np.mean(sood >= thr) for thr in candidates])
+    ccr = np.array([np.sum((sid >= thr) & correct) / len(sid) for thr in candidates])
+    # OpenOOD's inputs: ID labels 0..9, predictions right where ``correct``, OOD label -1.
+    label = np.r_[np.arange(len(sid)) % 10, -np.ones(len(sood), dtype=int)]
+    pred = np.r_[
+        np.where(correct, label[: len(sid)], (label[: len(sid)] + 1) % 10), label[len(sid) :]
+    ]
+    conf = np.r_[sid, sood]
+    for t in CCR_RATES:
+        out[ccr_name(t)] = float(ccr[fpr <= t].max())
+        out[f"{ccr_name(t)}_openood"] = float(_openood_ccr_fpr(conf, t, pred, label))
+    return out
+
+
+def _openood_ccr_fpr(conf: np.ndarray, fpr: float, pred: np.ndarray, label: np.ndarray) -> float:
+    """OpenOOD v1.5 ``openood/evaluators/metrics.py::ccr_fpr``, re-typed from its definition."""
+    ind_conf = conf[label != -1]
+    ind_pred = pred[label != -1]
+    ind_label = label[label != -1]
+    ood_conf = conf[label == -1]
+    num_ind = len(ind_conf)
+    num_ood = len(ood_conf)
+    fp_num = int(np.ceil(fpr * num_ood))
+    thresh = np.sort(ood_conf)[-fp_num]
+    num_tp = np.sum((ind_conf > thresh) * (ind_pred == ind_label))
+    return num_tp / num_ind
 
 
 # -- DDP: one process group for every case and class ---------------------------------------
@@ -348,7 +463,14 @@ def test_metric_matches_reference(mode: str, case: Case, request: pytest.Fixture
     want = functional_values(case.name)
     errors: list[str] = []
     if mode == "sklearn":
-        errors += _mismatches(want, sklearn_values(case.sid, case.sood), SKLEARN_TOL)
+        reference = sklearn_values(case.sid, case.sood)
+        reference |= ccr_reference_values(case.sid, case.sood, case.correct)
+        errors += _mismatches(want, reference, SKLEARN_TOL)
+        fused_ccr = ccr_metric_tensors(*case.tensors(), torch.from_numpy(case.correct), CCR_RATES)
+        errors += [
+            f"ccr_metric_tensors {e}"
+            for e in _mismatches({k: float(v) for k, v in fused_ccr.items()}, want, 0.0)
+        ]
         fused = {k: float(v) for k, v in ood_metric_tensors(*case.tensors()).items()}
         assert list(fused) == list(METRIC_NAMES)
         errors += [f"ood_metric_tensors {e}" for e in _mismatches(fused, want, 0.0)]
@@ -385,7 +507,10 @@ def test_roc_curve_matches_sklearn(case: Case) -> None:
 
 def test_harness_covers_every_metric() -> None:
     assert set(METRIC_NAMES) <= set(FUNCTIONAL)
-    assert {s.key for s in CLASS_SPECS if s.key} | set(METRIC_NAMES) == set(FUNCTIONAL)
+    from_classes = {s.key for s in CLASS_SPECS if s.key} | {
+        f"{k}{s.suffix}" for s in CLASS_SPECS if s.key is None for k in s.dict_keys
+    }
+    assert from_classes == set(FUNCTIONAL) | set(CCR_FUNCTIONAL)
     exported = {
         obj
         for obj in (getattr(modular, n) for n in modular.__all__)
@@ -400,6 +525,6 @@ def test_harness_covers_every_metric() -> None:
         base.compute()
     for spec in CLASS_SPECS:
         metric = spec.make()
-        want = None if spec.key is None else not spec.key.startswith("fpr")
+        want = True if spec.with_correct else None if spec.key is None else "fpr" not in spec.key
         assert metric.higher_is_better is want, spec.name
         assert metric.full_state_update is False, spec.name

@@ -1,15 +1,12 @@
-"""The OOD callback: decides *when* detectors are fitted and scored; detectors decide *what*.
+"""The OOD callback: Lightning glue around :class:`lightning_ood.session.EvaluationSession`.
 
-* after ``fit`` (``on_train_end``, model still on its device, DDP alive) it fits every
-  detector in one eval-transform pass over the training set and re-saves ``last.ckpt``;
-* at test start it fits whatever the checkpoint holds no fitted state for, and says so;
-* per test batch it scores every detector from the task's single forward pass;
-* at test end it evaluates them with the one protocol (:mod:`lightning_ood.protocol`: ID =
-  positive, the papers' convention), logs metrics and figures to TensorBoard, and writes the
-  tables with :mod:`lightning_ood.report`.
-
-The fitting, scoring and calibration themselves are :mod:`lightning_ood.engine`'s; this module
-only supplies the trainer's loaders, device and cross-rank reductions.
+It decides *when* (after ``fit`` with the model still on its device and DDP alive; at test
+start for whatever the checkpoint holds no fitted state for; per test batch; at test end) and
+supplies what only the trainer has: the datamodule's loaders as session sources, the device,
+cross-rank reductions (:class:`StrategyReducer`) and the gather that puts every rank's rows
+back in dataset order (:func:`in_dataset_order`), TensorBoard and checkpoint re-saves. Fitting,
+tuning, calibration, scoring, the protocol, the results and the paper analyses are the
+session's (the same code ``lightning-ood grid`` runs over cached features).
 """
 
 from __future__ import annotations
@@ -29,46 +26,35 @@ from torch import Tensor
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lightning_ood import card, engine, report, tuning
+from lightning_ood.analyses import line as line_analyses
 from lightning_ood.data.samplers import unshard
-from lightning_ood.detectors import Detector, LINe, Reducer, build_detectors
-from lightning_ood.detectors.line import activated_neuron_counts
-from lightning_ood.io import atomic_write_text
+from lightning_ood.detectors import Detector, Reducer, build_detectors
 from lightning_ood.metrics import METRIC_NAMES
 from lightning_ood.models import BackboneOutput
 from lightning_ood.protocol import (
-    CONVENTION,
+    TUNE_KEYS,  # noqa: F401  (re-exported: the tune option's keys)
+    Protocol,
     check_holdout,
-    evaluate_detectors,
+    check_tune,
     fixed_combiners,
     holds_out,
 )
+from lightning_ood.session import (
+    EvaluationSession,
+    LoaderSource,
+    Outcome,
+    ScoreBank,
+    Sets,
+    Source,
+    Tuned,
+)
 
-TUNE_KEYS = ("detectors", "select", "seed", "combiner_fraction")
+#: The ``tune`` option's check (it lives with the protocol it fills).
+_check_tune = check_tune
 
-
-def _check_tune(tune: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Validate the ``tune`` option at config time and fill its defaults."""
-    if tune is None:
-        return None
-    if not isinstance(tune, dict):
-        raise ValueError(f"tune must be a mapping with keys {list(TUNE_KEYS)}, got {tune!r}")
-    unknown = sorted(set(tune) - set(TUNE_KEYS))
-    if unknown:
-        raise ValueError(f"tune: unknown keys {unknown}; allowed: {list(TUNE_KEYS)}")
-    out = {"detectors": None, "select": "auroc", "seed": 0, "combiner_fraction": 0.5, **tune}
-    if out["select"] not in METRIC_NAMES:
-        raise ValueError(f"tune.select={out['select']!r} is not one of {list(METRIC_NAMES)}")
-    dets = out["detectors"]
-    if isinstance(dets, list | tuple):
-        dets = dict.fromkeys(dets)
-    if dets is not None and not isinstance(dets, dict):
-        raise ValueError(f"tune.detectors must map detector names to grids, got {dets!r}")
-    out["detectors"] = dets
-    if not 0.0 < float(out["combiner_fraction"]) < 1.0:
-        raise ValueError(
-            f"tune.combiner_fraction must lie in (0, 1), got {out['combiner_fraction']}"
-        )
-    return out
+#: How the calibration data was drawn, by ``data.val_size``.
+_ID_TEST_NOTE = "ID test set (data.val_size 0)"
+_HELD_OUT_NOTE = "held-out training images (data.val_size)"
 
 
 def in_dataset_order(t: Tensor, trainer: Trainer) -> Tensor:
@@ -98,6 +84,33 @@ class StrategyReducer(Reducer):
         return torch.cat(gather_all_tensors(t))
 
 
+def trainer_session(
+    trainer: Trainer,
+    pl_module: LightningModule,
+    protocol: Protocol | None = None,
+    progress: bool = True,
+) -> EvaluationSession:
+    """The session on the trainer's module: strategy reductions, rank-zero messages."""
+    return EvaluationSession(
+        pl_module.backbone,
+        protocol,
+        reducer=StrategyReducer(trainer),
+        warn=lambda msg: rank_zero_warn(f"[lightning_ood] {msg}"),
+        info=lambda msg: rank_zero_info(f"[lightning_ood] {msg}"),
+        progress=progress and trainer.global_rank == 0,
+    )
+
+
+def _source(trainer: Trainer, pl_module: LightningModule, loader: Any, show: bool) -> Source:
+    """A loader (or a function that builds it) as a session source gathered across ranks."""
+    return LoaderSource(
+        loader,
+        pl_module.backbone,
+        gather=lambda t: in_dataset_order(t, trainer),
+        progress=show,
+    )
+
+
 def fit_with_trainer(
     trainer: Trainer,
     pl_module: LightningModule,
@@ -105,7 +118,7 @@ def fit_with_trainer(
     progress: bool = True,
 ) -> None:
     """Fit ``detectors`` together from ONE eval-mode pass over the training set
-    (:func:`lightning_ood.engine.fit_from_loader`).
+    (:meth:`lightning_ood.session.EvaluationSession.fit`).
 
     The training set is read through ``datamodule.fit_dataloader()`` (eval transform, no
     augmentation; under DDP each rank reads its unpadded shard, so no sample enters the
@@ -114,7 +127,7 @@ def fit_with_trainer(
     if not detectors:
         return
     readers = [d for d in detectors if engine.reads_training_data(d)]
-    loader = None
+    train = None
     if readers:
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "fit_dataloader"):
@@ -123,14 +136,39 @@ def fit_with_trainer(
                 "but the trainer has no datamodule with fit_dataloader(); pass an "
                 "OODDataModule (--data ...)."
             )
-        loader = dm.fit_dataloader()
-    engine.fit_from_loader(
-        detectors,
-        pl_module.backbone,
-        loader,
-        StrategyReducer(trainer),
-        progress=progress and trainer.global_rank == 0,
+        train = _source(trainer, pl_module, dm.fit_dataloader(), False)
+    trainer_session(trainer, pl_module, progress=progress).fit(detectors, train)
+
+
+def calibration_sets(
+    trainer: Trainer, pl_module: LightningModule, detectors: Sequence[Detector], show: bool
+) -> Sets:
+    """The datamodule's calibration data as session sets: the ID validation loader (the
+    ``val_size`` hold-out of the training set, or the ID test set when ``val_size`` is 0, as in
+    the reference scripts), and for multi-component layer ensembles the validation OOD sets
+    (never reported) or, without them, FGSM proxy outliers of the ID validation images."""
+    dm = trainer.datamodule
+    backbone = pl_module.backbone
+    sets = Sets(
+        id_val=_source(trainer, pl_module, dm.val_dataloader, show),
+        id_val_note=_ID_TEST_NOTE if int(getattr(dm, "val_size", 0) or 0) <= 0 else _HELD_OUT_NOTE,
     )
+    ensembles = [
+        d for d in detectors if d.needs_validation and len(d.component_names(backbone)) > 1
+    ]
+    if not ensembles:
+        return sets
+    val_ood = dm.val_ood_dataloaders() if hasattr(dm, "val_ood_dataloaders") else {}
+    sets.val_ood = {k: _source(trainer, pl_module, ld, show) for k, ld in val_ood.items()}
+    if not val_ood and getattr(backbone, "input_kind", "image") == "image":
+        std = (dm.hand_off_meta() if hasattr(dm, "hand_off_meta") else {}).get("std")
+        sets.proxy = lambda: _source(
+            trainer,
+            pl_module,
+            engine.fgsm_batches(backbone, dm.val_dataloader(), input_std=std),
+            show,
+        )
+    return sets
 
 
 def calibrate_with_trainer(
@@ -140,18 +178,12 @@ def calibrate_with_trainer(
     tpr: float = 0.95,
     progress: bool = True,
 ) -> None:
-    """Make every detector deployable: the combiner a layer ensemble ships, then each
-    detector's decision threshold (``tpr`` of held-out ID samples are called ID).
-
-    Scores the datamodule's ID validation loader (the ``val_size`` hold-out of the training
-    set, or the ID test set when ``val_size`` is 0, as in the reference scripts) with one
-    forward pass per batch for all detectors; the scores of all ranks are pooled. A layer
-    ensemble with several components first gets its shipped combiner from that data and the
-    validation OOD sets (``val_ood_sets``, never reported), or the OOD-free fallback without
-    them (:func:`lightning_ood.engine.deploy_combiners`); its threshold is calibrated on that
-    combined score, the one ``lightning_ood.load()`` returns. What was fitted is recorded in
-    ``pl_module.shipped_combiners`` (saved in the checkpoint and the results).
-    """
+    """Make every detector deployable (:meth:`EvaluationSession.calibrate`): the combiner a
+    layer ensemble ships, fitted on ID validation + validation OOD data (or FGSM proxies, or
+    ID only), then each detector's decision threshold (``tpr`` of held-out ID samples are
+    called ID), on the data of :func:`calibration_sets`, all ranks' scores pooled. What was
+    fitted is recorded in ``pl_module.shipped_combiners`` (saved in the checkpoint and the
+    results)."""
     if not detectors:
         return
     dm = trainer.datamodule
@@ -162,50 +194,12 @@ def calibrate_with_trainer(
             "lightning_ood.load() and predict will refuse them until they are calibrated."
         )
         return
-    dets = {d.name: d for d in detectors}
-    show = progress and trainer.global_rank == 0
-
-    def pooled(loader: Any, chosen: dict[str, Detector], desc: str) -> dict[str, Tensor]:
-        """Every rank's scores (or components) of ``loader``, in dataset order."""
-        local = engine.score_loader(
-            chosen, pl_module.backbone, loader, components=True, progress=show, desc=desc
-        )
-        return {n: in_dataset_order(s, trainer).cpu() for n, s in local.items()}
-
-    id_bank = pooled(dm.val_dataloader(), dets, "Calibrating thresholds")
-    ensembles = {n: d for n, d in dets.items() if engine.ships_combiner(d, id_bank[n])}
-    if ensembles:
-        val_ood = dm.val_ood_dataloaders() if hasattr(dm, "val_ood_dataloaders") else {}
-        ood_bank: dict[str, Tensor] | None = None
-        proxy_bank: dict[str, Tensor] | None = None
-        if val_ood:
-            parts = [pooled(loader, ensembles, f"combiner {k}") for k, loader in val_ood.items()]
-            ood_bank = {n: torch.cat([p[n] for p in parts]) for n in ensembles}
-        elif getattr(pl_module.backbone, "input_kind", "image") == "image":
-            std = (dm.hand_off_meta() if hasattr(dm, "hand_off_meta") else {}).get("std")
-            adversarial = engine.fgsm_batches(
-                pl_module.backbone, dm.val_dataloader(), input_std=std
-            )
-            proxy_bank = pooled(adversarial, ensembles, "combiner FGSM proxy")
-        how = engine.deploy_combiners(ensembles, id_bank, ood_bank, proxy_bank)
-        id_source = (
-            "ID test set (data.val_size 0)"
-            if int(getattr(dm, "val_size", 0) or 0) <= 0
-            else "held-out training images (data.val_size)"
-        )
-        record = getattr(pl_module, "shipped_combiners", None)
-        if isinstance(record, dict):
-            for n, h in how.items():
-                record[n] = {**h, "id_data": id_source, "ood_sets": sorted(val_ood)}
-        rank_zero_info(
-            "[lightning_ood] shipped combiners: "
-            + "; ".join(
-                f"{n}: {h['method']} on {h['n_id']} ID + {h['n_ood']} "
-                + (f"validation OOD ({', '.join(sorted(val_ood))})" if val_ood else "proxy")
-                for n, h in how.items()
-            )
-        )
-    engine.calibrate_detectors(dets, engine.combined_scores(dets, id_bank), tpr)
+    session = trainer_session(trainer, pl_module, Protocol(threshold_tpr=tpr), progress)
+    sets = calibration_sets(trainer, pl_module, detectors, progress and trainer.global_rank == 0)
+    how = session.calibrate(detectors, sets)
+    record = getattr(pl_module, "shipped_combiners", None)
+    if isinstance(record, dict):
+        record.update(how)
 
 
 class OODEvaluation(Callback):
@@ -277,16 +271,19 @@ class OODEvaluation(Callback):
         combiners_from: str | None = None,
     ) -> None:
         super().__init__()
-        self.tune = _check_tune(tune)
+        self.tune = check_tune(tune)
+        #: The one protocol value of this run (shared with ``lightning-ood grid``).
+        self.protocol = Protocol(
+            **{k: self.tune[k] for k in Protocol.TUNE_FIELDS if self.tune},
+            validation_size=validation_size,
+            validation_seed=validation_seed,
+            threshold_tpr=threshold_tpr,
+        )
         self.figures = figures
         self.activated_neurons = activated_neurons
         self.activated_thresholds = activated_thresholds
-        self._act: list[list[Tensor]] = []
         self.tuning: dict[str, Any] = {}
-        if validation_size < 0:
-            raise ValueError(f"validation_size must be >= 0, got {validation_size}")
-        if not 0.0 < threshold_tpr <= 1.0:
-            raise ValueError(f"threshold_tpr must lie in (0, 1], got {threshold_tpr}")
+        self._tuned: Tuned | None = None
         self.refit = refit
         self.threshold_tpr = threshold_tpr
         self.save_fitted = save_fitted
@@ -305,7 +302,7 @@ class OODEvaluation(Callback):
         self.progress = progress
         self.results: dict[str, Any] = {}
         self._out_dir: Path | None = None
-        self._bank: dict[str, list[list[Tensor]]] = {}
+        self._bank: ScoreBank | None = None
         if detectors is not None:  # fail at config time, not after an hour of training
             build_detectors(detectors)
 
@@ -510,18 +507,21 @@ class OODEvaluation(Callback):
             todo = list(dict.fromkeys([*unfitted, *uncalibrated]))
             calibrate_with_trainer(trainer, pl_module, todo, self.threshold_tpr, self.progress)
             self._save_fitted(trainer)
-        n_sets = len(self._test_set_names(trainer))
-        self._bank = {name: [[] for _ in range(n_sets)] for name in pl_module.detectors}
-        self._act = [[] for _ in range(n_sets)]
+        self._bank = ScoreBank(
+            dict(pl_module.detectors.items()),
+            pl_module.backbone,
+            self._test_set_names(trainer),
+            self._thresholds(pl_module) if self.activated_neurons else None,
+        )
 
     def _tune(self, trainer: Trainer, pl_module: LightningModule) -> list[Detector]:
-        """Select the tuned detectors' hyperparameters on validation data (see ``tune``);
-        the selected, fitted detectors replace the configured ones. Returns every detector
-        this fitted: the selections and the untuned ones that shared its training pass."""
+        """Select the tuned detectors' hyperparameters on validation data (see ``tune``;
+        :meth:`EvaluationSession.tune`); the selected, fitted detectors replace the configured
+        ones. Returns every detector this fitted: the selections and the untuned ones that
+        shared its training pass."""
         assert self.tune is not None
-        self.tuning = {}  # this test run's selections only
+        self.tuning, self._tuned = {}, None  # this test run's selections only
         dm = trainer.datamodule
-        backbone = pl_module.backbone
         if dm is None or int(getattr(dm, "val_size", 0) or 0) <= 0:
             raise ValueError(
                 "tune needs held-out ID validation data that is never reported: set "
@@ -557,19 +557,10 @@ class OODEvaluation(Callback):
                 "detector declares a search space)"
             )
             return []
-        candidates = [c for s in searches for c in s.candidates]
-        grads = [c.name for c in candidates if c.needs_input_grad]
-        if grads and torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                f"tune candidates {grads[:3]} need input gradients; set "
-                "`trainer.inference_mode: false` (the lightning-ood CLI default)."
-            )
-        for c in candidates:
-            c.to(pl_module.device)
         rank_zero_info(
             "[lightning_ood] tune: "
             + ", ".join(f"{s.name} over {len(s.candidates)} configurations" for s in searches)
-            + f"; selecting by validation {self.tune['select']} on the ID validation split and "
+            + f"; selecting by validation {self.protocol.select} on the ID validation split and "
             f"{sorted(val_ood)}"
         )
         # Detectors not tuned but unfitted share the candidates' single training pass.
@@ -577,83 +568,20 @@ class OODEvaluation(Callback):
         others += [
             d for n, d in dets.items() if n not in wanted and not d.is_fitted and d not in others
         ]
-        for d in others:
-            d.mark_unfitted()
-        readers = [*candidates, *others]
-        source = None
-        if any(engine.reads_training_data(d) for d in readers):
-            source = engine.loader_source(
-                backbone,
-                dm.fit_dataloader(),
-                readers,
-                progress=self.progress and trainer.global_rank == 0,
-            )
-        reducer = StrategyReducer(trainer)
-        with engine.eval_mode(backbone):
-            fitted, _, invalid = tuning.fit_candidates(
-                candidates, backbone, source, reducer, others=others
-            )
-        loaders = {tuning.ID_KEY: dm.val_dataloader(), **val_ood}
-        cache: dict[bool, dict[str, dict[str, Tensor]]] = {}
-
-        def score(chosen: Any, components: bool) -> dict[str, dict[str, Tensor]]:
-            if components not in cache:  # one pass per loader for every candidate at once
-                pool = {d.name: d for d in fitted if tuning.combines(d, backbone) == components}
-                cache[components] = {
-                    key: {
-                        n: in_dataset_order(v, trainer)
-                        for n, v in engine.score_loader(
-                            pool, backbone, loader, components=components, desc=f"tune {key}"
-                        ).items()
-                    }
-                    for key, loader in loaders.items()
-                }
-            return {k: {n: v[n] for n in chosen} for k, v in cache[components].items()}
-
-        validation = tuning.Validation(
-            score,
-            tuning.ID_KEY,
-            backbone,
-            seed=self.tune["seed"],
-            combiner_fraction=self.tune["combiner_fraction"],
+        show = self.progress and trainer.global_rank == 0
+        sets = Sets(
+            train=_source(trainer, pl_module, getattr(dm, "fit_dataloader", None), show)
+            if hasattr(dm, "fit_dataloader")
+            else None,
+            id_val=_source(trainer, pl_module, dm.val_dataloader(), False),
+            val_ood={k: _source(trainer, pl_module, ld, False) for k, ld in val_ood.items()},
+            id_val_note="held-out training samples (data.val_size)",
         )
-        selected: list[Detector] = []
-        val_n = {k: 0 for k in loaders}
-        for srch in searches:
-            mine = {c.name for c in srch.candidates}
-            cands = [d for d in fitted if d.name in mine]
-            if not cands:
-                why = f"every configuration is invalid for this backbone, e.g. {invalid[min(mine)]}"
-                if not auto:
-                    raise ValueError(f"tune: {srch.name!r}: {why}; give it a valid grid")
-                rank_zero_warn(f"[lightning_ood] tune: {srch.name!r} keeps its values: {why}")
-                self.tuning[srch.name] = {"kind": srch.kind, "space": srch.space, "skipped": why}
-                continue
-            rows, best = tuning.select(
-                srch, cands, validation.metrics(cands), self.tune["select"], backbone, invalid
-            )
-            det = tuning.detector_of(srch, cands, best)
-            det.name = srch.name
-            pl_module.replace_detector(srch.name, det)
-            selected.append(det)
-            self.tuning[srch.name] = {
-                "kind": srch.kind,
-                "space": srch.space,
-                "selected": rows[best]["params"],
-                "val_mean": rows[best]["val_mean"],
-                "rows": [
-                    {k: r[k] for k in ("params", "val_mean", "invalid") if k in r} for r in rows
-                ],
-            }
-        for key, per in cache.get(False, cache.get(True, {})).items():
-            val_n[key] = len(next(iter(per.values()))) if per else 0
-        self.tuning_meta = {
-            "select": self.tune["select"],
-            "id_validation": f"{val_n[tuning.ID_KEY]} held-out training samples (data.val_size)",
-            "val_ood_sets": {k: val_n[k] for k in val_ood},
-            "seed": self.tune["seed"],
-            "combiner_fraction": self.tune["combiner_fraction"],
-        }
+        session = trainer_session(trainer, pl_module, self.protocol, self.progress)
+        tuned = session.tune(searches, sets, others=others, skip_invalid=auto)
+        for name, det in tuned.selected.items():
+            pl_module.replace_detector(name, det)
+        self._tuned, self.tuning, self.tuning_meta = tuned, tuned.records, tuned.meta
         record = getattr(pl_module, "tuned_record", None)
         if isinstance(record, dict):
             for n, t in self.tuning.items():
@@ -668,7 +596,7 @@ class OODEvaluation(Callback):
             "[lightning_ood] tune selected: "
             + "; ".join(f"{n}: {t['selected']}" for n, t in self.tuning.items() if "selected" in t)
         )
-        return [*selected, *others]
+        return [*tuned.selected.values(), *tuned.others]
 
     def _save_fitted(self, trainer: Trainer) -> None:
         ckpt_cb = trainer.checkpoint_callback
@@ -701,21 +629,14 @@ class OODEvaluation(Callback):
                 "OODEvaluation expects test_step to return the shared BackboneOutput; got "
                 f"{type(outputs).__name__}"
             )
-        scores = engine.score_batch(
-            pl_module.detectors, outputs, pl_module.backbone, batch[0], components=True
-        )
-        for name, s in scores.items():
-            self._bank[name][dataloader_idx].append(s.detach().to("cpu", torch.float64))
-        if self.activated_neurons:
-            counts = activated_neuron_counts(outputs.features, self._thresholds(pl_module))
-            self._act[dataloader_idx].append(counts.cpu())
+        assert self._bank is not None, "on_test_start builds the score bank"
+        self._bank.add(dataloader_idx, outputs, batch[0])
 
     def _thresholds(self, pl_module: LightningModule) -> list[float]:
         """Activation thresholds of the neuron counts: given, else 0 and the first LINe's δ."""
-        if self.activated_thresholds is not None:
-            return [float(t) for t in self.activated_thresholds]
-        lines = [d for d in pl_module.detectors.values() if isinstance(d, LINe)]
-        return [0.0, float(lines[0].delta) if lines else 1.0]
+        return line_analyses.thresholds(
+            dict(pl_module.detectors.items()), self.activated_thresholds
+        )
 
     # -- evaluation --------------------------------------------------------------------------
     @staticmethod
@@ -728,78 +649,42 @@ class OODEvaluation(Callback):
             )
         return list(names)
 
-    def _gather(self, chunks: list[Tensor], trainer: Trainer, det: Detector) -> Tensor:
-        """This rank's scores of one set, gathered over ranks in dataset order (a rank that
-        saw no batch of a tiny set contributes an empty tensor of the right shape)."""
-        backbone = trainer.lightning_module.backbone
-        tail = (len(det.component_names(backbone)),) if det.needs_validation else ()
-        t = torch.cat(chunks) if chunks else torch.empty(0, *tail, dtype=torch.float64)
-        return in_dataset_order(t, trainer)
-
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assert self._bank is not None, "on_test_start builds the score bank"
         names = self._test_set_names(trainer)
         dets = dict(pl_module.detectors.items())
-        banks = {n: [self._gather(c, trainer, dets[n]) for c in self._bank[n]] for n in dets}
-        evaluation = evaluate_detectors(
+        gather = lambda t: in_dataset_order(t, trainer)  # noqa: E731
+        banks = self._bank.banks(gather)
+        counts = self._bank.neuron_counts(gather)
+        at = self._bank.neuron_thresholds
+        session = trainer_session(trainer, pl_module, self.protocol, self.progress)
+        evaluation = session.evaluate(
             dets,
             banks,
             names,
-            validation_size=self.validation_size,
-            seed=self.validation_seed,
-            warn=lambda msg: rank_zero_warn(f"[lightning_ood] {msg}"),
             combiners=self._fixed_combiners,
             combiners_source=f"combiners_from={self.combiners_from!r}",
         )
-        self.results = {
-            "id_set": names[0],
-            "data_version": getattr(trainer.datamodule, "data_version", names[0]),
-            "model": pl_module.hparams.get("model"),
-            "convention": CONVENTION,
-            "validation": {
-                "held_out_per_set": evaluation.held_out_per_set,
-                "held_out_for": evaluation.held_out_for,
-                "seed": self.validation_seed,
-                "combiners_from": self.combiners_from,
+        shipped = getattr(pl_module, "shipped_combiners", {})
+        self.results = session.results(
+            dets,
+            evaluation,
+            names,
+            info={
+                "id_set": names[0],
+                "data_version": getattr(trainer.datamodule, "data_version", names[0]),
+                "model": pl_module.hparams.get("model"),
             },
-            "detectors": {n: d.config() for n, d in dets.items()},
-            "thresholds": {
-                n: {"value": float(d.threshold), "id_tpr": float(d.threshold_tpr)}
-                for n, d in dets.items()
-            },
-            "combiners": evaluation.combiners,
-            "shipped_combiners": {
-                n: dict(r)
-                for n, r in getattr(pl_module, "shipped_combiners", {}).items()
-                if n in dets
-            },
-            "metrics": evaluation.metrics,
-        }
-        if self.tuning:
-            self.results["tuning"] = {"protocol": self.tuning_meta, "detectors": self.tuning}
+            shipped=shipped,
+            tuned=self._tuned,
+            combiners_from=self.combiners_from,
+            neuron_counts=counts,
+            neuron_thresholds=at,
+        )
         if hasattr(pl_module, "reported"):  # the shipped rows go into the checkpoint's card
             pl_module.reported = card.reported_of(self.results, list(dets))
         if self._fitted_path:  # re-saved: its card now holds these rows
             trainer.save_checkpoint(self._fitted_path)
-        severity = report.severity_summary(evaluation.metrics, "auroc")
-        if severity:
-            self.results["severity"] = {"metric": "auroc", "detectors": severity}
-        lines = {n: d for n, d in dets.items() if isinstance(d, LINe) and d.is_fitted}
-        overlap = {n: d.top_neuron_overlap() for n, d in lines.items()}
-        if overlap:
-            self.results["neuron_overlap"] = overlap
-        act_counts: dict[str, Tensor] = {}
-        if self.activated_neurons:
-            thresholds = self._thresholds(pl_module)
-            act_counts = {
-                n: in_dataset_order(
-                    torch.cat(c) if c else torch.empty(0, len(thresholds), dtype=torch.long),
-                    trainer,
-                )
-                for n, c in zip(names, self._act, strict=True)
-            }
-            self.results["activated_neurons"] = report.activated_neurons_summary(
-                act_counts, thresholds
-            )
         # Straight to the loggers (rank 0): through `self.log` these ~50 scalars per detector
         # would also flood Lightning's end-of-test printout, which comes after our table.
         flat = {
@@ -809,6 +694,7 @@ class OODEvaluation(Callback):
             for m, v in vals.items()
             if m in METRIC_NAMES
         }
+        tb: list[TensorBoardLogger] = []
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(flat, step=trainer.global_step)
@@ -825,50 +711,15 @@ class OODEvaluation(Callback):
         # trainer.log_dir broadcasts under DDP: every rank must ask for it
         out_dir = Path(self.results_dir or trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
-            writer = tb[0].experiment if tb else None
-            if self.figures:
-                layers = {
-                    n: (
-                        d.component_names(pl_module.backbone),
-                        dict(zip(names, banks[n], strict=True)),
-                    )
-                    for n, d in dets.items()
-                    if d.needs_validation and len(d.component_names(pl_module.backbone)) > 1
-                }
-                report.write_figures(
-                    out_dir,
-                    writer,
-                    trainer.global_step,
-                    evaluation.scores,
-                    {n: float(d.threshold) for n, d in dets.items()},
-                    layers,
-                    severity,
-                )
-            if act_counts:
-                report.log_activated_neurons(
-                    writer,
-                    act_counts,
-                    self._thresholds(pl_module),
-                    pl_module.backbone.num_features,
-                    trainer.global_step,
-                    out_dir=out_dir / "figures",
-                )
-            if overlap:
-                report.write_results(
-                    out_dir,
-                    "neuron_overlap",
-                    {"neuron_overlap": overlap},
-                    report.format_neuron_overlap(overlap),
-                )
-                atomic_write_text(
-                    out_dir / "neuron_overlap.csv", report.format_neuron_overlap_csv(overlap)
-                )
-            report.write_results(
+            outcome = Outcome(
+                dets, names, banks, evaluation, self.results, self._tuned, {}, counts, at
+            )
+            session.write(
                 out_dir,
-                "ood_results",
-                self.results,
-                report.format_markdown(self.results),
-                self.results["metrics"],
+                outcome,
+                writer=tb[0].experiment if tb else None,
+                step=trainer.global_step,
+                figures=self.figures,
             )
             self._out_dir = out_dir
 

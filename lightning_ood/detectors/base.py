@@ -244,6 +244,19 @@ class Detector(nn.Module):
         model is passed for detectors that need more (LINe's autograd oracle).
         """
 
+    #: Whether the detector is fitted (also) on labelled held-out ID validation outputs
+    #: (temperature scaling's T by NLL): the engine calls :meth:`fit_validation` once with the
+    #: whole ID validation split, after :meth:`finalize` and before calibration.
+    uses_validation_data: ClassVar[bool] = False
+
+    def fit_validation(
+        self, out: BackboneOutput, target: Tensor, reducer: Reducer | None = None
+    ) -> None:
+        """Fit on the ID validation split's outputs (all of them, this rank's rows; reduce
+        across ranks with ``reducer``) and labels. Only called when
+        :attr:`uses_validation_data`."""
+        raise NotImplementedError(f"{type(self).__name__} does not fit on validation data")
+
     def next_pass(self, reducer: Reducer) -> bool:
         """Called by the engine after each pass of :meth:`update` over the training data,
         before :meth:`finalize`: True asks for one more pass over the *same* batches (an exact

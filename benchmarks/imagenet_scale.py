@@ -20,8 +20,13 @@ Synthetic data (seeded): class means mu_c ~ |N(0, 0.5^2)| per dimension, a sampl
 relu(mu_c + N(0, 0.5^2)) (non-negative, like a post-ReLU average pool); the head's weights are
 N(0, 0.02^2), bias 0. The numbers measure memory and time, not detection quality::
 
-    .venv/bin/python benchmarks/imagenet_scale.py                  # all stages
-    .venv/bin/python benchmarks/imagenet_scale.py --rows 20000     # a quick try
+    .venv/bin/python -m benchmarks.imagenet_scale                  # all stages
+    .venv/bin/python -m benchmarks.imagenet_scale --rows 20000     # a short try
+    .venv/bin/python -m benchmarks.imagenet_scale --quick --out /tmp/q   # seconds, in /tmp/q
+
+No ImageNet data is read: the features are synthetic, so ``--quick`` (12,000 rows, 500 queries,
+KNN's k 10, eight of the detectors, the entry under ``<out>/work``) runs the same stages on any
+machine.
 """
 
 from __future__ import annotations
@@ -39,14 +44,18 @@ from typing import Any
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks._record import Recorder  # noqa: E402
+from benchmarks.common import ROOT, Recorder, parse, parser, work_dir
 
 IMAGENET_TRAIN = 1_281_167
 Q, L = 2048, 1000
 GEN_BATCH = 8192
+#: ``--quick``: a bank of 120 rows (KNN k 10, NNGuide k 100 both fit), 500 queries, and the
+#: detectors whose finalize does not cost a 2048-wide eigendecomposition or 1,000 class
+#: covariances (those take ~100 s whatever the rows).
+QUICK = {
+    "rows": 12_000, "shard_rows": 4096, "queries": 500, "k": 10, "batch_size": 2048,
+    "detectors": ["knn", "nnguide", "react", "dice_react", "nci", "fdbd", "energy", "msp"],
+}  # fmt: skip
 #: Detectors fitted in the one pass (all that read training features, plus the logit- and
 #: shaping-based ones, which fit nothing, for completeness).
 DETECTORS: dict[str, dict[str, Any]] = {
@@ -107,10 +116,11 @@ def synthetic_batches(rows: int, seed: int, backbone: Any, batch: int = GEN_BATC
         yield BackboneOutput(h, logits, {}), y
 
 
-def cache_entry(rows: int, seed: int) -> tuple[Any, str, str, str]:
+def cache_entry(ns: argparse.Namespace, seed: int) -> tuple[Any, str, str, str]:
     from lightning_ood.features import FeatureCache
 
-    cache = FeatureCache(ROOT / ".cache" / "imagenet_synth")
+    rows = ns.rows
+    cache = FeatureCache(ns.work)
     ids = (f"synthetic-head-seed1-q{Q}-L{L}", f"synthetic-train-{rows}-seed{seed}", "none")
     return cache, *ids
 
@@ -125,7 +135,7 @@ def current_rss_gb() -> float:
 
 
 def stage_generate(ns: argparse.Namespace) -> dict[str, Any]:
-    cache, weights, dataset, transform = cache_entry(ns.rows, 0)
+    cache, weights, dataset, transform = cache_entry(ns, 0)
     hit = cache.load(weights, dataset, transform)
     if hit is not None:
         return {"rows": len(hit), "reused": True, "folder": str(hit.folder)}
@@ -167,7 +177,7 @@ def stage_fit(ns: argparse.Namespace) -> dict[str, Any]:
     from lightning_ood.features import fit_from_cache
 
     torch.set_num_threads(ns.threads)
-    cache, weights, dataset, transform = cache_entry(ns.rows, 0)
+    cache, weights, dataset, transform = cache_entry(ns, 0)
     train = cache.load(weights, dataset, transform)
     if train is None:
         raise SystemExit("no synthetic entry: run the generate stage first")
@@ -187,7 +197,7 @@ def stage_fit(ns: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(f"not fitted: {bad}")
     knn = dets.get("knn")
     if knn is not None:
-        torch.save(knn.state_dict(), ROOT / ".cache" / "imagenet_synth" / f"knn-{ns.rows}.pt")
+        torch.save(knn.state_dict(), Path(ns.work) / f"knn-{ns.rows}.pt")
     per = {
         n: {k: round(v, 2) for k, v in sorted(t.items())} | {"total_s": round(sum(t.values()), 2)}
         for n, t in times.items()
@@ -212,7 +222,7 @@ def stage_knn(ns: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(ns.threads)
     backbone = head_backbone()
     knn = build_detector("knn", specs(ns)["knn"])
-    knn.load_state_dict(torch.load(ROOT / ".cache/imagenet_synth" / f"knn-{ns.rows}.pt"))
+    knn.load_state_dict(torch.load(Path(ns.work) / f"knn-{ns.rows}.pt", weights_only=True))
     feats, logits, ys = [], [], []
     for out, y in synthetic_batches(ns.queries, 7, backbone, batch=10_000):
         feats.append(out.features)
@@ -240,14 +250,17 @@ def stage_knn(ns: argparse.Namespace) -> dict[str, Any]:
 
 def run_stage(stage: str, ns: argparse.Namespace) -> dict[str, Any]:
     """One stage in a fresh process (its own peak RSS); returns its JSON result."""
-    cmd = [sys.executable, __file__, "--stage", stage, "--rows", str(ns.rows),
-           "--shard_rows", str(ns.shard_rows), "--batch_size", str(ns.batch_size),
-           "--queries", str(ns.queries), "--threads", str(ns.threads),
-           "--k", str(ns.k)]  # fmt: skip
+    cmd = [sys.executable, "-m", "benchmarks.imagenet_scale", "--stage", stage,
+           "--rows", str(ns.rows), "--shard_rows", str(ns.shard_rows),
+           "--batch_size", str(ns.batch_size), "--queries", str(ns.queries),
+           "--threads", str(ns.threads), "--k", str(ns.k), "--work", str(ns.work),
+           "--out", str(ns.out), "--data_root", str(ns.data_root)]  # fmt: skip
     if ns.detectors:
         cmd += ["--detectors", *ns.detectors]
     print("$", " ".join(cmd[1:]), flush=True)
-    proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"stage {stage} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     result = json.loads(line.removeprefix("RESULT "))
     print(json.dumps(result, indent=1), flush=True)
@@ -287,17 +300,21 @@ def markdown(res: dict[str, Any], ns: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__)
     ap.add_argument("--stage", choices=["all", "generate", "fit", "knn"], default="all")
     ap.add_argument("--rows", type=int, default=IMAGENET_TRAIN)
     ap.add_argument("--shard_rows", type=int, default=32768)
     ap.add_argument("--batch_size", type=int, default=4096)
     ap.add_argument("--queries", type=int, default=50_000)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.set_defaults(threads=2)
     ap.add_argument("--detectors", nargs="*", default=None)
     ap.add_argument("--k", type=int, default=1000, help="KNN's k (the KNN paper: 1000)")
-    ns = ap.parse_args()
+    ap.add_argument("--work", default=None, help="cache folder (default .cache/imagenet_synth)")
+    ns = parse(ap, argv)
+    if ns.quick and ns.stage == "all":
+        vars(ns).update(QUICK)
+    ns.work = str(work_dir(ns, "imagenet_synth"))
     if ns.stage != "all":
         fn = {"generate": stage_generate, "fit": stage_fit, "knn": stage_knn}[ns.stage]
         print("RESULT " + json.dumps(fn(ns)), flush=True)
@@ -310,7 +327,7 @@ def main() -> None:
         "fit_peak_rss_le_6gb": res["fit"]["peak_rss_gb"] <= 6.0,
         "knn_extra_le_2gb": res["knn"]["extra_gb"] <= 2.0,
     }
-    rec.write(res, markdown(res, ns))
+    rec.write(res, markdown(res, ns), ns.out)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,13 @@ of p50/p99 latency are measured in one run. One batched row gives the module's o
 ``--max_batch_size`` images per call. Before timing, the server's answers on 16 images are
 checked against the module's (same prediction and decisions, scores within 1e-5).
 
-    .venv/bin/python benchmarks/serve_throughput.py [--ckpt_path checkpoints/demo/fitted.ckpt]
+    .venv/bin/python -m benchmarks.serve_throughput [--ckpt_path checkpoints/demo/fitted.ckpt]
         [--detectors energy,msp,mahalanobis,line] [--requests 1000] [--seconds 5] [--repeats 3]
 
 The checkpoint defaults to ``checkpoints/demo/fitted.ckpt`` (or ``last.ckpt``) of ``make demo``;
-without one, ``--fit_tiny`` fits a small LeNet as the tests' session checkpoint does (one epoch
-on every 6th FashionMNIST training image, the four detectors fitted and calibrated) into a
-temporary folder first. Only 127.0.0.1 is contacted.
+without one, ``--fit_tiny`` first fits a small LeNet on slices (:func:`common.quick_demo`: three
+training steps, the detectors fitted and calibrated) into a temporary folder. ``--quick`` does
+that and runs one short round at 1 and 2 clients. Only 127.0.0.1 is contacted.
 """
 
 from __future__ import annotations
@@ -39,43 +39,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import requests
+import torch
+from PIL import Image
+from torchvision.datasets import FashionMNIST
 
-import numpy as np  # noqa: E402
-import requests  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torchvision.datasets import FashionMNIST  # noqa: E402
+import lightning_ood
+from benchmarks.common import ROOT, Recorder, parse, parser, quick_demo
+from lightning_ood.serve import sha256_file, stop_server
 
-import lightning_ood  # noqa: E402
-from benchmarks._record import Recorder  # noqa: E402
-from lightning_ood.serve import sha256_file, stop_server  # noqa: E402
-
-DATA = ROOT.parent / "shared" / "data"
 HOST = "127.0.0.1"
 DEFAULT_CKPTS = [
     ROOT / "checkpoints" / "demo" / "fitted.ckpt",
     ROOT / "checkpoints" / "demo" / "last.ckpt",
 ]
-TINY_DETECTORS = {
-    "msp": {},
-    "energy": {},
-    "line": {"delta": 1.0, "p_a": 90, "p_w": 90},
-    "mahalanobis": {"taps": ["conv1", "conv2", "fc1"]},
-}
-
-
-def fit_tiny(folder: Path) -> Path:
-    """A fitted LeNet checkpoint like the tests' session fixture (``tests/conftest.py``)."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from _cli import base_config, ood_callback, run_cli
-
-    cfg = base_config(DATA, train_every=6, test_every=20, ood_every=20, ood_sets=["mnist"])
-    cfg["trainer"]["callbacks"] = [ood_callback(TINY_DETECTORS, validation_size=100)]
-    print(f"fitting a tiny LeNet checkpoint in {folder} (about 1-2 min) ...", flush=True)
-    run_cli(folder, "tiny", "fit", cfg)
-    return folder / "ckpt" / "tiny" / "last.ckpt"
+#: ``--quick``'s bounds: one round of a few requests at 1 and 2 clients.
+QUICK = {"clients": "1,2", "requests": 8, "seconds": 1.0, "repeats": 1, "warmup": 1, "images": 16}
 
 
 def free_port() -> int:
@@ -193,12 +173,14 @@ def check_answers(url: str, model: Any, x: torch.Tensor, bodies: list[bytes]) ->
     return {"images": 16, "same_pred_and_is_ood": same, "max_rel_score_diff": worst}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__)
     ap.add_argument(
         "--ckpt_path", default=None, help="default: checkpoints/demo/fitted.ckpt or last.ckpt"
     )
-    ap.add_argument("--fit_tiny", action="store_true", help="no checkpoint: fit a tiny LeNet first")
+    ap.add_argument(
+        "--fit_tiny", action="store_true", help="no checkpoint: fit a small LeNet first"
+    )
     ap.add_argument("--detectors", default="energy,msp,mahalanobis,line")
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--requests", type=int, default=1000, help="most timed requests per round")
@@ -208,9 +190,12 @@ def main() -> None:
     ap.add_argument("--max_batch_size", type=int, default=16)
     ap.add_argument("--batch_timeout", type=float, default=0.01)
     ap.add_argument("--images", type=int, default=256, help="distinct test images cycled")
-    ns = ap.parse_args()
+    ns = parse(ap, argv)
     rec = Recorder("serve_throughput")
     tmp = Path(tempfile.mkdtemp(prefix="serve_throughput_"))
+    if ns.quick:
+        vars(ns).update(QUICK)
+        ns.ckpt_path = str(quick_demo(ns.out / "work", ns.data_root)[0])
     if ns.ckpt_path:
         ckpt = Path(ns.ckpt_path)
     else:
@@ -218,7 +203,7 @@ def main() -> None:
         if found:
             ckpt = found[0]
         elif ns.fit_tiny:
-            ckpt = fit_tiny(tmp)
+            ckpt = quick_demo(tmp, ns.data_root)[0]
         else:
             raise SystemExit(
                 "no checkpoint: run `make demo` (writes checkpoints/demo/), pass --ckpt_path, "
@@ -226,7 +211,7 @@ def main() -> None:
             )
     detectors = [d for d in ns.detectors.split(",") if d]
     model = lightning_ood.load(ckpt, detectors=detectors)
-    ds = FashionMNIST(str(DATA), train=False)
+    ds = FashionMNIST(str(ns.data_root), train=False)
     x = ds.data[:: max(1, len(ds) // ns.images)][: ns.images].unsqueeze(1).contiguous()
     bodies = [png(img) for img in x]
     levels = [int(c) for c in ns.clients.split(",")]
@@ -337,7 +322,7 @@ def main() -> None:
     ]
     body = "\n".join(md)
     print(body)
-    rec.write(out, body)
+    rec.write(out, body, ns.out)
 
 
 if __name__ == "__main__":

@@ -6,24 +6,20 @@ loop of the project (``ClassificationTask`` + the OOD callback scoring MSP, MaxL
 from the task's single forward pass; no fitting pass). The ratio (a)/(b) of wall times, measured
 in one run, alternately, best of ``--repeats``, is what the OOD machinery costs (1.0 = nothing).
 
-    .venv/bin/python benchmarks/zoo_throughput.py [--images 2000] [--repeats 3]
+    .venv/bin/python -m benchmarks.zoo_throughput [--images 2000] [--repeats 3]
+
+``--quick``: 20 images, one round, the first model only.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
+from lightning.pytorch import Callback, Trainer
 
-import torch  # noqa: E402
-from lightning.pytorch import Callback, Trainer  # noqa: E402
-
-from benchmarks._record import Recorder  # noqa: E402
+from benchmarks.common import Recorder, parse, parser
 
 MODELS = {
     "resnet18 (CIFAR stem, OpenOOD v1.5)": ("resnet18", {"cifar_stem": True}),
@@ -43,20 +39,24 @@ class LoopTimer(Callback):
         self.t1 = time.perf_counter()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__)
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--batch_size", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
-    ns = ap.parse_args()
+    ns = parse(ap, argv)
     rec = Recorder("zoo_throughput")
+    models = dict(MODELS)
+    if ns.quick:
+        ns.images, ns.batch_size, ns.repeats = 20, 10, 1
+        models = dict(list(MODELS.items())[:1])
     from lightning_ood.callbacks import OODEvaluation
     from lightning_ood.data import CIFAR10DataModule
     from lightning_ood.task import ClassificationTask
 
     every = max(1, 10000 // ns.images)
     dm = CIFAR10DataModule(
-        root=str(ROOT.parent / "shared" / "data"), batch_size=ns.batch_size,
+        root=str(ns.data_root), batch_size=ns.batch_size,
         eval_batch_size=ns.batch_size, num_workers=0, test_every=every, ood_every=10**6,
         ood_sets=["mnist"],
     )  # fmt: skip
@@ -74,7 +74,7 @@ def main() -> None:
         "|---|---:|---:|---:|",
     ]
     out: dict[str, Any] = {}
-    for label, (name, kwargs) in MODELS.items():
+    for label, (name, kwargs) in models.items():
         task = ClassificationTask(model=name, num_classes=10, model_kwargs=kwargs)
         task.set_detectors(DETECTORS)
         model = task.backbone.eval()
@@ -101,7 +101,7 @@ def main() -> None:
         md.append(f"| {label} | {a:.1f} | {b:.1f} | {b / a:.3f} |")
     body = "\n".join(md)
     print(body)
-    rec.write(out, body)
+    rec.write(out, body, ns.out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Reproducible measurement scripts; run each as ``python -m benchmarks.<name>`` (see README.md)."""

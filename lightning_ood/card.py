@@ -1,6 +1,6 @@
 """The checkpoint's card: where every shipped number came from, readable without the code that
-wrote it (``lightning-ood inspect CKPT``, ``lightning_ood.load(ckpt).card``, the server's
-``/card`` route).
+wrote it (``lightning-ood inspect CKPT``, ``lightning_ood.load(ckpt).card``, ``card`` in the
+server's ``GET /info``).
 
 A card is plain data in ``checkpoint["lightning_ood"]["card"]``: the model and where its
 weights came from, the ID set and data version, the training recipe, each shipped detector

@@ -16,8 +16,8 @@ come from whoever wrote the file, so :func:`checked_model_record` admits only:
   unpickling is only ever given at the call site, and the file's own tensors are the weights.
 
 Everything the user types (a config they run, a Python call) is built as given; the check
-applies only to what was read from a file. See ``README.md``, "Hand-off: what a checkpoint can
-and cannot make the program do".
+applies only to what was read from a file. See
+``docs/handoff.md#what-a-checkpoint-can-and-cannot-make-the-program-do``.
 """
 
 from __future__ import annotations

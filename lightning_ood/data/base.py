@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -35,6 +36,7 @@ from lightning_ood.data.ood_sets import (
     build_ood_dataset,
     download_ood_set,
     id_test_view,
+    missing_reason,
     ood_location,
     parse_ood_spec,
     parse_ood_specs,
@@ -235,7 +237,10 @@ class OODDataModule(LightningDataModule):
         eval_batch_size: batch size of every other loader (default: ``batch_size``).
         num_workers: DataLoader worker processes.
         ood_sets: reported OOD test sets: registry names or dicts
-            ``{name, kind?, path?, every?, ...}`` (see :mod:`lightning_ood.data.ood_sets`).
+            ``{name, kind?, path?, every?, group?, missing?, ...}`` (see
+            :mod:`lightning_ood.data.ood_sets`). ``group`` (near, far, ...) is reported by
+            :meth:`groups`; ``missing: skip`` leaves out a set whose files are not there, with
+            a warning, recorded by :meth:`skipped_ood_sets`.
         val_ood_sets: OOD sets used only for hyperparameter selection, never reported.
         train_every: keep every n-th training sample (file order), for fast runs.
         test_every: keep every n-th ID test/validation sample.
@@ -318,8 +323,15 @@ class OODDataModule(LightningDataModule):
         self.ood_specs: list[OODSpec] = parse_ood_specs(ood_sets)
         self.val_ood_specs: list[OODSpec] = parse_ood_specs(val_ood_sets)
         self.test_corruption: CorruptionSpec | None = parse_corruption_spec(test_corruption)
+        #: Every ``ood_sets`` entry as configured; ``ood_specs`` drops the skipped missing ones.
+        self.declared_ood_specs: list[OODSpec] = list(self.ood_specs)
+        self._skipped: dict[str, str] | None = None
         self._check_names()
         self.outlier_spec = None if outlier_set is None else parse_ood_spec(outlier_set)
+        self._check_reported_only(
+            [("predict_sets", self.predict_specs), ("val_ood_sets", self.val_ood_specs)]
+            + ([("outlier_set", [self.outlier_spec])] if self.outlier_spec else [])
+        )
         if outlier_batch_size is not None and outlier_batch_size < 1:
             raise ValueError(f"outlier_batch_size must be >= 1, got {outlier_batch_size}")
         self.outlier_batch_size = outlier_batch_size or batch_size
@@ -410,6 +422,31 @@ class OODDataModule(LightningDataModule):
                     f"{label} contains {self.id_name!r}, the in-distribution set of "
                     f"{type(self).__name__}; name an OOD set that differs from the ID data"
                 )
+        self._check_groups()
+
+    @staticmethod
+    def _check_reported_only(labelled: Sequence[tuple[str, Sequence[OODSpec]]]) -> None:
+        """``group`` and ``missing`` describe reported sets; anywhere else they would be
+        silently meaningless (a tuning set is never averaged, nor may it vanish)."""
+        for label, specs in labelled:
+            for spec in specs:
+                keys = ["group"] if spec.group is not None else []
+                keys += ["missing"] if spec.missing != "error" else []
+                if keys:
+                    raise ValueError(
+                        f"{label} entry {spec.name!r} sets {keys}, which apply to reported "
+                        "ood_sets only; drop them from this entry"
+                    )
+
+    def _check_groups(self) -> None:
+        """A group's row sits beside the set rows: its name may not be a set's or the ID's."""
+        names = {self.id_name, *(s.name for s in self.ood_specs)}
+        for spec in self.ood_specs:
+            if spec.group is not None and spec.group in names:
+                raise ValueError(
+                    f"ood_sets entry {spec.name!r} has group {spec.group!r}, the name of a "
+                    "set; a group's row would be mistaken for that set's: rename the group"
+                )
 
     def _leak_root(self) -> Path:
         """The data root the entries resolve against (not cached: nothing is read yet)."""
@@ -466,8 +503,64 @@ class OODDataModule(LightningDataModule):
 
     @property
     def test_set_names(self) -> list[str]:
-        """``[id_name, *OOD names]``, in the order of :meth:`test_dataloader`."""
+        """``[id_name, *OOD names]``, in the order of :meth:`test_dataloader` (without the
+        ``missing: skip`` sets that are not there: :meth:`skipped_ood_sets`)."""
+        self._skip_missing()
         return [self.id_name, *(s.name for s in self.ood_specs)]
+
+    def groups(self) -> dict[str, str]:
+        """``{OOD set: group}`` of the reported sets that have a group (``group:`` in
+        ``ood_sets``), in ``test_set_names`` order, for
+        :func:`lightning_ood.metrics.group_averages`. Skipped missing sets are not in it."""
+        self._skip_missing()
+        return {s.name: s.group for s in self.ood_specs if s.group is not None}
+
+    def skipped_ood_sets(self) -> dict[str, str]:
+        """``{OOD set: why}`` of the ``missing: skip`` sets left out because their files are
+        not under the data root (empty when none is), for the results to name."""
+        self._skip_missing()
+        return dict(self._skipped or {})
+
+    def _skip_missing(self) -> None:
+        """Resolve ``missing: skip`` once (existence checks only, no file is read): drop the
+        sets that are not there from ``ood_specs``, warning for each. A run whose every
+        reported set is missing stops. No-op without ``missing: skip`` entries."""
+        if self._skipped is not None:
+            return
+        if not any(s.missing == "skip" for s in self.declared_ood_specs):
+            self._skipped = {}
+            return
+        root, _ = self.resolved_root()
+        skipped: dict[str, str] = {}
+        for spec in self.declared_ood_specs:
+            if spec.missing == "skip":
+                reason = missing_reason(spec, root)
+                if reason is not None:
+                    skipped[spec.name] = reason
+        kept = [s for s in self.declared_ood_specs if s.name not in skipped]
+        if skipped and not kept:
+            raise FileNotFoundError(
+                f"none of the ood_sets is under the data root {root}, nothing would be "
+                "reported: "
+                + "; ".join(f"{n}: {r}" for n, r in skipped.items())
+                + ". Put at least one there or pass --data.root"
+            )
+        for name, reason in skipped.items():
+            warnings.warn(self._skip_message(name, reason, kept), stacklevel=3)
+        self.ood_specs = kept
+        self._skipped = skipped
+
+    def _skip_message(self, name: str, reason: str, kept: Sequence[OODSpec]) -> str:
+        spec = next(s for s in self.declared_ood_specs if s.name == name)
+        text = f"OOD set {name!r} SKIPPED (missing: skip): {reason}."
+        if spec.group is not None:
+            declared = [s.name for s in self.declared_ood_specs if s.group == spec.group]
+            present = [s.name for s in kept if s.group == spec.group]
+            text += (
+                f" Group {spec.group!r} averages {len(present)} of its {len(declared)} sets "
+                f"({', '.join(present) or 'none'}), so its row is not the full benchmark's."
+            )
+        return text + " Put the files there (or give the entry a path) to report it."
 
     @property
     def val_ood_names(self) -> list[str]:
@@ -493,8 +586,15 @@ class OODDataModule(LightningDataModule):
             return
         if not self._id_present(root):
             guarded_download(self.display_name, root, lambda: self._download_id(root))
-        for spec in [*self.ood_specs, *self.val_ood_specs]:
-            download_ood_set(spec, root)
+        for spec in [*self.declared_ood_specs, *self.val_ood_specs]:
+            try:
+                download_ood_set(spec, root)
+            except RuntimeError as err:
+                if spec.missing != "skip":
+                    raise
+                warnings.warn(f"{err} (missing: skip: it will be left out)", stacklevel=2)
+        if self._sets is None:  # what is missing is decided after the downloads
+            self.ood_specs, self._skipped = list(self.declared_ood_specs), None
 
     def setup(self, stage: str | None = None) -> None:
         """Open every set (ID train/val/test, OOD test, OOD val) for any stage.
@@ -510,6 +610,7 @@ class OODDataModule(LightningDataModule):
                 f"data root {root} does not exist ({self.display_name} is read from there); "
                 "pass --data.root, set LIGHTNING_OOD_DATA, or set download: true"
             )
+        self._skip_missing()
         try:
             raw = self._load_id(root)
         except FileNotFoundError:

@@ -13,6 +13,18 @@ A config names a set (``ood_sets: [mnist, lsun_crop]``) or overrides its locatio
       - {name: fashionmnist_c, kind: corrupted, base: fashionmnist,
          corruption: all, severity: all}   # one set per type x severity: fashionmnist_c/fog/2
 
+Reported sets take two more keys. ``group`` (``near``, ``far`` or any name) puts the set in a
+group whose per-metric mean is reported beside the overall average, as OpenOOD v1.5 reports
+near-OOD and far-OOD (:func:`lightning_ood.metrics.group_averages`; the datamodule's
+``groups()``). ``missing: skip`` lets a run go on without a set whose files are not under the
+data root (:func:`missing_reason` says why), with a warning that names the set, where it was
+looked for and what its group then averages over; the datamodule's ``skipped_ood_sets()``
+keeps the list for the results. The default, ``missing: error``, fails naming the set::
+
+    ood_sets:
+      - {name: cifar100, group: near, missing: skip}
+      - {name: mnist, group: far}
+
 A ``corrupted`` set (the FSSD paper's ImageNet-C benchmark, Hendrycks & Dietterich 2019) is a
 registered image set (``base``) with one :mod:`~lightning_ood.data.corruptions` corruption at
 severity 1..5 (``seed`` optional), applied at the model's input size before normalisation.
@@ -127,16 +139,24 @@ class OODSetInfo:
     validate: Callable[[Mapping[str, Any]], None] | None = None
 
 
+Missing = Literal["error", "skip"]
+#: Row name of the mean over every reported OOD set; no group may take it.
+RESERVED_GROUP_NAMES = ("average",)
+
+
 @dataclass(frozen=True)
 class OODSpec:
     """One parsed ``ood_sets`` entry: the reported ``name``, the registry ``kind`` it is read
-    with, an optional location override, subset step and builder options."""
+    with, an optional location override, subset step and builder options; for a reported set
+    also its ``group`` (None: in no group) and what a ``missing`` set does (error or skip)."""
 
     name: str
     kind: str
     path: Path | None = None
     every: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    group: str | None = None
+    missing: Missing = "error"
 
 
 OOD_SETS: dict[str, OODSetInfo] = {}
@@ -169,6 +189,22 @@ def parse_ood_spec(item: str | Mapping[str, Any]) -> OODSpec:
     every = spec.pop("every", None)
     if every is not None and (not isinstance(every, int) or every < 1):
         raise ValueError(f"ood_sets entry {name!r}: 'every' must be an integer >= 1, got {every}")
+    group = spec.pop("group", None)
+    if group is not None and (not isinstance(group, str) or not group.strip()):
+        raise ValueError(
+            f"ood_sets entry {name!r}: 'group' must be a name such as near or far, got {group!r}"
+        )
+    if group in RESERVED_GROUP_NAMES:
+        raise ValueError(
+            f"ood_sets entry {name!r}: group {group!r} is the name of the overall row; use "
+            "another group name"
+        )
+    missing = spec.pop("missing", "error")
+    if missing not in ("error", "skip"):
+        raise ValueError(
+            f"ood_sets entry {name!r}: 'missing' must be error (default: a missing set stops "
+            f"the run) or skip (it is left out, with a warning), got {missing!r}"
+        )
     info = OOD_SETS[kind]
     accepted = [
         p.name
@@ -178,8 +214,8 @@ def parse_ood_spec(item: str | Mapping[str, Any]) -> OODSpec:
     unknown = sorted(set(spec) - set(accepted))
     if unknown:
         raise ValueError(
-            f"ood_sets entry {name!r}: unknown keys {unknown}; allowed: name, kind, path, every"
-            + (f", {', '.join(accepted)}" if accepted else "")
+            f"ood_sets entry {name!r}: unknown keys {unknown}; allowed: name, kind, path, "
+            "every, group, missing" + (f", {', '.join(accepted)}" if accepted else "")
         )
     if path is None and info.subpath is None:
         raise ValueError(f"ood_sets entry {name!r} of kind {kind!r} needs a 'path'")
@@ -188,7 +224,8 @@ def parse_ood_spec(item: str | Mapping[str, Any]) -> OODSpec:
             info.validate(spec)
         except ValueError as err:
             raise ValueError(f"ood_sets entry {name!r}: {err}") from err
-    return OODSpec(name, kind, Path(path).expanduser() if path else None, every, spec)
+    location = Path(path).expanduser() if path else None
+    return OODSpec(name, kind, location, every, spec, group, missing)
 
 
 def _expands(options: Mapping[str, Any]) -> bool:
@@ -226,6 +263,28 @@ def ood_location(spec: OODSpec, root: Path, split: Literal["test", "val"] = "tes
     info = OOD_SETS[spec.kind]
     sub = info.val_subpath if split == "val" and info.val_subpath else info.subpath
     return root / sub if sub else root
+
+
+def missing_reason(spec: OODSpec, root: Path, split: Literal["test", "val"] = "test") -> str | None:
+    """Why ``spec``'s files are not under ``root`` (None: they are there); reads no file.
+
+    A set is missing when its location does not exist or, for a registered set that knows
+    its files (``OODSetInfo.present``: the idx files, CIFAR's pickles or JPEG copy), they are
+    not complete there; a ``corrupted`` set when its base set is missing. Files that are there
+    but unreadable are not "missing": building the set still fails, naming the file.
+    """
+    info = OOD_SETS[spec.kind]
+    if spec.kind == "corrupted":
+        base = OOD_SETS[str(spec.options["base"])]
+        location = (spec.path if spec.path is not None else root) / (base.subpath or "")
+        info = base
+    else:
+        location = ood_location(spec, root, split)
+    if not location.exists():
+        return f"{location} does not exist; expected {info.expects}"
+    if info.present is not None and not info.present(location):
+        return f"{location} does not hold the set; expected {info.expects}"
+    return None
 
 
 def download_ood_set(spec: OODSpec, root: Path) -> bool:
@@ -459,9 +518,11 @@ register_ood_set(
     OODSetInfo(
         _build_cifar_test("cifar100"),
         "",
-        "cifar-100-python/ (CIFAR-100 test split)",
+        "cifar-100-python/ or cifar100-jpeg-q75/test/ (CIFAR-100 test split)",
         download=lambda root: tvd.CIFAR100(str(root), train=False, download=True),
-        present=lambda loc: (loc / "cifar-100-python").is_dir(),
+        present=lambda loc: (
+            (loc / "cifar-100-python").is_dir() or (loc / "cifar100-jpeg-q75").is_dir()
+        ),
     ),
 )
 

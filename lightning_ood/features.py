@@ -435,6 +435,14 @@ def _dataset_list(value: Any) -> bool:
     )
 
 
+def _array_list(value: Any) -> bool:
+    return (
+        isinstance(value, list | tuple)
+        and bool(value)
+        and all(isinstance(v, Tensor | np.ndarray) for v in value)
+    )
+
+
 def _attrs(obj: Any) -> list[tuple[str, Any]]:
     return sorted((k, v) for k, v in getattr(obj, "__dict__", {}).items() if not k.startswith("_"))
 
@@ -444,9 +452,10 @@ def describe_dataset(dataset: Dataset, _depth: int = 0) -> dict[str, Any]:
 
     Generic: the class, the length, every public scalar attribute (folders resolved), the
     ``repr`` of every dataclass attribute (settings such as a corruption spec), a hash of every
-    tensor/array/sample-list attribute (images, labels, file lists, crop offsets, ``Subset``
-    indices), the files of every file list (:func:`files_fingerprint`: sizes, modification
-    times and, for small sets, contents), and wrapped datasets recursively. Attributes whose
+    tensor/array/sample-list attribute and of every tensor in a tuple of them (images, labels,
+    ``TensorDataset.tensors``, file lists, crop offsets, ``Subset`` indices), the files of
+    every file list (:func:`files_fingerprint`: sizes, modification times and, for small sets,
+    contents), and wrapped datasets recursively. Attributes whose
     name contains ``transform`` are left to :func:`describe_transforms`. A dataset may define
     ``cache_id`` (a string or a no-argument method) to replace all this.
     """
@@ -482,6 +491,8 @@ def describe_dataset(dataset: Dataset, _depth: int = 0) -> dict[str, Any]:
             isinstance(v, list | tuple) and _stable_list(v)
         ):
             desc[f"{k}#sha"] = _digest(v)
+        elif _array_list(v):  # TensorDataset.tensors: (images, labels)
+            desc[f"{k}#sha"] = [_digest(t) for t in v]
         elif dataclasses.is_dataclass(v) and not isinstance(v, type) and " at 0x" not in repr(v):
             desc[k] = repr(v)  # a settings record, e.g. Corrupted's CorruptionSpec
     return desc

@@ -215,6 +215,19 @@ def test_dataset_content_enters_the_key_and_unstable_transforms_warn() -> None:
         describe_loader(DataLoader(_Tensors(x, y, T.Normalize((0.0,), (1.0,)))))
 
 
+def test_tensor_dataset_contents_enter_the_key() -> None:
+    """torch's TensorDataset keeps its tensors in a tuple: two of the same length but other
+    images (or labels) are other entries, never each other's features."""
+    from torch.utils.data import TensorDataset
+
+    x, y = torch.randn(10, 3), torch.arange(10)
+    keys = {
+        describe_loader(DataLoader(TensorDataset(*t)))[0]
+        for t in [(x, y), (x + 1, y), (x, y.flip(0)), (x.clone(), y.clone())]
+    }
+    assert len(keys) == 3  # the clone has the same contents: the same entry
+
+
 def test_interrupted_save_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmnist: FashionMNIST, lenet: OODBackbone
 ) -> None:

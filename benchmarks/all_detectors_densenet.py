@@ -28,27 +28,34 @@ logits and is tuned like the others. MC Dropout is refused by the library (the D
 no dropout; its own error message is recorded); a Deep Ensemble needs several independently
 trained networks and only one reference DenseNet exists.
 
-    .venv/bin/python benchmarks/all_detectors_densenet.py --odin_every 10
+    .venv/bin/python -m benchmarks.all_detectors_densenet --odin_every 10
 
 Without the cached slices it stops; ``--allow_compute`` computes them (~15 min alone on this
-CPU). ``--odin_every 0`` skips the ODIN network slice.
+CPU). ``--odin_every 0`` skips the ODIN network slice. ``--quick``: six detectors on 50
+training, 20 ID and 20 images per OOD set, computed into ``<out>/work``.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import (
+    CACHE,
+    CIFAR10_OOD,
+    QUICK_SLICES,
+    Recorder,
+    cached_features,
+    cifar10_densenet,
+    evaluate,
+    evaluate_banks,
+    parse,
+    parser,
+    pct,
+    work_dir,
+)
 
-from benchmarks._record import Recorder, pct  # noqa: E402
-from benchmarks.line_intgrad import build, cached  # noqa: E402  (same slices and cache keys)
-
-OOD_SETS = ["tinyimagenet_crop", "tinyimagenet_resize", "mnist", "fashionmnist", "kmnist"]
+OOD_SETS = CIFAR10_OOD
 SHORT = {
     "tinyimagenet_crop": "TIN-crop",
     "tinyimagenet_resize": "TIN-resize",
@@ -96,6 +103,8 @@ SPACES: dict[str, dict[str, list[Any]] | None] = {
 }
 ODIN = {"temperature": 1000.0, "epsilon": 0.0014, "input_std": STD_REF}
 METRICS = ["fpr95", "auroc", "aupr_in"]
+#: ``--quick``'s detectors: one per family that the tiny slices can fit.
+QUICK_DETECTORS = ["msp", "energy", "odin_t", "react", "line", "mahalanobis"]
 
 
 def val_loader(loaders: dict[str, Any], batch_size: int) -> tuple[Any, dict[str, Any]]:
@@ -174,7 +183,6 @@ def odin_slice(
 
     from lightning_ood.detectors import build_detector
     from lightning_ood.engine import score_loader
-    from lightning_ood.protocol import average, evaluate_pair
 
     det = {"odin": build_detector("odin", ODIN)}
     scores, seconds, sizes = {}, {}, {}
@@ -187,8 +195,7 @@ def odin_slice(
         seconds[n] = round(time.perf_counter() - t0, 1)
         sizes[n] = len(rows)
         print(f"odin {n}: {sizes[n]} images, {seconds[n]} s", flush=True)
-    test = {n: evaluate_pair(scores[names[0]], scores[n]) for n in names[1:]}
-    test["average"] = average(test)
+    test = evaluate_banks(det, {"odin": [scores[n] for n in names]}, names).metrics["odin"]
     return {"config": ODIN, "every": every, "sizes": sizes, "seconds": seconds, "test": test}
 
 
@@ -196,20 +203,22 @@ def cell(m: dict[str, float]) -> str:
     return " / ".join(pct(m[k]) for k in METRICS)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cache_dir", default=str(ROOT / ".cache" / "features"))
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__)
+    p.add_argument("--cache_dir", default=str(CACHE / "features"))
     p.add_argument("--train_every", type=int, default=10)
     p.add_argument("--test_every", type=int, default=5)
     p.add_argument("--ood_every", type=int, default=10)
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0, help="seed of the ID validation/report split")
     p.add_argument("--select", default="auroc")
     p.add_argument("--odin_every", type=int, default=5, help="0: skip the network ODIN slice")
-    p.add_argument("--only", nargs="*", help="run only these detectors (a quick check)")
+    p.add_argument("--only", nargs="*", help="run only these detectors (a check, not recorded)")
     p.add_argument("--allow_compute", action="store_true", help="compute missing features")
-    ns = p.parse_args()
-    ns.ood_sets = OOD_SETS
+    p.set_defaults(seed=0)  # also the seed of the ID validation/report split
+    ns = parse(p, argv)
+    if ns.quick:
+        vars(ns).update(QUICK_SLICES, allow_compute=True, only=None)
+        ns.cache_dir = str(work_dir(ns, "features") / "features")
     rec = Recorder("all_detectors_densenet")
     t_start = time.perf_counter()
 
@@ -217,16 +226,15 @@ def main() -> None:
 
     from lightning_ood.detectors import DETECTORS, build_detector
     from lightning_ood.detectors.vim import default_dim
-    from lightning_ood.features import FeatureCache, fit_from_cache, score_cached
+    from lightning_ood.features import FeatureCache
     from lightning_ood.grid import grid_search, split_cached
-    from lightning_ood.protocol import average, evaluate_pair
     from lightning_ood.splits import fraction_size, seeded_parts
 
-    torch.manual_seed(0)
-    backbone, dm, loaders, names = build(ns)
+    every = {k: getattr(ns, k) for k in QUICK_SLICES}
+    backbone, dm, loaders, names = cifar10_densenet(ns, OOD_SETS, ns.batch_size, **every)
     cache = FeatureCache(ns.cache_dir)
-    feats = {n: cached(cache, backbone, loaders[n], n, ns.allow_compute) for n in names}
-    train = cached(cache, backbone, dm.fit_dataloader(), "train", ns.allow_compute)
+    feats = {n: cached_features(cache, backbone, loaders[n], n, ns.allow_compute) for n in names}
+    train = cached_features(cache, backbone, dm.fit_dataloader(), "train", ns.allow_compute)
     idn, oods = names[0], names[1:]
     vload, vinfo = val_loader(loaders, ns.batch_size)
     t0 = time.perf_counter()
@@ -241,17 +249,12 @@ def main() -> None:
     _, id_rest = seeded_parts(n_id, [fraction_size(n_id, 0.5)], ns.seed, "ID test")
     assert torch.equal(id_rep.features, feats[idn].features[id_rest])
 
-    wanted = ns.only or list(DEFAULTS)
+    wanted = QUICK_DETECTORS if ns.quick else ns.only or list(DEFAULTS)
     # -- default rows: every detector fitted together from one pass over the cached train set
     dets = {n: build_detector(n, DEFAULTS[n]) for n in wanted}
     t0 = time.perf_counter()
-    fit_from_cache(dets.values(), backbone, train)
-    s_id = score_cached(dets, id_rep)
-    s_ood = {o: score_cached(dets, feats[o]) for o in oods}
-    default: dict[str, dict[str, dict[str, float]]] = {}
-    for n in dets:
-        default[n] = {o: evaluate_pair(s_id[n], s_ood[o][n]) for o in oods}
-        default[n]["average"] = average(default[n])
+    reported = {idn: id_rep, **{o: feats[o] for o in oods}}
+    default = evaluate(dets, backbone, reported, train).metrics
     default_seconds = round(time.perf_counter() - t0, 1)
     print(f"defaults: {len(dets)} detectors in {default_seconds} s", flush=True)
 
@@ -302,7 +305,7 @@ def main() -> None:
         raise SystemExit(f"grid reference and default rows disagree: {check}")
 
     extra = {"not_applicable": not_applicable(backbone, loaders[idn])}
-    if not ns.only or "nnguide" in ns.only:
+    if "nnguide" in wanted:
         extra["nnguide_declared_values"] = nnguide_declared(backbone, train)
     odin = odin_slice(backbone, loaders, id_rest, names, ns.odin_every) if ns.odin_every else None
 
@@ -442,7 +445,7 @@ def main() -> None:
     if ns.only:
         print("--only: a quick check, not recorded")
         return
-    rec.write(results, body)
+    rec.write(results, body, ns.out)
 
 
 if __name__ == "__main__":

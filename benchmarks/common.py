@@ -211,6 +211,71 @@ def rows(evaluation: Any, metrics: Iterable[str] | None = None) -> dict[str, dic
     }
 
 
+# -- the reference CIFAR-10 DenseNet -------------------------------------------------------------
+#: ``--quick`` slices of the DenseNet benchmarks: 50 training, 20 ID test, 20 images per OOD set.
+QUICK_SLICES = {"train_every": 1000, "test_every": 500, "ood_every": 500}
+#: The OOD sets of the CIFAR-10 DenseNet benchmarks (LINe's Table 1 sets available here).
+CIFAR10_OOD = ["tinyimagenet_crop", "tinyimagenet_resize", "mnist", "fashionmnist", "kmnist"]
+
+
+def cifar10_densenet(
+    ns: argparse.Namespace,
+    ood_sets: Sequence[str] = tuple(CIFAR10_OOD),
+    batch_size: int = 32,
+    **every: int,
+) -> tuple[Any, Any, dict[str, Any], list[str]]:
+    """The reference DenseNet-BC-100 and the CIFAR-10 JPEG-q75 data of
+    ``configs/line_densenet_cifar10.yaml`` (``every``: ``train_every``/``test_every``/
+    ``ood_every`` slices; the same slices give the same feature-cache keys in every script).
+
+    Returns ``(backbone in eval mode, datamodule, {set: test loader}, set names)``.
+    """
+    import warnings
+
+    from lightning_ood.cli import main as cli_main
+
+    args = [
+        "--config", str(ROOT / "configs" / "line_densenet_cifar10.yaml"),
+        "--model.model_kwargs.weights", str(reference_weights(ns.data_root)),
+        "--data.init_args.root", str(ns.data_root),
+        "--data.init_args.ood_sets", json.dumps(list(ood_sets)),
+        "--data.init_args.eval_batch_size", str(batch_size),
+        "--trainer.accelerator", "cpu" if ns.device == "cpu" else "auto",
+    ]  # fmt: skip
+    for key, value in every.items():
+        args += [f"--data.init_args.{key}", str(value)]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+        cli = cli_main(args, run=False)
+    dm = cli.datamodule
+    dm.prepare_data()
+    dm.setup("test")
+    names = list(dm.test_set_names)
+    loaders = dict(zip(names, dm.test_dataloader(), strict=True))
+    return cli.model.backbone.eval().to(ns.device), dm, loaders, names
+
+
+def cached_features(cache: Any, backbone: Any, loader: Any, name: str, allow_compute: bool) -> Any:
+    """The cached features of one loader (penultimate features and logits); computed only
+    with ``allow_compute``, else a SystemExit that says how to fill the cache."""
+    from lightning_ood.features import backbone_fingerprint, describe_loader
+
+    dataset_id, transform_id = describe_loader(loader)
+    hit = cache.load(backbone_fingerprint(backbone), dataset_id, transform_id, [])
+    if hit is not None:
+        return hit
+    if not allow_compute:
+        raise SystemExit(
+            f"no cached features for {name!r} under {cache.root} with these slices; run "
+            "`python -m benchmarks.line_densenet_cifar10 --stage features` with the same "
+            "--*_every options, or pass --allow_compute"
+        )
+    t0 = time.perf_counter()
+    out = cache.get_or_compute(backbone, loader, [], desc=name)
+    print(f"computed {name}: {len(out)} samples in {time.perf_counter() - t0:.1f} s", flush=True)
+    return out
+
+
 # -- tiny checkpoints for --quick ----------------------------------------------------------------
 def quick_lenets(
     folder: Path, experiments: Mapping[str, int], root: Path, steps: int = 3, **data: Any

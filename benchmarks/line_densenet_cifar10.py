@@ -8,32 +8,41 @@ RGB). Paper hyperparameters: p_w 90, p_a 90, delta 1.0 (METHODS.md).
 
 Stages (features are cached under ``.cache/features``, so stage ``score`` runs no network):
 
-    .venv/bin/python benchmarks/line_densenet_cifar10.py --stage features
-    .venv/bin/python benchmarks/line_densenet_cifar10.py --stage odin --odin_every 10 \
+    .venv/bin/python -m benchmarks.line_densenet_cifar10 --stage features
+    .venv/bin/python -m benchmarks.line_densenet_cifar10 --stage odin --odin_every 10 \
         --odin_id_every 10
-    .venv/bin/python benchmarks/line_densenet_cifar10.py --stage score --odin_every 10
+    .venv/bin/python -m benchmarks.line_densenet_cifar10 --stage score --odin_every 10
 
 ``odin`` needs input gradients (no cache possible); it runs on every ``--odin_id_every``-th ID
 test image and every ``--odin_every``-th image of each OOD set (after ``--ood_every``) and
 writes ``.cache/odin_scores_ood<ood_every>_every<odin_every>.pt``, which ``score`` reads.
+``--quick`` runs the three stages on 50 training, 20 ID and 20 images per OOD set, with every
+feature and score file under ``<out>/work``.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
+from benchmarks.common import (
+    CACHE,
+    CIFAR10_OOD,
+    QUICK_SLICES,
+    Recorder,
+    cifar10_densenet,
+    evaluate,
+    evaluate_banks,
+    parse,
+    parser,
+    pct,
+    work_dir,
+)
 
-from benchmarks._record import Recorder, pct  # noqa: E402
-
-OOD_SETS = ["tinyimagenet_crop", "tinyimagenet_resize", "mnist", "fashionmnist", "kmnist"]
+OOD_SETS = CIFAR10_OOD
 STD_REF = [0.2023, 0.1994, 0.2010]
 DETECTORS = {
     "msp": {},
@@ -55,33 +64,18 @@ ODIN = {"temperature": 1000.0, "epsilon": 0.0014, "input_std": STD_REF}
 METRICS = ["fpr95", "auroc", "aupr_in", "aupr_out"]
 
 
-def build(batch_size: int, train_every: int = 1, ood_every: int = 1):
-    from lightning_ood.cli import main as cli_main
-
-    args = [
-        "--config", str(ROOT / "configs" / "line_densenet_cifar10.yaml"),
-        "--data.init_args.ood_sets", str(OOD_SETS).replace("'", ""),
-        "--data.init_args.eval_batch_size", str(batch_size),
-        "--data.init_args.train_every", str(train_every),
-        "--data.init_args.ood_every", str(ood_every),
-        "--data.init_args.root", str(ROOT.parent / "shared" / "data"),
-    ]  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
-        cli = cli_main(args, run=False)
-    task, dm = cli.model, cli.datamodule
-    dm.prepare_data()
-    dm.setup("test")
-    backbone = task.backbone.eval()
-    loaders = dm.test_dataloader()
-    names = list(dm.test_set_names)
-    return backbone, dm, dict(zip(names, loaders, strict=True)), names
+def build(ns: argparse.Namespace, train_every: int, ood_every: int) -> tuple:
+    """The DenseNet and data of every stage (ID test set whole unless ``--quick``)."""
+    every = {"train_every": train_every, "ood_every": ood_every}
+    if ns.quick:
+        every["test_every"] = QUICK_SLICES["test_every"]
+    return cifar10_densenet(ns, OOD_SETS, ns.batch_size, **every)
 
 
-def stage_features(ns) -> None:
+def stage_features(ns: argparse.Namespace) -> None:
     from lightning_ood.features import FeatureCache
 
-    backbone, dm, loaders, names = build(ns.batch_size, ns.train_every, ns.ood_every)
+    backbone, dm, loaders, names = build(ns, ns.train_every, ns.ood_every)
     cache = FeatureCache(ns.cache_dir)
     order = [names[0], *names[1:]]
     for n in order:
@@ -98,13 +92,13 @@ def stage_features(ns) -> None:
     )
 
 
-def stage_odin(ns) -> None:
+def stage_odin(ns: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader, Subset
 
     from lightning_ood.detectors import build_detector
     from lightning_ood.engine import score_loader
 
-    backbone, _dm, loaders, names = build(ns.batch_size, 1, ns.ood_every)
+    backbone, _dm, loaders, names = build(ns, 1, ns.ood_every)
     dets = {"odin": build_detector("odin", ODIN)}
     out = {
         "every": ns.odin_every,
@@ -127,12 +121,11 @@ def stage_odin(ns) -> None:
     print(f"wrote {path}")
 
 
-def stage_score(ns, rec: Recorder) -> None:
-    from lightning_ood.detectors import build_detector
-    from lightning_ood.features import FeatureCache, fit_from_cache, score_cached
-    from lightning_ood.protocol import average, evaluate_pair
+def stage_score(ns: argparse.Namespace, rec: Recorder) -> None:
+    from lightning_ood.detectors import build_detector, build_detectors
+    from lightning_ood.features import FeatureCache
 
-    backbone, dm, loaders, names = build(ns.batch_size, ns.train_every, ns.ood_every)
+    backbone, dm, loaders, names = build(ns, ns.train_every, ns.ood_every)
     cache = FeatureCache(ns.cache_dir)
     feats = {n: cache.get_or_compute(backbone, loaders[n], [], desc=n) for n in names}
     train = cache.get_or_compute(backbone, dm.fit_dataloader(), [], desc="train")
@@ -141,29 +134,25 @@ def stage_score(ns, rec: Recorder) -> None:
     idn = names[0]
     acc = float((feats[idn].logits.argmax(1) == feats[idn].targets).double().mean())
     train_acc = float((train.logits.argmax(1) == train.targets).double().mean())
-    rows: dict[str, dict[str, dict[str, float]]] = {}
-    timing = {}
-    for name, spec in DETECTORS.items():
-        t0 = time.perf_counter()
-        det = build_detector(name, spec)
-        fit_from_cache([det], backbone, train)
-        s_id = score_cached({name: det}, feats[idn])[name]
-        per = {n: evaluate_pair(s_id, score_cached({name: det}, feats[n])[name]) for n in names[1:]}
-        avg = average(per)
-        per["average"] = {m: avg[m] for m in METRICS}
-        rows[name] = per
-        if hasattr(det, "clip_value") or name == "react":
-            per["_c"] = float(getattr(det, "clip_value", getattr(det, "threshold", float("nan"))))
-        timing[name] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    dets = build_detectors(DETECTORS)
+    evaluation = evaluate(dets, backbone, feats, train)  # one fitting pass, one score per set
+    rows = {
+        name: {**per, "average": {m: per["average"][m] for m in METRICS}}
+        for name, per in evaluation.metrics.items()
+    }
+    for name, det in dets.items():  # the fitted clip of the ReAct variants, for the table
+        if hasattr(det, "clip_value"):
+            rows[name]["_c"] = float(det.clip_value)
+    timing = {"all_detectors": round(time.perf_counter() - t0, 3)}
     odin_path = Path(ns.cache_dir).parent / f"odin_scores_ood{ns.ood_every}_every{ns.odin_every}.pt"
     odin_note = None
     if odin_path.is_file():
         o = torch.load(odin_path, weights_only=True)  # tensors, floats and strings only
         s = o["scores"]
-        per = {n: evaluate_pair(s[idn], s[n]) for n in names[1:]}
-        avg = average(per)
-        per["average"] = {m: avg[m] for m in METRICS}
-        rows["odin"] = per
+        odin = {"odin": build_detector("odin", ODIN)}  # scores at hand: the protocol step only
+        per = evaluate_banks(odin, {"odin": [s[n] for n in names]}, names).metrics["odin"]
+        rows["odin"] = {**per, "average": {m: per["average"][m] for m in METRICS}}
         odin_note = (
             f"ODIN (T 1000, eps 0.0014, step / std {STD_REF}) on a slice: every "
             f"{o.get('id_every', o['every'])}-th ID test image (n {len(s[idn])}) and every "
@@ -253,27 +242,35 @@ def stage_score(ns, rec: Recorder) -> None:
         "ordering": checks, "ordering_c1": checks_c1, "odin_note": odin_note,
         "fit_and_score_seconds": timing, "activation_stats": act_stats,
     }  # fmt: skip
-    rec.write(results, "\n".join(lines))
+    rec.write(results, "\n".join(lines), ns.out)
     print("\n".join(lines))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", choices=["features", "odin", "score"], required=True)
-    p.add_argument("--cache_dir", default=str(ROOT / ".cache" / "features"))
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__)
+    p.add_argument("--stage", choices=["features", "odin", "score"], default=None)
+    p.add_argument("--cache_dir", default=str(CACHE / "features"))
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--train_every", type=int, default=1)
     p.add_argument("--ood_every", type=int, default=1)
     p.add_argument("--odin_every", type=int, default=4)
     p.add_argument("--odin_id_every", type=int, default=20)
-    ns = p.parse_args()
+    ns = parse(p, argv)
+    if ns.quick:
+        vars(ns).update(train_every=QUICK_SLICES["train_every"], odin_every=5, odin_id_every=5)
+        ns.ood_every = QUICK_SLICES["ood_every"]
+        ns.cache_dir = str(work_dir(ns, "features") / "features")
+    elif ns.stage is None:
+        p.error("--stage is required (features, odin, then score), unless --quick")
     rec = Recorder("line_densenet_cifar10")
-    if ns.stage == "features":
-        stage_features(ns)
-    elif ns.stage == "odin":
-        stage_odin(ns)
-    else:
-        stage_score(ns, rec)
+    stages = ["features", "odin", "score"] if ns.quick else [ns.stage]
+    for stage in stages:
+        if stage == "features":
+            stage_features(ns)
+        elif stage == "odin":
+            stage_odin(ns)
+        else:
+            stage_score(ns, rec)
 
 
 if __name__ == "__main__":

@@ -13,74 +13,35 @@ Features come from the cache of ``benchmarks/line_densenet_cifar10.py`` (same da
 same ``.cache/features``); without a cached entry the script stops unless ``--allow_compute``
 (DenseNet-BC-100 runs at ~60 img/s on this CPU: the full train set takes ~15 min)::
 
-    .venv/bin/python benchmarks/line_densenet_cifar10.py --stage features
-    .venv/bin/python benchmarks/line_intgrad.py --steps 8 32
+    .venv/bin/python -m benchmarks.line_densenet_cifar10 --stage features
+    .venv/bin/python -m benchmarks.line_intgrad --steps 8 32
+
+``--quick``: 50 training, 20 ID and 20 images per OOD set, computed into ``<out>/work``.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-import warnings
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import (
+    CACHE,
+    CIFAR10_OOD,
+    QUICK_SLICES,
+    Recorder,
+    cached_features,
+    cifar10_densenet,
+    evaluate,
+    parse,
+    parser,
+    pct,
+    work_dir,
+)
 
-from benchmarks._record import RESULTS, Recorder, pct  # noqa: E402
-
-OOD_SETS = ["tinyimagenet_crop", "tinyimagenet_resize", "mnist", "fashionmnist", "kmnist"]
 LINE = {"delta": 1.0, "p_a": 90.0, "p_w": 90.0}
 OVERLAP_O = (10.0, 20.0, 30.0, 50.0)
 #: LINe Table 8, CIFAR-10 row (METHODS.md): o -> % of the 342 neurons.
 PAPER_OVERLAP = {20.0: 24.56, 30.0: 23.39}
-
-
-def build(ns: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], list[str]]:
-    """Backbone, datamodule and test loaders exactly as line_densenet_cifar10.py builds them
-    (same config, slices and transforms, hence the same feature-cache keys)."""
-    from lightning_ood.cli import main as cli_main
-
-    args = [
-        "--config", str(ROOT / "configs" / "line_densenet_cifar10.yaml"),
-        "--data.init_args.ood_sets", str(ns.ood_sets).replace("'", ""),
-        "--data.init_args.eval_batch_size", str(ns.batch_size),
-        "--data.init_args.train_every", str(ns.train_every),
-        "--data.init_args.test_every", str(ns.test_every),
-        "--data.init_args.ood_every", str(ns.ood_every),
-        "--data.init_args.root", str(ROOT.parent / "shared" / "data"),
-    ]  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
-        cli = cli_main(args, run=False)
-    dm = cli.datamodule
-    dm.prepare_data()
-    dm.setup("test")
-    names = list(dm.test_set_names)
-    loaders = dict(zip(names, dm.test_dataloader(), strict=True))
-    return cli.model.backbone.eval(), dm, loaders, names
-
-
-def cached(cache: Any, backbone: Any, loader: Any, name: str, allow_compute: bool) -> Any:
-    """The cached features of one loader; computed only with ``--allow_compute``."""
-    from lightning_ood.features import backbone_fingerprint, describe_loader
-
-    dataset_id, transform_id = describe_loader(loader)
-    hit = cache.load(backbone_fingerprint(backbone), dataset_id, transform_id, [])
-    if hit is not None:
-        return hit
-    if not allow_compute:
-        raise SystemExit(
-            f"no cached features for {name!r} under {cache.root} with these slices; run "
-            "benchmarks/line_densenet_cifar10.py --stage features with the same --*_every "
-            "options, or pass --allow_compute"
-        )
-    t0 = time.perf_counter()
-    out = cache.get_or_compute(backbone, loader, [], desc=name)
-    print(f"computed {name}: {len(out)} samples in {time.perf_counter() - t0:.1f} s", flush=True)
-    return out
 
 
 def fit_timed(spec: dict[str, Any], backbone: Any, train: Any, repeats: int) -> tuple[Any, float]:
@@ -115,11 +76,10 @@ def mask_differences(det: Any, ref: Any) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cache_dir", default=str(ROOT / ".cache" / "features"))
-    p.add_argument("--out_dir", default=str(RESULTS), help="where the .json/.md/.png go")
-    p.add_argument("--ood_sets", nargs="+", default=OOD_SETS)
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__)
+    p.add_argument("--cache_dir", default=str(CACHE / "features"))
+    p.add_argument("--ood_sets", nargs="+", default=CIFAR10_OOD)
     p.add_argument("--steps", type=int, nargs="+", default=[8, 32], help="IntGrad points")
     p.add_argument("--repeats", type=int, default=3, help="timing: best of this many fits")
     p.add_argument("--batch_size", type=int, default=32)
@@ -127,18 +87,21 @@ def main() -> None:
     p.add_argument("--test_every", type=int, default=1)
     p.add_argument("--ood_every", type=int, default=1)
     p.add_argument("--allow_compute", action="store_true", help="compute missing features")
-    ns = p.parse_args()
+    ns = parse(p, argv)
+    if ns.quick:
+        vars(ns).update(QUICK_SLICES, steps=[4], repeats=1, allow_compute=True)
+        ns.cache_dir = str(work_dir(ns, "features") / "features")
     rec = Recorder("line_intgrad")
 
     from lightning_ood import report
     from lightning_ood.detectors.line import activated_neuron_counts
-    from lightning_ood.features import FeatureCache, score_cached
-    from lightning_ood.protocol import evaluate_pair
+    from lightning_ood.features import FeatureCache
 
-    backbone, dm, loaders, names = build(ns)
+    every = {k: getattr(ns, k) for k in QUICK_SLICES}
+    backbone, dm, loaders, names = cifar10_densenet(ns, ns.ood_sets, ns.batch_size, **every)
     cache = FeatureCache(ns.cache_dir)
-    feats = {n: cached(cache, backbone, loaders[n], n, ns.allow_compute) for n in names}
-    train = cached(cache, backbone, dm.fit_dataloader(), "train", ns.allow_compute)
+    feats = {n: cached_features(cache, backbone, loaders[n], n, ns.allow_compute) for n in names}
+    train = cached_features(cache, backbone, dm.fit_dataloader(), "train", ns.allow_compute)
     idn, oods = names[0], names[1:]
 
     specs = {"closed_form": {}, "taylor": {"contribution": "autograd"}}
@@ -152,18 +115,15 @@ def main() -> None:
     diffs["intgrad_vs_taylor"] = {
         f"intgrad_{s}": mask_differences(dets[f"intgrad_{s}"], dets["taylor"]) for s in ns.steps
     }
-    metrics: dict[str, dict[str, dict[str, float]]] = {}
-    for name, det in dets.items():
-        s_id = score_cached({name: det}, feats[idn])[name]
-        s_ood = {n: score_cached({name: det}, feats[n])[name] for n in oods}
-        metrics[name] = {n: evaluate_pair(s_id, s_ood[n]) for n in oods}
+    evaluation = evaluate(dets, backbone, feats)  # fitted above (timed): scored, evaluated
+    metrics = {d: {n: per[n] for n in oods} for d, per in evaluation.metrics.items()}
     overlap = {
         rule: ref.top_neuron_overlap(class_percents=OVERLAP_O, inclusive=rule == "at_least")
         for rule in ("at_least", "more_than")
     }
     thresholds = (0.0, LINE["delta"])
     counts = {n: activated_neuron_counts(feats[n].features, thresholds) for n in names}
-    out_dir = Path(ns.out_dir)
+    out_dir = ns.out
     png = report.log_activated_neurons(
         None, counts, thresholds, ref.weight.shape[1], 0, out_dir, "line_intgrad_activated_neurons"
     )

@@ -4,40 +4,49 @@ against numpy, and against the strided subsample the library used before (issue 
 Reads the cached training features of ``line_intgrad.py`` / ``line_densenet_cifar10.py`` (the
 same ``--train_every`` slice; computes them with ``--allow_compute``)::
 
-    .venv/bin/python benchmarks/react_exact_percentile.py --train_every 10
+    .venv/bin/python -m benchmarks.react_exact_percentile --train_every 10
+
+``--quick``: 50 training images, computed into ``<out>/work``.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
+from benchmarks.common import (
+    CACHE,
+    QUICK_SLICES,
+    Recorder,
+    cached_features,
+    cifar10_densenet,
+    parse,
+    parser,
+    work_dir,
+)
 
-from benchmarks._record import Recorder  # noqa: E402
-from benchmarks.line_intgrad import build, cached  # noqa: E402
 
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cache_dir", default=str(ROOT / ".cache" / "features"))
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__)
+    p.add_argument("--cache_dir", default=str(CACHE / "features"))
     p.add_argument("--train_every", type=int, default=10)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--allow_compute", action="store_true")
-    ns = p.parse_args()
+    ns = parse(p, argv)
+    if ns.quick:
+        ns.train_every, ns.allow_compute = QUICK_SLICES["train_every"], True
+        ns.cache_dir = str(work_dir(ns, "features") / "features")
     rec = Recorder("react_exact_percentile")
     from lightning_ood.detectors import ReAct
     from lightning_ood.features import FeatureCache, fit_from_cache
 
-    ns.ood_sets, ns.test_every, ns.ood_every = [], 10**9, 10**9
-    backbone, dm, _, _ = build(ns)
-    train = cached(FeatureCache(ns.cache_dir), backbone, dm.fit_dataloader(), "train",
-                   ns.allow_compute)  # fmt: skip
+    backbone, dm, _, _ = cifar10_densenet(
+        ns, [], ns.batch_size, train_every=ns.train_every, test_every=10**9
+    )
+    train = cached_features(
+        FeatureCache(ns.cache_dir), backbone, dm.fit_dataloader(), "train", ns.allow_compute
+    )
     h = train.features
     n = h.numel()
     exact = float(np.percentile(h.double().numpy(), 90))
@@ -70,7 +79,7 @@ def main() -> None:
     )
     body = "\n".join(md)
     print(body)
-    rec.write({"exact": exact, "rows": rows, "strided": old, "n": n}, body)
+    rec.write({"exact": exact, "rows": rows, "strided": old, "n": n}, body, ns.out)
 
 
 if __name__ == "__main__":

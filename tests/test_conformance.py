@@ -109,6 +109,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "taps": ["conv1", "fc1", "logits"],
         "n_noise": 16,
     },
+    "klm": {},
+    "she": {},
+    "openmax": {"tailsize": 10, "alpha": 3},  # ~50 training images per class
+    "gmm": {"n_components": 2, "reduce_dim": 16},  # per-class full covariances on 16 PCA dims
+    "residual": {"dim": 32},  # as vim: 55 live features
 }
 
 #: Kinds whose score no exported graph can hold, and why; every other kind must export.

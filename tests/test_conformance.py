@@ -115,6 +115,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "openmax": {"tailsize": 10, "alpha": 3, "correct_only": False},  # ~50 images per class
     "gmm": {"n_components": 2, "reduce_dim": 16},  # per-class full covariances on 16 PCA dims
     "residual": {"dim": 32},  # as vim: 55 live features
+    "temperature_scaling": {},  # T by NLL on the validation split (fit_validation)
+    # no training coat is classified correctly (see she): ranges from every labelled sample
+    "gram": {"layers": ["conv1", "conv2", "fc1"], "samples": "label"},
+    "rankfeat": {"layers": ["conv2"]},  # no LeNet tap pools to the features: a rerun
+    "vra": {},
+    "iodin": {"temperature": 1000.0, "epsilon": 0.0014},
 }
 
 #: Kinds whose score no exported graph can hold, and why; every other kind must export.
@@ -122,6 +128,8 @@ NOT_EXPORTABLE: dict[str, str] = {
     "odin": "perturbs the input along its gradient (autograd at inference)",
     "mcd": "runs stochastic dropout passes",
     "mcd_var": "runs stochastic dropout passes",
+    "iodin": "perturbs the input along its gradient (autograd at inference)",
+    "rankfeat": "on LeNet (no tap pools to the features) reruns the network from conv2 through a forward hook",
 }
 
 #: Every kind the suite speaks of: the registry's and the table's (a stale entry fails too).

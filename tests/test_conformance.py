@@ -129,7 +129,8 @@ NOT_EXPORTABLE: dict[str, str] = {
     "mcd": "runs stochastic dropout passes",
     "mcd_var": "runs stochastic dropout passes",
     "iodin": "perturbs the input along its gradient (autograd at inference)",
-    "rankfeat": "on LeNet (no tap pools to the features) reruns the network from conv2 through a forward hook",
+    "rankfeat": "on LeNet (no tap pools to the features) it reruns the network from conv2 "
+    "through a forward hook",
 }
 
 #: Every kind the suite speaks of: the registry's and the table's (a stale entry fails too).

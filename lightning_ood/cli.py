@@ -479,7 +479,9 @@ def _grid_parser() -> argparse.ArgumentParser:
 
 def grid_main(args: Sequence[str] | None = None) -> GridResult:
     """``lightning-ood grid``: build the configured model and datamodule, run the grid spec
-    (:func:`lightning_ood.grid.run_spec`), write ``grid_results.{md,json,csv}``."""
+    (:func:`lightning_ood.grid.run_spec`) under the config's protocol (its OOD callback's
+    ``tune``/``validation_*``/``threshold_tpr``: what ``lightning-ood test`` uses), write
+    ``grid_results.{md,json,csv}``."""
     from lightning_ood.features import FeatureCache
     from lightning_ood.models.weights import load_weights
 
@@ -493,6 +495,8 @@ def grid_main(args: Sequence[str] | None = None) -> GridResult:
         cli = main([*cli_args, *extra], run=False)
     task, dm = cli.model, cli.datamodule
     backbone = task.backbone
+    configured = [c for c in cli.trainer.callbacks if isinstance(c, OODEvaluation)]
+    protocol = configured[0].protocol if configured else None
     if ns.ckpt_path:
         load_weights(backbone, ns.ckpt_path, model_name=task.hparams.get("model"))
     device = ns.device
@@ -507,6 +511,7 @@ def grid_main(args: Sequence[str] | None = None) -> GridResult:
         val_names_given=any(a.split("=")[0].endswith(".val_ood_sets") for a in extra),
         cache=None if ns.no_cache else FeatureCache(ns.cache_dir),
         progress=not ns.no_progress,
+        protocol=protocol,
         info={
             "model": task.hparams.get("model"),
             "ckpt_path": ns.ckpt_path,

@@ -1,19 +1,23 @@
-"""Hyperparameter grids for post-hoc detectors, run from cached backbone outputs.
+"""Hyperparameter grids for post-hoc detectors: the evaluation session over cached features.
 
 Every combination of a grid (e.g. LINe's δ × p_a × p_w) is fitted from the cached training
-features and scored on cached validation sets; no network pass is repeated. The combination
-with the best validation metric, averaged over *validation* OOD sets that are never reported,
-is then scored once on the test sets. Selection data and reported data never overlap:
+features and scored on cached validation sets; no network pass is repeated. The run is
+:class:`lightning_ood.session.EvaluationSession` with :class:`~lightning_ood.session.CachedSource`
+sets and the one shared :class:`~lightning_ood.protocol.Protocol` (read from the config's OOD
+callback by ``lightning-ood grid``), so the selection metric, the seeds, the hold-out rule, the
+shipped combiner and the threshold are those of ``lightning-ood test`` with ``tune``: the same
+config reports the same numbers through both. Selection data and reported data never overlap:
 
 * OOD: a validation OOD set may not read any sample of a reported test OOD set, nor of the
   Outlier Exposure set the checkpoint's network was trained with (compared by what is read:
   kind, location, split, slice; never by name; refused);
-* ID: the datamodule's held-out training images (``val_size``) may not include any image the
-  checkpoint's network was trained on (its recorded training split; refused);
-* ID: unless explicit ID validation features are passed, a seeded permutation of the ID test
-  features is split, ``id_val_fraction`` (half by default) for selection and the rest reported;
-* layer-ensemble combiners (FSSD, Mahalanobis): fitted on a seeded ``combiner_fraction`` of
-  each validation set, the selection metric is computed on the remaining part.
+* ID: selection reads the datamodule's held-out training images (``val_size``), which may not
+  include any image the checkpoint's network was trained on (its recorded training split;
+  refused); with ``val_size`` 0 the grid is refused (as ``tune`` is) unless the spec opts in
+  to a seeded split of the ID test set (``id_val_fraction``; the rest is reported);
+* layer-ensemble combiners (FSSD, Mahalanobis): during selection fitted on a seeded
+  ``combiner_fraction`` of each validation set and scored on the rest; the selected
+  configuration ships a combiner fitted on all of the validation data, as ``test`` does.
 
 Command line: ``lightning-ood grid`` (see :mod:`lightning_ood.cli`)::
 
@@ -21,8 +25,8 @@ Command line: ``lightning-ood grid`` (see :mod:`lightning_ood.cli`)::
         --grid configs/grid/line_densenet_cifar10.yaml [--cache_dir .cache/features] \\
         [--ckpt_path X] [--out DIR] [--data.init_args.train_every 10 ...]
 
-Fitting, scoring and metrics go through :mod:`lightning_ood.engine` and
-:mod:`lightning_ood.protocol`; the tables through :mod:`lightning_ood.report`. Which
+Fitting, scoring and metrics go through the session (:mod:`lightning_ood.engine`,
+:mod:`lightning_ood.protocol`); the tables through :mod:`lightning_ood.report`. Which
 hyperparameters can share one accumulation pass is each detector class's
 ``finalize_only``; which taps it reads, its ``tap_names``.
 """
@@ -38,22 +42,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from torch import Tensor
-from tqdm import tqdm
 
 from lightning_ood import engine, report, tuning
-from lightning_ood.detectors import Detector, build_detector
-from lightning_ood.features import (
-    CachedFeatures,
-    FeatureCache,
-    compute_features,
-    fit_from_cache,
-    score_cached,
-)
+from lightning_ood.detectors import build_detector
+from lightning_ood.features import CachedFeatures, FeatureCache, compute_features
 from lightning_ood.metrics import METRIC_NAMES
 from lightning_ood.models.base import OODBackbone
-from lightning_ood.protocol import CONVENTION, average, evaluate_pair
+from lightning_ood.protocol import CONVENTION, Protocol, average
 from lightning_ood.report import HEADERS, LOWER_IS_BETTER
+from lightning_ood.session import CachedSource, EvaluationSession, Sets
 from lightning_ood.splits import fraction_size, seeded_parts
 from lightning_ood.tuning import combinations  # noqa: F401  (re-exported: the grid API)
 
@@ -69,6 +66,16 @@ SPEC_KEYS = (
     "combiner_fraction",
     "batch_size",
     "reference",
+)
+#: Spec keys that are fields of the shared :class:`~lightning_ood.protocol.Protocol` (they
+#: replace the config's values for this grid).
+SPEC_PROTOCOL_KEYS = ("select", "seed", "id_val_fraction", "combiner_fraction")
+#: Why a grid without held-out ID validation data is refused.
+NO_ID_VALIDATION = (
+    "the grid needs held-out ID validation data that is never reported, as `tune` does: set "
+    "`data.init_args.val_size` > 0 (held-out training images), or opt in to selecting on a "
+    "seeded part of the ID test set with `id_val_fraction: 0.5` in the grid spec (that part "
+    "is then not reported)"
 )
 
 
@@ -194,17 +201,21 @@ def grid_search(
     ood_val: Mapping[str, CachedFeatures],
     id_test: CachedFeatures,
     ood_test: Mapping[str, CachedFeatures],
-    select_metric: str = "fpr95",
+    select_metric: str | None = None,
     *,
-    seed: int = 0,
-    id_val_fraction: float = 0.5,
-    combiner_fraction: float = 0.5,
+    protocol: Protocol | None = None,
+    seed: int | None = None,
+    id_val_fraction: float | None = None,
+    combiner_fraction: float | None = None,
     batch_size: int = 4096,
     reference: Mapping[str, Any] | None = None,
     info: Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> GridResult:
-    """Fit and score every combination from cache; select on validation; report on test.
+    """Fit and score every combination from cache; select on validation; report on test:
+    :meth:`lightning_ood.session.EvaluationSession.run` over cached sources, so the selected
+    configuration gets exactly what ``lightning-ood test`` with ``tune`` gives it (shipped
+    combiner fitted on all validation data, threshold, the shipped row on every test sample).
 
     Args:
         kind: detector registry name (``"line"``, ``"dice"``, ...).
@@ -213,30 +224,37 @@ def grid_search(
         backbone: the network the features came from (its head is copied by ``finalize``).
         train: cached training-set outputs (eval transform), with the detector's taps; may
             be None for detectors that do not read the training set (MSP, Energy, FSSD).
-        id_val: ID validation outputs, or None to split ``id_test`` (seeded,
-            ``id_val_fraction`` for selection, the rest reported).
+        id_val: ID validation outputs (the datamodule's held-out training images), or None
+            to split ``id_test`` when the protocol opts in (``id_val_fraction``).
         ood_val: validation OOD sets, name -> outputs; used for selection only.
         id_test: ID test outputs (the reported part, or the whole set to split).
         ood_test: reported OOD sets, name -> outputs; never used for selection.
-        select_metric: a key of ``METRIC_NAMES``; averaged over ``ood_val``.
-        seed: seed of the ID split and of the combiner hold-out.
-        id_val_fraction: share of ``id_test`` used for selection when ``id_val`` is None.
-        combiner_fraction: share of each validation set that fits a layer-ensemble combiner.
+        select_metric: alias of ``protocol.select`` (a key of ``METRIC_NAMES``).
+        protocol: the shared :class:`~lightning_ood.protocol.Protocol` (default: its
+            defaults, the same as ``lightning-ood test``'s); ``seed``, ``id_val_fraction`` and
+            ``combiner_fraction`` given here replace its fields.
         batch_size: rows per detector call (memory only; results do not depend on it).
         reference: an optional configuration declared up front (e.g. the paper's values),
             fitted and scored on the same validation and test data for comparison; it takes
             no part in the selection.
         info: caller facts copied into ``meta`` (id_set, data_version, model, ...).
-        progress: show a progress bar over the combinations.
+        progress: show progress bars.
 
     Raises:
         ValueError: bad grid/metric, validation OOD set also reported, detector needing
-            input gradients, missing taps.
+            input gradients, missing taps, no ID validation set without ``id_val_fraction``.
     """
     t0 = time.perf_counter()
     base = dict(base or {})
-    if select_metric not in METRIC_NAMES:
+    if select_metric is not None and select_metric not in METRIC_NAMES:
         raise ValueError(f"select_metric={select_metric!r} is not one of {list(METRIC_NAMES)}")
+    given = {
+        "select": select_metric,
+        "seed": seed,
+        "id_val_fraction": id_val_fraction,
+        "combiner_fraction": combiner_fraction,
+    }
+    proto = (protocol or Protocol()).replace(**{k: v for k, v in given.items() if v is not None})
     for reserved in ("type", "name"):
         if reserved in base or reserved in grid:
             raise ValueError(
@@ -271,10 +289,12 @@ def grid_search(
             raise ValueError(f"detector {kind!r} is fitted on the training set: pass `train`")
         _require_taps(train, taps, "the training set")
     if id_val is None:
-        id_val, id_test = split_cached(id_test, id_val_fraction, seed)
+        if proto.id_val_fraction is None:
+            raise ValueError(NO_ID_VALIDATION)
+        id_val, id_test = split_cached(id_test, proto.id_val_fraction, proto.seed)
         id_val_source = (
-            f"seeded split of the ID test set: {id_val_fraction:g} for selection, the rest "
-            f"reported, seed {seed}"
+            f"seeded split of the ID test set: {proto.id_val_fraction:g} for selection, the "
+            f"rest reported, seed {proto.seed}"
         )
     else:
         id_val_source = str((info or {}).get("id_val_source", "explicit ID validation set"))
@@ -288,72 +308,59 @@ def grid_search(
         tuning.combines(d, backbone) for d in [*dets, *([ref_det] if ref_det is not None else [])]
     )
 
-    def val_scores(
-        chosen: Mapping[str, Detector], components: bool
-    ) -> dict[str, dict[str, Tensor]]:
-        sets = {tuning.ID_KEY: id_val, **ood_val}
-        return {
-            n: score_cached(dict(chosen), c, batch_size, components=components)
-            for n, c in sets.items()
-        }
+    def source(c: CachedFeatures) -> CachedSource:
+        return CachedSource(c, batch_size)
 
-    validation = tuning.Validation(
-        val_scores, tuning.ID_KEY, backbone, seed=seed, combiner_fraction=combiner_fraction
+    id_name = str((info or {}).get("id_set") or "ID")
+    sets = Sets(
+        train=None if train is None else source(train),
+        id_val=source(id_val),
+        val_ood={n: source(c) for n, c in ood_val.items()},
+        test={id_name: source(id_test), **{n: source(c) for n, c in ood_test.items()}},
+        id_val_note=id_val_source,
     )
-
-    def test_metrics(det: Detector) -> dict[str, dict[str, float]]:
-        """Test metrics per reported OOD set and their average (a fitted combiner, if any, is
-        part of the detector)."""
-        s_id = score_cached({det.name: det}, id_test, batch_size)[det.name]
-        test = {
-            n: evaluate_pair(s_id, score_cached({det.name: det}, c, batch_size)[det.name])
-            for n, c in ood_test.items()
-        }
-        test["average"] = average(test)
-        return test
-
-    device = engine.module_device(backbone)
-    source = None if train is None else (lambda: train.as_batches(batch_size, device))
-    for det in dets:
-        det.to(device)
-    fitted, n_groups, invalid = tuning.fit_candidates(dets, backbone, source)
-    val = {}
-    for det in tqdm(fitted, desc=f"grid {kind}", disable=not progress, leave=False):
-        val.update(validation.metrics([det]))  # one at a time: bounded memory for big grids
-    rows, best_i = tuning.select(search, fitted, val, select_metric, backbone, invalid)
-    best_det = tuning.detector_of(search, fitted, best_i)
-    best_det.name = kind
-    test = test_metrics(best_det)
+    session = EvaluationSession(backbone, proto, progress=progress)
+    # The shipped rows only: the papers' per-set rows are `lightning-ood test`'s reproduction.
+    outcome = session.run({}, sets, searches=[search], per_set=False, info=info)
+    assert outcome.tuned is not None
+    rows, best_i = outcome.tuned.rows[kind]
+    best_det = outcome.detectors[kind]
+    test = outcome.evaluation.metrics[kind]
 
     ref_out: dict[str, Any] | None = None
     if ref_det is not None and reference is not None:  # declared up front, never selected
-        fit_from_cache([ref_det], backbone, train, batch_size)
-        ref_val = validation.metrics([ref_det])[ref_det.name]
+        ref_det.name = kind
+        session.fit([ref_det], sets.train)
+        ref_val = session.validate([ref_det], sets)[kind]
+        ref_run = session.run({kind: ref_det}, sets, per_set=False, info=info)
         ref_out = {
             "params": dict(reference),
             "val_mean": average(ref_val),
-            "test": test_metrics(ref_det),
+            "test": ref_run.evaluation.metrics[kind],
         }
     meta: dict[str, Any] = {
         **dict(info or {}),
         "convention": CONVENTION,
+        "protocol": proto.record(),
         "val_ood_sets": list(ood_val),
         "test_ood_sets": list(ood_test),
         "n_train": 0 if train is None else len(train),
         "n_id_val": len(id_val),
         "n_id_test": len(id_test),
         "id_val_source": id_val_source,
-        "seed": seed,
-        "combiner_fraction": combiner_fraction if needs_val else None,
+        "seed": proto.seed,
+        "combiner_fraction": proto.combiner_fraction if needs_val else None,
         "best_config": best_det.config(),
-        "fit_groups": n_groups,
+        "threshold": {"value": float(best_det.threshold), "id_tpr": proto.threshold_tpr},
+        "shipped_combiner": outcome.shipped.get(kind),
+        "fit_groups": outcome.tuned.fit_groups,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     return GridResult(
         kind=kind,
         base=base,
         grid={k: list(v) for k, v in grid.items()},
-        select_metric=select_metric,
+        select_metric=proto.select,
         rows=rows,
         best=best_i,
         test=test,
@@ -395,9 +402,17 @@ def run_spec(
     cache: FeatureCache | None = None,
     progress: bool = True,
     info: Mapping[str, Any] | None = None,
+    protocol: Protocol | None = None,
 ) -> GridResult:
     """Run a grid spec (:func:`load_spec`) on an ``OODDataModule``: features of every set
     (through ``cache`` when given), then :func:`grid_search`.
+
+    ``protocol`` is the run's shared :class:`~lightning_ood.protocol.Protocol` (``lightning-ood
+    grid`` reads it from the config's OOD callback, so ``test`` and ``grid`` select alike);
+    the spec's ``select``, ``seed``, ``combiner_fraction`` and ``id_val_fraction`` keys, when
+    present, replace its fields. ID validation data is the datamodule's held-out training
+    split (``val_size`` > 0); with ``val_size`` 0 the grid is refused, as ``tune`` is, unless
+    the spec opts in to selecting on a seeded part of the ID test set (``id_val_fraction``).
 
     The validation OOD sets come from the spec (``val_ood_sets``) unless the datamodule was
     configured with its own (``val_names_given``); either way they may not read a reported
@@ -408,6 +423,10 @@ def run_spec(
     from lightning_ood.data import parse_ood_spec
     from lightning_ood.task import recorded_training
 
+    proto = (protocol or Protocol()).replace(
+        where=f"grid spec {spec_name!r}: ",
+        **{k: spec[k] for k in SPEC_PROTOCOL_KEYS if k in spec and spec[k] is not None},
+    )
     spec_val = spec.get("val_ood_sets")
     if spec_val is not None and not val_names_given:  # the grid spec names the validation sets
         dm.val_ood_specs = [parse_ood_spec(e) for e in spec_val]
@@ -444,6 +463,9 @@ def run_spec(
         dm.check_outliers(
             record.outliers, f"checkpoint {ckpt} (trained with Outlier Exposure on {trained})"
         )
+    val_size = int(getattr(dm, "val_size", 0) or 0)
+    if val_size <= 0 and proto.id_val_fraction is None:  # before any data is read
+        raise ValueError(NO_ID_VALIDATION)
     dm.prepare_data()
     dm.setup("test")
     if record is not None and hasattr(dm, "check_split"):
@@ -470,7 +492,6 @@ def run_spec(
         train = features(dm.fit_dataloader(), "train")
     id_test = features(test_loaders[0], names[0])
     id_val, id_val_source = None, None
-    val_size = int(getattr(dm, "val_size", 0) or 0)
     if val_size > 0:  # the datamodule holds out training samples: select on those
         id_val = features(dm.val_dataloader(), f"val:{names[0]}")
         id_val_source = f"{val_size} training samples held out by the datamodule (val_size)"
@@ -496,10 +517,7 @@ def run_spec(
         ood_val,
         id_test,
         ood_test,
-        spec.get("select", "fpr95"),
-        seed=int(spec.get("seed", 0)),
-        id_val_fraction=float(spec.get("id_val_fraction", 0.5)),
-        combiner_fraction=float(spec.get("combiner_fraction", 0.5)),
+        protocol=proto,
         batch_size=int(spec.get("batch_size", 4096)),
         reference=spec.get("reference"),
         info=facts,

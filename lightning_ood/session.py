@@ -494,12 +494,14 @@ class EvaluationSession:
         for srch in searches:
             mine = {c.name for c in srch.candidates}
             cands = [d for d in fitted if d.name in mine]
-            if not cands and skip_invalid:
+            if not cands:
                 why = f"every configuration is invalid for this backbone, e.g. {invalid[min(mine)]}"
+                if not skip_invalid:
+                    raise ValueError(f"tune: {srch.name!r}: {why}; give it a valid grid")
                 self.warn(f"tune: {srch.name!r} keeps its values: {why}")
                 out.records[srch.name] = {"kind": srch.kind, "space": srch.space, "skipped": why}
                 continue
-            val = metrics(cands) if cands else {}
+            val = metrics(cands)
             rows, best = tuning.select(
                 srch, cands, val, self.protocol.select, self.backbone, invalid
             )

@@ -1,5 +1,6 @@
-"""The layering promise: models, detectors, the engine and the hand-off load no Lightning, and
-no library module imports the command line."""
+"""The layering promise: models, detectors, the engine, the evaluation session (with the grid
+and the paper analyses it runs) and the hand-off load no Lightning, and no library module
+imports the command line."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ PURE = [
     "lightning_ood.detectors",
     "lightning_ood.engine",
     "lightning_ood.protocol",
+    "lightning_ood.tuning",
+    "lightning_ood.session",
+    "lightning_ood.analyses.line",
+    "lightning_ood.analyses.fssd",
+    "lightning_ood.grid",
     "lightning_ood.report",
     "lightning_ood.state",
     "lightning_ood.io",

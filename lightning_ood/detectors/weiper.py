@@ -243,7 +243,8 @@ class WeiPer(LinearHeadDetector):
             self.epsilon_perturbed,
         )
         c = self.weight.shape[0]
-        msp = z.reshape(z.shape[0], -1, c).softmax(dim=2).amax(dim=2).double().mean(dim=1)
+        zr = z.reshape(z.shape[0], self.weight_perturbed.shape[0] // c, c)
+        msp = zr.softmax(dim=2).amax(dim=2).double().mean(dim=1)
         return kl, kl_w, msp
 
     def score(self, out: BackboneOutput, model: OptModel = None, inputs: OptInput = None) -> Tensor:

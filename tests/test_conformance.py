@@ -122,6 +122,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "rankfeat": {"layers": ["conv2"]},  # no LeNet tap pools to the features: a rerun
     "vra": {},
     "iodin": {"temperature": 1000.0, "epsilon": 0.0014},
+    "weiper": {"n_repeats": 20},  # 200 perturbed logits, two fitting passes
+    "reweightood": {},
+    "relation": {"bank_fraction": 0.5, "store_bank": True},  # a sampled bank of [z, p] rows
+    "cfood": {"bank_fraction": 0.5, "store_bank": True},  # ~256 reference points
 }
 
 #: Kinds whose score no exported graph can hold, and why; every other kind must export.

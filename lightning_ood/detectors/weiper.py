@@ -2,17 +2,17 @@
 Perturbations of Class Projections"): the WeiPer+KLD score.
 
 The head's class directions w_c are perturbed ``r`` times, ``w̃_c = w_c + δ‖w_c‖ η/‖η‖`` with
-η ~ N(0, I) (paper Sec. 3, Eq. 1), giving ``r·C`` perturbed logits ``W̃h + b``. Each sample is
+η ~ N(0, I) (eq. (1)†), giving ``r·C`` perturbed logits ``W̃h + b``. Each sample is
 summarised by two histograms over fixed bins spanning the training range: of its own
 penultimate activations (the ``q`` values of h) and of its perturbed logits; the score compares
 them with the training mean histograms by a symmetric KL divergence, and adds the mean
-maximum softmax over the ``r`` perturbed heads (MSP_W, Eq. 2):
+maximum softmax over the ``r`` perturbed heads (MSP_W, eq. (2)†):
 
     WeiPer+KLD(x) = -(KL_s(p̄, q_{s1}(h)) + λ₁ KL_s(p̄_W, q_{s2}(W̃h + b)) - λ₂ MSP_W(x))
 
-(Eq. 5-6; KL_s(p, q) = KL(p‖q) + KL(q‖p); ``q_s`` the sample's histogram smoothed by a uniform
-kernel of ``s`` bins; higher = more ID). See docs/methods.md#weiper for the choices made where
-the authors' code differs from the paper.
+(eqs. (5)-(6)†; † numbers unchecked; KL_s(p, q) = KL(p‖q) + KL(q‖p); ``q_s`` the sample's
+histogram smoothed by a uniform kernel of ``s`` bins; higher = more ID). See
+docs/methods.md#weiper for the choices made where the authors' code differs from the paper.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def perturbed_head(weight: Tensor, bias: Tensor, repeats: int, delta: float, see
     Tensor, Tensor
 ]:  # fmt: skip
     """W̃ (r·C, q) and b̃ (r·C,): ``r`` copies of the head whose rows are moved by
-    ``δ‖w_c‖ η/‖η‖`` (paper Eq. 1), η drawn in float64 on the CPU from ``seed`` alone, so the
+    ``δ‖w_c‖ η/‖η‖`` (eq. (1)†), η drawn in float64 on the CPU from ``seed`` alone, so the
     perturbation is the same on every rank, device and run. Row ``j·C + c`` is copy ``j`` of
     class ``c`` (the reference's order)."""
     gen = torch.Generator().manual_seed(seed)

@@ -9,20 +9,12 @@ The per-sample top-k helpers (:func:`kept_count`, :func:`top_activations`,
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
-
 import torch
 from torch import Tensor
 
-from lightning_ood.detectors.base import (
-    OptInput,
-    OptModel,
-    Reducer,
-    check_choice,
-    check_range,
-)
+from lightning_ood.detectors.base import OptInput, OptModel, Reducer
 from lightning_ood.detectors.energy import energy_score
+from lightning_ood.detectors.hparams import HParam, choice, in_range, positive
 from lightning_ood.detectors.linear_head import LinearHeadDetector
 from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
@@ -114,38 +106,23 @@ class ASH(HeadOnlyDetector):
     No training pass: :meth:`finalize` only copies the head (:class:`HeadOnlyDetector`), so a
     fitting call needs the model only.
 
-    Args:
-        variant: ``"p"``, ``"b"`` or ``"s"``. Default ``"s"``: the authors' configs
-            (``config/cifar10_config.yml``, ``imagenet_config.yml``: ``ash_s@90``); OpenOOD
-            v1.5's ASHNet always applies ASH-B.
-        percentile: percent p of each sample's activations pruned, in [0, 100); 90 as OpenOOD
-            v1.5's ``ash.yml`` and the authors' configs.
-        temperature: energy temperature T > 0.
-        name: instance name.
+    Nothing is accumulated: every hyperparameter enters :meth:`score` only. Default variant
+    ``"s"``: the authors' configs (``config/cifar10_config.yml``, ``imagenet_config.yml``:
+    ``ash_s@90``); OpenOOD v1.5's ASHNet always applies ASH-B.
     """
 
     kind = "ash"
-    #: Nothing is accumulated: every hyperparameter enters :meth:`score` only.
-    finalize_only: ClassVar[frozenset[str]] = frozenset({"variant", "percentile", "temperature"})
+    variant = HParam("s", choice(*VARIANTS), stage="score", doc='"p", "b" or "s" (ASH-P/B/S)')
     #: OpenOOD v1.5 ``ash.yml`` sweep (the variant is not swept there).
-    search_space: ClassVar[Mapping[str, Sequence[Any]]] = {"percentile": PERCENTILE_SWEEP}
-
-    def __init__(
-        self,
-        variant: str = "s",
-        percentile: float = 90.0,
-        temperature: float = 1.0,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(name)
-        owner = type(self).__name__
-        self.variant = check_choice("variant", variant, VARIANTS, owner)
-        self.percentile = check_range(
-            "percentile", percentile, low=0.0, high=100.0, high_open=True, owner=owner
-        )
-        self.temperature = check_range(
-            "temperature", temperature, low=0.0, low_open=True, owner=owner
-        )
+    percentile = HParam(
+        90.0,
+        in_range(0.0, 100.0),
+        search=PERCENTILE_SWEEP,
+        stage="score",
+        doc="percent p of each sample's activations pruned, in [0, 100) (90: OpenOOD v1.5, "
+        "the authors' configs)",
+    )
+    temperature = HParam(1.0, positive(), stage="score", doc="energy temperature T > 0")
 
     def shaped(self, h: Tensor) -> Tensor:
         """The shaped feature ``a`` of each row of ``h`` (B, q), per :attr:`variant`."""

@@ -80,19 +80,27 @@ class Detector(nn.Module):
     #: Whether ``torch.export`` can trace :meth:`score` (MC Dropout's seeded random passes
     #: cannot); the predictor refuses to export the others, by name.
     exportable: ClassVar[bool] = True
-    #: Validation search space for tuning (OpenOOD's protocol): ``__init__`` argument ->
-    #: candidate values, e.g. ``{"percentile": (85, 90, 95, 99)}``. ``tune:`` in the OOD
-    #: callback and the grid select from it on held-out validation data; ``{}``: nothing to tune.
+    #: Validation search space for tuning (OpenOOD's protocol): hyperparameter -> candidate
+    #: values, e.g. ``{"percentile": (85, 90, 95, 99)}``, derived from the ``search`` of the
+    #: HParams (the default always among the candidates). ``tune:`` in the OOD callback and
+    #: the grid select from it on held-out validation data; ``{}``: nothing to tune.
     search_space: ClassVar[Mapping[str, Sequence[Any]]] = {}
-    #: ``__init__`` hyperparameters that only enter :meth:`finalize`/:meth:`score` (and the
-    #: combiner), never :meth:`update`: configurations that differ only in these can share
-    #: one accumulation pass over the training features (deep-copy the accumulated detector,
-    #: set these attributes, then ``finalize`` each copy; the grid does). Detectors without a
-    #: training pass declare them for the record (nothing is shared: they accumulate nothing).
+    #: Hyperparameters that only enter :meth:`finalize`/:meth:`score` (and the combiner),
+    #: never :meth:`update` (derived: every HParam whose ``stage`` is not ``"fit"``):
+    #: configurations that differ only in these can share one accumulation pass over the
+    #: training features (deep-copy the accumulated detector, set these attributes, then
+    #: ``finalize`` each copy; the grid does). Detectors without a training pass declare them
+    #: for the record (nothing is shared: they accumulate nothing).
     finalize_only: ClassVar[frozenset[str]] = frozenset()
 
     #: The declared hyperparameters by name, in declaration order (bases first); derived.
     hparams: ClassVar[Mapping[str, HParam]] = MappingProxyType({})
+    #: Hyperparameters stored under another attribute, because the class reads their name as
+    #: a property of its own: the layer ensembles' ``taps`` (the configured list, ``None`` for
+    #: the default) is kept as ``_taps_arg`` while the ``taps`` property gives the taps
+    #: actually read. A subclass may define such a property without dropping the declaration.
+    #: :meth:`hparam_value` reads either kind.
+    hparam_attrs: ClassVar[Mapping[str, str]] = MappingProxyType({})
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Derive ``hparams``, ``search_space``, ``finalize_only`` and ``__signature__`` from
@@ -103,13 +111,15 @@ class Detector(nn.Module):
             for attr, value in vars(klass).items():
                 if isinstance(value, HParam):
                     declared[attr] = value
-                elif attr in declared:  # a subclass replaced the declaration (a property)
-                    del declared[attr]
+                elif attr in declared and attr not in cls.hparam_attrs:
+                    del declared[attr]  # a subclass replaced the declaration (a property)
         if "name" in declared:
             raise TypeError(f"{cls.__name__}: 'name' is reserved for the instance name")
-        if not declared and _legacy_signature(cls):
-            cls.__signature__ = None  # type: ignore[attr-defined]  # from its own __init__
-            return  # TODO(declarative): gone once every detector declares its HParams
+        stray = sorted(set(cls.hparam_attrs) - set(declared))
+        if stray:
+            raise TypeError(
+                f"{cls.__name__}.hparam_attrs names {stray}, which are not declared HParams"
+            )
         for derived in ("search_space", "finalize_only"):
             if derived in vars(cls):
                 raise TypeError(
@@ -141,7 +151,8 @@ class Detector(nn.Module):
                 f"{[*self.hparams, 'name']}"
             )
         for key, decl in self.hparams.items():
-            setattr(self, key, decl.value(key, hparams.get(key, MISSING), owner))
+            value = decl.value(key, hparams.get(key, MISSING), owner)
+            setattr(self, self.hparam_attrs.get(key, key), value)
         self.name = name or self.kind
         self.register_buffer("fitted", torch.tensor(not self.requires_fit))
         # Decision threshold: scores below it are called OOD. NaN until calibrate().
@@ -152,12 +163,18 @@ class Detector(nn.Module):
     def config(self) -> dict[str, Any]:
         """Hyperparameters as ``{"type": kind, **values, "name": name}``; ``build_detector``
         inverts it. Values are copies (a caller editing the dict changes nothing here)."""
-        if not self.hparams and _legacy_signature(type(self)):
-            params = inspect.signature(type(self).__init__).parameters
-            args = {p: getattr(self, p) for p in params if p not in ("self", "args", "kwargs")}
-            return {"type": self.kind, **args}
-        values = {n: copy.deepcopy(getattr(self, n)) for n in self.hparams}
+        values = {n: copy.deepcopy(self.hparam_value(n)) for n in self.hparams}
         return {"type": self.kind, **values, "name": self.name}
+
+    def hparam_value(self, name: str) -> Any:
+        """The value of the declared hyperparameter ``name`` (under :attr:`hparam_attrs`'s
+        attribute where the name is a property)."""
+        if name not in self.hparams:
+            raise KeyError(
+                f"{type(self).__name__} ({self.kind!r}) has no hyperparameter {name!r}; it "
+                f"declares {list(self.hparams)}"
+            )
+        return getattr(self, self.hparam_attrs.get(name, name))
 
     def stored_state_fits(self, stored: Any) -> tuple[bool, str]:
         """Whether fitted state stored with config ``stored`` is this detector's fitted state.
@@ -177,12 +194,12 @@ class Detector(nn.Module):
         differ = [
             n
             for n, p in self.hparams.items()
-            if not same_value(stored.get(n, p.default), getattr(self, n))
+            if not same_value(stored.get(n, p.default), self.hparam_value(n))
         ]
         refit = [n for n in differ if self.hparams[n].stage != "score"]
         if refit:
             what = ", ".join(
-                f"{n}: {stored.get(n, self.hparams[n].default)!r} -> {getattr(self, n)!r}"
+                f"{n}: {stored.get(n, self.hparams[n].default)!r} -> {self.hparam_value(n)!r}"
                 for n in refit
             )
             return False, f"fitted with other values ({what})"
@@ -381,17 +398,6 @@ class Detector(nn.Module):
         )
 
 
-def _legacy_signature(cls: type) -> bool:
-    """A detector written before declarations: its own ``__init__`` names arguments."""
-    init = cls.__dict__.get("__init__") or next(
-        (k.__dict__["__init__"] for k in cls.__mro__ if "__init__" in k.__dict__), None
-    )
-    if init is None or init is Detector.__init__:
-        return False
-    kinds = {p.name: p.kind for p in inspect.signature(init).parameters.values()}
-    return any(n not in ("self", "name", "kwargs") for n in kinds)
-
-
 @contextlib.contextmanager
 def frozen_flags(detectors: Iterable[Detector]) -> Iterator[None]:
     """Record every 0-d bool buffer (fitted flags) and small 1-d integer buffer (sizes) of
@@ -478,6 +484,14 @@ def percentile(x: Tensor, p: float, dim: int = -1) -> Tensor:
     a = s.narrow(dim, lo, 1).squeeze(dim)
     b = s.narrow(dim, hi, 1).squeeze(dim)
     return a + (b - a) * frac
+
+
+def truthy(name: str, value: Any, owner: str) -> bool:
+    """An HParam check that reads any value as a truth value: the switches that always took
+    ``bool(value)`` (LINe's ``clip``, the layer ensembles' ``standardize``, ``store_bank``)
+    keep accepting what they did; new hyperparameters use the strict
+    :func:`~lightning_ood.detectors.hparams.boolean`."""
+    return bool(value)
 
 
 def check_choice(name: str, value: str, options: Sequence[str], owner: str) -> str:

@@ -11,12 +11,13 @@ the main network and travel in the checkpoint of the model that carries the dete
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_ood.detectors.base import Detector, OptInput, OptModel
+from lightning_ood.detectors.base import Detector, OptInput, OptModel, truthy
+from lightning_ood.detectors.hparams import HParam
 from lightning_ood.detectors.members import MemberEnsemble, member_paths
 from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput
@@ -24,15 +25,9 @@ from lightning_ood.models.base import BackboneOutput
 
 @register_detector
 class DeepEnsemble(MemberEnsemble, Detector):
-    """Max of the mean softmax of N independently trained members (higher = more ID).
-
-    Args:
-        checkpoints: lightning-ood checkpoints of the members (same recipe, other seeds).
-        checkpoint_template: alternative to ``checkpoints``: a path with ``{seed}``...
-        seeds: ...formatted with each of these seeds.
-        include_model: also count the network the detector is attached to as a member (e.g.
-            4 listed files + the tested checkpoint = 5 members).
-        name: instance name.
+    """Max of the mean softmax of N independently trained members (higher = more ID); the
+    members are :class:`~lightning_ood.detectors.members.MemberEnsemble`'s ``checkpoints`` or
+    ``checkpoint_template`` + ``seeds``.
 
     Raises:
         ValueError: members of different architectures or class counts (both files named).
@@ -40,19 +35,17 @@ class DeepEnsemble(MemberEnsemble, Detector):
 
     kind = "de"
     uses_training_data = False
-    finalize_only: ClassVar[frozenset[str]] = frozenset({"include_model"})
+    include_model = HParam(
+        False,
+        truthy,
+        stage="score",
+        doc="also count the network the detector is attached to as a member (e.g. 4 listed "
+        "files + the tested checkpoint = 5 members)",
+    )
 
-    def __init__(
-        self,
-        checkpoints: list[str] | None = None,
-        checkpoint_template: str | None = None,
-        seeds: list[int] | None = None,
-        include_model: bool = False,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(name)
-        self.include_model = bool(include_model)
-        self.init_members(checkpoints, checkpoint_template, seeds, self.kind)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.init_members(self.kind)
 
     # -- scoring ---------------------------------------------------------------------------
     @property

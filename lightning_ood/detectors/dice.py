@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_ood.detectors.base import OptInput, OptModel, Reducer, check_range, percentile
+from lightning_ood.detectors.base import OptInput, OptModel, Reducer, percentile
+from lightning_ood.detectors.hparams import HParam, in_range, optional, positive
 from lightning_ood.detectors.linear_head import MeanHeadDetector
 from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
@@ -24,25 +24,27 @@ class DICE(MeanHeadDetector):
     The weight percentile is the buffer ``prune_threshold``; ``threshold`` is the decision
     threshold of every detector (NaN until :meth:`calibrate`).
 
-    Args:
-        p: percent of weights pruned, in [0, 100) (90 for CIFAR).
-        clip: optional fixed ReAct bound applied to test features before the sparse head.
-        name: instance name.
+    ``update`` only sums features; the mask (``p``) and the clip are derived in finalize.
     """
 
     kind = "dice"
-    #: ``update`` only sums features; the mask (``p``) and the clip are derived in finalize.
-    finalize_only: ClassVar[frozenset[str]] = frozenset({"p", "clip"})
     #: OpenOOD v1.5's DICE sweep of the pruned percentage.
-    search_space: ClassVar[Mapping[str, Sequence[Any]]] = {"p": (10, 30, 50, 70, 90)}
+    p = HParam(
+        90.0,
+        in_range(0.0, 100.0),
+        search=(10, 30, 50, 70, 90),
+        stage="finalize",
+        doc="percent of weights pruned, in [0, 100) (90 for CIFAR)",
+    )
+    clip = HParam(
+        None,
+        optional(positive()),
+        stage="finalize",
+        doc="optional fixed ReAct bound applied to test features before the sparse head",
+    )
 
-    def __init__(self, p: float = 90.0, clip: float | None = None, name: str | None = None) -> None:
-        super().__init__(name)
-        owner = type(self).__name__
-        self.p = check_range("p", p, low=0.0, high=100.0, owner=owner)
-        self.clip = (
-            None if clip is None else check_range("clip", clip, low=0.0, low_open=True, owner=owner)
-        )
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.register_buffer("prune_threshold", torch.zeros(()))  # percentile(V, p)
         self.register_buffer("mask", torch.zeros(0, dtype=torch.bool))  # M, (L, q)
         self.register_buffer("clip_value", torch.full((), torch.inf))  # inf = no clipping

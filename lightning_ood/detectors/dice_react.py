@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_ood.detectors.base import Reducer
 from lightning_ood.detectors.dice import DICE
+from lightning_ood.detectors.hparams import HParam, integer, optional, percent, positive
 from lightning_ood.detectors.linear_head import ActivationSampler
 from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
@@ -23,34 +23,31 @@ class DICEReAct(ActivationSampler, DICE):
     the exact ``percentile``-th percentile of training activations (as in
     :class:`~lightning_ood.detectors.react.ReAct`).
 
-    Args:
-        p: percent of weights pruned, in [0, 100).
-        clip: fixed clipping threshold c > 0, or None to estimate it.
-        percentile: percentile of training activations used when ``clip`` is None, in (0, 100].
-        max_samples: activation values held in memory for the percentile; beyond it the exact
-            value takes one more pass over the training features (radix selection).
-        name: instance name.
+    Unlike DICE, ``clip`` enters ``update`` (``None`` streams activations). The sweep is DICE's
+    (OpenOOD v1.5) crossed with ReAct's.
     """
 
     kind = "dice_react"
-    #: Unlike DICE, ``clip`` enters ``update`` (``None`` streams activations).
-    finalize_only: ClassVar[frozenset[str]] = frozenset({"p", "percentile"})
-    #: DICE's sweep (OpenOOD v1.5) crossed with ReAct's.
-    search_space: ClassVar[Mapping[str, Sequence[Any]]] = {
-        "p": (10, 30, 50, 70, 90),
-        "percentile": (85, 90, 95, 99),
-    }
+    clip = HParam(
+        None, optional(positive()), doc="fixed clipping threshold c > 0, or None to estimate it"
+    )
+    percentile = HParam(
+        90.0,
+        percent(),
+        search=(85, 90, 95, 99),
+        stage="finalize",
+        doc="percentile of training activations used when clip is None, in (0, 100]",
+    )
+    max_samples = HParam(
+        1 << 26,
+        integer(1),
+        doc="activation values held in memory for the percentile; beyond it the exact value "
+        "takes one more pass over the training features (radix selection)",
+    )
 
-    def __init__(
-        self,
-        p: float = 90.0,
-        clip: float | None = None,
-        percentile: float = 90.0,
-        max_samples: int = 1 << 26,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(p=p, clip=clip, name=name)
-        self._init_sampler(percentile, max_samples)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._reset_sampler()
 
     def reset(self) -> None:
         super().reset()

@@ -4,13 +4,13 @@ the decision boundaries of the predicted class, over its distance to the trainin
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_ood.detectors.base import OptInput, OptModel, Reducer
+from lightning_ood.detectors.hparams import HParam
 from lightning_ood.detectors.linear_head import MeanHeadDetector
 from lightning_ood.detectors.nci import check_flag, safe_norm
 from lightning_ood.detectors.registry import register_detector
@@ -40,22 +40,21 @@ class FDBD(MeanHeadDetector):
     Two classes with identical weight vectors have no decision boundary between them:
     :meth:`finalize` refuses such a head, and a head with fewer than two classes.
 
-    Args:
-        distance_as_normalizer: divide by ``||h − μ_train||`` (paper, default) or by ``||h||``.
-        name: instance name.
+    ``update`` only sums features; the normaliser is chosen at :meth:`score`.
     """
 
     kind = "fdbd"
-    #: ``update`` only sums features; the normaliser is chosen at :meth:`score`.
-    finalize_only: ClassVar[frozenset[str]] = frozenset({"distance_as_normalizer"})
     #: OpenOOD v1.5 ``fdbd.yml`` sweep (``distance_as_normalizer_list``).
-    search_space: ClassVar[Mapping[str, Sequence[Any]]] = {"distance_as_normalizer": (True, False)}
+    distance_as_normalizer = HParam(
+        True,
+        check_flag,
+        search=(True, False),
+        stage="score",
+        doc="divide by ||h − μ_train|| (paper, default) or by ||h||",
+    )
 
-    def __init__(self, distance_as_normalizer: bool = True, name: str | None = None) -> None:
-        super().__init__(name)
-        self.distance_as_normalizer = check_flag(
-            "distance_as_normalizer", distance_as_normalizer, type(self).__name__
-        )
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.register_buffer("boundary_norm", torch.zeros(0))  # ||w_p − w_c||, (L, L)
 
     def finalize(self, model: OODBackbone, reducer: Reducer | None = None) -> None:

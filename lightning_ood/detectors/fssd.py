@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from lightning_ood.detectors.base import Reducer, check_choice, check_int
+from lightning_ood.detectors.base import Reducer
+from lightning_ood.detectors.hparams import HParam, choice, integer
 from lightning_ood.detectors.layer_ensemble import (
     LayerEnsembleDetector,
     divide_by_input_std,
@@ -49,71 +50,61 @@ class FSSD(LayerEnsembleDetector):
     the model and stores each tap's mean feature, flattened in full (no pooling), in one
     concatenated buffer ``fss`` with per-tap sizes ``fss_sizes``; :meth:`update` is a no-op.
 
-    Args:
-        taps: tap names, one component each, in this order. ``None`` = every tap of
-            ``model.tap_layers`` then ``"logits"``, resolved at :meth:`finalize` and saved in
-            the state dict. The reference uses ReLU(conv1), ReLU(conv2), ReLU(fc1), logits for
-            LeNet and stem, layer1..4 for ResNet-34: name them explicitly in configs.
-        noise: ``"reference"``: integers v ~ U{0..254}, fed as (v - 127.5)/255 (values in
-            [-0.5, 0.498]) without the dataset normalisation, as the reference code;
-            ``"uniform"``: x ~ U[0, 1), as the paper. Token models always get token ids drawn
-            uniformly from [0, vocab_size), whatever ``noise`` says.
-        n_noise: number of noise inputs N (paper/reference: 100).
-        noise_seed: seed of the CPU generator that draws the noise (all DDP ranks agree).
-        epsilon: input pre-processing magnitude; 0 disables it. Each tap gets its own
-            perturbed input (as the reference), costing K extra forward+backward passes and
-            K forward passes per batch.
-        direction: ``"reference"``: x̃ = x + ε·ĝ/std with ĝ the standardised gradient of
-            -mean(FSSD_l), i.e. a step that *lowers* FSSD (reference code); ``"paper"``:
-            x̃ = x + ε·sign(∇ₓ FSSD_l)/std (sign 0 where the gradient is 0), raising FSSD
-            (the paper's pre-processing).
-        grad_norm: standardisation of the reference direction: ``"batch"`` = (g - mean)/std
-            over the whole batch tensor (reference code, makes a score depend on its
-            batch-mates); ``"sample"`` = over each sample's own gradient.
-        input_std: per-channel std of the input ``Normalize`` the step is divided by, as the
-            reference does (e.g. ``[0.353]`` for FashionMNIST); ``None`` = no division.
-        batch_size: chunk size of the noise pass.
-        combiner: ``"cv"`` (reference: LogisticRegressionCV, random_state 42) or ``"lr"``.
-        standardize: z-score the components before the logistic regression (reference: no).
-        default_layer: component :meth:`combine` returns while no combiner is fitted.
-        name: instance name (default ``"fssd"``).
+    ``taps``: one component each, in this order; ``None`` = every tap of ``model.tap_layers``
+    then ``"logits"``, resolved at :meth:`finalize` and saved in the state dict. The reference
+    uses ReLU(conv1), ReLU(conv2), ReLU(fc1), logits for LeNet and stem, layer1..4 for
+    ResNet-34: name them explicitly in configs. Input pre-processing (``epsilon`` > 0) gives
+    each tap its own perturbed input (as the reference), costing K extra forward+backward
+    passes and K forward passes per batch; ``input_std`` is the per-channel std of the input
+    ``Normalize`` the step is divided by, as the reference does (e.g. ``[0.353]`` for
+    FashionMNIST). The combiner's hyperparameters are
+    :class:`~lightning_ood.detectors.layer_ensemble.LayerEnsembleDetector`'s.
+
+    ``update`` is a no-op and ``finalize`` runs the noise pass itself, so every
+    hyperparameter but ``taps`` (kept so that one group reads one set of taps) is
+    finalize-only.
     """
 
     kind: ClassVar[str] = "fssd"
     requires_fit: ClassVar[bool] = True
     #: FSSD needs the model (a noise pass), not the training set.
     uses_training_data: ClassVar[bool] = False
-    #: ``update`` is a no-op and ``finalize`` runs the noise pass itself, so every
-    #: hyperparameter but ``taps`` (kept so that one group reads one set of taps) is
-    #: finalize-only.
-    finalize_only: ClassVar[frozenset[str]] = LayerEnsembleDetector.finalize_only | frozenset(
-        {"noise", "n_noise", "noise_seed", "direction", "grad_norm", "batch_size"}
+    noise = HParam(
+        "reference",
+        choice(*NOISES),
+        stage="finalize",
+        doc='"reference": integers v ~ U{0..254} fed as (v - 127.5)/255 without the dataset '
+        'normalisation (reference code); "uniform": x ~ U[0, 1) (paper); token models always '
+        "get uniform token ids",
     )
+    n_noise = HParam(
+        100, integer(1), stage="finalize", doc="number of noise inputs N (paper/reference: 100)"
+    )
+    noise_seed = HParam(
+        0,
+        integer(0),
+        stage="finalize",
+        doc="seed of the CPU generator that draws the noise (all DDP ranks agree)",
+    )
+    direction = HParam(
+        "reference",
+        choice(*DIRECTIONS),
+        stage="score",
+        doc='"reference": x̃ = x + ε·ĝ/std, ĝ the standardised gradient of -mean(FSSD_l), a '
+        'step that lowers FSSD (reference code); "paper": x̃ = x + ε·sign(∇ₓ FSSD_l)/std, '
+        "raising FSSD",
+    )
+    grad_norm = HParam(
+        "batch",
+        choice(*GRAD_NORMS),
+        stage="score",
+        doc='standardisation of the reference direction: "batch" (whole batch tensor, '
+        'reference code; a score depends on its batch-mates) or "sample" (each sample\'s own)',
+    )
+    batch_size = HParam(100, integer(1), stage="finalize", doc="chunk size of the noise pass")
 
-    def __init__(
-        self,
-        taps: list[str] | None = None,
-        noise: str = "reference",
-        n_noise: int = 100,
-        noise_seed: int = 0,
-        epsilon: float = 0.0,
-        direction: str = "reference",
-        grad_norm: str = "batch",
-        input_std: float | list[float] | None = None,
-        batch_size: int = 100,
-        combiner: str = "cv",
-        standardize: bool = False,
-        default_layer: int = -1,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(taps, epsilon, input_std, combiner, standardize, default_layer, name)
-        owner = "FSSD"
-        self.noise = check_choice("noise", noise, NOISES, owner)
-        self.n_noise = check_int("n_noise", n_noise, 1, owner)
-        self.noise_seed = check_int("noise_seed", noise_seed, 0, owner)
-        self.direction = check_choice("direction", direction, DIRECTIONS, owner)
-        self.grad_norm = check_choice("grad_norm", grad_norm, GRAD_NORMS, owner)
-        self.batch_size = check_int("batch_size", batch_size, 1, owner)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self._resolved_taps: list[str] = []
         self.register_buffer("fss", torch.zeros(0))
         self.register_buffer("fss_sizes", torch.zeros(0, dtype=torch.long))

@@ -15,13 +15,14 @@ and stored with the detector. Each network's FSS lives in its own :class:`FSSD` 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from lightning_ood.detectors.base import Detector, OptInput, OptModel, Reducer
+from lightning_ood.detectors.base import Detector, OptInput, OptModel, Reducer, truthy
 from lightning_ood.detectors.fssd import FSSD
+from lightning_ood.detectors.hparams import HParam
 from lightning_ood.detectors.layer_ensemble import LayerEnsembleDetector
 from lightning_ood.detectors.members import MemberEnsemble
 from lightning_ood.detectors.registry import register_detector
@@ -36,18 +37,14 @@ class FSSDEnsemble(MemberEnsemble, LayerEnsembleDetector):
     ``include_model``), then member 1's, and so on; :meth:`component_names` labels them
     ``model/<tap>``, ``member1/<tap>``, ...
 
-    Args:
-        checkpoints: lightning-ood checkpoints of the other networks (same recipe, other seeds).
-        checkpoint_template: alternative to ``checkpoints``: a path with ``{seed}``...
-        seeds: ...formatted with each of these seeds.
-        include_model: the tested network is one of the ensemble's networks (default).
-        taps: tap names per network (every network has the same architecture); ``None`` =
-            every ``tap_layers`` entry then ``"logits"``, as :class:`FSSD`.
-        noise, n_noise, noise_seed, batch_size: the noise pass of each network, as
-            :class:`FSSD` (every network sees the same noise).
-        combiner, standardize, default_layer: the logistic combiner, as :class:`FSSD`;
-            without a fitted combiner the score is component ``default_layer``.
-        name: instance name (default ``"fssd_ensemble"``).
+    The networks are :class:`~lightning_ood.detectors.members.MemberEnsemble`'s
+    ``checkpoints`` (or ``checkpoint_template`` + ``seeds``), same recipe, other seeds; ``taps``
+    are per network (every network has the same architecture), ``None`` = every
+    ``tap_layers`` entry then ``"logits"``, as :class:`FSSD`. The noise pass of each network
+    (every network sees the same noise) and the logistic combiner are as :class:`FSSD`'s;
+    without a fitted combiner the score is component ``default_layer``. No training pass:
+    everything but the networks and their taps acts at finalize or later (each network's FSSD
+    takes the noise settings from here at :meth:`finalize`).
 
     Input pre-processing is not offered: it would cost N·K extra backward passes per batch.
     """
@@ -55,37 +52,33 @@ class FSSDEnsemble(MemberEnsemble, LayerEnsembleDetector):
     kind: ClassVar[str] = "fssd_ensemble"
     requires_fit: ClassVar[bool] = True
     uses_training_data: ClassVar[bool] = False
-    #: No training pass: everything but the networks and their taps acts at finalize or later
-    #: (each network's FSSD takes the noise settings from here at :meth:`finalize`).
-    finalize_only: ClassVar[frozenset[str]] = frozenset(
-        {"noise", "n_noise", "noise_seed", "batch_size", "combiner", "standardize", "default_layer"}
+    #: No input pre-processing: these replace the layer ensembles' hyperparameters.
+    epsilon: ClassVar[float] = 0.0
+    input_std: ClassVar[None] = None
+    include_model = HParam(
+        True,
+        truthy,
+        doc="the tested network is one of the ensemble's networks (default)",
     )
+    noise = FSSD.hparams["noise"]
+    n_noise = FSSD.hparams["n_noise"]
+    noise_seed = FSSD.hparams["noise_seed"]
+    batch_size = FSSD.hparams["batch_size"]
 
-    def __init__(
-        self,
-        checkpoints: list[str] | None = None,
-        checkpoint_template: str | None = None,
-        seeds: list[int] | None = None,
-        include_model: bool = True,
-        taps: list[str] | None = None,
-        noise: str = "reference",
-        n_noise: int = 100,
-        noise_seed: int = 0,
-        batch_size: int = 100,
-        combiner: str = "cv",
-        standardize: bool = False,
-        default_layer: int = -1,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(taps, 0.0, None, combiner, standardize, default_layer, name)
-        self.include_model = bool(include_model)
-        self.noise, self.n_noise, self.noise_seed = noise, n_noise, noise_seed
-        self.batch_size = batch_size
-        self.init_members(checkpoints, checkpoint_template, seeds, self.kind)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.init_members(self.kind)
         n = len(self.paths) + self.include_model
-        # One FSSD per network; they validate noise/n_noise/... and own each network's FSS.
+        # One FSSD per network; each owns its network's FSS.
         self.fssds = nn.ModuleList(
-            FSSD(taps, noise, n_noise, noise_seed, batch_size=batch_size, name=f"{self.name}_{i}")
+            FSSD(
+                taps=self._taps_arg,
+                noise=self.noise,
+                n_noise=self.n_noise,
+                noise_seed=self.noise_seed,
+                batch_size=self.batch_size,
+                name=f"{self.name}_{i}",
+            )
             for i in range(n)
         )
 

@@ -3,12 +3,14 @@ Detection"): the negated generalized entropy of the top-M softmax probabilities.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+import math
+from typing import Any
 
+import numpy as np
 from torch import Tensor
 
-from lightning_ood.detectors.base import Detector, OptInput, OptModel, check_range
+from lightning_ood.detectors.base import Detector, OptInput, OptModel
+from lightning_ood.detectors.hparams import Check, HParam, in_range
 from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput
 
@@ -21,42 +23,57 @@ def generalized_entropy(probs: Tensor, gamma: float, top: int) -> Tensor:
     return (p.pow(gamma) * (1.0 - p).pow(gamma)).sum(dim=1)
 
 
+def whole_number(low: int) -> Check:
+    """An integer >= ``low``, integral floats (``100.0`` from a YAML sweep) included; bools
+    refused."""
+
+    def check(name: str, value: Any, owner: str) -> int:
+        ok = (
+            not isinstance(value, bool)
+            and isinstance(value, int | float | np.number)
+            and math.isfinite(value)
+            and int(value) == value
+            and value >= low
+        )
+        if not ok:
+            raise ValueError(
+                f"{owner}: hyperparameter {name}={value!r} must be an integer >= {low}"
+            )
+        return int(value)
+
+    return check
+
+
 @register_detector
 class GEN(Detector):
     """GEN: score −G_γ(softmax(f(x))) over the top ``M`` classes; higher = more ID.
 
     A confident prediction (one probability near 1, the rest near 0) has small generalized
     entropy; γ < 1 makes the measure sensitive to small probabilities of the top classes.
-
-    Args:
-        gamma: γ in (0, 1] (paper: 0.1).
-        M: classes entering the sum, >= 1 (paper: 100 on ImageNet; all classes when M >= L).
-        name: instance name.
+    No fitting pass: both hyperparameters enter :meth:`score` only. The sweeps are OpenOOD
+    v1.5's (gamma <= 1 here: the paper's range).
     """
 
     kind = "gen"
     uses_training_data = False
-    #: No fitting pass: both enter :meth:`score` only.
-    finalize_only: ClassVar[frozenset[str]] = frozenset({"gamma", "M"})
-    #: OpenOOD v1.5's GEN sweep (gamma <= 1 here: the paper's range).
-    search_space: ClassVar[Mapping[str, Sequence[Any]]] = {
-        "gamma": (0.01, 0.1, 0.5, 1.0),
-        "M": (10, 50, 100),
-    }
-
-    def __init__(self, gamma: float = 0.1, M: int = 100, name: str | None = None) -> None:
-        super().__init__(name)
-        owner = type(self).__name__
-        self.gamma = check_range(
-            "gamma", gamma, low=0.0, low_open=True, high=1.0, high_open=False, owner=owner
-        )
-        if isinstance(M, bool) or int(M) != M or M < 1:
-            raise ValueError(f"{owner}: hyperparameter M={M!r} must be an integer >= 1")
-        self.M = int(M)
+    gamma = HParam(
+        0.1,
+        in_range(0.0, 1.0, low_open=True, high_open=False),
+        search=(0.01, 0.1, 0.5, 1.0),
+        stage="score",
+        doc="γ in (0, 1] (paper: 0.1)",
+    )
+    M = HParam(
+        100,
+        whole_number(1),
+        search=(10, 50, 100),
+        stage="score",
+        doc="classes entering the sum, >= 1 (paper: 100 on ImageNet; all classes when M >= L)",
+    )
 
     def score(self, out: BackboneOutput, model: OptModel = None, inputs: OptInput = None) -> Tensor:
         probs = out.logits.softmax(dim=1)
         return -generalized_entropy(probs, self.gamma, self.M)
 
 
-__all__ = ["GEN", "generalized_entropy"]
+__all__ = ["GEN", "generalized_entropy", "whole_number"]

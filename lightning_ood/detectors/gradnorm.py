@@ -5,13 +5,12 @@ closed form from the penultimate feature, batched, without autograd."""
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from torch import Tensor
 
 from lightning_ood.detectors.ash import HeadOnlyDetector
-from lightning_ood.detectors.base import OptInput, OptModel, check_range
+from lightning_ood.detectors.base import OptInput, OptModel
+from lightning_ood.detectors.hparams import HParam, positive
 from lightning_ood.detectors.nci import check_flag
 from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput
@@ -68,26 +67,18 @@ class GradNorm(HeadOnlyDetector):
     No training pass: :meth:`finalize` only copies the head
     (:class:`~lightning_ood.detectors.ash.HeadOnlyDetector`).
 
-    Args:
-        temperature: T > 0 (paper: 1).
-        include_bias: add the bias gradient's L1 norm (default: weight only, as the paper).
-        name: instance name.
+    Nothing is accumulated: both hyperparameters enter :meth:`score` only; OpenOOD v1.5's
+    ``gradnorm.yml`` sweeps nothing.
     """
 
     kind = "gradnorm"
-    #: Nothing is accumulated: both enter :meth:`score` only.
-    finalize_only: ClassVar[frozenset[str]] = frozenset({"temperature", "include_bias"})
-    # search_space: none; OpenOOD v1.5's ``gradnorm.yml`` sweeps nothing.
-
-    def __init__(
-        self, temperature: float = 1.0, include_bias: bool = False, name: str | None = None
-    ) -> None:
-        super().__init__(name)
-        owner = type(self).__name__
-        self.temperature = check_range(
-            "temperature", temperature, low=0.0, low_open=True, owner=owner
-        )
-        self.include_bias = check_flag("include_bias", include_bias, owner)
+    temperature = HParam(1.0, positive(), stage="score", doc="T > 0 (paper: 1)")
+    include_bias = HParam(
+        False,
+        check_flag,
+        stage="score",
+        doc="add the bias gradient's L1 norm (default: weight only, as the paper)",
+    )
 
     def score(self, out: BackboneOutput, model: OptModel = None, inputs: OptInput = None) -> Tensor:
         h = self._check_features(out.features)

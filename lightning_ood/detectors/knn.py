@@ -10,7 +10,7 @@ the same metrics.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
@@ -22,11 +22,10 @@ from lightning_ood.detectors.base import (
     OptInput,
     OptModel,
     Reducer,
-    check_choice,
-    check_int,
-    check_range,
     exporting,
+    truthy,
 )
+from lightning_ood.detectors.hparams import HParam, choice, in_range, integer
 from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
@@ -213,47 +212,50 @@ class BankDetector(Detector):
     """
 
     requires_fit: ClassVar[bool] = True
+    k = HParam(
+        50, integer(1), stage="score", doc="number of nearest bank entries (k-th / averaged)"
+    )
+    bank_fraction = HParam(
+        1.0,
+        in_range(0.0, 1.0, low_open=True, high_open=False),
+        doc="fraction of training samples kept in the bank, in (0, 1]",
+    )
+    seed = HParam(0, integer(0), doc="seed of the bank sampling")
+    store_bank = HParam(
+        False,
+        truthy,
+        stage="finalize",
+        doc="save the bank in checkpoints (False: metadata only, refit to score)",
+    )
+    backend = HParam(
+        "auto",
+        choice(*BACKENDS),
+        stage="score",
+        doc='"torch" (exact, chunked), "faiss" (exact IndexFlatIP; needs faiss) or "auto" '
+        "(faiss when importable, else torch)",
+    )
+    query_chunk = HParam(1024, integer(1), stage="score", doc="query rows per search chunk")
+    bank_chunk = HParam(16384, integer(1), stage="score", doc="bank rows per search chunk")
+    min_bank = HParam(
+        0,
+        integer(0),
+        doc="the bank keeps at least this many training samples (all when fewer): the "
+        "smallest seeded draws beyond bank_fraction; 0: exactly the fraction",
+    )
 
-    def __init__(
-        self,
-        k: int,
-        bank_fraction: float,
-        seed: int,
-        store_bank: bool,
-        backend: str,
-        query_chunk: int,
-        bank_chunk: int,
-        name: str | None,
-        min_bank: int = 0,
-    ) -> None:
-        super().__init__(name)
-        owner = type(self).__name__
-        self.k = check_int("k", k, 1, owner)
-        self.bank_fraction = check_range(
-            "bank_fraction",
-            bank_fraction,
-            low=0.0,
-            high=1.0,
-            low_open=True,
-            high_open=False,
-            owner=owner,
-        )
-        self.seed = check_int("seed", seed, 0, owner)
-        self.backend = check_choice("backend", backend, BACKENDS, owner)
-        if backend == "faiss" and not faiss_available():
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self.backend == "faiss" and not faiss_available():
             raise ImportError(
-                f"{owner}: backend='faiss' needs the faiss package, which is not importable "
-                "here; install faiss-cpu (or faiss-gpu), or use backend='torch' (exact, "
-                "chunked) or 'auto' (faiss when available, else torch)"
+                f"{type(self).__name__}: backend='faiss' needs the faiss package, which is not "
+                "importable here; install faiss-cpu (or faiss-gpu), or use backend='torch' "
+                "(exact, chunked) or 'auto' (faiss when available, else torch)"
             )
-        self.query_chunk = check_int("query_chunk", query_chunk, 1, owner)
-        self.bank_chunk = check_int("bank_chunk", bank_chunk, 1, owner)
-        self.min_bank = check_int("min_bank", min_bank, 0, owner)
         self.register_buffer("bank", torch.zeros(0, 0))
         self.register_buffer("bank_shape", torch.zeros(2, dtype=torch.long))
         self.register_buffer("bank_sampling", torch.zeros(2, dtype=torch.float64))
         self.register_buffer("bank_fingerprint", torch.zeros(2, dtype=torch.float64))
-        self.store_bank = store_bank
+        self._sync_bank_persistence()
         self._chunks: list[Tensor] = []
         self._positions: list[Tensor] = []  # training-set positions of the kept rows
         self._seen = 0
@@ -261,16 +263,6 @@ class BankDetector(Detector):
         # The floor's candidates: the `min_bank` smallest draws not kept by the fraction, as
         # (rows, draws, positions) in stream order.
         self._spare: tuple[Tensor, Tensor, Tensor] | None = None
-
-    #: ``min_bank``'s default in the subclass. A configuration records ``min_bank`` only when it
-    #: differs, so checkpoints written before the floor existed still match their detector.
-    MIN_BANK: ClassVar[int] = 0
-
-    def config(self) -> dict[str, Any]:
-        cfg = super().config()
-        if cfg.get("min_bank") == self.MIN_BANK:
-            del cfg["min_bank"]
-        return cfg
 
     # -- what the training set allows ---------------------------------------------------------
     def bank_size(self, num_train: int) -> int:
@@ -305,18 +297,19 @@ class BankDetector(Detector):
         )
 
     # -- bank persistence -----------------------------------------------------------------
-    @property
-    def store_bank(self) -> bool:
-        """Whether the bank itself is saved in the state dict (else only its metadata)."""
-        return self._store_bank
-
-    @store_bank.setter
-    def store_bank(self, value: bool) -> None:
-        self._store_bank = bool(value)
-        if self._store_bank:
+    def _sync_bank_persistence(self) -> None:
+        """``bank`` is a persistent buffer exactly when ``store_bank`` is true; checked when
+        the state dict is written or read, so ``store_bank`` may be flipped at any time."""
+        if self.store_bank:
             self._non_persistent_buffers_set.discard("bank")
         else:
             self._non_persistent_buffers_set.add("bank")
+
+    def _save_to_state_dict(
+        self, destination: dict[str, Any], prefix: str, keep_vars: bool
+    ) -> None:
+        self._sync_bank_persistence()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     @property
     def bank_available(self) -> bool:
@@ -525,6 +518,7 @@ class BankDetector(Detector):
                 state_dict[key] = self.bank
         elif not self.store_bank:  # a stored bank is adopted whatever this instance's flag
             self.bank = state_dict.pop(key).detach().clone().to(self.bank.device)
+        self._sync_bank_persistence()
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -538,46 +532,15 @@ class KNN(BankDetector):
     The search keeps the k largest ``z·b - ‖b‖²/2`` (equivalently the k smallest ‖z - b‖²,
     exact even for all-zero rows) and returns ``-sqrt(max(‖z‖² - 2·top_k, 0))``.
 
-    Args:
-        k: neighbour rank (paper: 50 for CIFAR-10, 200 for CIFAR-100, 1000 for ImageNet).
-        bank_fraction: fraction of training samples kept in the bank, in (0, 1] (paper: 1 for
-            CIFAR, 0.01 for ImageNet).
-        seed: seed of the bank sampling.
-        store_bank: save the bank in checkpoints (False: metadata only, refit to score).
-        backend: "torch" (exact, chunked), "faiss" (exact ``IndexFlatIP``; needs faiss) or
-            "auto" (faiss when importable, else torch).
-        query_chunk: query rows per search chunk.
-        bank_chunk: bank rows per search chunk.
-        min_bank: the bank keeps at least this many training samples (all when fewer): the
-            smallest seeded draws beyond ``bank_fraction``. 0 (the default): exactly the
-            fraction, as in the paper.
-        name: instance name.
+    Hyperparameters are :class:`BankDetector`'s, with the paper's ``k`` (50 for CIFAR-10,
+    200 for CIFAR-100, 1000 for ImageNet) and ``bank_fraction`` (1 for CIFAR, 0.01 for
+    ImageNet); ``update`` only samples the bank (``bank_fraction``, ``seed``, ``min_bank``),
+    the rest enters finalize/score or the checkpoint layout.
     """
 
     kind: ClassVar[str] = "knn"
-    #: ``update`` only samples the bank (``bank_fraction``, ``seed``); the rest enters
-    #: finalize/score or the checkpoint layout.
-    finalize_only: ClassVar[frozenset[str]] = frozenset(
-        {"k", "store_bank", "backend", "query_chunk", "bank_chunk"}
-    )
     #: OpenOOD v1.5 ``configs/postprocessors/knn.yml``: ``K_list: [50, 100, 200, 500, 1000]``.
-    search_space: ClassVar[Mapping[str, Sequence[Any]]] = {"k": (50, 100, 200, 500, 1000)}
-
-    def __init__(
-        self,
-        k: int = 50,
-        bank_fraction: float = 1.0,
-        seed: int = 0,
-        store_bank: bool = False,
-        backend: str = "auto",
-        query_chunk: int = 1024,
-        bank_chunk: int = 16384,
-        min_bank: int = 0,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(
-            k, bank_fraction, seed, store_bank, backend, query_chunk, bank_chunk, name, min_bank
-        )
+    k = replace(BankDetector.k, search=(50, 100, 200, 500, 1000), doc="neighbour rank")
 
     def bank_rows(self, out: BackboneOutput) -> Tensor:
         return normalize_rows(out.features)

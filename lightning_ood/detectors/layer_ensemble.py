@@ -7,19 +7,15 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_ood.detectors.base import (
-    Detector,
-    OptInput,
-    OptModel,
-    check_choice,
-    check_range,
-)
+from lightning_ood.detectors.base import Detector, OptInput, OptModel, check_range, truthy
+from lightning_ood.detectors.hparams import HParam, choice, in_range
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 #: Logistic-regression combiners: "cv" = LogisticRegressionCV(random_state=42) as in the
@@ -45,6 +41,31 @@ def check_input_std(
     if not values:
         raise ValueError(f"{owner}: input_std must be a positive number or a non-empty list")
     return values
+
+
+def input_stds(name: str, value: Any, owner: str) -> float | list[float] | None:
+    """:func:`check_input_std` as an HParam check."""
+    return check_input_std(value, owner)
+
+
+def tap_list(name: str, value: Any, owner: str) -> list[str] | None:
+    """None (the detector's default taps) or a non-empty list of distinct tap names."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not all(isinstance(t, str) for t in value) or not value:
+        raise ValueError(
+            f"{owner}: {name} must be a non-empty list of tap names or None, got {value!r}"
+        )
+    if len(set(value)) != len(value):
+        raise ValueError(f"{owner}: {name} {list(value)} name a tap twice")
+    return list(value)
+
+
+def layer_index(name: str, value: Any, owner: str) -> int:
+    """An integer component index (negative from the end), bools refused."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{owner}: {name}={value!r} must be an integer index")
+    return int(value)
 
 
 def divide_by_input_std(step: Tensor, input_std: float | list[float] | None) -> Tensor:
@@ -123,43 +144,53 @@ class LayerEnsembleDetector(Detector):
     restored with :meth:`combiner_state` / :meth:`load_combiner_state`.
 
     Subclasses implement :meth:`component` (one tap's score from its features) and
-    :meth:`perturb` (that tap's pre-processed input, used when ``epsilon > 0``).
+    :meth:`perturb` (that tap's pre-processed input, used when ``epsilon > 0``), and a ``taps``
+    property (the configured hyperparameter is ``_taps_arg``). The combiner's
+    hyperparameters enter its fitted buffers (stage ``"finalize"``); the input
+    pre-processing and ``default_layer`` act at scoring time only.
     """
 
     needs_validation: ClassVar[bool] = True
-    #: The combiner and the input pre-processing only act at scoring time.
-    finalize_only: ClassVar[frozenset[str]] = frozenset(
-        {"combiner", "standardize", "default_layer", "epsilon", "input_std"}
+    #: The configured ``taps`` (None: the detector's default) are kept as ``_taps_arg``; the
+    #: ``taps`` property of each subclass gives the taps actually read.
+    hparam_attrs: ClassVar[Mapping[str, str]] = MappingProxyType({"taps": "_taps_arg"})
+    taps = HParam(
+        None,
+        tap_list,
+        doc="tap names, one component each; None: the detector's default (Mahalanobis: "
+        '["features"]; FSSD: every tap_layers entry, then "logits")',
+    )
+    epsilon = HParam(
+        0.0, in_range(0.0), stage="score", doc="input pre-processing magnitude (0 = off)"
+    )
+    input_std = HParam(
+        None,
+        input_stds,
+        stage="score",
+        doc="per-channel Normalize std the pre-processing step is divided by (reference); "
+        "None = no division",
+    )
+    combiner = HParam(
+        "cv",
+        choice(*COMBINERS),
+        stage="finalize",
+        doc='"cv" (LogisticRegressionCV, random_state 42, as the reference) or "lr"',
+    )
+    standardize = HParam(
+        False,
+        truthy,
+        stage="finalize",
+        doc="z-score the components before the logistic regression (reference: no)",
+    )
+    default_layer = HParam(
+        -1,
+        layer_index,
+        stage="score",
+        doc="component combine() returns while no combiner is fitted (the last tap by default)",
     )
 
-    def __init__(
-        self,
-        taps: Sequence[str] | None,
-        epsilon: float,
-        input_std: float | Sequence[float] | None,
-        combiner: str,
-        standardize: bool,
-        default_layer: int,
-        name: str | None,
-    ) -> None:
-        super().__init__(name)
-        owner = type(self).__name__
-        if taps is not None:
-            if isinstance(taps, str) or not all(isinstance(t, str) for t in taps) or not taps:
-                raise ValueError(
-                    f"{owner}: taps must be a non-empty list of tap names or None, got {taps!r}"
-                )
-            if len(set(taps)) != len(taps):
-                raise ValueError(f"{owner}: taps {list(taps)} name a tap twice")
-        self._taps_arg = None if taps is None else list(taps)
-        #: Input pre-processing magnitude (0 = off).
-        self.epsilon = check_range("epsilon", epsilon, low=0.0, owner=owner)
-        self.input_std = check_input_std(input_std, owner)
-        self.combiner = check_choice("combiner", combiner, COMBINERS, owner)
-        self.standardize = bool(standardize)
-        if isinstance(default_layer, bool) or not isinstance(default_layer, int | np.integer):
-            raise ValueError(f"{owner}: default_layer={default_layer!r} must be an integer index")
-        self.default_layer = int(default_layer)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         for key, value in _empty_combiner().items():
             self.register_buffer(key, value)
 
@@ -167,11 +198,6 @@ class LayerEnsembleDetector(Detector):
     def needs_input_grad(self) -> bool:  # type: ignore[override]
         """Only input pre-processing (epsilon > 0) needs the model and inputs at score time."""
         return self.epsilon > 0
-
-    def config(self) -> dict[str, Any]:
-        cfg = super().config()
-        cfg["taps"] = None if self._taps_arg is None else list(self._taps_arg)
-        return cfg
 
     @property
     def min_validation_size(self) -> int:
@@ -364,4 +390,7 @@ __all__ = [
     "divide_by_input_std",
     "grad_ready_inputs",
     "input_gradient",
+    "input_stds",
+    "layer_index",
+    "tap_list",
 ]

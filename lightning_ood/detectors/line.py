@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,10 +21,11 @@ from lightning_ood.detectors.base import (
     OptInput,
     OptModel,
     Reducer,
-    check_int,
     check_range,
     exporting,
+    truthy,
 )
+from lightning_ood.detectors.hparams import HParam, in_range, integer, positive
 from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 from lightning_ood.models.wrap import linear_classifier
@@ -35,6 +36,17 @@ _CHUNK_ELEMENTS = 1 << 23
 
 #: Ways to estimate the contribution matrix (see :class:`LINe`).
 CONTRIBUTIONS = ("closed_form", "autograd", "intgrad")
+
+
+def contribution_kind(name: str, value: Any, owner: str) -> str:
+    """One of :data:`CONTRIBUTIONS`, refused with what each is for."""
+    if value not in CONTRIBUTIONS:
+        raise ValueError(
+            f"{owner}: {name}={value!r} is not supported; use 'closed_form' "
+            "(linear heads, no backward pass), 'autograd' (Taylor, any differentiable head) "
+            "or 'intgrad' (integrated gradients, any differentiable head)"
+        )
+    return value
 
 
 def taylor_contributions(head: Callable[[Tensor], Tensor], h: Tensor, target: Tensor) -> Tensor:
@@ -125,67 +137,61 @@ class LINe(Detector):
     z = (W ⊙ M_w^l)(m_l ⊙ ĥ) + b; score = logsumexp(z). The L masked weight matrices are never
     materialised: the batch is grouped by predicted class and one L×q mask is built per group.
 
-    Args:
-        delta: activation clipping bound δ (upper bound only).
-        p_a: percent of neurons pruned per class (activation pruning), in [0, 100).
-        p_w: percent of the L·q weights pruned per class (weight pruning), in [0, 100).
-        clip: apply activation clipping (AC).
-        act_prune: apply activation pruning (AP).
-        weight_prune: apply weight pruning (WP). The three switches are independent, as in the
-            paper's Table 3 ablation; all three off is plain Energy.
-        abs_contribution: use |C| for the activation masks as the paper writes; the reference
-            code (default, False) uses the signed contribution. Weight pruning always uses |C|.
-        contribution: ``"closed_form"`` (default), ``"autograd"`` (Taylor, eq. 5) or
-            ``"intgrad"`` (integrated gradients, eq. 9).
-        intgrad_steps: number of Riemann-sum points of the ``"intgrad"`` integral (ignored
-            otherwise); each costs one forward+backward of the head per training batch.
-        name: instance name (defaults to ``"line"``).
+    The three switches ``clip``, ``act_prune`` and ``weight_prune`` are independent, as in the
+    paper's Table 3 ablation; all three off is plain Energy. ``update`` accumulates per-class
+    sums that depend only on ``contribution`` (and ``intgrad_steps``); the search space is
+    around the paper's values (CIFAR: p_a = p_w = 90, δ = 1.0; MobileNetV2: 10, 10, 0.6), all
+    finalize-only, so the 27 candidates share one accumulation pass.
     """
 
     kind = "line"
     requires_fit = True
-    #: ``update`` accumulates per-class sums that depend only on ``contribution``.
-    finalize_only: ClassVar[frozenset[str]] = frozenset(
-        {"delta", "p_a", "p_w", "clip", "act_prune", "weight_prune", "abs_contribution"}
+    delta = HParam(
+        1.0,
+        positive(),
+        search=(0.6, 1.0, 1.4),
+        stage="score",
+        doc="activation clipping bound δ (upper bound only)",
     )
-    #: Around the paper's values (CIFAR: p_a = p_w = 90, δ = 1.0; MobileNetV2: 10, 10, 0.6);
-    #: all finalize-only, so the 27 candidates share one accumulation pass.
-    search_space: ClassVar[Mapping[str, Sequence[Any]]] = {
-        "p_a": (10, 50, 90),
-        "p_w": (10, 50, 90),
-        "delta": (0.6, 1.0, 1.4),
-    }
+    p_a = HParam(
+        90.0,
+        in_range(0.0, 100.0),
+        search=(10, 50, 90),
+        stage="finalize",
+        doc="percent of neurons pruned per class (activation pruning), in [0, 100)",
+    )
+    p_w = HParam(
+        90.0,
+        in_range(0.0, 100.0),
+        search=(10, 50, 90),
+        stage="finalize",
+        doc="percent of the L·q weights pruned per class (weight pruning), in [0, 100)",
+    )
+    clip = HParam(True, truthy, stage="score", doc="apply activation clipping (AC)")
+    act_prune = HParam(True, truthy, stage="score", doc="apply activation pruning (AP)")
+    weight_prune = HParam(True, truthy, stage="finalize", doc="apply weight pruning (WP)")
+    abs_contribution = HParam(
+        False,
+        truthy,
+        stage="finalize",
+        doc="use |C| for the activation masks as the paper writes; the reference code "
+        "(default, False) uses the signed contribution (weight pruning always uses |C|)",
+    )
+    contribution = HParam(
+        "closed_form",
+        contribution_kind,
+        doc='"closed_form" (default), "autograd" (Taylor, eq. 5) or "intgrad" (integrated '
+        "gradients, eq. 9)",
+    )
+    intgrad_steps = HParam(
+        32,
+        integer(1),
+        doc='Riemann-sum points of the "intgrad" integral (ignored otherwise); each costs one '
+        "forward+backward of the head per training batch",
+    )
 
-    def __init__(
-        self,
-        delta: float = 1.0,
-        p_a: float = 90.0,
-        p_w: float = 90.0,
-        clip: bool = True,
-        act_prune: bool = True,
-        weight_prune: bool = True,
-        abs_contribution: bool = False,
-        contribution: Literal["closed_form", "autograd", "intgrad"] = "closed_form",
-        intgrad_steps: int = 32,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(name)
-        owner = type(self).__name__
-        self.delta = check_range("delta", delta, low=0.0, low_open=True, high=None, owner=owner)
-        self.p_a = check_range("p_a", p_a, low=0.0, high=100.0, owner=owner)
-        self.p_w = check_range("p_w", p_w, low=0.0, high=100.0, owner=owner)
-        if contribution not in CONTRIBUTIONS:
-            raise ValueError(
-                f"{owner}: contribution={contribution!r} is not supported; use 'closed_form' "
-                "(linear heads, no backward pass), 'autograd' (Taylor, any differentiable head) "
-                "or 'intgrad' (integrated gradients, any differentiable head)"
-            )
-        self.intgrad_steps = check_int("intgrad_steps", intgrad_steps, low=1, owner=owner)
-        self.clip = bool(clip)
-        self.act_prune = bool(act_prune)
-        self.weight_prune = bool(weight_prune)
-        self.abs_contribution = bool(abs_contribution)
-        self.contribution = contribution
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         # Accumulators: per-class sums of h (closed form) or of the per-sample contributions
         # h ⊙ ∂f_y/∂h (autograd) / h ⊙ ∫ ∂f_y(αh)/∂h dα (intgrad), and
         # per-class sample counts; float64 so a million-sample sum stays exact enough.
@@ -198,15 +204,6 @@ class LINe(Detector):
         self.register_buffer("weight_threshold", torch.zeros(0))  # t_k, (L,)
         self.register_buffer("weight", torch.zeros(0))  # W, (L, q)
         self.register_buffer("bias", torch.zeros(0))  # b, (L,)
-
-    def config(self) -> dict[str, Any]:
-        """Hyperparameters; ``intgrad_steps`` only with ``contribution="intgrad"`` (it has no
-        effect otherwise), so configs stored before it existed still match and a checkpoint's
-        fitted LINe is not refit for it."""
-        config = super().config()
-        if self.contribution != "intgrad":
-            del config["intgrad_steps"]
-        return config
 
     # -- fitting -------------------------------------------------------------------------
     def reset(self) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_ood.detectors.base import Detector, Reducer, check_range
+from lightning_ood.detectors.base import Detector, Reducer
 from lightning_ood.detectors.quantile import StreamingPercentile
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 from lightning_ood.models.wrap import linear_classifier
@@ -23,8 +23,8 @@ class LinearHeadDetector(Detector):
 
     requires_fit = True
 
-    def __init__(self, name: str | None = None, **kwargs: Any) -> None:
-        super().__init__(name, **kwargs)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.register_buffer("weight", torch.zeros(0))  # W, (L, q)
         self.register_buffer("bias", torch.zeros(0))  # b, (L,)
 
@@ -57,8 +57,8 @@ class MeanHeadDetector(LinearHeadDetector):
     ignored (DICE's ā, NCI's global centre μ_G, fDBD's μ_train).
     """
 
-    def __init__(self, name: str | None = None, **kwargs: Any) -> None:
-        super().__init__(name, **kwargs)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.register_buffer("feature_sum", torch.zeros(0, dtype=torch.float64))
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("feature_mean", torch.zeros(0))  # μ, (q,)
@@ -118,28 +118,14 @@ class ActivationSampler:
     pass over the training features (:meth:`next_pass`; float32: two passes in all), in
     O(65,536) memory. Under DDP the counts (or kept values) of all ranks are combined, so the
     value equals the single-process one. A mixin for
-    :class:`~lightning_ood.detectors.base.Detector` subclasses, which call
-    :meth:`_init_sampler` in ``__init__``.
+    :class:`~lightning_ood.detectors.base.Detector` subclasses that declare ``percentile`` and
+    ``max_samples`` and call :meth:`_reset_sampler` in ``__init__``.
     """
 
+    #: Declared by the detector as HParams (ReAct, DICE+ReAct): the percentile in (0, 100]
+    #: (stage "finalize") and the values held in memory (stage "fit").
     percentile: float
     max_samples: int
-
-    def _init_sampler(self, percentile: float, max_samples: int) -> None:
-        """Validate and store ``percentile`` (in (0, 100]) and ``max_samples`` (values held
-        in memory before the exact selection takes passes instead)."""
-        owner = type(self).__name__
-        self.percentile = check_range(
-            "percentile",
-            percentile,
-            low=0.0,
-            low_open=True,
-            high=100.0,
-            high_open=False,
-            owner=owner,
-        )
-        self.max_samples = int(check_range("max_samples", max_samples, low=1, owner=owner))
-        self._reset_sampler()
 
     def _reset_sampler(self) -> None:
         self._quantile = StreamingPercentile(self.percentile, self.max_samples)

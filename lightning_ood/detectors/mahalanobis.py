@@ -11,7 +11,7 @@ FSSD.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -94,39 +94,21 @@ class Mahalanobis(LayerEnsembleDetector):
     a Cholesky inverse where that provably equals it, :func:`covariance_pinv`).
     Means and precisions are float64 buffers ``means_<i>``/``precision_<i>``.
 
-    Args:
-        taps: tap names, one component each (``None`` = ``["features"]``). Taps with spatial
-            dims (B, C, H, W) are mean-pooled to (B, C).
-        epsilon: input pre-processing magnitude (0 = off). Per tap (as the reference), the
-            closest class k̂ is found on the clean input and
-            ``x̃ = x - ε·sign(∇ₓ d_k̂(x))/input_std`` moves toward it, raising the score; the
-            sign is taken as +1 where the gradient is >= 0 (the reference's ``torch.ge``).
-            Costs K extra forward+backward and K forward passes per batch.
-        input_std: per-channel ``Normalize`` std the step is divided by (reference); ``None``
-            = no division.
-        combiner: ``"cv"`` (LogisticRegressionCV, random_state 42, as the reference) or
-            ``"lr"``.
-        standardize: z-score the components before the logistic regression (reference: no).
-        default_layer: component :meth:`combine` returns while no combiner is fitted (the
-            last tap by default), so the detector scores without validation data.
-        name: instance name (default ``"mahalanobis"``).
+    Input pre-processing (``epsilon`` > 0): per tap (as the reference), the closest class k̂
+    is found on the clean input and ``x̃ = x - ε·sign(∇ₓ d_k̂(x))/input_std`` moves toward it,
+    raising the score; the sign is taken as +1 where the gradient is >= 0 (the reference's
+    ``torch.ge``). Costs K extra forward+backward and K forward passes per batch. ``taps``
+    None reads ``["features"]``; taps with spatial dims (B, C, H, W) are mean-pooled to
+    (B, C). The hyperparameters are
+    :class:`~lightning_ood.detectors.layer_ensemble.LayerEnsembleDetector`'s.
     """
 
     kind: ClassVar[str] = "mahalanobis"
     requires_fit: ClassVar[bool] = True
     uses_training_data: ClassVar[bool] = True
 
-    def __init__(
-        self,
-        taps: list[str] | None = None,
-        epsilon: float = 0.0,
-        input_std: float | list[float] | None = None,
-        combiner: str = "cv",
-        standardize: bool = False,
-        default_layer: int = -1,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(taps, epsilon, input_std, combiner, standardize, default_layer, name)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self._tap_list = list(self._taps_arg) if self._taps_arg is not None else [FEATURES]
         f64 = torch.float64
         # Accumulators are non-persistent: checkpoints carry only what scoring needs.

@@ -3,8 +3,6 @@ Settings"): the largest unnormalised logit, max_k f_k(x)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
 from lightning_ood.detectors.base import Detector, OptInput, OptModel
@@ -19,9 +17,6 @@ class MaxLogit(Detector):
 
     kind = "maxlogit"
     uses_training_data = False
-
-    def __init__(self, name: str | None = None, **kwargs: Any) -> None:
-        super().__init__(name, **kwargs)
 
     def score(self, out: BackboneOutput, model: OptModel = None, inputs: OptInput = None) -> Tensor:
         return out.logits.amax(dim=1)

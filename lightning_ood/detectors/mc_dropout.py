@@ -50,7 +50,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
-from lightning_ood.detectors.base import BatchMemo, Detector, OptInput, OptModel, check_int
+from lightning_ood.detectors.base import BatchMemo, Detector, OptInput, OptModel
+from lightning_ood.detectors.hparams import HParam, integer
 from lightning_ood.detectors.knn import mix32, mul32, seed_key
 from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput
@@ -224,14 +225,7 @@ _MOMENTS = BatchMemo()
 class MCDropout(Detector):
     """MC Dropout: max of the mean softmax over T stochastic passes (higher = more ID).
 
-    Args:
-        passes: T, the number of stochastic forward passes per batch (32 in the FSSD paper).
-        seed: seed of the per-sample dropout masks (see the module docstring): a sample's
-            score depends on its content and the seed, not on its batch or position.
-        max_batch: most samples (batch size x passes) in one forward; T passes of a batch of
-            B samples take ceil(T / max(1, max_batch // B)) forwards. It changes memory and
-            speed only, never the masks.
-        name: instance name.
+    No fitting pass: every hyperparameter enters :meth:`score` only.
     """
 
     kind = "mcd"
@@ -239,23 +233,29 @@ class MCDropout(Detector):
     #: The T passes (forward hooks on the dropout modules, chunks sized by the batch size) are
     #: not traced by ``torch.export``.
     exportable: ClassVar[bool] = False
-    finalize_only: ClassVar[frozenset[str]] = frozenset({"passes", "seed", "max_batch"})
     #: Which statistic of the T softmax vectors is the score: "mean" (max of the mean) or
     #: "var" (minus the mean per-class variance).
     statistic: ClassVar[str] = "mean"
-
-    def __init__(
-        self,
-        passes: int = 32,
-        seed: int = 0,
-        max_batch: int = 1024,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(name)
-        owner = type(self).__name__
-        self.passes = check_int("passes", passes, 1, owner)
-        self.seed = check_int("seed", seed, 0, owner)
-        self.max_batch = check_int("max_batch", max_batch, 1, owner)
+    passes = HParam(
+        32,
+        integer(1),
+        stage="score",
+        doc="T, the number of stochastic forward passes per batch (32 in the FSSD paper)",
+    )
+    seed = HParam(
+        0,
+        integer(0),
+        stage="score",
+        doc="seed of the per-sample dropout masks: a score depends on the sample's content "
+        "and the seed, not on its batch or position",
+    )
+    max_batch = HParam(
+        1024,
+        integer(1),
+        stage="score",
+        doc="most samples (batch size x passes) in one forward; memory and speed only, never "
+        "the masks",
+    )
 
     @property
     def needs_inputs(self) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_ood.detectors.hparams import HParam, optional
 from lightning_ood.models import OODBackbone
 from lightning_ood.models.trust import checked_model_record, model_from_record
 
@@ -72,28 +73,43 @@ def _build(arch: dict[str, Any], source: str) -> OODBackbone:
     return model_from_record(arch, source)
 
 
+def path_list(name: str, value: Any, owner: str) -> list[str]:
+    """A list of paths (a lone string is refused, not read as a list of characters)."""
+    if isinstance(value, str | bytes):
+        raise ValueError(f"{owner}: `{name}` must be a list of paths, got one string")
+    return [str(p) for p in value]
+
+
+def seed_list(name: str, value: Any, owner: str) -> list[int]:
+    """A list of integer seeds."""
+    return [int(s) for s in value]
+
+
 class MemberEnsemble(nn.Module):
     """Mixin for a detector that holds ``self.members``: frozen backbones loaded from the
-    checkpoint files ``self.paths`` (call :meth:`init_members` in ``__init__``).
+    checkpoint files ``self.paths`` (call :meth:`init_members` in ``__init__``). Declares the
+    member hyperparameters: ``checkpoints`` or ``checkpoint_template`` + ``seeds`` (the
+    members decide the fitted state: stage ``"fit"``).
 
     Raises:
         ValueError: members of different architectures or class counts (both files named).
     """
 
     name: str
+    checkpoints = HParam(
+        None,
+        optional(path_list),
+        doc="lightning-ood checkpoints of the members (same recipe, other seeds)",
+    )
+    checkpoint_template = HParam(
+        None, doc="alternative to checkpoints: a path with {seed}, formatted with each seed"
+    )
+    seeds = HParam(None, optional(seed_list), doc="the seeds checkpoint_template is formatted with")
 
-    def init_members(
-        self,
-        checkpoints: Sequence[str] | None,
-        checkpoint_template: str | None,
-        seeds: Sequence[int] | None,
-        owner: str,
-    ) -> None:
-        """Resolve the member files and load them if they all exist here."""
-        self.checkpoints = None if checkpoints is None else [str(p) for p in checkpoints]
-        self.checkpoint_template = checkpoint_template
-        self.seeds = None if seeds is None else [int(s) for s in seeds]
-        self.paths = member_paths(self.checkpoints, checkpoint_template, self.seeds, owner)
+    def init_members(self, owner: str) -> None:
+        """Resolve the member files (``checkpoints``, or ``checkpoint_template`` + ``seeds``)
+        and load them if they all exist here."""
+        self.paths = member_paths(self.checkpoints, self.checkpoint_template, self.seeds, owner)
         self.members = nn.ModuleList()
         self.sources: list[str] = []
         self.archs: list[dict[str, Any]] = []

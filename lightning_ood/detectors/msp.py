@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
 from lightning_ood.detectors.base import Detector, OptInput, OptModel
@@ -17,9 +15,6 @@ class MSP(Detector):
 
     kind = "msp"
     uses_training_data = False
-
-    def __init__(self, name: str | None = None, **kwargs: Any) -> None:
-        super().__init__(name, **kwargs)
 
     def score(self, out: BackboneOutput, model: OptModel = None, inputs: OptInput = None) -> Tensor:
         return out.logits.softmax(dim=1).amax(dim=1)

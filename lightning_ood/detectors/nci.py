@@ -9,20 +9,21 @@ The training feature mean and the head copy come from
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_ood.detectors.base import OptInput, OptModel, Reducer, check_range
+from lightning_ood.detectors.base import OptInput, OptModel, Reducer
+from lightning_ood.detectors.hparams import HParam, in_range
 from lightning_ood.detectors.linear_head import MeanHeadDetector
 from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 
-def check_flag(name: str, value: bool, owner: str) -> bool:
-    """Validate a boolean hyperparameter (a YAML ``"false"`` string would be truthy)."""
+def check_flag(name: str, value: Any, owner: str) -> bool:
+    """Validate a boolean hyperparameter (a YAML ``"false"`` string would be truthy); an
+    :data:`~lightning_ood.detectors.hparams.Check`."""
     if not isinstance(value, bool):
         raise ValueError(f"{owner}: hyperparameter {name}={value!r} must be true or false")
     return value
@@ -54,24 +55,24 @@ class NCI(MeanHeadDetector):
     plain cosine. pytorch-ood 0.4.0's NCI computes the default formula and returns its
     negation (higher = more OOD). A feature exactly at ``μ_G`` gets pScore 0, not NaN.
 
-    Args:
-        alpha: weight α >= 0 of the L1 norm filter; 1e-4 as OpenOOD v1.5's ``nci.yml``.
-        cosine: divide the projection by ``||w_ŷ||_2`` (plain cosine; default: the authors'
-            projection).
-        name: instance name.
+    ``update`` only sums features; both hyperparameters enter :meth:`score` only.
     """
 
     kind = "nci"
-    #: ``update`` only sums features; both enter :meth:`score` only.
-    finalize_only: ClassVar[frozenset[str]] = frozenset({"alpha", "cosine"})
     #: OpenOOD v1.5 ``nci.yml`` sweep (``alpha_list``).
-    search_space: ClassVar[Mapping[str, Sequence[Any]]] = {"alpha": (1e-4, 1e-3, 1e-2, 1e-1)}
-
-    def __init__(self, alpha: float = 1e-4, cosine: bool = False, name: str | None = None) -> None:
-        super().__init__(name)
-        owner = type(self).__name__
-        self.alpha = check_range("alpha", alpha, low=0.0, owner=owner)
-        self.cosine = check_flag("cosine", cosine, owner)
+    alpha = HParam(
+        1e-4,
+        in_range(0.0),
+        search=(1e-4, 1e-3, 1e-2, 1e-1),
+        stage="score",
+        doc="weight α >= 0 of the L1 norm filter (1e-4: OpenOOD v1.5's nci.yml)",
+    )
+    cosine = HParam(
+        False,
+        check_flag,
+        stage="score",
+        doc="divide the projection by ||w_ŷ||_2 (plain cosine; default: the authors' projection)",
+    )
 
     def finalize(self, model: OODBackbone, reducer: Reducer | None = None) -> None:
         """Copy the head and reduce the training feature mean μ_G."""

@@ -11,8 +11,8 @@ The bank search (exact chunked top-k, optional faiss) and the seeded bank fracti
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from dataclasses import replace
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -38,45 +38,23 @@ class NNGuide(BankDetector):
     under 10,000 images (1 % of them would leave fewer than K = 100); on CIFAR's 50,000 (1 %:
     about 500 rows) and larger sets the floor changes nothing.
 
-    Args:
-        k: number of nearest guided bank entries averaged.
-        bank_fraction: fraction of training samples kept in the bank, in (0, 1].
-        seed: seed of the bank sampling.
-        store_bank: save the bank in checkpoints (False: metadata only, refit to score).
-        backend: "torch", "faiss" or "auto" (see :class:`~lightning_ood.detectors.knn.KNN`).
-        query_chunk: query rows per search chunk.
-        bank_chunk: bank rows per search chunk.
-        min_bank: the bank keeps at least this many training samples (all when fewer): the
-            smallest seeded draws beyond ``bank_fraction``; must be >= k on a training set
-            whose fraction gives fewer than k.
-        name: instance name.
+    Hyperparameters are :class:`~lightning_ood.detectors.knn.BankDetector`'s, with OpenOOD
+    v1.5's defaults and its ``configs/postprocessors/nnguide.yml`` sweep (``K_list: [100]``,
+    ``alpha_list: [0.01]``, alpha = the bank fraction).
     """
 
     kind: ClassVar[str] = "nnguide"
-    finalize_only: ClassVar[frozenset[str]] = frozenset(
-        {"k", "store_bank", "backend", "query_chunk", "bank_chunk"}
+    k = replace(
+        BankDetector.k, default=100, search=(100,), doc="number of nearest guided bank entries"
     )
-    #: OpenOOD v1.5 ``configs/postprocessors/nnguide.yml``: ``K_list: [100]``,
-    #: ``alpha_list: [0.01]`` (alpha = the bank fraction).
-    search_space: ClassVar[Mapping[str, Sequence[Any]]] = {"k": (100,), "bank_fraction": (0.01,)}
+    bank_fraction = replace(BankDetector.bank_fraction, default=0.01, search=(0.01,))
     #: One OpenOOD v1.5 training batch (CIFAR ``batch_size: 128``), at least the default k.
-    MIN_BANK: ClassVar[int] = 128
-
-    def __init__(
-        self,
-        k: int = 100,
-        bank_fraction: float = 0.01,
-        seed: int = 0,
-        store_bank: bool = False,
-        backend: str = "auto",
-        query_chunk: int = 1024,
-        bank_chunk: int = 16384,
-        min_bank: int = MIN_BANK,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(
-            k, bank_fraction, seed, store_bank, backend, query_chunk, bank_chunk, name, min_bank
-        )
+    min_bank = replace(
+        BankDetector.min_bank,
+        default=128,
+        doc="the bank keeps at least this many training samples (all when fewer; 128: one "
+        "OpenOOD training batch); must be >= k where the fraction gives fewer than k",
+    )
 
     def bank_rows(self, out: BackboneOutput) -> Tensor:
         """ẑ_i · energy(x_i): the training features scaled by their confidence."""

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_ood.detectors.base import BatchMemo, Detector, OptInput, OptModel, check_range
+from lightning_ood.detectors.hparams import HParam, in_range, optional, positive
 from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 #: The input-gradient sign of the last batch perturbed (see ``ODIN._gradient_sign``).
 _SIGN = BatchMemo()
+
+
+def channel_stds(name: str, value: Any, owner: str) -> list[float]:
+    """One positive std per input channel (a list; each value checked as ``check_range``)."""
+    return [check_range(name, s, low=0.0, low_open=True, owner=owner) for s in value]
 
 
 @register_detector
@@ -28,46 +33,37 @@ class ODIN(Detector):
     (the reference divides by the CIFAR std (0.2023, 0.1994, 0.2010); pass it to reproduce).
     Gradients are taken w.r.t. the inputs only, never accumulated into the model's parameters.
 
-    Args:
-        temperature: T > 0 (1000 in the papers).
-        epsilon: perturbation size ε >= 0; 0 skips the gradient step (pure temperature scaling).
-        input_std: per-channel std of the input normalisation, or None for no rescaling.
-        name: instance name.
+    No fitting pass: every hyperparameter only enters :meth:`score`. The sweep is OpenOOD
+    v1.5's (temperature x noise), plus no perturbation.
     """
 
     kind = "odin"
     uses_training_data = False
-    #: No fitting pass: every hyperparameter only enters :meth:`score`.
-    finalize_only: ClassVar[frozenset[str]] = frozenset({"temperature", "epsilon", "input_std"})
-    #: OpenOOD v1.5's ODIN sweep (temperature x noise), plus no perturbation.
-    search_space: ClassVar[Mapping[str, Sequence[Any]]] = {
-        "temperature": (1, 10, 100, 1000),
-        "epsilon": (0.0, 0.0014, 0.0028),
-    }
+    temperature = HParam(
+        1000.0,
+        positive(),
+        search=(1, 10, 100, 1000),
+        stage="score",
+        doc="T > 0 (1000 in the papers)",
+    )
+    epsilon = HParam(
+        0.0014,
+        in_range(0.0),
+        search=(0.0, 0.0014, 0.0028),
+        stage="score",
+        doc="perturbation size ε >= 0; 0 skips the gradient step (pure temperature scaling)",
+    )
+    input_std = HParam(
+        None,
+        optional(channel_stds),
+        stage="score",
+        doc="per-channel std of the input normalisation, or None for no rescaling",
+    )
 
     @property
     def needs_input_grad(self) -> bool:  # type: ignore[override]
         """Only the input perturbation (epsilon > 0) needs the model and input gradients."""
         return self.epsilon > 0
-
-    def __init__(
-        self,
-        temperature: float = 1000.0,
-        epsilon: float = 0.0014,
-        input_std: Sequence[float] | None = None,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(name)
-        owner = type(self).__name__
-        self.temperature = check_range(
-            "temperature", temperature, low=0.0, low_open=True, owner=owner
-        )
-        self.epsilon = check_range("epsilon", epsilon, low=0.0, owner=owner)
-        if input_std is not None:
-            input_std = [
-                check_range("input_std", s, low=0.0, low_open=True, owner=owner) for s in input_std
-            ]
-        self.input_std = input_std
 
     def perturb(self, model: OODBackbone, inputs: Tensor) -> Tensor:
         """The ODIN input x' = x − ε·sign(∇ₓ(−log S_ŷ(x; T))) (Liang et al. 2018)."""

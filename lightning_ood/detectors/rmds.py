@@ -31,17 +31,14 @@ class RMDS(Detector):
     ``Σ_0 = Σ_i x_i x_iᵀ / N - μ_0 μ_0ᵀ``; precisions by ``pinv(·, hermitian=True)`` (sklearn's
     ``pinvh``; a Cholesky inverse where that provably equals it, ``covariance_pinv``). The
     distances come from Mahalanobis' ``squared_distances``.
-
-    Args:
-        name: instance name (default ``"rmds"``).
+    No hyperparameter (OpenOOD v1.5 ``rmds.yml`` has no sweep).
     """
 
     kind: ClassVar[str] = "rmds"
     requires_fit: ClassVar[bool] = True
-    # No hyperparameter (OpenOOD v1.5 ``rmds.yml`` has no sweep).
 
-    def __init__(self, name: str | None = None, **kwargs: Any) -> None:
-        super().__init__(name, **kwargs)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         f64 = torch.float64
         # Accumulators are non-persistent: checkpoints carry only what scoring needs.
         self.register_buffer("class_count", torch.zeros(0, dtype=f64), persistent=False)

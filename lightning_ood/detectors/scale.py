@@ -4,9 +4,6 @@ and score the energy of the head's logits; unlike ASH-S nothing is pruned."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
-
 from torch import Tensor
 
 from lightning_ood.detectors.ash import (
@@ -15,8 +12,9 @@ from lightning_ood.detectors.ash import (
     shaping_ratio,
     top_activations,
 )
-from lightning_ood.detectors.base import OptInput, OptModel, check_range
+from lightning_ood.detectors.base import OptInput, OptModel
 from lightning_ood.detectors.energy import energy_score
+from lightning_ood.detectors.hparams import HParam, in_range, positive
 from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput
 
@@ -37,30 +35,20 @@ class SCALE(HeadOnlyDetector):
     pooled feature to (B, q, 1, 1)), needs no training pass, and copies the head at
     :meth:`finalize` (:class:`~lightning_ood.detectors.ash.HeadOnlyDetector`).
 
-    Args:
-        percentile: percent p of each sample's activations left out of ``s2``, in [0, 100);
-            85 as OpenOOD v1.5's ``scale.yml`` (pytorch-ood 0.4.0 defaults to 65).
-        temperature: energy temperature T > 0 (1 in the paper).
-        name: instance name.
+    Nothing is accumulated: both hyperparameters enter :meth:`score` only.
     """
 
     kind = "scale"
-    #: Nothing is accumulated: both enter :meth:`score` only.
-    finalize_only: ClassVar[frozenset[str]] = frozenset({"percentile", "temperature"})
     #: OpenOOD v1.5 ``scale.yml`` sweep.
-    search_space: ClassVar[Mapping[str, Sequence[Any]]] = {"percentile": PERCENTILE_SWEEP}
-
-    def __init__(
-        self, percentile: float = 85.0, temperature: float = 1.0, name: str | None = None
-    ) -> None:
-        super().__init__(name)
-        owner = type(self).__name__
-        self.percentile = check_range(
-            "percentile", percentile, low=0.0, high=100.0, high_open=True, owner=owner
-        )
-        self.temperature = check_range(
-            "temperature", temperature, low=0.0, low_open=True, owner=owner
-        )
+    percentile = HParam(
+        85.0,
+        in_range(0.0, 100.0),
+        search=PERCENTILE_SWEEP,
+        stage="score",
+        doc="percent p of each sample's activations left out of s2, in [0, 100) (85: OpenOOD "
+        "v1.5's scale.yml; pytorch-ood 0.4.0 defaults to 65)",
+    )
+    temperature = HParam(1.0, positive(), stage="score", doc="energy temperature T > 0 (paper: 1)")
 
     def scaled(self, h: Tensor) -> Tensor:
         """``exp(s1 / s2) · h`` for each row of ``h`` (B, q)."""

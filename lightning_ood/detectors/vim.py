@@ -12,7 +12,6 @@ monotone score used by the authors' code, OpenOOD and pytorch-ood (negated there
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -23,8 +22,8 @@ from lightning_ood.detectors.base import (
     OptInput,
     OptModel,
     Reducer,
-    check_int,
 )
+from lightning_ood.detectors.hparams import HParam, integer, optional
 from lightning_ood.detectors.knn import (
     check_layout,
     global_positions,
@@ -80,34 +79,28 @@ class ViM(LinearHeadDetector):
     ``finalize`` keeps the m smallest priorities of their union and averages the residual norms
     in training-set order, as one process does.
 
-    Args:
-        dim: principal-subspace dimension D, 1 <= D < q; None = :func:`default_dim` (the
-            authors' rule). OpenOOD v1.5 fixes D = 256 and sweeps (256, 1000).
-        max_samples: cap on the number of feature values (rows x q) kept to estimate the mean
-            residual norm of α.
-        seed: seed of that subsample.
-        name: instance name.
+    ``update`` accumulates sums and the α subsample; D only enters ``finalize``.
     """
 
     kind: ClassVar[str] = "vim"
-    #: ``update`` accumulates sums and the α subsample; D only enters ``finalize``.
-    finalize_only: ClassVar[frozenset[str]] = frozenset({"dim"})
     #: OpenOOD v1.5 ``configs/postprocessors/vim.yml``: ``dim_list: [256, 1000]`` (a candidate
     #: >= q is refused at finalize: use it for backbones with q > 1000, e.g. ResNet-50).
-    search_space: ClassVar[Mapping[str, Sequence[Any]]] = {"dim": (256, 1000)}
+    dim = HParam(
+        None,
+        optional(integer(1)),
+        search=(256, 1000),
+        stage="finalize",
+        doc="principal-subspace dimension D, 1 <= D < q; None = default_dim (the authors' rule)",
+    )
+    max_samples = HParam(
+        20_000_000,
+        integer(1),
+        doc="cap on the feature values (rows x q) kept to estimate the mean residual norm of α",
+    )
+    seed = HParam(0, integer(0), doc="seed of that subsample")
 
-    def __init__(
-        self,
-        dim: int | None = None,
-        max_samples: int = 20_000_000,
-        seed: int = 0,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(name)
-        owner = type(self).__name__
-        self.dim = None if dim is None else check_int("dim", dim, 1, owner)
-        self.max_samples = check_int("max_samples", max_samples, 1, owner)
-        self.seed = check_int("seed", seed, 0, owner)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         f64 = torch.float64
         # Accumulators are non-persistent: checkpoints carry only what scoring needs.
         self.register_buffer("count", torch.zeros((), dtype=f64), persistent=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -16,6 +16,7 @@ from toys import TapNet, fitted
 from lightning_ood import engine
 from lightning_ood.detectors import DETECTORS, FSSD, LINe, Mahalanobis, build_detector
 from lightning_ood.detectors.base import Detector
+from lightning_ood.detectors.hparams import STAGES
 
 STD = [0.5, 0.25]
 
@@ -207,10 +208,134 @@ def test_every_kind_declares_finalize_only_init_arguments() -> None:
             assert cls.finalize_only == frozenset() and params == set()
         elif kind in OWN_MODEL_FINALIZE_ONLY:  # need ensemble members / dropout layers
             assert cls.finalize_only == OWN_MODEL_FINALIZE_ONLY[kind], kind
-        else:
+        elif kind in FINALIZE_CASES:  # kinds added since carry their own tests
             assert set(FINALIZE_CASES[kind][2]) == cls.finalize_only, kind
+    # no stale entry: every case names a registered kind
+    assert set(FINALIZE_CASES) | set(OWN_MODEL_FINALIZE_ONLY) <= set(DETECTORS)
     # taps decide what update() reads, so they never are finalize-only
     assert "taps" not in Mahalanobis.finalize_only | FSSD.finalize_only
+
+
+@pytest.mark.parametrize("kind", sorted(DETECTORS))
+def test_every_registered_kind_declares_its_hyperparameters(kind: str) -> None:
+    """One HParam per hyperparameter: no constructor names an argument of its own, and the
+    signature, search space and finalize-only set are the declarations'."""
+    cls = DETECTORS[kind]
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None or klass is Detector or not issubclass(klass, Detector):
+            continue
+        params = inspect.signature(init).parameters
+        assert list(params) == ["self", "kwargs"], (kind, klass.__name__, list(params))
+        assert params["kwargs"].kind is inspect.Parameter.VAR_KEYWORD
+    sig = inspect.signature(cls).parameters
+    assert list(sig) == [*cls.hparams, "name"], kind
+    for n, p in cls.hparams.items():
+        assert sig[n].kind is inspect.Parameter.KEYWORD_ONLY and sig[n].default == p.default
+        assert p.stage in STAGES and p.doc.strip(), (kind, n)
+    assert sig["name"].default is None
+    assert cls.finalize_only == {n for n, p in cls.hparams.items() if p.stage != "fit"}
+    assert set(cls.search_space) <= set(cls.hparams), kind
+    for n, candidates in cls.search_space.items():
+        assert len(candidates) > 0 and cls.hparams[n].default in candidates, (kind, n)
+        assert len(set(map(repr, candidates))) == len(candidates), (kind, n)  # no repeats
+
+
+def test_search_spaces_gain_the_default_when_the_sweep_lacks_it() -> None:
+    # OpenOOD's ViM sweep (256, 1000) lacks the authors' rule (dim=None): tuning keeps it
+    assert DETECTORS["vim"].search_space == {"dim": (None, 256, 1000)}
+    # a sweep that holds the default is kept as written (the default in its place)
+    assert DETECTORS["react"].search_space == {"percentile": (85, 90, 95, 99)}
+    assert DETECTORS["knn"].search_space == {"k": (50, 100, 200, 500, 1000)}
+
+
+def test_hand_written_derivations_are_refused() -> None:
+    with pytest.raises(TypeError, match="declares search_space by hand"):
+
+        class _Bad(Detector):  # pyright: ignore[reportUnusedClass]
+            kind = "bad_space"
+            search_space: ClassVar[dict[str, tuple[int, ...]]] = {"x": (1, 2)}
+
+    with pytest.raises(TypeError, match="hparam_attrs names \\['y'\\]"):
+
+        class _Stray(Detector):  # pyright: ignore[reportUnusedClass]
+            kind = "bad_attrs"
+            hparam_attrs: ClassVar[dict[str, str]] = {"y": "_y"}
+
+
+def test_a_property_keeps_a_hyperparameter_stored_under_hparam_attrs() -> None:
+    """The layer ensembles' ``taps``: the hyperparameter (configured list or None) is kept as
+    ``_taps_arg`` while the ``taps`` property gives the taps read."""
+    det = Mahalanobis()
+    assert det.taps == ("features",) and det.hparam_value("taps") is None
+    assert det.config()["taps"] is None and "taps" in Mahalanobis.hparams
+    det = Mahalanobis(taps=("conv", "features"))  # any sequence, stored as a list
+    assert det.config()["taps"] == ["conv", "features"] and det.taps == ("conv", "features")
+    with pytest.raises(ValueError, match="taps must be a non-empty list of tap names or None"):
+        Mahalanobis(taps="conv")
+    with pytest.raises(KeyError, match="no hyperparameter 'nope'"):
+        det.hparam_value("nope")
+
+
+def _stored_line(model: TapNet) -> tuple[dict[str, Tensor], dict[str, Any], Detector]:
+    """A fitted, calibrated LINe as a checkpoint holds it: state and config."""
+    det = fit_one("line", {}, model)
+    det.calibrate(torch.linspace(0.0, 1.0, 101))
+    return det.state_dict(prefix="detectors.line."), det.config(), det
+
+
+def test_stored_state_fits_compares_by_stage(model: TapNet) -> None:
+    from lightning_ood.state import reconcile_detector_state
+
+    state, stored, fitted_det = _stored_line(model)
+    assert LINe().stored_state_fits(stored) == (True, "")
+
+    # a key the checkpoint lacks (declared since) means its default: nothing to refit
+    old = {k: v for k, v in stored.items() if k != "intgrad_steps"}
+    assert LINe().stored_state_fits(old) == (True, "")
+    fits, why = LINe(intgrad_steps=8).stored_state_fits(old)
+    assert not fits and "intgrad_steps: 32 -> 8" in why
+    knn = DETECTORS["knn"]()
+    no_floor = {k: v for k, v in knn.config().items() if k != "min_bank"}
+    assert knn.stored_state_fits(no_floor) == (True, "")
+    nng = DETECTORS["nnguide"]()  # its default floor is 128, what old configs left out
+    assert nng.stored_state_fits({k: v for k, v in nng.config().items() if k != "min_bank"})[0]
+
+    # a score-stage value: the state is kept, the threshold must be recalibrated
+    fits, why = LINe(delta=0.5, act_prune=False).stored_state_fits(stored)
+    assert fits and why == "score-time values changed (delta, act_prune); recalibrating"
+    # fit- and finalize-stage values, an unknown key, another kind: refit
+    for det, what in (
+        (LINe(p_a=50.0), "p_a: 90.0 -> 50.0"),
+        (LINe(contribution="autograd"), "contribution: 'closed_form' -> 'autograd'"),
+        (LINe(weight_prune=False, delta=0.5), "weight_prune: True -> False"),
+    ):
+        fits, why = det.stored_state_fits(stored)
+        assert not fits and why == f"fitted with other values ({what})", why
+    fits, why = LINe().stored_state_fits({**stored, "beta": 1.0})
+    assert not fits and why == "stored with hyperparameters ['beta'] that 'line' lacks"
+    assert LINe().stored_state_fits({**stored, "type": "dice"})[0] is False
+    assert LINe().stored_state_fits(None)[0] is False
+
+    # through the checkpoint rule: score-only change keeps the buffers, threshold NaN
+    logs: list[str] = []
+    det = LINe(delta=0.5)
+    st = dict(state)
+    refit, dropped = reconcile_detector_state(st, {"line": det}, {"line": stored}, logs.append)
+    assert (refit, dropped) == ([], [])
+    assert math.isnan(float(st["detectors.line.threshold"]))
+    assert math.isnan(float(st["detectors.line.threshold_tpr"]))
+    assert torch.equal(st["detectors.line.act_mask"], fitted_det.act_mask)
+    assert "recalibrating" in logs[0] and "refitting" not in logs[0]
+    # a config stored before intgrad_steps existed: kept as it is, threshold included
+    st = dict(state)
+    assert reconcile_detector_state(st, {"line": LINe()}, {"line": old}) == ([], [])
+    assert float(st["detectors.line.threshold"]) == float(fitted_det.threshold)
+    # a finalize-stage change: fresh, unfitted state
+    st, logs = dict(state), []
+    refit, _ = reconcile_detector_state(st, {"line": LINe(p_w=10.0)}, {"line": stored}, logs.append)
+    assert refit == ["line"] and not bool(st["detectors.line.fitted"])
+    assert st["detectors.line.act_mask"].numel() == 0 and logs[0].endswith("; refitting.")
 
 
 @pytest.mark.parametrize("kind", sorted(FINALIZE_CASES))

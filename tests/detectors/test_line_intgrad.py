@@ -165,13 +165,16 @@ def test_intgrad_config_round_trip_and_bad_steps() -> None:
     assert rebuilt.config() == config
     # intgrad_steps changes what update() accumulates: never finalize-only.
     assert "intgrad_steps" not in LINe.finalize_only
-    # Other contributions leave it out: the config stored in checkpoints written before
-    # IntGrad existed still equals the current one (no refit on load).
-    assert LINe(delta=1.0, p_a=90, p_w=90, intgrad_steps=5).config() == {
+    # Every config names it; a config stored before IntGrad existed (no key) means the
+    # default, so its checkpoint's fitted LINe still fits (no refit on load).
+    closed = LINe(delta=1.0, p_a=90, p_w=90, intgrad_steps=5).config()
+    assert closed == {
         "type": "line", "delta": 1.0, "p_a": 90.0, "p_w": 90.0, "clip": True,
         "act_prune": True, "weight_prune": True, "abs_contribution": False,
-        "contribution": "closed_form", "name": "line",
+        "contribution": "closed_form", "intgrad_steps": 5, "name": "line",
     }  # fmt: skip
+    before_intgrad = {k: v for k, v in LINe().config().items() if k != "intgrad_steps"}
+    assert LINe().stored_state_fits(before_intgrad) == (True, "")
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="intgrad_steps"):
             LINe(contribution="intgrad", intgrad_steps=bad)  # type: ignore[arg-type]

@@ -275,7 +275,6 @@ class OpenMax(Detector):
             )
         shape, scale = weibull_mle(tails - low[:, None] + TRANSLATE, valid)
         self.weibull_shape, self.weibull_scale, self.tail_min = shape, scale, low
-        self._tails = None
         self.fitted.fill_(True)
 
     # -- scoring --------------------------------------------------------------------------

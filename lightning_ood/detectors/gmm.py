@@ -46,11 +46,15 @@ COVARIANCES = ("full", "tied", "diag")
 
 def pca_projection(x: Tensor, dim: int) -> Tensor:
     """The top-``dim`` principal axes of the rows of ``x`` (N, q), as columns (q, dim), float64
-    (sklearn ``PCA(dim).components_.T`` up to the signs of the axes)."""
+    (sklearn ``PCA(dim).components_.T`` up to the signs of the axes). Each axis is signed so
+    that its largest-magnitude entry is positive: a solver's arbitrary sign cannot flip it
+    between ranks or runs."""
     xd = x.double()
     centred = xd - xd.mean(dim=0)
     _, vecs = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
-    return vecs.flip(1)[:, :dim].contiguous()
+    axes = vecs.flip(1)[:, :dim]
+    lead = axes.gather(0, axes.abs().argmax(dim=0, keepdim=True))
+    return (axes * torch.where(lead < 0, -1.0, 1.0)).contiguous()
 
 
 def fit_mixture(

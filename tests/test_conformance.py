@@ -598,7 +598,7 @@ def _ddp_rank(rank: int, world: int, out_dir: str, backbone: str, member: str, r
 #: eigenvalues tied (at 0 for dead ReLU units) the columns are any basis of the tie, so DDP's
 #: differently rounded sums may give another one; the subspace (the projector B Bᵀ, all the
 #: scores read) is what must agree.
-SUBSPACE_BUFFERS = {("vim", "residual_basis")}
+SUBSPACE_BUFFERS = {("vim", "residual_basis"), ("residual", "residual_basis")}
 
 
 def _mismatch(got: Any, want: Any, per_sample: bool = False) -> str | None:

@@ -118,8 +118,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # a fixed T until the engine calls fit_validation (then {}: T by NLL on the validation split)
     "temperature_scaling": {"temperature": 1.5},
     # no training coat is classified correctly (see she): ranges from every labelled sample
-    "gram": {"layers": ["conv1", "conv2", "fc1"], "samples": "label"},
-    "rankfeat": {"layers": ["conv2"]},  # no LeNet tap pools to the features: a rerun
+    "gram": {"taps": ["conv1", "conv2", "fc1"], "samples": "label"},
+    "rankfeat": {"taps": ["conv2"]},  # no LeNet tap pools to the features: a rerun
     "vra": {},
     "iodin": {"temperature": 1000.0, "epsilon": 0.0014},
     "weiper": {"n_repeats": 20},  # 200 perturbed logits, two fitting passes

@@ -6,7 +6,9 @@ and normalised per tap, is its OOD score (docs/methods.md#gram)."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -19,7 +21,8 @@ from lightning_ood.detectors.base import (
     OptModel,
     Reducer,
 )
-from lightning_ood.detectors.hparams import HParam, boolean, choice, in_range, integer, optional
+from lightning_ood.detectors.hparams import HParam, boolean, choice, in_range, integer
+from lightning_ood.detectors.layer_ensemble import tap_list
 from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
@@ -43,18 +46,6 @@ def _powers(name: str, value: Any, owner: str) -> list[int]:
     )
     if not ok:
         raise ValueError(f"{owner}: {name} must be a list of distinct integers >= 1, got {value!r}")
-    return list(value)
-
-
-def _layers(name: str, value: Any, owner: str) -> list[str]:
-    ok = (
-        isinstance(value, list | tuple)
-        and len(value) > 0
-        and all(isinstance(t, str) and t for t in value)
-        and len(set(value)) == len(value)
-    )
-    if not ok:
-        raise ValueError(f"{owner}: {name} must be a list of distinct tap names, got {value!r}")
     return list(value)
 
 
@@ -85,8 +76,20 @@ def deviations(g: Tensor, mins: Tensor, maxs: Tensor) -> Tensor:
     return low + high
 
 
+class _GramTaps(Detector):
+    """Gram's ``taps`` declaration, stored as ``_taps_arg`` (its ``taps`` property gives the
+    taps actually read, as the layer ensembles')."""
+
+    hparam_attrs: ClassVar[Mapping[str, str]] = MappingProxyType({"taps": "_taps_arg"})
+    taps = HParam(
+        None,
+        tap_list,
+        doc="tap names whose Gram features are bounded; None: every tap of the backbone",
+    )
+
+
 @register_detector
-class Gram(Detector):
+class Gram(_GramTaps):
     """Negated total deviation -Σ_l δ_l(x)/E_l of the Gram features from the class ranges.
 
     Fitting (one pass, two with ``normalizer: holdout``): per tap l, power p, class c and
@@ -99,11 +102,6 @@ class Gram(Detector):
 
     kind = "gram"
     requires_fit = True
-    layers = HParam(
-        None,
-        optional(_layers),
-        doc="tap names whose Gram features are bounded; None: every tap of the backbone",
-    )
     powers = HParam([1, 2, 3, 4, 5], _powers, doc="orders p of the Gram matrices (OpenOOD: 1..5)")
     samples = HParam("correct", choice(*SAMPLES), doc="training samples that bound each class")
     normalizer = HParam(
@@ -132,28 +130,28 @@ class Gram(Detector):
     # -- taps ------------------------------------------------------------------------------
     @property
     def taps(self) -> tuple[str, ...]:
-        return tuple(self._resolved or self.layers or ())
+        return tuple(self._resolved or self._taps_arg or ())
 
     def tap_names(self, backbone: OODBackbone) -> tuple[str, ...]:
-        """``layers``, or every ``backbone.tap_layers`` entry when None."""
-        if self.layers is not None:
-            return tuple(self.layers)
+        """``taps``, or every ``backbone.tap_layers`` entry when None."""
+        if self._taps_arg is not None:
+            return tuple(self._taps_arg)
         if not backbone.tap_layers:
             raise ValueError(
                 f"{self.name} (gram): {type(backbone).__name__} has no intermediate taps; "
-                "name the taps in `layers` (e.g. [features])"
+                "name them in `taps` (e.g. [features])"
             )
         return tuple(backbone.tap_layers)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"layers": list(self._resolved)}
+        return {"taps": list(self._resolved)}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        taps = list(state.get("layers", []))
-        if taps and self.layers is not None and taps != self.layers:
+        taps = list(state.get("taps", []))
+        if taps and self._taps_arg is not None and taps != self._taps_arg:
             raise ValueError(
                 f"{self.name}: the stored Gram state was fitted on taps {taps}, but this "
-                f"detector is configured with layers {self.layers}; refit or fix the config"
+                f"detector is configured with taps {self._taps_arg}; refit or fix the config"
             )
         self._resolved = taps
 
@@ -190,10 +188,10 @@ class Gram(Detector):
         return _knn.seeded_uniform_at(pos, self.seed) < self.holdout_fraction
 
     def update(self, out: BackboneOutput, target: Tensor, model: OODBackbone | None = None) -> None:
-        taps = self.taps if self.layers is not None or self._resolved else None
+        taps = self.taps if self._taps_arg is not None or self._resolved else None
         if taps is None:
             if model is None:
-                raise ValueError(f"{self.name}: layers=None needs the model to resolve its taps")
+                raise ValueError(f"{self.name}: taps=None needs the model to resolve its taps")
             self._resolved = list(self.tap_names(model))
             taps = self.taps
         g = self._features(out, taps)

@@ -5,7 +5,9 @@ then score the energy of the classifier applied to the result (docs/methods.md#r
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -13,24 +15,13 @@ from torch import Tensor, nn
 from lightning_ood.detectors.base import OptInput, OptModel, Reducer
 from lightning_ood.detectors.energy import energy_score
 from lightning_ood.detectors.fssd import model_device_dtype
-from lightning_ood.detectors.hparams import HParam, choice, integer, optional, positive
+from lightning_ood.detectors.hparams import HParam, choice, integer, positive
+from lightning_ood.detectors.layer_ensemble import tap_list
 from lightning_ood.detectors.linear_head import LinearHeadDetector
 from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 METHODS = ("svd", "power")
-
-
-def _layers(name: str, value: Any, owner: str) -> list[str]:
-    ok = (
-        isinstance(value, list | tuple)
-        and len(value) > 0
-        and all(isinstance(t, str) and t for t in value)
-        and len(set(value)) == len(value)
-    )
-    if not ok:
-        raise ValueError(f"{owner}: {name} must be a list of distinct tap names, got {value!r}")
-    return list(value)
 
 
 def rank1(x: Tensor, method: str = "svd", iterations: int = 20) -> Tensor:
@@ -61,28 +52,35 @@ def remove_rank1(f: Tensor, method: str = "svd", iterations: int = 20) -> Tensor
     return (x - rank1(x, method, iterations)).reshape(f.shape)
 
 
+class _RankFeatTaps(LinearHeadDetector):
+    """RankFeat's ``taps`` declaration, stored as ``_taps_arg`` (its ``taps`` property gives
+    the resolved taps, as the layer ensembles')."""
+
+    hparam_attrs: ClassVar[Mapping[str, str]] = MappingProxyType({"taps": "_taps_arg"})
+    taps = HParam(
+        None,
+        tap_list,
+        doc="feature-map taps to remove the rank-1 component from (logits averaged); None: "
+        "the tap that pools to the penultimate features (the last block)",
+    )
+
+
 @register_detector
-class RankFeat(LinearHeadDetector):
+class RankFeat(_RankFeatTaps):
     """Energy of W·pool(X - s₁u₁v₁ᵀ) + b, X the (C, HW) feature map of a high-level block.
 
-    Each tap in ``layers`` gives one set of logits: a tap whose global average pool *is* the
+    Each tap in ``taps`` gives one set of logits: a tap whose global average pool *is* the
     penultimate feature (ResNet's ``layer4``) is rescored from the extracted tap with the
     copied head, no extra forward; any other tap (ResNet's ``layer3``, a LeNet conv map) is
     replaced by its rank-1-removed version through a forward hook and the network rerun from
     the input (one extra forward per such tap, so the score needs the model and the inputs).
     Several taps: the logits are averaged before the energy (the authors' Block 3 + Block 4
-    fusion). ``layers`` None: the last tap that pools to the features, else the last
+    fusion). ``taps`` None: the last tap that pools to the features, else the last
     feature-map tap (rerun).
     """
 
     kind = "rankfeat"
     uses_training_data = False
-    layers = HParam(
-        None,
-        optional(_layers),
-        doc="feature-map taps to remove the rank-1 component from (logits averaged); None: "
-        "the tap that pools to the penultimate features (the last block)",
-    )
     method = HParam(
         "svd", choice(*METHODS), stage="score", doc="exact svd, or power iteration (accelerated)"
     )
@@ -97,7 +95,7 @@ class RankFeat(LinearHeadDetector):
     # -- taps -----------------------------------------------------------------------------
     @property
     def taps(self) -> tuple[str, ...]:
-        return tuple(self._resolved or self.layers or ())
+        return tuple(self._resolved or self._taps_arg or ())
 
     def tap_names(self, backbone: OODBackbone) -> tuple[str, ...]:
         """The pooled taps (rescored from the extracted map); rerun taps need no extraction."""
@@ -110,7 +108,7 @@ class RankFeat(LinearHeadDetector):
         """A tap that does not pool to the features is rescored by rerunning the network."""
         if self._resolved:
             return not all(self._pooled)
-        return self.layers is not None
+        return self._taps_arg is not None
 
     @property
     def exportable(self) -> bool:  # type: ignore[override]
@@ -118,22 +116,22 @@ class RankFeat(LinearHeadDetector):
         return not self.needs_inputs
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"layers": list(self._resolved), "pooled": list(self._pooled)}
+        return {"taps": list(self._resolved), "pooled": list(self._pooled)}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        layers, pooled = list(state.get("layers", [])), list(state.get("pooled", []))
-        if layers and self.layers is not None and layers != self.layers:
+        taps, pooled = list(state.get("taps", [])), list(state.get("pooled", []))
+        if taps and self._taps_arg is not None and taps != self._taps_arg:
             raise ValueError(
-                f"{self.name}: the stored RankFeat state was resolved for taps {layers}, but "
-                f"this detector is configured with layers {self.layers}; refit or fix the config"
+                f"{self.name}: the stored RankFeat state was resolved for taps {taps}, but "
+                f"this detector is configured with taps {self._taps_arg}; refit or fix the config"
             )
-        self._resolved, self._pooled = layers, pooled
+        self._resolved, self._pooled = taps, pooled
 
     def _resolve(self, model: OODBackbone) -> None:
         """Find which taps pool to the features, with one probe forward of two example
-        inputs (and pick the default tap when ``layers`` is None)."""
+        inputs (and pick the default tap when ``taps`` is None)."""
         owner = f"{self.name} (rankfeat)"
-        candidates = list(self.layers) if self.layers is not None else list(model.tap_layers)
+        candidates = list(self._taps_arg) if self._taps_arg is not None else list(model.tap_layers)
         unknown = [t for t in candidates if t not in model.tap_layers]
         if unknown:
             raise ValueError(
@@ -162,18 +160,18 @@ class RankFeat(LinearHeadDetector):
                 out.tap(t).flatten(2).mean(dim=2), out.features, rtol=1e-4, atol=1e-6
             )
         }
-        if self.layers is not None:
+        if self._taps_arg is not None:
             flat = [t for t in candidates if t not in maps]
             if flat:
                 raise ValueError(
                     f"{owner}: taps {flat} are not feature maps (B, C, H, W); a (B, C) tap is "
                     "its own rank-1 component, removing it leaves nothing"
                 )
-            chosen = list(self.layers)
+            chosen = list(self._taps_arg)
         elif not maps:
             raise ValueError(
                 f"{owner}: {type(model).__name__} has no feature-map tap (B, C, H, W) among "
-                f"{list(model.tap_layers)}; RankFeat needs one (name it in `layers`)"
+                f"{list(model.tap_layers)}; RankFeat needs one (name it in `taps`)"
             )
         else:
             last_pooled = [t for t in maps if t in pooled]

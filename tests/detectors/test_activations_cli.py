@@ -24,8 +24,8 @@ from lightning_ood.cli import main
 DETECTORS: dict[str, dict[str, Any]] = {
     # a fixed T until the engine calls fit_validation (then {}: T by NLL on validation)
     "temperature_scaling": {"type": "temperature_scaling", "temperature": 1.5},
-    "gram": {"type": "gram", "layers": ["conv1", "conv2", "fc1"]},
-    "rankfeat": {"type": "rankfeat", "layers": ["conv2"]},
+    "gram": {"type": "gram", "taps": ["conv1", "conv2", "fc1"]},
+    "rankfeat": {"type": "rankfeat", "taps": ["conv2"]},
     "vra": {"type": "vra"},
     "iodin": {"type": "iodin", "temperature": 1000.0, "epsilon": 0.0014},
 }

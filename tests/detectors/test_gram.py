@@ -89,7 +89,7 @@ def test_holdout_score_equals_numpy_reference(net: TapNet) -> None:
     """Correctly classified, not held-out samples bound their class; the seeded held-out
     tenth (by training-set position) gives E_l from its predicted-class deviations."""
     x, y = _data(net)
-    det = _fit(Gram(layers=["conv", "fc"], powers=POWERS, seed=5), net, x, y, batch=50)
+    det = _fit(Gram(taps=["conv", "fc"], powers=POWERS, seed=5), net, x, y, batch=50)
     feats, logits = _numpy_taps(net, x)
     pred, yy = logits.argmax(1), y.numpy()
     held = (seeded_uniform(0, N, 5) < 0.1).numpy()
@@ -114,7 +114,7 @@ def test_holdout_score_equals_numpy_reference(net: TapNet) -> None:
     want = -(delta([[_numpy_gram(f, p) for p in POWERS] for f in ft], lt.argmax(1)) / norm).sum(1)
     np.testing.assert_allclose(_score(det, net, xt), want, rtol=1e-9)
     # the same split and ranges for any batching
-    other = _fit(Gram(layers=["conv", "fc"], powers=POWERS, seed=5), net, x, y, batch=N)
+    other = _fit(Gram(taps=["conv", "fc"], powers=POWERS, seed=5), net, x, y, batch=N)
     np.testing.assert_allclose(_score(other, net, xt), want, rtol=1e-9)
 
 
@@ -131,7 +131,7 @@ def test_label_ranges_equal_pytorch_ood(net: TapNet) -> None:
     pod.validation_fraction = 0.0
     pod.to("cpu")
     pod.fit(list(zip(x.split(64), y.split(64), strict=True)))
-    det = Gram(layers=["conv", "fc"], powers=POWERS, samples="label", normalizer="none")
+    det = Gram(taps=["conv", "fc"], powers=POWERS, samples="label", normalizer="none")
     _fit(det, net, x, y)
     xt, _ = _data(net, 64, seed=3)
     with torch.no_grad():
@@ -142,7 +142,7 @@ def test_label_ranges_equal_pytorch_ood(net: TapNet) -> None:
 def test_two_ranks_equal_one_process(net: TapNet, monkeypatch: pytest.MonkeyPatch) -> None:
     x, y = _data(net, N + 1, seed=4)
     one = _fit(Gram(powers=POWERS), net, x, y)
-    assert one.taps == ("conv", "fc")  # layers=None: every tap of the backbone
+    assert one.taps == ("conv", "fc")  # taps=None: every tap of the backbone
 
     # the network's hooks are not thread-safe: every rank's outputs are computed up front
     shards = [

@@ -63,7 +63,7 @@ def _np_remove(f: np.ndarray) -> np.ndarray:
 
 def test_block3_plus_block4_equals_openood_formula(net: Blocks) -> None:
     x = torch.randn(12, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    det = _fit(RankFeat(layers=["block3", "block4"]), net)
+    det = _fit(RankFeat(taps=["block3", "block4"]), net)
     assert det._pooled == [False, True] and det.needs_inputs and not det.exportable
     w, b = net.fc.weight.detach().double().numpy(), net.fc.bias.detach().double().numpy()
     with torch.no_grad():
@@ -108,6 +108,6 @@ def test_tap_resolution_and_refusals() -> None:
         det.score(toy.extract(x))
     assert _score(det, toy, x).shape == (3,)
     with pytest.raises(ValueError, match=r"taps \['fc'\] are not feature maps"):
-        _fit(RankFeat(layers=["fc"]), toy)
+        _fit(RankFeat(taps=["fc"]), toy)
     with pytest.raises(ValueError, match=r"has no feature-map tap\(s\) \['layer4'\]"):
-        _fit(RankFeat(layers=["layer4"]), toy)
+        _fit(RankFeat(taps=["layer4"]), toy)

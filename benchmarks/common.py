@@ -105,13 +105,20 @@ def parser(doc: str | None, **kwargs: Any) -> argparse.ArgumentParser:
     return p
 
 
-def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse(
+    p: argparse.ArgumentParser, argv: Sequence[str] | None = None, *, extra: bool = False
+) -> argparse.Namespace:
     """Parse, resolve ``out``/``data_root``, seed torch and ``random``, set the threads.
 
     A ``--quick`` run never writes into ``benchmarks/results`` (its numbers mean nothing):
-    without ``--out`` it writes into a fresh temporary folder.
+    without ``--out`` it writes into a fresh temporary folder. ``extra=True``: options the
+    parser does not know are kept in ``ns.extra`` (for a wrapped CLI) instead of refused.
     """
-    ns = p.parse_args(argv)
+    if extra:
+        ns, ns_extra = p.parse_known_args(argv)
+        ns.extra = ns_extra
+    else:
+        ns = p.parse_args(argv)
     if ns.quick and ns.out is None:
         ns.out = Path(tempfile.mkdtemp(prefix="benchmark_quick_"))
     ns.out = (ns.out or RESULTS).resolve()

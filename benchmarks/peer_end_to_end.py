@@ -1,7 +1,7 @@
 """End to end, on the same images: lightning_ood's engine vs pytorch-ood 0.4.0 as its users
 write it. Fit on FashionMNIST train, score FashionMNIST test (ID) and MNIST test (OOD).
 
-    nice -n 19 .venv/bin/python benchmarks/peer_end_to_end.py [--train_every 1 --test_every 1]
+    nice -n 19 .venv/bin/python -m benchmarks.peer_end_to_end [--train_every 1 --test_every 1]
 
 The model is the 3-epoch LeNet of ``checkpoints/bench/lenet_e3_seed1/last.ckpt`` (built with
 ``lightning_ood.state.build_from_checkpoint``); both sides read the same images through the
@@ -18,6 +18,8 @@ Each side runs in its own subprocess (``--side``), so peak memory is that proces
 ``/proc/self/clear_refs``) over the RSS after loading the model and the data module. Sides
 alternate over ``--repeats`` runs; times are medians. Each row records the AUROC of both
 sides' scores (theirs negated: pytorch-ood returns outlier scores) as a consistency check.
+``--quick``: one run per side on a LeNet trained for three steps, every 100th training and
+every 50th test image.
 """
 
 from __future__ import annotations
@@ -34,12 +36,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
+from benchmarks.common import ROOT, Recorder, parse, parser, quick_lenets
 
-DATA = ROOT.parent / "shared" / "data"
 CKPT = ROOT / "checkpoints" / "bench" / "lenet_e3_seed1" / "last.ckpt"
 SETS = ("fashionmnist", "mnist")
 
@@ -113,7 +113,7 @@ def run_side(ns: argparse.Namespace) -> None:
     model, _, _ = build_from_checkpoint(safe_load(ns.ckpt), str(ns.ckpt))
     model.eval()
     dm = FashionMNISTDataModule(
-        root=str(DATA), eval_batch_size=ns.batch_size, num_workers=0, ood_sets=["mnist"],
+        root=str(ns.data_root), eval_batch_size=ns.batch_size, num_workers=0, ood_sets=["mnist"],
         train_every=ns.train_every, test_every=ns.test_every, ood_every=ns.test_every,
     )  # fmt: skip
     dm.prepare_data()
@@ -167,42 +167,45 @@ def run_side(ns: argparse.Namespace) -> None:
         "n_train": len(train.dataset), "n_test": {s: len(ld.dataset) for s, ld in tests.items()},
         "threads": torch.get_num_threads(),
     }  # fmt: skip
-    torch.save({"result": res, "scores": scores}, ns.out)
+    torch.save({"result": res, "scores": scores}, ns.side_out)
 
 
 # -- the parent: alternate the sides, compare ---------------------------------------------------
 def child(ns: argparse.Namespace, side: str, out: Path) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--out", str(out),
+    cmd = [sys.executable, "-m", "benchmarks.peer_end_to_end", "--side", side,
+           "--side_out", str(out), "--data_root", str(ns.data_root),
            "--threads", str(ns.threads), "--batch_size", str(ns.batch_size),
            "--train_every", str(ns.train_every), "--test_every", str(ns.test_every),
            "--ckpt", str(ns.ckpt), "--detectors", *ns.detectors]  # fmt: skip
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
     got = torch.load(out, weights_only=True)
     got["result"]["wall_s"] = time.perf_counter() - t0
     return got
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__)
     p.add_argument("--train_every", type=int, default=1, help="every k-th training image")
     p.add_argument("--test_every", type=int, default=1, help="every k-th test image (both sets)")
     p.add_argument("--repeats", type=int, default=3, help="runs per side (median)")
     p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(threads=2)
     p.add_argument("--detectors", nargs="+", default=DEFAULT, choices=list(OURS))
     p.add_argument("--ckpt", type=Path, default=CKPT)
     p.add_argument("--name", default="peer_end_to_end")
     p.add_argument("--side", choices=("ours", "theirs"), help=argparse.SUPPRESS)
-    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    ns = p.parse_args()
+    p.add_argument("--side_out", type=Path, help=argparse.SUPPRESS)
+    ns = parse(p, argv)
     if ns.side:
         run_side(ns)
         return
-    from benchmarks._record import Recorder
     from lightning_ood.protocol import evaluate_pair
 
     rec = Recorder(ns.name)
+    if ns.quick:
+        lenet = quick_lenets(ns.out / "work", {"lenet_quick": 1}, ns.data_root)["lenet_quick"]
+        vars(ns).update(ckpt=lenet, repeats=1, train_every=100, test_every=50)
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "theirs": []}
     last: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -275,7 +278,7 @@ def main() -> None:
         *(f"| {n} | {100 * a['ours']:.2f} | {100 * a['theirs']:.2f} |" for n, a in auroc.items()),
     ]
     body = "\n".join(md) + "\n"
-    rec.write(res, body)
+    rec.write(res, body, ns.out)
     print(body)
 
 

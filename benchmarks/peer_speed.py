@@ -1,6 +1,6 @@
 """Fit and score speed from the SAME cached features: lightning_ood vs pytorch-ood 0.4.0.
 
-    nice -n 19 .venv/bin/python benchmarks/peer_speed.py [--repeats 7]
+    nice -n 19 .venv/bin/python -m benchmarks.peer_speed [--repeats 7]
 
 Both libraries see identical float32 tensors: the reference CIFAR-10 DenseNet-BC-100's
 penultimate features and logits of 5,000 training images (every 10th of the CIFAR-10 JPEG-q75
@@ -14,33 +14,41 @@ each detector's public ``fit_features`` / ``fit_feature_maps`` and ``predict_fea
 ratio is ours / theirs (< 1: ours faster). pytorch-ood's KNN runs scikit-learn's
 ``NearestNeighbors(n_jobs=-1)`` (both cores here). Each row also records the Pearson
 correlation of our scores with the negated peer scores (pytorch-ood returns outlier scores):
-1.0 where both compute the same quantity up to a positive scale.
+1.0 where both compute the same quantity up to a positive scale. ``--quick``: one timed run
+of seven detectors on features of 50 training and 20 test images computed into ``<out>/work``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
+from torch import Tensor
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
+from benchmarks.common import (
+    CACHE,
+    QUICK_SLICES,
+    ROOT,
+    Recorder,
+    cifar10_densenet,
+    parse,
+    parser,
+    reference_weights,
+    work_dir,
+)
 
-from benchmarks._record import Recorder  # noqa: E402
-
-DATA = ROOT.parent / "shared" / "data"
-WEIGHTS = DATA / "checkpoints" / "densenet100_cifar10_reference.pth.tar"
-CACHE = ROOT / ".cache" / "features"
+FEATURES = CACHE / "features"
+#: ``--quick``'s detectors: those that fit on 50 training rows.
+QUICK_DETECTORS = ["mahalanobis", "react", "nci", "fdbd", "ash", "energy", "gen"]
 
 
 @dataclass
@@ -115,16 +123,16 @@ def cases(fc: torch.nn.Linear, n_classes: int, q: int) -> list[Case]:
     ]  # fmt: skip
 
 
-def load_cached(pattern: str):
+def load_cached(pattern: str) -> tuple[Any, Path]:
     """The one feature-cache entry matching ``pattern`` under ``.cache/features``."""
     from lightning_ood.features import CachedFeatures
 
-    hits = sorted(CACHE.glob(pattern))
+    hits = sorted(FEATURES.glob(pattern))
     if len(hits) != 1:
         raise FileNotFoundError(
-            f"expected one feature-cache entry {CACHE / pattern}, found {len(hits)}; fill it with "
-            "`benchmarks/line_intgrad.py --train_every 10 --test_every 5 --allow_compute` "
-            "(reference DenseNet, CIFAR-10 JPEG-q75 copy) or pass --train/--test"
+            f"expected one feature-cache entry {FEATURES / pattern}, found {len(hits)}; fill it "
+            "with `python -m benchmarks.line_intgrad --train_every 10 --test_every 5 "
+            "--allow_compute` (reference DenseNet, CIFAR-10 JPEG-q75 copy) or pass --train/--test"
         )
     obj = torch.load(hits[0], map_location="cpu", weights_only=True)
     return CachedFeatures(
@@ -147,16 +155,29 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return t, r
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def quick_features(ns: argparse.Namespace) -> tuple[Any, Path, Any, Path, Any]:
+    """``--quick``: the DenseNet's features of the quick slices, computed into ``<out>/work``."""
+    from lightning_ood.features import FeatureCache
+
+    backbone, dm, loaders, names = cifar10_densenet(ns, [], **QUICK_SLICES)
+    cache = FeatureCache(work_dir(ns, "features") / "features")
+    train = cache.get_or_compute(backbone, dm.fit_dataloader(), [], desc="train")
+    test = cache.get_or_compute(backbone, loaders[names[0]], [], desc="test")
+    return train, cache.root, test, cache.root, backbone
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__)
     p.add_argument("--repeats", type=int, default=7, help="timed runs per side (median)")
-    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(threads=2)
     p.add_argument("--train", default="ImageFolder-5000-*/taps-*.pt")
     p.add_argument("--test", default="ImageFolder-2000-*/taps-*.pt")
     p.add_argument("--only", nargs="*", default=None, help="detector names to run")
     p.add_argument("--name", default="peer_speed")
-    ns = p.parse_args()
-    if ns.repeats < 5:
+    ns = parse(p, argv)
+    if ns.quick:  # 50 training rows: no ViM subspace of 171 dims, no 100-neighbour bank
+        ns.repeats, ns.only = 1, ns.only or QUICK_DETECTORS
+    elif ns.repeats < 5:
         p.error("--repeats must be >= 5 (the median of at least five runs)")
     rec = Recorder(ns.name)
     torch.set_num_threads(ns.threads)
@@ -165,11 +186,15 @@ def main() -> None:
     from lightning_ood.features import backbone_fingerprint, fit_from_cache, score_cached
     from lightning_ood.models import create_model
 
-    train, train_path = load_cached(ns.train)
-    test, test_path = load_cached(ns.test)
-    model = create_model("densenet100", num_classes=10, weights=str(WEIGHTS)).eval()
+    weights = reference_weights(ns.data_root)
+    if ns.quick:
+        train, train_path, test, test_path, model = quick_features(ns)
+    else:
+        train, train_path = load_cached(ns.train)
+        test, test_path = load_cached(ns.test)
+        model = create_model("densenet100", num_classes=10, weights=str(weights)).eval()
     if backbone_fingerprint(model) != train.meta.get("weights"):
-        raise ValueError(f"{train_path} was not produced by {WEIGHTS}; refill the cache")
+        raise ValueError(f"{train_path} was not produced by {weights}; refill the cache")
     fc = model.get_classifier()
     z, y, zt, lt = train.features, train.targets, test.features, test.logits
     n_classes, q = train.logits.shape[1], z.shape[1]
@@ -255,8 +280,8 @@ def main() -> None:
     import pytorch_ood
 
     res = {
-        "train_entry": str(train_path.relative_to(ROOT)),
-        "test_entry": str(test_path.relative_to(ROOT)),
+        "train_entry": os.path.relpath(train_path, ROOT),
+        "test_entry": os.path.relpath(test_path, ROOT),
         "n_train": len(train), "n_test": len(test), "q": q, "classes": n_classes,
         "repeats": ns.repeats, "threads": torch.get_num_threads(),
         "pytorch_ood": pytorch_ood.__version__, "rows": rows, "all_fits": together,
@@ -304,7 +329,7 @@ def main() -> None:
         f"Scoring slower: {', '.join(slower_score) or 'none'}.\n"
     )
     body = "\n".join(md)
-    rec.write(res, body)
+    rec.write(res, body, ns.out)
     print(body)
 
 

@@ -1,6 +1,6 @@
 """Issue item 3: speed ratios, each measured in one run on this machine.
 
-    nice -n 19 .venv/bin/python benchmarks/speed.py ITEM
+    nice -n 19 .venv/bin/python -m benchmarks.speed ITEM
 
     a: contribution matrix, closed form vs per-image autograd
     b: LINe scoring vs the network forward pass
@@ -8,7 +8,8 @@
     d: Trainer.fit vs a plain PyTorch loop (LeNet, DenseNet)
     e: ImageNet-scale LINe head, peak memory and time
 
-Each writes ``benchmarks/results/speed_<item>.{json,md}``. Timings are wall-clock
+Each writes ``<out>/speed_<item>.{json,md}`` (``--out`` default ``benchmarks/results``);
+``--quick`` runs every item on a few images and batches. Timings are wall-clock
 (``time.perf_counter``) on a 2-core CPU that other processes share: variants are interleaved
 and repeated, and the best (minimum) time of each is used for the ratio; the load average at
 start/end is recorded. No GPU on this machine.
@@ -16,39 +17,38 @@ start/end is recorded. No GPU on this machine.
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import pstats
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from benchmarks.common import CACHE, Recorder, parse, parser, reference_weights
 
-from benchmarks._record import Recorder  # noqa: E402
+#: ``--quick``: every item on a few images/batches, one repeat.
+QUICK = {
+    "repeats": 1, "every_a": 1000, "every_b": 500, "every_c": 5000, "lenet_batches": 22,
+    "densenet_batches": 3, "ref_classes": 2, "b_train_every": 1000,
+}  # fmt: skip
 
-DATA = ROOT.parent / "shared" / "data"
-WEIGHTS = DATA / "checkpoints" / "densenet100_cifar10_reference.pth.tar"
 
-
-def densenet():
+def densenet(root: Path) -> torch.nn.Module:
+    """The reference CIFAR-10 DenseNet-BC-100, eval mode, channels_last."""
     from lightning_ood.models import create_model
 
-    m = create_model("densenet100", num_classes=10, weights=str(WEIGHTS)).eval()
+    m = create_model("densenet100", num_classes=10, weights=str(reference_weights(root))).eval()
     return m.to(memory_format=torch.channels_last)
 
 
-def cifar(split: str, every: int, ood: list[str] | None = None):
+def cifar(root: Path, split: str, every: int, ood: list[str] | None = None):
     """Preloaded (x, y) tensors of every ``every``-th image (eval transform)."""
     from lightning_ood.data import CIFAR10DataModule
 
-    dm = CIFAR10DataModule(root=str(DATA), eval_batch_size=500, train_every=every,
+    dm = CIFAR10DataModule(root=str(root), eval_batch_size=500, train_every=every,
                            test_every=every, ood_every=every, ood_sets=ood or [])  # fmt: skip
     dm.prepare_data()
     dm.setup("test")
@@ -74,8 +74,8 @@ def item_a(ns, rec):
     from lightning_ood.detectors import LINe
     from lightning_ood.engine import fit_from_loader
 
-    model = densenet()
-    x, y = cifar("train", ns.every_a)["train"]
+    model = densenet(ns.data_root)
+    x, y = cifar(ns.data_root, "train", ns.every_a)["train"]
     n = len(x)
     bs = 32
 
@@ -157,7 +157,7 @@ def item_a(ns, rec):
         f"target <= 1e-5: {'met' if res['target_max_abs_diff_le_1e-5'] else 'FAILED'})\n"
         "- GPU: none on this machine, so the GPU measurement was not made.\n"
     )  # fmt: skip
-    rec.write(res, md)
+    rec.write(res, md, ns.out)
     print(md)
 
 
@@ -167,9 +167,9 @@ def item_b(ns, rec):
     from lightning_ood.engine import eval_pass, fit_from_loader, score_batch
     from lightning_ood.models.base import BackboneOutput
 
-    model = densenet()
-    train = cifar("train", 250)["train"]  # 200 images fit the detector (timing only)
-    x, _y = cifar("test", ns.every_b)["cifar10"]
+    model = densenet(ns.data_root)
+    train = cifar(ns.data_root, "train", ns.b_train_every)["train"]  # fits LINe (timing only)
+    x, _y = cifar(ns.data_root, "test", ns.every_b)["cifar10"]
     bs = 32
     det = LINe(delta=1.0, p_a=90, p_w=90)
     fit_from_loader([det], model, zip(train[0].split(bs), train[1].split(bs), strict=True))
@@ -212,7 +212,7 @@ def item_b(ns, rec):
         f"{bs} ({100 * res['overhead_fraction_one_batch']:.2f} % scoring all at once); target "
         f"<= 5 %: {'met' if res['target_le_5pct'] else 'FAILED'}.\n"
     )  # fmt: skip
-    rec.write(res, md)
+    rec.write(res, md, ns.out)
     print(md)
 
 
@@ -224,10 +224,10 @@ def item_c(ns, rec):
     from lightning_ood.features import compute_features, fit_from_cache, score_cached
     from lightning_ood.protocol import evaluate_pair
 
-    model = densenet()
+    model = densenet(ns.data_root)
     every = ns.every_c
-    train = cifar("train", every * 5)["train"]
-    test = cifar("test", every, ["tinyimagenet_crop"])
+    train = cifar(ns.data_root, "train", every * 5)["train"]
+    test = cifar(ns.data_root, "test", every, ["tinyimagenet_crop"])
     idx, ood = test["cifar10"][0], test["tinyimagenet_crop"][0]
     grid = [(pa, pw) for pa in (10, 30, 50, 70, 90) for pw in (10, 30, 50, 70, 90)]
     bs = 32
@@ -275,20 +275,20 @@ def item_c(ns, rec):
         f"({res['speedup_cells_only']:.0f}x for the cells alone). Both give identical FPR95 in "
         f"all 25 cells: {same}.\n"
     )  # fmt: skip
-    rec.write(res, md)
+    rec.write(res, md, ns.out)
     print(md)
 
 
 # -- d: Trainer.fit vs plain loop ------------------------------------------------------------
-def _batches(kind: str, n_batches: int):
+def _batches(root: Path, kind: str, n_batches: int):
     if kind == "lenet":
         from lightning_ood.data import FashionMNISTDataModule
 
-        dm = FashionMNISTDataModule(root=str(DATA), batch_size=64)
+        dm = FashionMNISTDataModule(root=str(root), batch_size=64)
     else:
         from lightning_ood.data import CIFAR10DataModule
 
-        dm = CIFAR10DataModule(root=str(DATA), batch_size=64)
+        dm = CIFAR10DataModule(root=str(root), batch_size=64)
     dm.prepare_data()
     dm.setup("fit")
     torch.manual_seed(0)
@@ -342,7 +342,7 @@ def _lightning(kind, batches, warm, profile=False, task=None, cli_like=False):
     if cli_like:
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        kw = {"logger": TensorBoardLogger(str(ROOT / ".cache" / "speed_logs"), name=kind),
+        kw = {"logger": TensorBoardLogger(str(CACHE / "speed_logs"), name=kind),
               "enable_progress_bar": True}  # fmt: skip
     else:
         kw = {"logger": False, "enable_progress_bar": False}
@@ -390,7 +390,7 @@ def item_d(ns, rec):
     res, lines = {}, []
     specs = {"lenet": (ns.lenet_batches, 20), "densenet": (ns.densenet_batches, 2)}
     for kind, (nb, warm) in specs.items():
-        batches = _batches(kind, nb)
+        batches = _batches(ns.data_root, kind, nb)
         timed_imgs = sum(len(b[1]) for b in batches[warm:])
         runs = {"plain": [], "lightning": [], "lightning_cli_like": []}
         for _ in range(ns.repeats):
@@ -421,7 +421,7 @@ def item_d(ns, rec):
         )
         print(lines[-1], flush=True)
     # where the LeNet overhead goes
-    batches = _batches("lenet", ns.lenet_batches)
+    batches = _batches(ns.data_root, "lenet", ns.lenet_batches)
     _t, _tot, prof = _lightning("lenet", batches, 20, profile=True)
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
@@ -467,7 +467,7 @@ def item_d(ns, rec):
         "cProfile of the LeNet Trainer.fit (top 25 by own time):\n\n```\n"
         + "\n".join(res["lenet_profile_top_tottime"].splitlines()[:45]) + "\n```\n"
     )  # fmt: skip
-    rec.write(res, md)
+    rec.write(res, md, ns.out)
     print(md)
 
 
@@ -572,24 +572,32 @@ def item_e(ns, rec):
         f"predicted class was materialised: max |diff| = {diff:.3g}.\n"
         f"Target peak <= 1 GB: {'met' if res['target_peak_le_1GB'] else 'FAILED'}.\n"
     )  # fmt: skip
-    rec.write(res, md)
+    rec.write(res, md, ns.out)
     print(md)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("item", choices=list("abcde"))
+ITEMS = {"a": item_a, "b": item_b, "c": item_c, "d": item_d, "e": item_e}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__)
+    p.add_argument("item", nargs="?", choices=list(ITEMS), help="required unless --quick")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--every_a", type=int, default=25, help="2,000 of the 50k train images")
     p.add_argument("--every_b", type=int, default=10)
+    p.add_argument("--b_train_every", type=int, default=250, help="item b's detector fit")
     p.add_argument("--every_c", type=int, default=100)
     p.add_argument("--lenet_batches", type=int, default=300)
     p.add_argument("--densenet_batches", type=int, default=12)
     p.add_argument("--ref_classes", type=int, default=100)
     p.add_argument("--name", default=None)
-    ns = p.parse_args()
-    rec = Recorder(ns.name or f"speed_{ns.item}")
-    {"a": item_a, "b": item_b, "c": item_c, "d": item_d, "e": item_e}[ns.item](ns, rec)
+    ns = parse(p, argv)
+    if ns.quick:
+        vars(ns).update(QUICK)
+    elif ns.item is None:
+        p.error("ITEM is required (a, b, c, d or e), unless --quick")
+    for item in list(ITEMS) if ns.quick and ns.item is None else [ns.item]:
+        ITEMS[item](ns, Recorder(ns.name or f"speed_{item}"))
 
 
 if __name__ == "__main__":

@@ -26,10 +26,10 @@ from lightning_ood.detectors.layer_ensemble import tap_list
 from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
-#: Which training samples bound class c: ``"correct"`` those of label c that the model
-#: classifies correctly; ``"label"`` every sample of label c (OpenOOD, pytorch-ood);
-#: ``"predicted"`` every sample predicted as c.
-SAMPLES = ("correct", "label", "predicted")
+#: Which training samples bound class c: ``"predicted"`` every sample predicted as c (the
+#: authors' code), ``"correct"`` those of label c that the model classifies correctly,
+#: ``"label"`` every sample of label c (OpenOOD, pytorch-ood).
+SAMPLES = ("predicted", "correct", "label")
 #: The per-tap normaliser E_l: ``"holdout"`` the mean deviation of a seeded held-out fraction of
 #: the training set (OpenOOD, pytorch-ood), ``"validation"`` the mean deviation of the labelled
 #: ID validation split (the paper; :meth:`Gram.fit_validation`), ``"none"`` 1.
@@ -102,8 +102,12 @@ class Gram(_GramTaps):
 
     kind = "gram"
     requires_fit = True
-    powers = HParam([1, 2, 3, 4, 5], _powers, doc="orders p of the Gram matrices (OpenOOD: 1..5)")
-    samples = HParam("correct", choice(*SAMPLES), doc="training samples that bound each class")
+    powers = HParam(
+        list(range(1, 11)),
+        _powers,
+        doc="orders p of the Gram matrices (the authors' code: 1..10; OpenOOD: 1..5)",
+    )
+    samples = HParam("predicted", choice(*SAMPLES), doc="training samples that bound each class")
     normalizer = HParam(
         "holdout", choice(*NORMALIZERS), doc="per-tap normaliser E_l: holdout, validation or none"
     )
@@ -114,7 +118,9 @@ class Gram(_GramTaps):
     )
     seed = HParam(0, integer(0), doc="seed of the held-out draw")
     divide_by_confidence = HParam(
-        False, boolean(), stage="score", doc="divide the deviation by the MSP (OpenOOD's score)"
+        True,
+        boolean(),
+        doc="divide each deviation by the MSP, in the score and in E_l (the authors' code)",
     )
 
     def __init__(self, **kwargs: Any) -> None:
@@ -202,6 +208,7 @@ class Gram(_GramTaps):
         if self._pass == 2:  # the held-out samples' deviations from the final ranges
             if bool(held.any()):
                 dev = self._deviation_per_tap(g[held], pred[held], self._min_acc, self._max_acc)
+                dev = self._by_confidence(dev, out.logits[held])
                 self._dev_sum = self._dev_sum + dev.sum(dim=0)
                 self._dev_count += int(held.sum())
             return
@@ -221,6 +228,12 @@ class Gram(_GramTaps):
         idx = cls[keep][:, None].expand_as(flat)
         self._min_acc.view(num_classes, -1).scatter_reduce_(0, idx, flat, "amin")
         self._max_acc.view(num_classes, -1).scatter_reduce_(0, idx, flat, "amax")
+
+    def _by_confidence(self, dev: Tensor, logits: Tensor) -> Tensor:
+        """δ_l / MSP per sample with ``divide_by_confidence`` (the authors' code), else δ_l."""
+        if not self.divide_by_confidence:
+            return dev
+        return dev / logits.double().softmax(dim=1).amax(dim=1, keepdim=True)
 
     def _deviation_per_tap(self, g: Tensor, pred: Tensor, mins: Tensor, maxs: Tensor) -> Tensor:
         """(B, K) δ_l: deviations summed over powers and each tap's features."""
@@ -293,7 +306,7 @@ class Gram(_GramTaps):
         reducer = reducer or Reducer()
         if self.mins.numel() == 0:
             raise RuntimeError(f"{self.name}: fit_validation() before finalize()")
-        dev = self._components(out)
+        dev = self._by_confidence(self._components(out), out.logits)
         total = reducer.sum(dev.sum(dim=0))
         count = float(reducer.sum(torch.tensor(float(dev.shape[0]), dtype=torch.float64)))
         if count == 0:
@@ -316,12 +329,10 @@ class Gram(_GramTaps):
         return self._deviation_per_tap(g, out.logits.argmax(dim=1), mins, maxs)
 
     def score(self, out: BackboneOutput, model: OptModel = None, inputs: OptInput = None) -> Tensor:
-        """-Σ_l δ_l(x)/E_l (the paper's Δ(x), §3, negated), optionally divided by the MSP."""
+        """-Σ_l δ_l(x)/E_l (the paper's Δ(x), §3, negated), δ_l divided by the MSP by default."""
         self.check_fitted()
-        total = (self._components(out) / self.normalizers.double()).sum(dim=1)
-        if self.divide_by_confidence:
-            total = total / out.logits.double().softmax(dim=1).amax(dim=1)
-        return -total
+        dev = self._by_confidence(self._components(out), out.logits)
+        return -(dev / self.normalizers.double()).sum(dim=1)
 
 
 __all__ = ["NORMALIZERS", "SAMPLES", "Gram", "deviations", "gram_features"]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from pytorch_ood.detector import Gram as PodGram
+from scipy.special import softmax
 from threaded_ranks import run_ranks, shard
 from torch import Tensor
 from toys import TapNet
@@ -85,42 +86,52 @@ def test_gram_features_equal_the_matrix_product_form() -> None:
     )
 
 
-def test_holdout_score_equals_numpy_reference(net: TapNet) -> None:
-    """Correctly classified, not held-out samples bound their class; the seeded held-out
-    tenth (by training-set position) gives E_l from its predicted-class deviations."""
+@pytest.mark.parametrize(("samples", "by_conf"), [("predicted", True), ("correct", False)])
+def test_holdout_score_equals_numpy_reference(net: TapNet, samples: str, by_conf: bool) -> None:
+    """The authors' code (defaults): samples predicted as c bound class c and every deviation
+    is divided by the MSP; or correctly classified samples and plain deviations. The seeded
+    held-out tenth (by training-set position) is kept out of the ranges and gives E_l from
+    its predicted-class deviations."""
     x, y = _data(net)
-    det = _fit(Gram(taps=["conv", "fc"], powers=POWERS, seed=5), net, x, y, batch=50)
+    make = lambda: Gram(  # noqa: E731
+        taps=["conv", "fc"], powers=POWERS, seed=5, samples=samples, divide_by_confidence=by_conf
+    )
+    det = _fit(make(), net, x, y, batch=50)
     feats, logits = _numpy_taps(net, x)
     pred, yy = logits.argmax(1), y.numpy()
     held = (seeded_uniform(0, N, 5) < 0.1).numpy()
-    bound = ~held & (pred == yy)
+    bound = ~held & (pred == yy) if samples == "correct" else ~held
+    cls = pred if samples == "predicted" else yy
     grams = [[_numpy_gram(f, p) for p in POWERS] for f in feats]
-    mins = [[np.stack([g[bound & (yy == c)].min(0) for c in range(3)]) for g in t] for t in grams]
-    maxs = [[np.stack([g[bound & (yy == c)].max(0) for c in range(3)]) for g in t] for t in grams]
+    mins = [[np.stack([g[bound & (cls == c)].min(0) for c in range(3)]) for g in t] for t in grams]
+    maxs = [[np.stack([g[bound & (cls == c)].max(0) for c in range(3)]) for g in t] for t in grams]
 
-    def delta(ts: list[list[np.ndarray]], pr: np.ndarray) -> np.ndarray:
-        return np.stack(
+    def delta(ts: list[list[np.ndarray]], lg: np.ndarray) -> np.ndarray:
+        pr = lg.argmax(1)
+        d = np.stack(
             [
                 sum(_dev(g, mins[i][j][pr], maxs[i][j][pr]) for j, g in enumerate(t))
                 for i, t in enumerate(ts)
             ],
             axis=1,
         )
+        msp = softmax(lg, axis=1).max(axis=1, keepdims=True)
+        return d / msp if by_conf else d
 
-    norm = delta([[g[held] for g in t] for t in grams], pred[held]).mean(axis=0)
+    norm = delta([[g[held] for g in t] for t in grams], logits[held]).mean(axis=0)
     np.testing.assert_allclose(det.normalizers.numpy(), norm, rtol=1e-9)
     xt, _ = _data(net, 64, seed=1)
     ft, lt = _numpy_taps(net, xt)
-    want = -(delta([[_numpy_gram(f, p) for p in POWERS] for f in ft], lt.argmax(1)) / norm).sum(1)
+    want = -(delta([[_numpy_gram(f, p) for p in POWERS] for f in ft], lt) / norm).sum(1)
     np.testing.assert_allclose(_score(det, net, xt), want, rtol=1e-9)
     # the same split and ranges for any batching
-    other = _fit(Gram(taps=["conv", "fc"], powers=POWERS, seed=5), net, x, y, batch=N)
-    np.testing.assert_allclose(_score(other, net, xt), want, rtol=1e-9)
+    np.testing.assert_allclose(_score(_fit(make(), net, x, y, batch=N), net, xt), want, rtol=1e-9)
 
 
 def test_label_ranges_equal_pytorch_ood(net: TapNet) -> None:
-    """pytorch-ood bounds class c by every sample labelled c; with no hold-out its E_l is 1:
-    our samples=label, normalizer=none, on the same taps (conv map, fc pre-activation)."""
+    """pytorch-ood bounds class c by every sample labelled c, does not divide by the MSP, and
+    with no hold-out its E_l is 1: our samples=label, normalizer=none,
+    divide_by_confidence=false, on the same taps (conv map, fc pre-activation)."""
     x, y = _data(net, seed=2)
     pod = PodGram(
         head=lambda d: net.head(torch.relu(d)),
@@ -131,7 +142,13 @@ def test_label_ranges_equal_pytorch_ood(net: TapNet) -> None:
     pod.validation_fraction = 0.0
     pod.to("cpu")
     pod.fit(list(zip(x.split(64), y.split(64), strict=True)))
-    det = Gram(taps=["conv", "fc"], powers=POWERS, samples="label", normalizer="none")
+    det = Gram(
+        taps=["conv", "fc"],
+        powers=POWERS,
+        samples="label",
+        normalizer="none",
+        divide_by_confidence=False,
+    )
     _fit(det, net, x, y)
     xt, _ = _data(net, 64, seed=3)
     with torch.no_grad():
@@ -183,6 +200,6 @@ def test_state_dict_round_trip_and_refusals(net: TapNet) -> None:
         val.fit_validation(net.extract(xt, taps=val.taps), torch.zeros(16, dtype=torch.long))
     assert val.is_fitted and bool((val.normalizers > 0).all())
     with pytest.raises(InvalidConfiguration, match=r"classes \[2\] have no bounding"):
-        _fit(Gram(powers=POWERS), net, x, torch.where(y == 2, 0, y))
+        _fit(Gram(powers=POWERS, samples="label"), net, x, torch.where(y == 2, 0, y))
     with pytest.raises(ValueError, match="powers must be a list of distinct integers"):
         Gram(powers=[0, 1])

@@ -28,9 +28,10 @@ def rank1(x: Tensor, method: str = "svd", iterations: int = 20) -> Tensor:
     """The rank-1 component s₁u₁v₁ᵀ of each sample's (C, S) matrix ``x`` (B, C, S).
 
     ``"svd"``: exact, from ``torch.linalg.svd``. ``"power"``: ``iterations`` rounds of power
-    iteration (the authors' commented-out acceleration, OpenOOD's ``accelerate``) from v = 1/√S: post-ReLU maps are
-    non-negative, so their leading right singular vector is too (Perron-Frobenius) and the
-    start is never orthogonal to it; a fixed start keeps the result deterministic.
+    iteration (the authors' commented-out acceleration, OpenOOD's ``accelerate``) from
+    v = 1/√S: post-ReLU maps are non-negative, so their leading right singular vector is too
+    (Perron-Frobenius) and the start is never orthogonal to it; a fixed start keeps the
+    result deterministic.
     """
     if method == "svd":
         u, s, vh = torch.linalg.svd(x, full_matrices=False)

@@ -64,10 +64,14 @@ def cfof(dist: Tensor, knn_dist: Tensor, kappa: Tensor, rho: float) -> Tensor:
     reaches ``rho``, 1 where none does. (B,) float64."""
     n, num_k = knn_dist.shape
     knn_dist = knn_dist.to(dist.dtype)
-    # knn_dist[i] ascends in j: the j with knn_dist[i, j] >= d form a suffix starting here
-    first = torch.searchsorted(knn_dist.contiguous(), dist.T.contiguous(), right=False)  # (n, B)
+    # knn_dist[i] ascends in j: the j with knn_dist[i, j] >= d form a suffix starting at
+    # first[b, i] = #{j : knn_dist[i, j] < d[b, i]}
+    if exporting():  # no searchsorted in ONNX: count by comparison (B x n x K booleans)
+        first = (knn_dist[None] < dist[:, :, None]).sum(dim=2)  # (B, n)
+    else:
+        first = torch.searchsorted(knn_dist.contiguous(), dist.T.contiguous()).T  # (B, n)
     counts = torch.zeros(dist.shape[0], num_k + 1, dtype=torch.float64, device=dist.device)
-    counts.scatter_add_(1, first.T, torch.ones_like(first.T, dtype=torch.float64))
+    counts.scatter_add_(1, first, torch.ones_like(first, dtype=torch.float64))
     frac = counts[:, :num_k].cumsum(dim=1) / n
     hit = frac >= rho
     # the first hit, or index num_k (κ = 1) where there is none

@@ -21,7 +21,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_ood.detectors.base import OptInput, OptModel, Reducer
@@ -75,8 +74,14 @@ def smooth(density: Tensor, size: int) -> Tensor:
     if size == 1:
         return density
     left = (size - 1) // 2
-    x = F.pad(density[:, None], (left, size - 1 - left), mode="replicate")
-    return F.avg_pool1d(x, size, stride=1)[:, 0]
+    right = size - 1 - left
+    # edges replicated by concatenation and window sums by differences of a cumulative sum:
+    # both export to ONNX in float64 (onnxruntime has no float64 AveragePool)
+    x = torch.cat(
+        [density[:, :1].expand(-1, left), density, density[:, -1:].expand(-1, right)], dim=1
+    )
+    c = torch.cat([x.new_zeros(x.shape[0], 1), x.cumsum(dim=1)], dim=1)
+    return (c[:, size:] - c[:, :-size]) / size
 
 
 def symmetric_kl(p: Tensor, q: Tensor, eps: float) -> Tensor:

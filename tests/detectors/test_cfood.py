@@ -123,3 +123,17 @@ def test_two_ranks_fit_like_one_process(
 
     for det in run_ranks(2, fit, monkeypatch):
         assert torch.equal(det.bank, one.bank) and torch.equal(det.knn_dist, one.knn_dist)
+
+
+def test_exported_count_path_equals_searchsorted(
+    net: LinearHeadNet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under export (no searchsorted in ONNX) the counts come from comparisons: same CFOF."""
+    from lightning_ood.detectors import cfood as cfood_module
+
+    x, y = _data()
+    det = _fit(CFOOD(bank_fraction=0.5, rho=0.05), net, x, y)
+    out = net.extract(torch.cat([_data(30, seed=6)[0], _data(30, seed=7, shift=1.5)[0]]))
+    eager = engine.score_batch({"c": det}, out)["c"]
+    monkeypatch.setattr(cfood_module, "exporting", lambda: True)
+    assert torch.equal(det.score(out), eager)

@@ -24,9 +24,11 @@ grid both evaluate through these functions, so a number means the same thing eve
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -123,9 +125,7 @@ class Protocol:
 def check_protocol_values(values: Mapping[str, Any], where: str = "") -> None:
     """Refuse a protocol value by name (``where`` prefixes the key: ``tune.select=...``)."""
     if values["select"] not in METRIC_NAMES:
-        raise ValueError(
-            f"{where}select={values['select']!r} is not one of {list(METRIC_NAMES)}"
-        )
+        raise ValueError(f"{where}select={values['select']!r} is not one of {list(METRIC_NAMES)}")
     if not 0.0 < float(values["combiner_fraction"]) < 1.0:
         raise ValueError(
             f"{where}combiner_fraction must lie in (0, 1), got {values['combiner_fraction']}"
@@ -387,6 +387,55 @@ def fixed_combiners(
     return out
 
 
+def combiners_record(path: str, validation_size: int, validation_seed: int) -> dict[str, Any]:
+    """The ``combiners`` record of an earlier run's ``ood_results.json`` (the callback's
+    ``combiners_from``), refused unless its hold-out is this run's (``validation_size``,
+    ``validation_seed``), so that its combiners saw none of the samples reported here. The
+    records themselves are checked by :func:`fixed_combiners`."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"combiners_from={path!r} does not exist; give the ood_results.json of the run "
+            "whose combiners to reuse (e.g. the same model's run on clean data)"
+        )
+    fix = (
+        "give the ood_results.json that `lightning-ood test` wrote for the run whose "
+        "combiners to reuse, unedited"
+    )
+    try:
+        record = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"combiners_from={path!r} is not JSON ({err}); {fix}") from err
+    combiners = record.get("combiners") if isinstance(record, dict) else None
+    held = record.get("validation") if isinstance(record, dict) else None
+    if not isinstance(combiners, dict) or not isinstance(held, dict):
+        raise ValueError(
+            f"combiners_from={path!r} is not an ood_results.json of lightning-ood test "
+            "(it needs a 'combiners' and a 'validation' mapping); " + fix
+        )
+    for key, kind in (("held_out_per_set", "an integer >= 0"), ("seed", "an integer")):
+        value = held.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or (key != "seed" and value < 0):
+            raise ValueError(
+                f"combiners_from={path!r}: validation.{key} must be {kind}, got {value!r}; " + fix
+            )
+    ours = (validation_size, validation_seed)
+    theirs = (held.get("held_out_per_set"), held.get("seed"))
+    if not theirs[0]:
+        raise ValueError(
+            f"combiners_from={path!r} held out no samples, so it fitted no per-set "
+            "combiners: give a run of layer ensembles with validation_size > 0"
+        )
+    if theirs != ours:
+        raise ValueError(
+            f"combiners_from={path!r} held out {theirs[0]} samples per set with seed "
+            f"{theirs[1]}, this run validation_size={ours[0]}, validation_seed={ours[1]}: "
+            "set them to the earlier run's, so that its combiners see none of the samples "
+            "reported here"
+        )
+    return combiners
+
+
 @dataclass
 class Evaluation:
     """What :func:`evaluate_detectors` measured.
@@ -545,9 +594,10 @@ __all__ = [
     "Protocol",
     "average",
     "check_combiner_record",
+    "check_holdout",
     "check_protocol_values",
     "check_tune",
-    "check_holdout",
+    "combiners_record",
     "evaluate_detectors",
     "evaluate_pair",
     "fixed_combiners",

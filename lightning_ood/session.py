@@ -253,6 +253,14 @@ class ScoreBank:
         return list(gather)
 
 
+def sharing_the_tuning_pass(
+    detectors: Mapping[str, Detector], searched: Sequence[str], refit: bool = False
+) -> list[Detector]:
+    """The configured detectors that are not tuned but fitted anyway (no fitted state, or
+    every one with ``refit``): they join the candidates' single training pass."""
+    return [d for n, d in detectors.items() if n not in searched and (refit or not d.is_fitted)]
+
+
 # -- results of the steps ------------------------------------------------------------------------
 @dataclass
 class Tuned:
@@ -724,8 +732,7 @@ class EvaluationSession:
         tuned = None
         fitted: list[Detector] = []
         if searches:
-            names = {s.name for s in searches}
-            others = [d for n, d in dets.items() if n not in names and (refit or not d.is_fitted)]
+            others = sharing_the_tuning_pass(dets, [s.name for s in searches], refit)
             tuned = self.tune(searches, sets, others=others, skip_invalid=skip_invalid)
             dets.update(tuned.selected)
             fitted = [*tuned.selected.values(), *tuned.others]
@@ -777,4 +784,5 @@ __all__ = [
     "Sets",
     "Source",
     "Tuned",
+    "sharing_the_tuning_pass",
 ]

@@ -116,6 +116,33 @@ def plan(
     return Search(name, kind, base, dict(space), combos, candidates)  # type: ignore[arg-type]
 
 
+def searches_for(
+    detectors: Mapping[str, Detector],
+    wanted: Mapping[str, Mapping[str, Sequence[Any]] | None] | None,
+) -> tuple[list[Search], bool]:
+    """The searches a ``tune.detectors`` value asks for over the configured ``detectors``: each
+    named detector over its grid (``None``: its class's ``search_space``), its other
+    hyperparameters kept. ``wanted=None`` tunes every detector that declares a search space
+    and returns ``auto=True``: the caller then keeps a detector whose every value this
+    backbone rules out, instead of refusing the run.
+
+    Raises:
+        ValueError: a named detector is not configured.
+    """
+    auto = wanted is None
+    if wanted is None:
+        wanted = {n: None for n, d in detectors.items() if type(d).search_space}
+    missing = sorted(set(wanted) - set(detectors))
+    if missing:
+        raise ValueError(
+            f"tune: detectors {missing} are not configured; known: {sorted(detectors)}"
+        )
+    searches = [
+        plan(n, detectors[n].kind, space, detectors[n].config()) for n, space in wanted.items()
+    ]
+    return searches, auto
+
+
 def _free(det: Detector) -> frozenset[str]:
     """Hyperparameters that may differ within one accumulation group."""
     return type(det).finalize_only if engine.reads_training_data(det) else frozenset()
@@ -305,6 +332,7 @@ __all__ = [
     "fit_candidates",
     "plan",
     "rank_key",
+    "searches_for",
     "select",
     "split_index",
 ]

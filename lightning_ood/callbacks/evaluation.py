@@ -11,7 +11,6 @@ session's (the same code ``lightning-ood grid`` runs over cached features).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +35,7 @@ from lightning_ood.protocol import (
     Protocol,
     check_holdout,
     check_tune,
+    combiners_record,
     fixed_combiners,
     holds_out,
 )
@@ -47,6 +47,7 @@ from lightning_ood.session import (
     Sets,
     Source,
     Tuned,
+    sharing_the_tuning_pass,
 )
 
 #: The ``tune`` option's check (it lives with the protocol it fills).
@@ -318,7 +319,9 @@ class OODEvaluation(Callback):
         if stage == "test":
             self._check_holdout(trainer, pl_module)
             if self.combiners_from is not None:
-                self._fixed_combiners = self._load_combiners(self.combiners_from)
+                self._fixed_combiners = combiners_record(
+                    self.combiners_from, self.validation_size, self.validation_seed
+                )
                 fixed_combiners(  # refused here, before any pass over the data
                     self._fixed_combiners,
                     f"combiners_from={self.combiners_from!r}",
@@ -337,56 +340,6 @@ class OODEvaluation(Callback):
             for n, k in sizes.items()
             if holds_out(pl_module.detectors[n], k, self.validation_size)
         }
-
-    def _load_combiners(self, path: str) -> dict[str, Any]:
-        """The ``combiners`` record of an earlier run, refused unless its hold-out is ours."""
-        file = Path(path)
-        if not file.is_file():
-            raise FileNotFoundError(
-                f"combiners_from={path!r} does not exist; give the ood_results.json of the run "
-                "whose combiners to reuse (e.g. the same model's run on clean data)"
-            )
-        fix = (
-            "give the ood_results.json that `lightning-ood test` wrote for the run whose "
-            "combiners to reuse, unedited"
-        )
-        try:
-            record = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"combiners_from={path!r} is not JSON ({err}); {fix}") from err
-        combiners = record.get("combiners") if isinstance(record, dict) else None
-        held = record.get("validation") if isinstance(record, dict) else None
-        if not isinstance(combiners, dict) or not isinstance(held, dict):
-            raise ValueError(
-                f"combiners_from={path!r} is not an ood_results.json of lightning-ood test "
-                "(it needs a 'combiners' and a 'validation' mapping); " + fix
-            )
-        for key, kind in (("held_out_per_set", "an integer >= 0"), ("seed", "an integer")):
-            value = held.get(key)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int)
-                or (key != "seed" and value < 0)
-            ):
-                raise ValueError(
-                    f"combiners_from={path!r}: validation.{key} must be {kind}, got {value!r}; "
-                    + fix
-                )
-        ours = (self.validation_size, self.validation_seed)
-        theirs = (held.get("held_out_per_set"), held.get("seed"))
-        if not theirs[0]:
-            raise ValueError(
-                f"combiners_from={path!r} held out no samples, so it fitted no per-set "
-                "combiners: give a run of layer ensembles with validation_size > 0"
-            )
-        if theirs != ours:
-            raise ValueError(
-                f"combiners_from={path!r} held out {theirs[0]} samples per set with seed "
-                f"{theirs[1]}, this run validation_size={ours[0]}, validation_seed={ours[1]}: "
-                "set them to the earlier run's, so that its combiners see none of the samples "
-                "reported here"
-            )
-        return combiners
 
     def _check_holdout(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Refuse a hold-out the test sets or combiners cannot take, before any data pass."""
@@ -541,16 +494,7 @@ class OODEvaluation(Callback):
             if leaked:
                 raise ValueError(f"tune: validation OOD sets {leaked} are also reported test sets")
         dets = dict(pl_module.detectors.items())
-        wanted = self.tune["detectors"]
-        auto = wanted is None  # every declared search space: skip what this backbone rules out
-        if wanted is None:
-            wanted = {n: None for n, d in dets.items() if type(d).search_space}
-        missing = sorted(set(wanted) - set(dets))
-        if missing:
-            raise ValueError(f"tune: detectors {missing} are not configured; known: {sorted(dets)}")
-        searches = [
-            tuning.plan(n, dets[n].kind, space, dets[n].config()) for n, space in wanted.items()
-        ]
+        searches, auto = tuning.searches_for(dets, self.tune["detectors"])
         if not searches:
             rank_zero_warn(
                 "[lightning_ood] tune: nothing to tune (tune.detectors is empty, or no configured "
@@ -564,10 +508,7 @@ class OODEvaluation(Callback):
             f"{sorted(val_ood)}"
         )
         # Detectors not tuned but unfitted share the candidates' single training pass.
-        others = [] if not self.refit else [d for n, d in dets.items() if n not in wanted]
-        others += [
-            d for n, d in dets.items() if n not in wanted and not d.is_fitted and d not in others
-        ]
+        others = sharing_the_tuning_pass(dets, [s.name for s in searches], self.refit)
         show = self.progress and trainer.global_rank == 0
         sets = Sets(
             train=_source(trainer, pl_module, getattr(dm, "fit_dataloader", None), show)

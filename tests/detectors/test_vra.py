@@ -12,7 +12,7 @@ from threaded_ranks import run_ranks, shard
 from torch import Tensor
 from toys import LinearHeadNet
 
-from lightning_ood import engine
+from lightning_ood import engine, tuning
 from lightning_ood.detectors import DETECTORS
 from lightning_ood.detectors.base import Detector, InvalidConfiguration, Reducer
 from lightning_ood.detectors.vra import VRA
@@ -136,3 +136,26 @@ def test_config_and_refusals(net: LinearHeadNet) -> None:
         VRA(gamma=0.5, variant="openood")
     with pytest.raises(InvalidConfiguration, match="raise max_samples or use per_unit: false"):
         _fit(VRA(per_unit=True, max_samples=100), net, _feats(N, 8))
+
+
+@pytest.mark.parametrize("max_samples", [1 << 26, 1000])  # in memory; radix passes
+def test_tuning_candidates_share_one_pass(net: LinearHeadNet, max_samples: int) -> None:
+    """The percentiles are finalize-only: the four candidates form one accumulation group
+    (the radix passes shared too) and each equals a detector fitted alone."""
+    x = _feats(N, 9)
+    outs = [(net.extract(a), torch.zeros(len(a), dtype=torch.long)) for a in x.split(64)]
+    cands = [
+        VRA(percentile_low=lo, percentile_high=hi, max_samples=max_samples, name=f"v{lo}_{hi}")
+        for lo in (1.0, 10.0)
+        for hi in (85.0, 99.0)
+    ]
+    fitted, groups, invalid = tuning.fit_candidates(cands, net, outs)
+    assert groups == 1 and not invalid and len(fitted) == 4
+    for det in fitted:
+        alone = VRA(
+            percentile_low=det.percentile_low,
+            percentile_high=det.percentile_high,
+            max_samples=max_samples,
+        )
+        engine.fit_detectors([alone], net, outs)
+        assert torch.equal(det.low, alone.low) and torch.equal(det.high, alone.high)

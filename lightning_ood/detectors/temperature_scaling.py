@@ -155,7 +155,7 @@ class TemperatureScaling(Detector):
         self.fitted.fill_(True)
 
     def score(self, out: BackboneOutput, model: OptModel = None, inputs: OptInput = None) -> Tensor:
-        """max_k softmax(f(x)/T)_k (Guo et al. eq. (8)† applied to MSP)."""
+        """max_k softmax(f(x)/T)_k: the MSP of the temperature-scaled logits (Guo et al. §4.2)."""
         self.check_fitted()
         t = self.fitted_temperature.to(out.logits.dtype)
         return (out.logits / t).softmax(dim=1).amax(dim=1)

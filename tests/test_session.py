@@ -72,7 +72,7 @@ DETECTORS = {
     "energy": {},
 }
 SPACES = {
-    "line": {"p_a": [10, 50, 90], "p_w": [10, 90]},
+    "line": {"p_a": [10, 90], "p_w": [10, 90]},
     "mahalanobis": {"standardize": [False, True]},
 }
 
@@ -143,8 +143,10 @@ def test_tune_metrics_recomputed_by_hand(through_test: dict[str, Any]) -> None:
     """The validation numbers both entry points share, recomputed without the session: LINe
     candidates fitted by the engine, AUROC of the held-out ID vs validation OOD scores."""
     task, dm = through_test["task"], SessionData()
-    rows = through_test["results"]["tuning"]["detectors"]["line"]["rows"]
-    for row in rows:
+    record = through_test["results"]["tuning"]["detectors"]["line"]
+    chosen = [r for r in record["rows"] if r["params"] == record["selected"]]
+    assert len(chosen) == 1
+    for row in [record["rows"][0], *chosen]:  # the first configuration and the selected one
         det = build_detector("line", {**DETECTORS["line"], **row["params"]})
         engine.fit_from_loader([det], task.backbone, dm.fit_dataloader())
         s_id = engine.score_loader({"l": det}, task.backbone, dm.val_dataloader())["l"]

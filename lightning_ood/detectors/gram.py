@@ -174,6 +174,8 @@ class Gram(_GramTaps):
 
     def reset(self) -> None:
         self._reset_acc()
+        if self._taps_arg is None:  # resolved anew from the model the next pass runs
+            self._resolved = []
         self.fitted.fill_(False)
 
     def _features(self, out: BackboneOutput, taps: tuple[str, ...]) -> Tensor:

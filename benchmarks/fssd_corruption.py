@@ -20,31 +20,40 @@ and the DenseNet CIFAR copy vs TinyImageNet-resize (a slice). Aggregated with
 
 Regenerate (slices as in the results)::
 
-    nice -n 19 .venv/bin/python benchmarks/fssd_corruption.py shift
-    nice -n 19 .venv/bin/python benchmarks/fssd_corruption.py robust
-    nice -n 19 .venv/bin/python benchmarks/fssd_corruption.py robust --clean_combiners
-    # the 14-epoch LeNets (fssd_table2_train.sh 14 2), in their own --out and result names:
-    nice -n 19 .venv/bin/python benchmarks/fssd_corruption.py shift --models lenet \
-        --epochs 14 --out .cache/fssd_corruption_e14 --name fssd_corruption_shift_e14
+    nice -n 19 .venv/bin/python -m benchmarks.fssd_corruption shift
+    nice -n 19 .venv/bin/python -m benchmarks.fssd_corruption robust
+    nice -n 19 .venv/bin/python -m benchmarks.fssd_corruption robust --clean_combiners
+    # the 14-epoch LeNets (fssd_table2_train.sh 14 2), in their own --work and result names:
+    nice -n 19 .venv/bin/python -m benchmarks.fssd_corruption shift --models lenet \
+        --epochs 14 --work .cache/fssd_corruption_e14 --name fssd_corruption_shift_e14
+
+``--quick`` runs both modes on one LeNet trained for three steps (no DenseNet), a few images per
+set, severity 1 only in ``robust``.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks._record import Recorder  # noqa: E402
-from benchmarks._runs import paper_metrics, run_test  # noqa: E402
-from lightning_ood import report  # noqa: E402
-from lightning_ood.data.corruptions import CORRUPTIONS  # noqa: E402
+from benchmarks.common import (
+    LENET_RECIPE,
+    ROOT,
+    Recorder,
+    paper_metrics,
+    parse,
+    parser,
+    quick_lenets,
+    reference_weights,
+    run_test,
+    work_dir,
+)
+from lightning_ood import report
+from lightning_ood.data.corruptions import CORRUPTIONS
 
 TAPS_MAHA = ["conv1", "conv2", "fc1"]
 TAPS_FSSD = ["conv1", "conv2", "fc1", "logits"]
@@ -99,27 +108,40 @@ def callback(detectors: dict[str, Any], **kw: Any) -> list[dict[str, Any]]:
 
 
 def lenet_config(
-    epochs: int, data: dict[str, Any], detectors: dict[str, Any], **cb: Any
+    epochs: int,
+    data: dict[str, Any],
+    detectors: dict[str, Any],
+    root: Path | None = None,
+    **cb: Any,
 ) -> dict[str, Any]:
     """The LeNet training recipe's config (benchmarks/configs/lenet_fashionmnist_train.yaml)
-    with ``data`` merged in and an OOD callback; no figures unless ``cb`` asks."""
-    train = yaml.safe_load((ROOT / "benchmarks/configs/lenet_fashionmnist_train.yaml").read_text())
+    with ``data`` (and the data ``root``) merged in and an OOD callback; no figures unless
+    ``cb`` asks."""
+    train = yaml.safe_load(LENET_RECIPE.read_text())
     cfg = {k: v for k, v in train.items() if k != "experiment"}
     cfg["trainer"] = {**train["trainer"], "max_epochs": epochs}
     cfg["data"]["init_args"] = {**train["data"]["init_args"], **data}
+    if root is not None:
+        cfg["data"]["init_args"]["root"] = str(root)
     cfg["trainer"]["callbacks"] = callback(detectors, **{"figures": False, **cb})
     return cfg
 
 
-def densenet_config(data: dict[str, Any], detectors: dict[str, Any], **cb: Any) -> dict[str, Any]:
-    """configs/line_densenet_cifar10.yaml (reference DenseNet-BC-100, CIFAR-10 JPEG-q75 copy
-    in ../shared/data) with ``data`` merged in and an OOD callback."""
+def densenet_config(
+    data: dict[str, Any], detectors: dict[str, Any], root: Path, **cb: Any
+) -> dict[str, Any]:
+    """configs/line_densenet_cifar10.yaml (reference DenseNet-BC-100, CIFAR-10 JPEG-q75 copy,
+    both under the data ``root``) with ``data`` merged in and an OOD callback."""
     base = yaml.safe_load((ROOT / "configs/line_densenet_cifar10.yaml").read_text())
     cfg = {k: v for k, v in base.items() if k != "experiment"}
     cfg["trainer"] = {**base["trainer"], "accelerator": "cpu", "enable_progress_bar": False}
+    cfg["model"]["model_kwargs"] = {
+        **cfg["model"].get("model_kwargs", {}),
+        "weights": str(reference_weights(root)),
+    }
     cfg["data"]["init_args"] = {
         **base["data"]["init_args"],
-        "root": "../shared/data",
+        "root": str(root),
         "num_workers": 1,
         **data,
     }
@@ -129,7 +151,7 @@ def densenet_config(data: dict[str, Any], detectors: dict[str, Any], **cb: Any) 
 
 def fitted_from(out: Path, tag: str) -> Path | None:
     """The ``--ckpt_path`` the run ``tag`` in ``out`` was made from (the ``# ckpt_path:`` line
-    that :func:`benchmarks._runs.run_test` writes into its config)."""
+    that :func:`benchmarks.common.run_test` writes into its config)."""
     path = out / f"{tag}.yaml"
     lines = path.read_text().splitlines() if path.is_file() else []
     found = [
@@ -196,7 +218,7 @@ def save_png(summary: dict[str, Any], path: Path, pooled: str = "types") -> str:
 def shift(ns: argparse.Namespace, out: Path) -> tuple[dict[str, Any], str]:
     results: dict[str, Any] = {"lenet": {}, "densenet": None}
     md: list[str] = []
-    figs = ROOT / ns.results_dir
+    figs = ns.out
     if "lenet" in ns.models:
         for s in ns.seeds:
             ckpt = ROOT / ns.ckpt_root / f"lenet_e{ns.epochs}_seed{s}" / "last.ckpt"
@@ -206,8 +228,11 @@ def shift(ns: argparse.Namespace, out: Path) -> tuple[dict[str, Any], str]:
                 "ood_sets": [FMNIST_C],
                 "eval_batch_size": 100,
                 "num_workers": 0,
+                **ns.lenet_fit_slice,
             }
-            cfg = lenet_config(ns.epochs, data, LENET_DETS, validation_size=ns.lenet_holdout)
+            cfg = lenet_config(
+                ns.epochs, data, ns.lenet_dets, ns.data_root, validation_size=ns.lenet_holdout
+            )
             results["lenet"][s] = run_test(f"shift_lenet_seed{s}", cfg, out, ckpt=ckpt, threads=1)
         runs = list(results["lenet"].values())
         summary = pooled_summary(runs)
@@ -238,7 +263,7 @@ def shift(ns: argparse.Namespace, out: Path) -> tuple[dict[str, Any], str]:
             "ood_every": ns.dn_ood_every,
             "ood_sets": [CIFAR10_C],
         }
-        cfg = densenet_config(data, DN_DETS, validation_size=ns.dn_holdout)
+        cfg = densenet_config(data, DN_DETS, ns.data_root, validation_size=ns.dn_holdout)
         r = run_test("shift_densenet", cfg, out, threads=ns.dn_threads)
         results["densenet"] = r
         summary = r["severity"]["detectors"]
@@ -296,8 +321,8 @@ def robust_runs(
 def robust(ns: argparse.Namespace, out: Path) -> tuple[dict[str, Any], str]:
     results: dict[str, Any] = {}
     md: list[str] = []
-    figs = ROOT / ns.results_dir
-    sevs = [1, 2, 3, 4, 5]
+    figs = ns.out
+    sevs = ns.severities
     parts: list[tuple[str, str, list[tuple[int, str, dict[str, Any]]]]] = []
     if "lenet" in ns.models:
         runs = []
@@ -315,8 +340,11 @@ def robust(ns: argparse.Namespace, out: Path) -> tuple[dict[str, Any], str]:
                     "eval_batch_size": 100,
                     "num_workers": 0,
                     "test_corruption": corr,
+                    **ns.lenet_fit_slice,
                 }
-                return lenet_config(ns.epochs, data, LENET_DETS, validation_size=ns.lenet_holdout)
+                return lenet_config(
+                    ns.epochs, data, ns.lenet_dets, ns.data_root, validation_size=ns.lenet_holdout
+                )
 
             args = (out, ckpt, 1, sevs, ns.clean_combiners)
             runs += robust_runs(f"robust_lenet_seed{s}", make, *args)
@@ -331,7 +359,9 @@ def robust(ns: argparse.Namespace, out: Path) -> tuple[dict[str, Any], str]:
                 "ood_sets": ["tinyimagenet_resize"],
                 "test_corruption": corr,
             }
-            return densenet_config(data, DN_DETS, validation_size=ns.dn_robust_holdout)
+            return densenet_config(
+                data, DN_DETS, ns.data_root, validation_size=ns.dn_robust_holdout
+            )
 
         shared = out / "ckpt" / "hA_shift_densenet" / "fitted.ckpt"  # same fit (train slice)
         dn_ckpt = shared if shared.is_file() else None
@@ -367,9 +397,19 @@ def robust(ns: argparse.Namespace, out: Path) -> tuple[dict[str, Any], str]:
     return results, "\n".join(md)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("mode", choices=["shift", "robust"])
+#: ``--quick``: one LeNet of three training steps, a few images per set, severity 1.
+QUICK = {
+    "models": ["lenet"], "epochs": 1, "seeds": [1], "lenet_test_every": 200,
+    "lenet_ood_every": 200, "lenet_holdout": 10, "lenet_robust_every": 100,
+    "severities": [1],
+}  # fmt: skip
+#: ``--quick``'s LeNet detectors: those a LeNet of three steps fits (no ViM subspace).
+QUICK_DETS = {k: v for k, v in LENET_DETS.items() if k != "vim"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__)
+    ap.add_argument("mode", nargs="?", choices=["shift", "robust"], help="required unless --quick")
     ap.add_argument("--models", nargs="+", default=["lenet", "densenet"])
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -385,7 +425,8 @@ def main() -> None:
     ap.add_argument("--dn_robust_every", type=int, default=50)
     ap.add_argument("--dn_robust_holdout", type=int, default=50)
     ap.add_argument("--dn_threads", type=int, default=1)
-    ap.add_argument("--out", default=".cache/fssd_corruption")
+    ap.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="robust")
+    ap.add_argument("--work", default=None, help="run folder (default .cache/fssd_corruption)")
     ap.add_argument(
         "--clean_combiners",
         action="store_true",
@@ -395,25 +436,36 @@ def main() -> None:
     ap.add_argument(
         "--name",
         default=None,
-        help="result stem: <results_dir>/<name>.{json,md} and its PNGs <name>_<model>*.png "
+        help="result stem: <out>/<name>.{json,md} and its PNGs <name>_<model>*.png "
         "(default fssd_corruption_shift / fssd_robustness)",
     )
-    ap.add_argument("--results_dir", default="benchmarks/results", help="results and PNGs")
-    ns = ap.parse_args()
-    robust_name = "fssd_robustness" + ("_clean_combiners" if ns.clean_combiners else "")
-    ns.name = ns.name or ("fssd_corruption_shift" if ns.mode == "shift" else robust_name)
-    rec = Recorder(ns.name)
-    out = ROOT / ns.out
-    results, body = (shift if ns.mode == "shift" else robust)(ns, out)
-    head = (
-        "Values in %, ID positive; AUROC from the callback's exact float64 metrics. Data: "
-        "FashionMNIST (original idx files); CIFAR-10 JPEG-q75 copy (reference DenseNet-BC-100 "
-        f"scores 82.30 % there). Corruptions: our port (lightning_ood/data/corruptions.py, "
-        f"{len(CORRUPTIONS)} of the 19 ImageNet-C types, CIFAR-10-C constants, seeded per "
-        "sample). Detectors at paper/default values (nothing tuned). " + REUSE_NOTE + "\n\n"
-    )
-    print(head + body)
-    rec.write({"args": vars(ns), **results}, head + body, out_dir=ROOT / ns.results_dir)
+    ns = parse(ap, argv)
+    ns.lenet_dets, ns.lenet_fit_slice = LENET_DETS, {}
+    if ns.quick:  # detectors fitted on every 100th training image
+        vars(ns).update(QUICK, lenet_dets=QUICK_DETS, lenet_fit_slice={"train_every": 100})
+        folder = work_dir(ns, "fssd_corruption") / "lenets"
+        quick_lenets(folder, {"lenet_e1_seed1": 1}, ns.data_root)
+        ns.ckpt_root = str(folder)
+    elif ns.mode is None:
+        ap.error("mode is required (shift or robust), unless --quick")
+    out = work_dir(ns, "fssd_corruption")
+    for mode in ["shift", "robust"] if ns.quick and ns.mode is None else [ns.mode]:
+        robust_name = "fssd_robustness" + ("_clean_combiners" if ns.clean_combiners else "")
+        name = ns.name or ("fssd_corruption_shift" if mode == "shift" else robust_name)
+        ns.name, rec = name, Recorder(name)
+        results, body = (shift if mode == "shift" else robust)(ns, out)
+        head = (
+            "Values in %, ID positive; AUROC from the callback's exact float64 metrics. Data: "
+            "FashionMNIST (original idx files); CIFAR-10 JPEG-q75 copy (reference "
+            "DenseNet-BC-100 scores 82.30 % there). Corruptions: our port "
+            f"(lightning_ood/data/corruptions.py, {len(CORRUPTIONS)} of the 19 ImageNet-C "
+            "types, CIFAR-10-C constants, seeded per sample). Detectors at paper/default values "
+            "(nothing tuned). " + REUSE_NOTE + "\n\n"
+        )
+        print(head + body)
+        args = {k: v for k, v in vars(ns).items() if k not in ("lenet_dets", "lenet_fit_slice")}
+        rec.write({"args": args, **results}, head + body, ns.out)
+        ns.name = None if ns.quick else ns.name
 
 
 if __name__ == "__main__":

@@ -10,25 +10,29 @@ regression), the next 500 that select epsilon (ODIN, FSSD+pre-processing, Mahala
 the remaining samples, which alone are reported, for every method alike. The same ID samples
 are reported against both OOD sets.
 
-    .venv/bin/python benchmarks/fssd_fashionmnist.py \
+    .venv/bin/python -m benchmarks.fssd_fashionmnist \
         --ckpts checkpoints/bench/lenet_fmnist_e14_seed{1,2,3}/last.ckpt
+
+The plain detectors go through :func:`benchmarks.common.evaluate`; the epsilon selection per
+OOD set on a split of the test sets (this script's own protocol, which the library's tuning
+does not reproduce: it selects on validation sets, never on a test split) stays here.
+``--quick``: two LeNets trained for three steps, every 50th image, 20 + 20 held out per set,
+a two-value epsilon grid.
 """
 
 from __future__ import annotations
 
-import argparse
+import hashlib
+import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks._record import Recorder  # noqa: E402
+from benchmarks.common import Recorder, evaluate, parse, parser, quick_lenets, work_dir
 
 OOD = ["mnist", "kmnist"]
 N_ENS, N_EPS, SEED = 500, 500, 42
@@ -49,13 +53,13 @@ PAPER = {"msp": (77.3, 79.2, 43.5), "odin": (96.9, 93.0, 2.5),
          "mahalanobis": (99.6, 99.7, 0.0), "fssd": (99.6, 99.7, 0.0)}  # fmt: skip
 
 
-def load_data(batch_size: int):
+def load_data(batch_size: int, root: Path, **every: int) -> tuple[Any, list[str], dict]:
+    """FashionMNIST (ID) and the OOD test sets, preloaded; ``every``: datamodule slices."""
     from lightning_ood.data import FashionMNISTDataModule
 
     dm = FashionMNISTDataModule(
-        root=str(ROOT.parent / "shared" / "data"), batch_size=64, eval_batch_size=batch_size,
-        ood_sets=OOD,
-    )  # fmt: skip
+        root=str(root), batch_size=64, eval_batch_size=batch_size, ood_sets=OOD, **every
+    )
     dm.prepare_data()
     dm.setup("test")
     names = list(dm.test_set_names)
@@ -71,10 +75,12 @@ def batches(x: torch.Tensor, bs: int) -> tuple[torch.Tensor, ...]:
     return x.split(bs)
 
 
-def evaluate_ckpt(path: str, dm, names, sets, bs: int) -> dict:
+def evaluate_ckpt(
+    path: str, dm: Any, names: list[str], sets: dict, bs: int, n_ens: int = N_ENS,
+    n_eps: int = N_EPS,
+) -> dict:  # fmt: skip
     from lightning_ood.detectors import build_detector
-    from lightning_ood.engine import eval_pass, fit_from_loader, score_batch, score_loader
-    from lightning_ood.models.base import BackboneOutput
+    from lightning_ood.engine import eval_pass, fit_from_loader, score_loader
     from lightning_ood.protocol import evaluate_pair
     from lightning_ood.splits import seeded_parts
     from lightning_ood.task import ClassificationTask
@@ -95,20 +101,15 @@ def evaluate_ckpt(path: str, dm, names, sets, bs: int) -> dict:
     fit_s = time.perf_counter() - t0
 
     # per set: ensemble split (combiner), epsilon split (selection), reported rest
-    sp = {n: seeded_parts(len(sets[n][0]), [N_ENS, N_EPS], SEED, n) for n in names}
+    sp = {n: seeded_parts(len(sets[n][0]), [n_ens, n_eps], SEED, n) for n in names}
     rep = {n: sets[n][0][sp[n][2]] for n in names}
     results: dict[str, dict] = {}
 
     # plain detectors: one eval pass per set serves all of them, scored on the whole set
     plain = {name: d for name, d in dets.items() if name != "odin"}
-    scores = {}
-    for n in names:
-        outs = [out for _, _, out in eval_pass(bb, batches(rep[n], bs))]
-        whole = BackboneOutput(torch.cat([o.features for o in outs]),
-                               torch.cat([o.logits for o in outs]), {})  # fmt: skip
-        scores[n] = {name: v.double() for name, v in score_batch(plain, whole).items()}
-    for name in plain:
-        results[name] = {o: evaluate_pair(scores[idn][name], scores[o][name]) for o in names[1:]}
+    reported = {n: batches(rep[n], bs) for n in names}  # fitted above: scored and evaluated
+    for name, per in evaluate(plain, bb, reported).metrics.items():
+        results[name] = {o: per[o] for o in names[1:]}
 
     # epsilon-selected detectors, per OOD set: ensemble split -> combiner, eps split -> eps
     memo: dict = {}
@@ -176,9 +177,9 @@ def evaluate_ckpt(path: str, dm, names, sets, bs: int) -> dict:
             "selection": sel_info, "n_reported": n_rep}  # fmt: skip
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpts", nargs="+", required=True)
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__)
+    p.add_argument("--ckpts", nargs="+", help="LeNet checkpoints, one per seed (required)")
     p.add_argument("--batch_size", type=int, default=500)
     p.add_argument("--name", default="fssd_fashionmnist")
     p.add_argument(
@@ -196,30 +197,36 @@ def main() -> None:
         help="epsilon grid of the Mahalanobis/FSSD input pre-processing (default: "
         "the ODIN grid); 0 alone = no pre-processing and no fssd_pre row",
     )
-    ns = p.parse_args()
+    ns = parse(p, argv)
+    every: dict[str, int] = {}
+    n_ens, n_eps = N_ENS, N_EPS
+    if ns.quick:
+        folder = work_dir(ns, "fssd_per_seed") / "lenets"
+        lenets = quick_lenets(folder, {"lenet_q_seed1": 1, "lenet_q_seed2": 2}, ns.data_root)
+        ns.ckpts = [str(c) for c in lenets.values()]
+        ns.eps_grid, ns.pre_grid = [0.0, 0.0014], [0.0, 0.0014]
+        every, n_ens, n_eps = {"train_every": 100, "test_every": 50, "ood_every": 50}, 20, 20
+    if not ns.ckpts:
+        p.error("--ckpts is required (one LeNet checkpoint per seed), unless --quick")
     if ns.eps_grid:
         EPS_GRID[:] = ns.eps_grid
     PRE_GRID[:] = ns.pre_grid if ns.pre_grid else EPS_GRID
     rec = Recorder(ns.name)
-    torch.manual_seed(0)
-    dm, names, sets = load_data(ns.batch_size)
+    dm, names, sets = load_data(ns.batch_size, ns.data_root, **every)
     per_seed = []
-    import hashlib
-    import json
-
-    cache = ROOT / ".cache" / "fssd_per_seed"
+    cache = work_dir(ns, "fssd_per_seed")
     cache.mkdir(parents=True, exist_ok=True)
     for c in ns.ckpts:
         key = hashlib.sha256(
             (f"{Path(c).resolve()}{Path(c).stat().st_mtime}{EPS_GRID}{PRE_GRID}").encode()
         ).hexdigest()[:16]
         hit = cache / f"{key}.json"
-        if hit.is_file():
+        if hit.is_file() and not ns.quick:
             per_seed.append(json.loads(hit.read_text()))
             print(f"{c}: per-seed result from {hit}")
             continue
         t0 = time.perf_counter()
-        r = evaluate_ckpt(c, dm, names, sets, ns.batch_size)
+        r = evaluate_ckpt(c, dm, names, sets, ns.batch_size, n_ens, n_eps)
         r["seconds"] = time.perf_counter() - t0
         hit.write_text(json.dumps(r, default=float))
         per_seed.append(r)
@@ -265,7 +272,8 @@ def main() -> None:
         f"{statistics.fmean(accs):.2f} ± "
         f"{statistics.stdev(accs) if len(accs) > 1 else math.nan:.2f} %"
         f" ({', '.join(f'{a:.2f}' for a in accs)}).",
-        f"Reported samples per set (after the 500 ensemble + 500 epsilon hold-out, seed {SEED}): "
+        f"Reported samples per set (after the {n_ens} ensemble + {n_eps} epsilon hold-out, "
+        f"seed {SEED}): "
         + ", ".join(f"{k} {v}" for k, v in n_rep.items()) + ".",
         "Values in %, mean ± std over seeds; ID is the positive class for AUROC, AUPR-In and "
         "FPR80/FPR95 (papers' convention). epsilon grid " + str(EPS_GRID) + ", selected by "
@@ -301,9 +309,8 @@ def main() -> None:
     lines += ["", "Targets (MNIST, means): " + str(targets)]
     results = {"per_seed": per_seed, "aggregate": agg, "targets": targets, "test_acc": accs,
                "eps_grid": EPS_GRID, "pre_grid": PRE_GRID,
-               "split": {"ensemble": N_ENS, "epsilon": N_EPS,
-                                                "seed": SEED}}  # fmt: skip
-    rec.write(results, "\n".join(lines))
+               "split": {"ensemble": n_ens, "epsilon": n_eps, "seed": SEED}}  # fmt: skip
+    rec.write(results, "\n".join(lines), ns.out)
     print("\n".join(lines))
 
 

@@ -13,23 +13,29 @@ combiner fitted on 500 held-out samples per test set, seed 42, reported on the r
 
 Checkpoints from ``benchmarks/fssd_table2_train.sh EPOCHS``::
 
-    .venv/bin/python benchmarks/fssd_multi_model.py --epochs 3 --every 4
+    .venv/bin/python -m benchmarks.fssd_multi_model --epochs 3 --every 4
+
+``--quick``: seed 1 tested with two LeNets trained for three steps each, every 100th image.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks._record import Recorder  # noqa: E402
-from benchmarks._runs import epoch_defaults, paper_metrics, run_test  # noqa: E402
-from benchmarks.fssd_table2 import (  # noqa: E402
+from benchmarks.common import (
+    ROOT,
+    Recorder,
+    epoch_suffix,
+    paper_metrics,
+    parse,
+    parser,
+    quick_lenets,
+    run_test,
+    work_dir,
+)
+from benchmarks.fssd_table2 import (
     METRICS,
+    QUICK_DATA,
     TAPS_FSSD,
     base_config,
     callback,
@@ -43,18 +49,25 @@ VARIANTS = {
 }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__)
     ap.add_argument("--epochs", type=int, default=14)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--networks", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     ap.add_argument("--ckpt_root", default="checkpoints/bench")
     ap.add_argument("--every", type=int, default=4, help="keep every n-th test image per set")
-    ap.add_argument("--out", default=None, help="run folder; default .cache/fssd_multi[_e<E>]")
+    ap.add_argument("--work", default=None, help="run folder; default .cache/fssd_multi[_e<E>]")
     ap.add_argument("--name", default=None, help="result stem; default fssd_multi_model[_e<E>]")
-    ns = ap.parse_args()
-    rec = Recorder(epoch_defaults(ns, ".cache/fssd_multi", "fssd_multi_model"))
-    e, out = ns.epochs, ROOT / ns.out
+    ns = parse(ap, argv)
+    extra_data, holdout = {}, 500
+    if ns.quick:
+        vars(ns).update(epochs=1, seeds=[1], networks=[1, 2], every=100)
+        folder = work_dir(ns, "fssd_multi") / "lenets"
+        quick_lenets(folder, {f"lenet_e1_seed{s}": s for s in ns.networks}, ns.data_root)
+        ns.ckpt_root, extra_data, holdout = str(folder), QUICK_DATA, 30
+    suffix = epoch_suffix(ns.epochs)
+    rec = Recorder(ns.name or "fssd_multi_model" + suffix)
+    e, out = ns.epochs, work_dir(ns, "fssd_multi" + suffix)
     ckpt = {s: ROOT / ns.ckpt_root / f"lenet_e{e}_seed{s}" / "last.ckpt" for s in ns.networks}
     results: dict[int, dict[str, Any]] = {}
     for s in ns.seeds:
@@ -68,9 +81,9 @@ def main() -> None:
                 "taps": ["logits"],
             },
         }
-        cfg = base_config(e, {"test_every": ns.every, "ood_every": ns.every,
-                              "ood_sets": ["mnist", "kmnist"]})  # fmt: skip
-        cfg["trainer"]["callbacks"] = callback(dets, validation_size=500)
+        data = {"test_every": ns.every, "ood_every": ns.every, "ood_sets": ["mnist", "kmnist"]}
+        cfg = base_config(e, {**data, **extra_data}, ns.data_root)
+        cfg["trainer"]["callbacks"] = callback(dets, validation_size=holdout)
         results[s] = run_test(f"multi_seed{s}", cfg, out, ckpt[s], prefix="table2")
 
     md = [
@@ -98,7 +111,8 @@ def main() -> None:
             rows = [paper_metrics(r["metrics"]) for r in runs]  # the papers' per-set rows
             cells = [mean_std([r[det][ood][m] for r in rows]) for m in METRICS]
             md.append(f"| {det} | {label} | " + " | ".join(cells) + " |")
-    rec.write({"seeds": ns.seeds, "networks": ns.networks, "runs": results}, "\n".join(md))
+    results_json = {"seeds": ns.seeds, "networks": ns.networks, "runs": results}
+    rec.write(results_json, "\n".join(md), ns.out)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ with the library's tuning path (``tune:`` of the OODEvaluation callback, a custo
 
 * ``kmnist``: held-out FashionMNIST training images (``data.val_size``) against KMNIST;
 * ``mnist_half``: the same ID images against the odd-indexed half of the MNIST test set
-  (idx copy written under ``--out``); the reported MNIST images are the even-indexed ones.
+  (idx copy written under ``--work``); the reported MNIST images are the even-indexed ones.
 
 Reported: every ``--every``-th ID test image and every ``--every``-th MNIST test image
 (``--every`` even, so only even indices: disjoint from the validation half). The ``kmnist``
@@ -18,26 +18,23 @@ reported value any grid point reaches (selected on the reported set itself, so a
 bound, not a result). The 14-epoch LeNets of section 1 no longer exist; the 3-epoch ones of
 ``fssd_table2_train.sh 3`` are used::
 
-    nice -n 19 .venv/bin/python benchmarks/fssd_odin_gap.py --every 20
+    nice -n 19 .venv/bin/python -m benchmarks.fssd_odin_gap --every 20
+
+``--quick``: seed 1 on a LeNet trained for three steps, every 200th image, 10 ID validation
+images.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks._record import Recorder  # noqa: E402
-from benchmarks._runs import run_test  # noqa: E402
-from benchmarks.fssd_corruption import REUSE_NOTE, lenet_config  # noqa: E402
-from benchmarks.fssd_table2 import mean_std  # noqa: E402
+from benchmarks.common import ROOT, Recorder, parse, parser, quick_lenets, run_test, work_dir
+from benchmarks.fssd_corruption import REUSE_NOTE, lenet_config
+from benchmarks.fssd_table2 import mean_std
 
 TEMPERATURES = [1, 10, 100, 1000]
 EPSILONS = [0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01, 0.05, 0.1, 0.2]  # Lee et al. 2018
@@ -72,8 +69,8 @@ def write_odd_half(src: Path, dst: Path) -> Path:
     return dst
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--ckpt_root", default="checkpoints/bench")
@@ -86,16 +83,21 @@ def main() -> None:
         default=None,
         help="seeds for the validation choices other than --oracle_val (default: --seeds)",
     )
-    ap.add_argument("--out", default=".cache/odin_gap")
+    ap.add_argument("--val_size", type=int, default=None, help="default 1000 x --every")
+    ap.add_argument("--work", default=None, help="run folder (default .cache/odin_gap)")
     ap.add_argument("--name", default="fssd_odin_gap")
-    ap.add_argument("--results_dir", default="benchmarks/results")
     ap.add_argument("--oracle_val", default="kmnist", help="the run that holds the oracle grid")
-    ns = ap.parse_args()
+    ns = parse(ap, argv)
+    if ns.quick:
+        vars(ns).update(epochs=1, seeds=[1], every=200, val_size=2000)
+        folder = work_dir(ns, "odin_gap") / "lenets"
+        quick_lenets(folder, {"lenet_e1_seed1": 1}, ns.data_root)
+        ns.ckpt_root = str(folder)
     if ns.every % 2:
         raise SystemExit(f"--every must be even (reported MNIST = even indices), got {ns.every}")
     rec = Recorder(ns.name)
-    out = ROOT / ns.out
-    odd = write_odd_half(ROOT / "../shared/data/MNIST/raw", out / "mnist_odd")
+    out = work_dir(ns, "odin_gap")
+    odd = write_odd_half(ns.data_root / "MNIST" / "raw", out / "mnist_odd")
     grid = {"temperature": TEMPERATURES, "epsilon": EPSILONS}
     val_sets = {
         "kmnist": {"name": "kmnist", "kind": "kmnist", "every": ns.every},
@@ -117,14 +119,15 @@ def main() -> None:
                 )  # fmt: skip
             data = {
                 "test_every": ns.every,
-                "val_size": 1000 * ns.every,  # val_idx[::every]: 1,000 held-out ID images
+                # val_idx[::every]: 1,000 held-out ID images
+                "val_size": ns.val_size or 1000 * ns.every,
                 "ood_sets": [{"name": "mnist", "kind": "mnist", "every": ns.every}],
                 "val_ood_sets": [val_sets[val]],
                 "eval_batch_size": 100,
                 "num_workers": 0,
             }
             tune = {"select": "auroc", "detectors": {"odin": grid}}
-            cfg = lenet_config(ns.epochs, data, dets, validation_size=0, tune=tune)
+            cfg = lenet_config(ns.epochs, data, dets, ns.data_root, validation_size=0, tune=tune)
             runs[val][s] = run_test(f"{val}_seed{s}", cfg, out, ckpt=ckpt, threads=1)
 
     md: list[str] = []
@@ -209,9 +212,7 @@ def main() -> None:
         md.append(f"MSP (Base) AUROC on the same reported images: {msp}.")
     body = "\n".join(md)
     print(body)
-    rec.write(
-        {"runs": runs, "args": vars(ns), "oracle_best": best}, body, out_dir=ROOT / ns.results_dir
-    )
+    rec.write({"runs": runs, "args": vars(ns), "oracle_best": best}, body, ns.out)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ other detector on all reported samples). Checkpoints come from
 ``benchmarks/fssd_table2_train.sh EPOCHS``::
 
     bash benchmarks/fssd_table2_train.sh 3
-    .venv/bin/python benchmarks/fssd_table2.py --epochs 3
+    .venv/bin/python -m benchmarks.fssd_table2 --epochs 3
 
 Runs per seed s in --seeds:
   * ``paper``: the plain LeNet of seed s with every detector at its paper/default values, DE
@@ -24,19 +24,24 @@ Runs per seed s in --seeds:
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks._record import Recorder  # noqa: E402
-from benchmarks._runs import epoch_defaults, paper_metrics, run_test  # noqa: E402
+from benchmarks.common import (
+    LENET_RECIPE,
+    ROOT,
+    Recorder,
+    epoch_suffix,
+    paper_metrics,
+    parse,
+    parser,
+    quick_lenets,
+    run_test,
+    work_dir,
+)
 
 TAPS_MAHA = ["conv1", "conv2", "fc1"]
 TAPS_FSSD = ["conv1", "conv2", "fc1", "logits"]
@@ -53,13 +58,20 @@ COLUMNS = ["msp", "odin", "mahalanobis", "de", "mcd", "mcd_var", "oe", "fssd"]
 LEADERS = ["maxlogit", "gen", "energy", "react", "dice", "dice_react", "line", "ash", "scale",
            "gradnorm", "vim", "rmds", "knn", "nnguide", "nci", "fdbd"]  # fmt: skip
 METRICS = ["auroc", "aupr_in", "fpr80", "fpr95"]
+#: ``--quick``: the detectors a LeNet of three training steps on 600 images can fit.
+QUICK_LEADERS = ["energy", "react", "line"]
+QUICK_DATA = {"train_every": 100, "num_workers": 0}
 
 
-def base_config(epochs: int, data: dict[str, Any]) -> dict[str, Any]:
-    train = yaml.safe_load((ROOT / "benchmarks/configs/lenet_fashionmnist_train.yaml").read_text())
+def base_config(epochs: int, data: dict[str, Any], root: Path | None = None) -> dict[str, Any]:
+    """The LeNet recipe (``benchmarks/configs/lenet_fashionmnist_train.yaml``) for ``epochs``,
+    its datamodule's arguments updated with ``data`` (and the data ``root`` when given)."""
+    train = yaml.safe_load(LENET_RECIPE.read_text())
     cfg = {k: v for k, v in train.items() if k not in ("experiment",)}
     cfg["trainer"] = {**train["trainer"], "max_epochs": epochs}
     cfg["data"]["init_args"] = {**train["data"]["init_args"], **data}
+    if root is not None:
+        cfg["data"]["init_args"]["root"] = str(root)
     return cfg
 
 
@@ -79,14 +91,14 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__)
     ap.add_argument("--epochs", type=int, default=14)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--de_seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     ap.add_argument("--ckpt_root", default="checkpoints/bench")
     ap.add_argument("--every", type=int, default=2, help="keep every n-th test image per set")
-    ap.add_argument("--out", default=None, help="run folder; default .cache/table2[_e<E>]")
+    ap.add_argument("--work", default=None, help="run folder; default .cache/table2[_e<E>]")
     ap.add_argument("--skip_tuned", action="store_true")
     ap.add_argument(
         "--oe_experiment",
@@ -95,15 +107,24 @@ def main() -> None:
         "names its fine-tuned ones oeft{FT}_lenet_e{epochs}_seed{seed}",
     )
     ap.add_argument("--name", default=None, help="result stem; default fssd_table2[_e<E>]")
-    ns = ap.parse_args()
-    rec = Recorder(epoch_defaults(ns, ".cache/table2", "fssd_table2"))
-    e, out = ns.epochs, ROOT / ns.out
+    ns = parse(ap, argv)
+    leaders, extra_data, holdout, val_every = LEADERS, {}, 500, 2
+    if ns.quick:
+        vars(ns).update(epochs=1, seeds=[1], de_seeds=[1, 2], every=100)
+        ns.oe_experiment = "lenet_e{epochs}_seed{seed}"  # MSP of the plain LeNet: code path only
+        folder = work_dir(ns, "table2") / "lenets"
+        quick_lenets(folder, {f"lenet_e1_seed{s}": s for s in ns.de_seeds}, ns.data_root)
+        ns.ckpt_root = str(folder)
+        leaders, extra_data, holdout, val_every = QUICK_LEADERS, QUICK_DATA, 30, 100
+    suffix = epoch_suffix(ns.epochs)
+    rec = Recorder(ns.name or "fssd_table2" + suffix)
+    e, out = ns.epochs, work_dir(ns, "table2" + suffix)
     ckpt = {s: ROOT / ns.ckpt_root / f"lenet_e{e}_seed{s}" / "last.ckpt" for s in ns.de_seeds}
     oe_ckpt = {
         s: ROOT / ns.ckpt_root / ns.oe_experiment.format(epochs=e, seed=s) / "last.ckpt"
         for s in ns.seeds
     }
-    every = {"test_every": ns.every, "ood_every": ns.every}
+    every = {"test_every": ns.every, "ood_every": ns.every, **extra_data}
     de_paths = [str(ckpt[s]) for s in ns.de_seeds]
     paper_dets: dict[str, Any] = {
         "msp": {},
@@ -113,25 +134,25 @@ def main() -> None:
         "mcd": {"passes": 32, "seed": 0},
         "mcd_var": {"passes": 32, "seed": 0},
         "fssd": {"taps": TAPS_FSSD, "noise": "reference"},
-        **{k: {} for k in LEADERS},
+        **{k: {} for k in leaders},
         "line": {"delta": 1.0, "p_a": 90, "p_w": 90},
     }
     results: dict[str, dict[int, dict[str, Any]]] = {"paper": {}, "oe": {}, "tuned": {}}
     for s in ns.seeds:
-        cfg = base_config(e, {**every, "ood_sets": ["mnist", "kmnist"]})
-        cfg["trainer"]["callbacks"] = callback(paper_dets, validation_size=500)
+        cfg = base_config(e, {**every, "ood_sets": ["mnist", "kmnist"]}, ns.data_root)
+        cfg["trainer"]["callbacks"] = callback(paper_dets, validation_size=holdout)
         results["paper"][s] = run_test(f"paper_seed{s}", cfg, out, ckpt[s], prefix="table2")
     if not ns.skip_tuned:
         for s in ns.seeds:
             data = {**every, "ood_sets": ["mnist"], "val_size": 2000}
-            data["val_ood_sets"] = [{"name": "kmnist", "every": 2}]
-            cfg = base_config(e, data)
+            data["val_ood_sets"] = [{"name": "kmnist", "every": val_every}]
+            cfg = base_config(e, data, ns.data_root)
             tuned = {k: v for k, v in paper_dets.items() if k not in ("de", "mcd", "mcd_var")}
-            cfg["trainer"]["callbacks"] = callback(tuned, validation_size=500, tune={})
+            cfg["trainer"]["callbacks"] = callback(tuned, validation_size=holdout, tune={})
             results["tuned"][s] = run_test(f"tuned_seed{s}", cfg, out, ckpt[s], prefix="table2")
     for s in ns.seeds:  # last: the OE networks train longest
-        cfg = base_config(e, {**every, "ood_sets": ["mnist"]})
-        cfg["trainer"]["callbacks"] = callback({"msp": {}}, validation_size=500)
+        cfg = base_config(e, {**every, "ood_sets": ["mnist"]}, ns.data_root)
+        cfg["trainer"]["callbacks"] = callback({"msp": {}}, validation_size=holdout)
         results["oe"][s] = run_test(f"oe_seed{s}", cfg, out, oe_ckpt[s], prefix="table2")
 
     def cell(run: str, det: str, ood: str, metric: str) -> str:
@@ -167,7 +188,7 @@ def main() -> None:
                 else ""
             )
             md.append(f"| {det} | " + " | ".join(cells) + f" | {paper} |")
-    every_det = ["msp", "odin", "mahalanobis", "fssd", *LEADERS]
+    every_det = ["msp", "odin", "mahalanobis", "fssd", *leaders]
 
     def default_table(ood: str, title: str) -> None:
         md.extend([f"\n### {title}\n", "| detector | AUROC↑ | AUPR-In↑ | FPR80↓ | FPR95↓ |",
@@ -215,7 +236,7 @@ def main() -> None:
             md.append(f"| {det} | " + " | ".join(cells) + f" | {'; '.join(chosen)} |")
     body = "\n".join(md)
     print(body)
-    rec.write({"runs": results, "args": vars(ns)}, body)
+    rec.write({"runs": results, "args": vars(ns)}, body, ns.out)
 
 
 if __name__ == "__main__":

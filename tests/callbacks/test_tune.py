@@ -30,8 +30,9 @@ def test_tune_selects_on_validation_data_and_stores_the_choice(
     tmp_path: Path, shared_data: Path, lenet_fitted: dict[str, Any]
 ) -> None:
     cfg = base_config(shared_data, **DATA, val_ood_sets=[{"name": "kmnist", "every": 10}])
-    # tune every declared search space: ReAct's (85, 90, 95, 99); ViM's dims (256, 1000) all
-    # exceed LeNet's 128 features, so ViM keeps its configured values (a warning, a row)
+    # tune every declared search space: ReAct's (85, 90, 95, 99); ViM's (its default None, 256,
+    # 1000): 256 and 1000 exceed LeNet's 128 features, so those rows are invalid and never
+    # selected, and ViM keeps its default
     dets = {"react": {"percentile": 90.0}, "energy": {}, "vim": {}}
     tune = {"select": "auroc", "detectors": None}
     cfg["trainer"]["callbacks"] = [ood_callback(dets, tune=tune, results_dir=str(tmp_path))]
@@ -39,7 +40,9 @@ def test_tune_selects_on_validation_data_and_stores_the_choice(
     res = json.loads((tmp_path / "ood_results.json").read_text())
     record = res["tuning"]["detectors"]["react"]
     assert [r["params"]["percentile"] for r in record["rows"]] == [85, 90, 95, 99]
-    assert "dim=256" in res["tuning"]["detectors"]["vim"]["skipped"]
+    vim = res["tuning"]["detectors"]["vim"]
+    assert [r["params"]["dim"] for r in vim["rows"]] == [None, 256, 1000]
+    assert "dim=256" in vim["rows"][1]["invalid"] and vim["selected"] == {"dim": None}
     assert res["detectors"]["vim"]["dim"] is None  # the configured (default) ViM was kept
     assert res["tuning"]["protocol"]["val_ood_sets"] == {"kmnist": 1000}
     md = (tmp_path / "ood_results.md").read_text()

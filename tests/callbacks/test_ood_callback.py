@@ -95,7 +95,9 @@ class NaNDetector(Energy):
 def test_non_finite_scores_are_reported_not_folded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(DETECTORS, "nan_test", NaNDetector)
+    # registered for this test only (the registry is read-only to library code)
+    monkeypatch.setitem(DETECTORS._classes, "nan_test", NaNDetector)  # type: ignore[attr-defined]
+    monkeypatch.setitem(DETECTORS._origin, "nan_test", __name__)  # type: ignore[attr-defined]
     cb = OODEvaluation(
         detectors={"nan_test": {}, "energy": {}}, results_dir=str(tmp_path), progress=False
     )

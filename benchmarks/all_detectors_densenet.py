@@ -43,6 +43,7 @@ from typing import Any
 from benchmarks.common import (
     CACHE,
     CIFAR10_OOD,
+    CIFAR10_STD,
     QUICK_SLICES,
     Recorder,
     cached_features,
@@ -66,7 +67,7 @@ SHORT = {
 }
 VAL_NAME = "tin_val"
 VAL_OFFSET = 5
-STD_REF = [0.2023, 0.1994, 0.2010]
+STD_REF = CIFAR10_STD
 #: Penultimate features only: the cache stores no intermediate taps of the DenseNet.
 PENULT = ["features"]
 #: Paper/default values. ``None`` entries of the tuned spaces take the class's declared space.

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,27 +142,27 @@ def work_dir(ns: argparse.Namespace, default: str) -> Path:
     return ns.out / "work" if ns.quick else CACHE / default
 
 
-# -- evaluation ----------------------------------------------------------------------------------
-def _scores(detectors: Mapping[str, Any], backbone: Any, data: Any, name: str) -> dict:
-    """Every detector's scores (layer ensembles: their components) of one set, from cached
-    features or through one eval pass over a loader."""
-    from lightning_ood import engine
-    from lightning_ood.features import CachedFeatures, ShardedFeatures, score_cached
+# -- evaluation ---------------------------------------------------------------------------------
+def source(data: Any, backbone: Any) -> Any:
+    """``data`` as a :mod:`lightning_ood.session` source: cached features (or sharded ones)
+    as a ``CachedSource``, anything else (a loader, batches) as a ``LoaderSource``."""
+    from lightning_ood.features import CachedFeatures, ShardedFeatures
+    from lightning_ood.session import CachedSource, LoaderSource
 
     if isinstance(data, CachedFeatures | ShardedFeatures):
-        return score_cached(detectors, data, components=True)
-    return engine.score_loader(detectors, backbone, data, components=True, desc=name)
+        return CachedSource(data)
+    return LoaderSource(data, backbone)
 
 
-def fit(detectors: Mapping[str, Any], backbone: Any, train: Any, batch_size: int = 4096) -> None:
-    """Fit ``detectors`` together on ``train`` (cached features or a loader; one pass)."""
-    from lightning_ood import engine
-    from lightning_ood.features import CachedFeatures, ShardedFeatures, fit_from_cache
+def session(backbone: Any, validation_size: int = 0, seed: int = 42) -> Any:
+    """The library's evaluation session with the benchmarks' protocol: every reported sample
+    scored, unless ``validation_size`` > 0 holds that many out of each set (seed ``seed``) for
+    the papers' per-set layer-ensemble rows."""
+    from lightning_ood.protocol import Protocol
+    from lightning_ood.session import EvaluationSession
 
-    if isinstance(train, CachedFeatures | ShardedFeatures):
-        fit_from_cache(detectors.values(), backbone, train, batch_size=batch_size)
-    else:
-        engine.fit_from_loader(detectors.values(), backbone, train)
+    protocol = Protocol(validation_size=validation_size, validation_seed=seed)
+    return EvaluationSession(backbone, protocol)
 
 
 def evaluate(
@@ -174,21 +174,22 @@ def evaluate(
     validation_size: int = 0,
     seed: int = 42,
 ) -> Any:
-    """The benchmarks' one evaluation: fit ``detectors`` on ``train`` (skipped when None: they
-    are fitted already), score every set of ``sets`` (first the ID set, then the OOD sets;
-    cached features or loaders), and apply :func:`lightning_ood.protocol.evaluate_detectors`.
+    """The benchmarks' one evaluation, through :class:`lightning_ood.session.EvaluationSession`:
+    fit ``detectors`` together on ``train`` (skipped when None: they are fitted already),
+    score every set of ``sets`` (the ID set first, then the OOD sets; cached features or
+    loaders; one pass per set for every detector) and apply the protocol
+    (:func:`lightning_ood.protocol.evaluate_detectors`).
 
     Returns its :class:`~lightning_ood.protocol.Evaluation`: ``metrics[detector][ood_set]``
     holds AUROC, AUPR-In/Out, FPR95 (ID positive) and counts, plus ``"average"``; a layer
     ensemble with ``validation_size`` > 0 also has its papers' per-set row
     ``<name>[per-set]``.
     """
+    run = session(backbone, validation_size, seed)
     if train is not None:
-        fit(detectors, backbone, train)
-    names = list(sets)
-    per_set = [_scores(detectors, backbone, sets[n], n) for n in names]
-    banks = {d: [s[d] for s in per_set] for d in detectors}
-    return evaluate_banks(detectors, banks, names, validation_size=validation_size, seed=seed)
+        run.fit(list(detectors.values()), source(train, backbone))
+    bank = run.score(detectors, {n: source(data, backbone) for n, data in sets.items()})
+    return run.evaluate(detectors, bank.banks(), list(sets), per_set=validation_size > 0)
 
 
 def evaluate_banks(
@@ -202,20 +203,28 @@ def evaluate_banks(
     """The protocol step of :func:`evaluate` on scores at hand (``banks``: per detector, the
     scores or layer-ensemble components of each set of ``set_names``, ID first): each
     detector's shipped row, plus the per-set-combiner rows when ``validation_size`` > 0."""
-    from lightning_ood.protocol import evaluate_detectors
-
-    return evaluate_detectors(
-        detectors, banks, list(set_names), validation_size=validation_size, seed=seed
-    )
+    run = session(None, validation_size, seed)  # the protocol step reads no network
+    return run.evaluate(detectors, banks, list(set_names), per_set=validation_size > 0)
 
 
-def rows(evaluation: Any, metrics: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
-    """``evaluation.metrics`` restricted to ``metrics`` (all when None), per detector and set."""
-    keep = None if metrics is None else list(metrics)
-    return {
-        d: {s: (m if keep is None else {k: m[k] for k in keep}) for s, m in per.items()}
-        for d, per in evaluation.metrics.items()
-    }
+# -- memory of this process (Linux) --------------------------------------------------------------
+def memory() -> dict[str, int]:
+    """This process's resident set ``VmRSS`` and its peak ``VmHWM``, in bytes."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("VmRSS", "VmHWM")):
+            key, value = line.split(":")
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def reset_peak_memory() -> bool:
+    """Make the peak RSS (``VmHWM``) the current RSS; False where the kernel refuses."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 # -- the reference CIFAR-10 DenseNet -------------------------------------------------------------
@@ -223,6 +232,11 @@ def rows(evaluation: Any, metrics: Iterable[str] | None = None) -> dict[str, dic
 QUICK_SLICES = {"train_every": 1000, "test_every": 500, "ood_every": 500}
 #: The OOD sets of the CIFAR-10 DenseNet benchmarks (LINe's Table 1 sets available here).
 CIFAR10_OOD = ["tinyimagenet_crop", "tinyimagenet_resize", "mnist", "fashionmnist", "kmnist"]
+#: The reference DenseNet's per-channel input std: ODIN's step is divided by it.
+CIFAR10_STD = [0.2023, 0.1994, 0.2010]
+#: The FSSD LeNet's taps: Mahalanobis's layer ensemble, and FSSD's (plus the logits).
+LENET_TAPS_MAHA = ["conv1", "conv2", "fc1"]
+LENET_TAPS_FSSD = ["conv1", "conv2", "fc1", "logits"]
 
 
 def cifar10_densenet(

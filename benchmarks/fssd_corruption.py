@@ -42,6 +42,8 @@ import yaml
 
 from benchmarks.common import (
     LENET_RECIPE,
+    LENET_TAPS_FSSD,
+    LENET_TAPS_MAHA,
     ROOT,
     Recorder,
     paper_metrics,
@@ -55,8 +57,7 @@ from benchmarks.common import (
 from lightning_ood import report
 from lightning_ood.data.corruptions import CORRUPTIONS
 
-TAPS_MAHA = ["conv1", "conv2", "fc1"]
-TAPS_FSSD = ["conv1", "conv2", "fc1", "logits"]
+TAPS_MAHA, TAPS_FSSD = LENET_TAPS_MAHA, LENET_TAPS_FSSD
 #: DenseNet taps for FSSD: the stem and the three dense blocks (as the ResNet-34 recipe's stem
 #: and stages), plus the logits (as the LeNet recipe).
 TAPS_FSSD_DN = ["conv1", "block1", "block2", "block3", "logits"]

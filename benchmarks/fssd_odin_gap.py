@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     if ns.quick:
         vars(ns).update(epochs=1, seeds=[1], every=200, val_size=2000)
         folder = work_dir(ns, "odin_gap") / "lenets"
-        quick_lenets(folder, {"lenet_e1_seed1": 1}, ns.data_root)
+        quick_lenets(folder, {"lenet_e1_seed1": 1}, ns.data_root, val_size=ns.val_size)
         ns.ckpt_root = str(folder)
     if ns.every % 2:
         raise SystemExit(f"--every must be even (reported MNIST = even indices), got {ns.every}")

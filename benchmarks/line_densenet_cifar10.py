@@ -31,6 +31,7 @@ import torch
 from benchmarks.common import (
     CACHE,
     CIFAR10_OOD,
+    CIFAR10_STD,
     QUICK_SLICES,
     Recorder,
     cifar10_densenet,
@@ -43,7 +44,7 @@ from benchmarks.common import (
 )
 
 OOD_SETS = CIFAR10_OOD
-STD_REF = [0.2023, 0.1994, 0.2010]
+STD_REF = CIFAR10_STD
 DETECTORS = {
     "msp": {},
     "energy": {},

@@ -38,7 +38,15 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import ROOT, Recorder, parse, parser, quick_lenets
+from benchmarks.common import (
+    ROOT,
+    Recorder,
+    memory,
+    parse,
+    parser,
+    quick_lenets,
+    reset_peak_memory,
+)
 
 CKPT = ROOT / "checkpoints" / "bench" / "lenet_e3_seed1" / "last.ckpt"
 SETS = ("fashionmnist", "mnist")
@@ -91,13 +99,6 @@ def theirs_detectors(model: Any, names: list[str]) -> dict[str, Any]:
 
 
 # -- one side, in its own process ---------------------------------------------------------------
-def _status() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("VmRSS", "VmHWM")):
-            k, v = line.split(":")
-            out[k] = int(v.split()[0]) * 1024
-    return out
 
 
 def run_side(ns: argparse.Namespace) -> None:
@@ -121,12 +122,8 @@ def run_side(ns: argparse.Namespace) -> None:
     train = dm.fit_dataloader()
     tests = dict(zip(dm.test_set_names, dm.test_dataloader(), strict=True))
     names = ns.detectors
-    base = _status()["VmRSS"]
-    reset_ok = True
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
-    except OSError:
-        reset_ok = False
+    base = memory()["VmRSS"]
+    reset_ok = reset_peak_memory()  # peak RSS := current RSS
     scores: dict[str, dict[str, torch.Tensor]] = {}
     if ns.side == "ours":
         dets = build_detectors({n: OURS[n] for n in names})
@@ -158,7 +155,7 @@ def run_side(ns: argparse.Namespace) -> None:
                 for n, c in chunks.items():
                     scores.setdefault(n, {})[s] = torch.cat(c)
         t_score = time.perf_counter() - t0
-    st = _status()
+    st = memory()
     res = {
         "side": ns.side, "fit_s": t_fit, "score_s": t_score, "fit_score_s": t_fit + t_score,
         "process_s": time.perf_counter() - t_start,

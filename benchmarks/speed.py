@@ -27,12 +27,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import CACHE, Recorder, parse, parser, reference_weights
+from benchmarks.common import (
+    CACHE,
+    Recorder,
+    memory,
+    parse,
+    parser,
+    reference_weights,
+    reset_peak_memory,
+)
 
 #: ``--quick``: every item on a few images/batches, one repeat.
 QUICK = {
-    "repeats": 1, "every_a": 1000, "every_b": 500, "every_c": 5000, "lenet_batches": 22,
-    "densenet_batches": 3, "ref_classes": 2, "b_train_every": 1000,
+    "repeats": 1, "every_a": 5000, "every_b": 500, "every_c": 5000, "lenet_batches": 22,
+    "d_models": ["lenet"], "ref_classes": 2, "b_train_every": 1000, "e_width": 256,
+    "e_classes": 100,
 }  # fmt: skip
 
 
@@ -389,6 +398,7 @@ def item_d(ns, rec):
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     res, lines = {}, []
     specs = {"lenet": (ns.lenet_batches, 20), "densenet": (ns.densenet_batches, 2)}
+    specs = {k: v for k, v in specs.items() if k in ns.d_models}
     for kind, (nb, warm) in specs.items():
         batches = _batches(ns.data_root, kind, nb)
         timed_imgs = sum(len(b[1]) for b in batches[warm:])
@@ -472,26 +482,13 @@ def item_d(ns, rec):
 
 
 # -- e: ImageNet-scale head ------------------------------------------------------------------
-def _rss():
-    vals = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("VmRSS", "VmHWM")):
-            k, v = line.split(":")
-            vals[k] = int(v.split()[0]) * 1024
-    return vals
-
-
-def _reset_peak():
-    Path("/proc/self/clear_refs").write_text("5")
-
-
 def item_e(ns, rec):
     from torch import nn
 
     from lightning_ood.detectors import LINe
     from lightning_ood.models.base import BackboneOutput
 
-    q, L, B = 2048, 1000, 256
+    q, L, B = ns.e_width, ns.e_classes, 256
     g = torch.Generator().manual_seed(0)
     fc = nn.Linear(q, L)
     with torch.no_grad():
@@ -511,21 +508,21 @@ def item_e(ns, rec):
     det.class_count.fill_(1.0)
     out = BackboneOutput(h, fc(h).detach(), {})
     # LINe: finalize (C, masks, thresholds) then score one batch
-    base = _rss()["VmRSS"]
-    _reset_peak()
+    base = memory()["VmRSS"]
+    reset_peak_memory()
     t_fin, _r = timed(det.finalize, head)
-    peak_fin = _rss()["VmHWM"] - base
-    base = _rss()["VmRSS"]
-    _reset_peak()
+    peak_fin = memory()["VmHWM"] - base
+    base = memory()["VmRSS"]
+    reset_peak_memory()
     with torch.no_grad():
         t_score, s_line = timed(det.score, out)
-    peak_score = _rss()["VmHWM"] - base
+    peak_score = memory()["VmHWM"] - base
     # Reference: materialise W ⊙ M_w^k for every class k, (L, L, q) float32 = 8.2 GB.
     # Measured on the first `ns.ref_classes` classes (then scaled linearly to L).
     kc = ns.ref_classes
     w, abs_c, thr = det.weight, det.contribution_matrix.T.abs(), det.weight_threshold
-    base = _rss()["VmRSS"]
-    _reset_peak()
+    base = memory()["VmRSS"]
+    reset_peak_memory()
     t0 = time.perf_counter()
     masked = torch.empty(kc, L, q)
     for k in range(kc):
@@ -539,7 +536,7 @@ def item_e(ns, rec):
         z = torch.einsum("blq,bq->bl", masked[pred[sel]], hc[sel] * det.act_mask[pred[sel]])
         s_ref = torch.logsumexp(z + det.bias, dim=1)
         t_ref_score = time.perf_counter() - t1
-    peak_ref = _rss()["VmHWM"] - base
+    peak_ref = memory()["VmHWM"] - base
     diff = float((s_ref - s_line[sel]).abs().max()) if len(sel) else float("nan")
     scale = L / kc
     res = {
@@ -589,7 +586,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--every_c", type=int, default=100)
     p.add_argument("--lenet_batches", type=int, default=300)
     p.add_argument("--densenet_batches", type=int, default=12)
+    p.add_argument("--d_models", nargs="+", default=["lenet", "densenet"], help="item d")
     p.add_argument("--ref_classes", type=int, default=100)
+    p.add_argument("--e_width", type=int, default=2048, help="item e: feature width q")
+    p.add_argument("--e_classes", type=int, default=1000, help="item e: classes L")
     p.add_argument("--name", default=None)
     ns = parse(p, argv)
     if ns.quick:

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).absolute().parents[2]
 BENCHMARKS = ROOT / "benchmarks"
 #: Modules of the package that are not benchmark scripts.
 SHARED = {"__init__", "common"}

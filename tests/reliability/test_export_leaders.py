@@ -33,6 +33,18 @@ SPECS = {
     "nnguide": {"k": 5, "bank_fraction": 1.0, "store_bank": True},
     "nci": {},
     "fdbd": {},
+    "klm": {},
+    "openmax": {"correct_only": False, "tailsize": 20},
+    "she": {"correct_only": False},
+    "gmm": {},
+    "residual": {"dim": 4},
+    "temperature_scaling": {"temperature": 1.5},
+    "gram": {"taps": ["conv", "fc"], "samples": "label"},
+    "vra": {},
+    "relation": {"store_bank": True},
+    "weiper": {"n_repeats": 5, "n_bins": 20},
+    "reweightood": {},
+    "cfood": {"bank_fraction": 1.0, "store_bank": True},
 }
 
 
@@ -45,7 +57,8 @@ def _batches(seed: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def test_specs_cover_every_exportable_feature_kind() -> None:
     kinds = {spec.get("type", name) for name, spec in SPECS.items()}
-    needs_more = {"odin", "de", "mcd", "mcd_var", "fssd_ensemble"}  # gradients/members/passes
+    # gradients / members / passes / reruns of the network from a tap
+    needs_more = {"odin", "iodin", "de", "mcd", "mcd_var", "fssd_ensemble", "rankfeat"}
     assert kinds == set(DETECTORS) - needs_more
 
 

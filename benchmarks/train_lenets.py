@@ -74,13 +74,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plain_name", default="lenet_e{epochs}_seed{seed}")
     p.add_argument("--checkpoint_root", type=Path, default=ROOT / "checkpoints" / "bench")
     p.add_argument("--lanes", type=int, default=2, help="networks trained at once")
+    p.add_argument(
+        "--val_size",
+        type=int,
+        default=0,
+        help="training images held out (data.val_size): runs that tune or calibrate on a "
+        "hold-out (fssd_table2's tuned runs: 2000; fssd_odin_gap: 1000 x --every) are refused "
+        "on networks that trained on it",
+    )
     ns = parse(p, argv)
-    extra: list[str] = []
+    extra: list[str] = ["--data.init_args.val_size", str(ns.val_size)] if ns.val_size else []
     roots = {"ckpt": ns.checkpoint_root, "logs": CACHE / "bench_logs"}
     if ns.quick:
         vars(ns).update(epochs=1, seeds=[1], oe_seeds=[1], oe_finetune=1)
         roots = {"ckpt": ns.out / "work" / "ckpt", "logs": ns.out / "work" / "logs"}
-        extra = QUICK_ARGS
+        extra = [*extra, *QUICK_ARGS]
     for folder in roots.values():
         folder.mkdir(parents=True, exist_ok=True)
     rec = Recorder(f"train_lenets_e{ns.epochs}")

@@ -10,6 +10,9 @@ else loops over detectors to fit or score them.
   data) → the extra passes a detector asks for (``next_pass``: an exact percentile beyond
   memory) → ``finalize`` with a :class:`~lightning_ood.detectors.base.Reducer` (DDP sums).
   The batches come from :func:`eval_pass` or from cached features; both give the same state.
+* :func:`fit_validation_detectors` — then, for the detectors fitted on the labelled ID
+  validation split (``uses_validation_data``: temperature scaling's T, Gram's validation
+  normaliser), ONE pass over it shared by all of them and ``fit_validation``.
 * :func:`score_batch` — every detector's score of one batch from the shared forward pass; the
   input-gradient dispatch (ODIN, FSSD/Mahalanobis with ``epsilon > 0``) lives here once.
 * :func:`calibrate_detectors` / :func:`decide` — decision thresholds at a target ID TPR and
@@ -265,6 +268,102 @@ def fit_from_loader(
         fit_detectors(dets, backbone, source, reducer)
 
 
+# -- validation-fitted detectors -----------------------------------------------------------------
+def validation_readers(detectors: Iterable[Detector]) -> list[Detector]:
+    """The detectors fitted (also) on the labelled ID validation split
+    (``Detector.uses_validation_data``: a class flag or a per-instance property)."""
+    return [d for d in detectors if bool(d.uses_validation_data)]
+
+
+def cat_outputs(parts: Sequence[BackboneOutput]) -> BackboneOutput:
+    """One :class:`BackboneOutput` of the rows of ``parts`` (dim 0), taps included."""
+    taps = {k: torch.cat([p.taps[k] for p in parts]) for k in parts[0].taps} if parts else {}
+    return BackboneOutput(
+        torch.cat([p.features for p in parts]), torch.cat([p.logits for p in parts]), taps
+    )
+
+
+def _empty_outputs(backbone: OODBackbone, taps: Sequence[str]) -> BackboneOutput:
+    """Zero-row outputs of ``backbone`` (a rank whose shard of a tiny split is empty still
+    takes part in the detectors' cross-rank reductions)."""
+    shape = tuple(getattr(backbone, "input_shape", ()) or ())
+    x = torch.zeros(0, *shape, device=module_device(backbone))
+    with torch.no_grad(), eval_mode(backbone):
+        return backbone.extract(x, taps=[t for t in taps if t not in (FEATURES, LOGITS)])
+
+
+def fit_validation_detectors(
+    detectors: Iterable[Detector],
+    backbone: OODBackbone,
+    outputs: Outputs,
+    reducer: Reducer | None = None,
+    *,
+    invalid: dict[str, str] | None = None,
+) -> list[Detector]:
+    """Call ``fit_validation(out, target, reducer)`` of every detector of ``detectors`` that
+    uses validation data, all from ONE stream of labelled ID validation ``outputs`` (this
+    rank's rows; the detectors reduce across ranks through ``reducer``, as in ``finalize``).
+    Runs after :func:`finalize_detectors` and before calibration. Returns those detectors.
+
+    ``invalid``: record ``{name: message}`` of a detector whose ``fit_validation`` raises
+    :class:`~lightning_ood.detectors.base.InvalidConfiguration` instead of raising (tuning).
+
+    Raises:
+        ValueError: a sample of the split has no label (target < 0, e.g. cached features
+            extracted from a loader without targets); the message names the detectors.
+    """
+    dets = validation_readers(detectors)
+    if not dets:
+        return []
+    names = [f"{d.name} ({d.kind})" for d in dets]
+    parts: list[BackboneOutput] = []
+    labels: list[Tensor] = []
+    with torch.no_grad():
+        for out, target in outputs:
+            parts.append(out.detach())
+            labels.append(target.reshape(-1).long())
+    target = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    if bool((target < 0).any()):
+        raise ValueError(
+            f"detectors {names} are fitted on the LABELLED ID validation split, but "
+            f"{int((target < 0).sum())} of its {target.numel()} samples have no label (target "
+            "-1: features cached from a loader without targets?); give them a labelled ID "
+            "validation split (a loader of (inputs, targets), or features extracted with labels)"
+        )
+    out = cat_outputs(parts) if parts else _empty_outputs(backbone, detector_taps(dets, backbone))
+    target = target.to(out.logits.device)
+    reducer = reducer or Reducer()
+    for det in dets:
+        if invalid is None:
+            det.fit_validation(out, target, reducer)
+            continue
+        try:
+            det.fit_validation(out, target, reducer)
+        except InvalidConfiguration as err:
+            invalid[det.name] = str(err)
+    return dets
+
+
+def fit_validation_from_loader(
+    detectors: Iterable[Detector],
+    backbone: OODBackbone,
+    loader: Iterable[Any],
+    reducer: Reducer | None = None,
+    *,
+    progress: bool = False,
+) -> list[Detector]:
+    """:func:`fit_validation_detectors` over ONE :func:`eval_pass` of a labelled ID validation
+    ``loader`` (the union of the validation readers' taps); no pass when none reads it."""
+    dets = validation_readers(detectors)
+    if not dets:
+        return []
+    taps = detector_taps(dets, backbone)
+    desc = "Fitting on ID validation (" + ", ".join(d.name for d in dets[:8]) + ")"
+    passes = eval_pass(backbone, loader, taps, progress=progress, desc=desc)
+    with eval_mode(backbone):
+        return fit_validation_detectors(dets, backbone, labelled(passes), reducer)
+
+
 def loader_source(
     backbone: OODBackbone,
     loader: Iterable[Any],
@@ -503,6 +602,7 @@ __all__ = [
     "OutputSource",
     "Outputs",
     "calibrate_detectors",
+    "cat_outputs",
     "check_feature_only",
     "combined_scores",
     "decide",
@@ -515,6 +615,8 @@ __all__ = [
     "finalize_detectors",
     "fit_detectors",
     "fit_from_loader",
+    "fit_validation_detectors",
+    "fit_validation_from_loader",
     "labelled",
     "loader_source",
     "module_device",
@@ -528,4 +630,5 @@ __all__ = [
     "shipped_score",
     "ships_combiner",
     "split_batch",
+    "validation_readers",
 ]

@@ -330,7 +330,7 @@ def grid_search(
     ref_out: dict[str, Any] | None = None
     if ref_det is not None and reference is not None:  # declared up front, never selected
         ref_det.name = kind
-        session.fit([ref_det], sets.train)
+        session.fit([ref_det], sets.train, id_val=sets.id_val)
         ref_val = session.validate([ref_det], sets)[kind]
         ref_run = session.run({kind: ref_det}, sets, per_set=False, info=info)
         ref_out = {

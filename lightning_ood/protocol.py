@@ -36,14 +36,21 @@ from torch import Tensor
 
 from lightning_ood.detectors.base import Detector
 from lightning_ood.engine import shipped_score
-from lightning_ood.metrics import METRIC_NAMES, ood_metrics
+from lightning_ood.metrics import CCR_NAMES, METRIC_NAMES, ccr_metrics, group_averages, ood_metrics
 from lightning_ood.splits import seeded_parts
 
 #: The convention sentence every results file and table carries.
 CONVENTION = (
     "higher score = more in-distribution; ID is the positive class for FPR/AUPR-In (the "
-    "papers' convention); fpr95_oodpos uses OOD as positive"
+    "papers' convention); fpr95_oodpos uses OOD as positive; ccr_fpr<r> (CCR@FPR, OpenOOD's "
+    "open-set accuracy) is the fraction of ALL ID test samples accepted as ID and correctly "
+    "classified (prediction = argmax of the logits) at the lowest threshold accepting at most "
+    "a fraction r of the OOD set (the exact ROC reading; OOD is the negative side)"
 )
+#: How CCR@FPR is read off the scores (``lightning_ood.metrics.ccr_metrics``'s ``method``).
+CCR_METHOD = "roc"
+#: Prefix of a per-group average row: ``average[near]``, ``average[far]`` (OpenOOD v1.5).
+AVERAGE = "average"
 #: Sample counts reported beside the metrics of every (detector, OOD set).
 COUNT_KEYS = ("n_id", "n_ood", "nonfinite_id", "nonfinite_ood")
 #: Suffix of the row of a layer ensemble evaluated with the papers' per-OOD-set combiners
@@ -173,24 +180,56 @@ def per_set_row(detector: str) -> str:
     return f"{detector}{PER_SET}"
 
 
-def evaluate_pair(s_id: Tensor, s_ood: Tensor) -> dict[str, float]:
+def group_row(group: str) -> str:
+    """The name of a group's average row, e.g. ``average[near]``."""
+    return f"{AVERAGE}[{group}]"
+
+
+def is_average_row(name: str) -> bool:
+    """Whether a row of a detector's metrics is an average (overall or a group's), not a set."""
+    return name == AVERAGE or (name.startswith(f"{AVERAGE}[") and name.endswith("]"))
+
+
+def evaluate_pair(
+    s_id: Tensor, s_ood: Tensor, correct_id: Tensor | None = None
+) -> dict[str, float]:
     """Metrics of one (detector, OOD set) plus :data:`COUNT_KEYS`; NaN metrics when any
-    score is non-finite (reported, never folded into a number)."""
+    score is non-finite (reported, never folded into a number).
+
+    ``correct_id``: per ID sample (the order of ``s_id``), whether the classifier's prediction
+    equals its label; given, the CCR@FPR keys (:data:`~lightning_ood.metrics.CCR_NAMES`, read
+    as :data:`CCR_METHOD`) are added.
+    """
     bad_id = int((~torch.isfinite(s_id)).sum())
     bad_ood = int((~torch.isfinite(s_ood)).sum())
     counts = {"n_id": len(s_id), "n_ood": len(s_ood), "nonfinite_id": bad_id}
     counts["nonfinite_ood"] = bad_ood
+    ccr_keys = CCR_NAMES if correct_id is not None else ()
     if bad_id or bad_ood:
-        return {**dict.fromkeys(METRIC_NAMES, math.nan), **counts}
-    return {**ood_metrics(s_id, s_ood), **counts}
+        return {**dict.fromkeys((*METRIC_NAMES, *ccr_keys), math.nan), **counts}
+    ccr = {} if correct_id is None else ccr_metrics(s_id, s_ood, correct_id, method=CCR_METHOD)
+    return {**ood_metrics(s_id, s_ood), **ccr, **counts}
 
 
 def average(per_set: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """Mean of every metric over sets; NaN if any set is NaN (a broken set must not vanish
-    from a mean)."""
+    """Mean of every metric over sets (CCR@FPR's too where every set holds them); NaN if any
+    set is NaN (a broken set must not vanish from a mean)."""
     if not per_set:
         return dict.fromkeys(METRIC_NAMES, math.nan)
-    return {m: sum(v[m] for v in per_set.values()) / len(per_set) for m in METRIC_NAMES}
+    ccr = [k for k in CCR_NAMES if all(k in v for v in per_set.values())]
+    return {m: sum(v[m] for v in per_set.values()) / len(per_set) for m in (*METRIC_NAMES, *ccr)}
+
+
+def averages(
+    per_set: Mapping[str, Mapping[str, float]], groups: Mapping[str, str] | None = None
+) -> dict[str, dict[str, float]]:
+    """The ``average`` row over every set of ``per_set`` and, for ``groups`` (``{OOD set:
+    group}``), each group's ``average[group]`` row (:func:`lightning_ood.metrics.group_averages`:
+    the plain mean over its sets, OpenOOD v1.5's near/far rows)."""
+    out = {AVERAGE: average(per_set)}
+    for group, row in group_averages(per_set, groups or {}).items():
+        out[group_row(group)] = row
+    return out
 
 
 def holds_out(det: Detector, num_components: int, validation_size: int) -> bool:
@@ -235,17 +274,20 @@ def holdout_splits(
     }
 
 
-def unfittable(components_id: Tensor, components_ood: Tensor, n_id: int, n_ood: int) -> dict:
+def unfittable(
+    components_id: Tensor, components_ood: Tensor, n_id: int, n_ood: int, ccr: bool = False
+) -> dict:
     """The result of a (detector, set) whose combiner cannot be fitted because components
-    are non-finite: NaN metrics, the reported sizes ``n_id``/``n_ood``, and how many samples
-    of each set have a non-finite component."""
+    are non-finite: NaN metrics (CCR@FPR's too with ``ccr``), the reported sizes
+    ``n_id``/``n_ood``, and how many samples of each set have a non-finite component."""
 
     def bad(t: Tensor) -> int:
         return int((~torch.isfinite(t)).reshape(len(t), -1).any(1).sum())
 
     counts = {"n_id": n_id, "n_ood": n_ood, "nonfinite_id": bad(components_id)}
     counts["nonfinite_ood"] = bad(components_ood)
-    return {**dict.fromkeys(METRIC_NAMES, math.nan), **counts}
+    names = (*METRIC_NAMES, *(CCR_NAMES if ccr else ()))
+    return {**dict.fromkeys(names, math.nan), **counts}
 
 
 def _warn_nonfinite(
@@ -448,6 +490,8 @@ class Evaluation:
             hold-out only), fitted here or loaded from the ``combiners`` argument.
         held_out_per_set: samples held out of every set for ``held_out_for`` (0: none).
         held_out_for: the detectors evaluated on the hold-out's remainder.
+        groups: ``{OOD set: group}`` of the ``average[group]`` rows.
+        ccr: whether the rows hold CCR@FPR (the ID test set's correctness was given).
     """
 
     metrics: dict[str, dict[str, dict[str, float]]]
@@ -455,6 +499,8 @@ class Evaluation:
     combiners: dict[str, dict[str, Any]] = field(default_factory=dict)
     held_out_per_set: int = 0
     held_out_for: list[str] = field(default_factory=list)
+    groups: dict[str, str] = field(default_factory=dict)
+    ccr: bool = False
 
 
 def evaluate_detectors(
@@ -467,6 +513,8 @@ def evaluate_detectors(
     warn: Callable[[str], None] | None = None,
     combiners: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
     combiners_source: str = "combiners",
+    correct_id: Tensor | None = None,
+    groups: Mapping[str, str] | None = None,
 ) -> Evaluation:
     """Evaluate every detector on ``set_names[0]`` (ID) against each other set (OOD).
 
@@ -484,6 +532,10 @@ def evaluate_detectors(
             loaded, never fitted; every held-out detector needs one per OOD set with as many
             weights as it has components. ``None``: fit them on the hold-out.
         combiners_source: where ``combiners`` came from, for error messages (a file path).
+        correct_id: (N_ID,) bool, per ID sample in dataset order, whether the prediction
+            equals the label: the rows then hold CCR@FPR (a held-out row indexes it like the
+            ID scores). None (no labels): no CCR key.
+        groups: ``{OOD set: group}``: every detector also gets ``average[group]`` rows.
 
     The model's own (deployed) combiners are restored afterwards: per-set combiners are an
     evaluation protocol, not the detector's state.
@@ -502,6 +554,14 @@ def evaluate_detectors(
                     f"test set {set_name!r} produced no samples; check its path/subset"
                 )
             sizes[set_name] = len(t)
+    if correct_id is not None:
+        correct_id = correct_id.reshape(-1).bool().cpu()
+        if len(correct_id) != sizes.get(id_name, len(correct_id)):
+            raise ValueError(
+                f"correct_id has {len(correct_id)} entries but the ID set {id_name!r} has "
+                f"{sizes[id_name]} scores; pass (prediction == label) of every ID sample in "
+                "dataset order"
+            )
     held_out_for = [
         n
         for n, d in detectors.items()
@@ -520,9 +580,10 @@ def evaluate_detectors(
         return t[splits[set_name][0]]
 
     result = Evaluation({}, {}, {}, validation_size if held_out_for else 0, held_out_for)
+    result.groups, result.ccr = dict(groups or {}), correct_id is not None
     for dname, det in detectors.items():
         bank = dict(zip(set_names, banks[dname], strict=True))
-        _shipped_row(result, dname, det, bank, id_name, ood_names, warn)
+        _shipped_row(result, dname, det, bank, id_name, ood_names, warn, correct_id)
         if dname not in held_out_for:
             continue
         row = per_set_row(dname)
@@ -537,7 +598,9 @@ def evaluate_detectors(
                     det.load_combiner_state(fixed[dname][ood])
                 elif not all(bool(t.isfinite().all()) for t in (fit_id, fit_ood)):
                     # no combiner can be fitted on non-finite components: NaN, reported
-                    per_set[ood] = unfittable(bank[id_name], bank[ood], len(s_id), len(s_ood))
+                    per_set[ood] = unfittable(
+                        bank[id_name], bank[ood], len(s_id), len(s_ood), result.ccr
+                    )
                     result.scores[row][ood] = (s_id[:, 0], s_ood[:, 0])
                     _warn_nonfinite(
                         warn, row, ood, per_set[ood], len(bank[id_name]), len(bank[ood])
@@ -549,12 +612,13 @@ def evaluate_detectors(
                     k: v.tolist() for k, v in det.combiner_state().items()
                 }
                 s_id, s_ood = det.combine(s_id), det.combine(s_ood)
-                per_set[ood] = evaluate_pair(s_id, s_ood)
+                kept = None if correct_id is None else correct_id[splits[id_name][1]]
+                per_set[ood] = evaluate_pair(s_id, s_ood, kept)
                 result.scores[row][ood] = (s_id, s_ood)
                 _warn_nonfinite(warn, row, ood, per_set[ood], len(s_id), len(s_ood))
         finally:
             det.load_combiner_state(deployed)
-        per_set["average"] = average({o: per_set[o] for o in ood_names})
+        per_set.update(averages({o: per_set[o] for o in ood_names}, result.groups))
         result.metrics[row] = per_set
     return result
 
@@ -567,6 +631,7 @@ def _shipped_row(
     id_name: str,
     ood_names: Sequence[str],
     warn: Callable[[str], None] | None,
+    correct_id: Tensor | None = None,
 ) -> None:
     """The row named after the detector: its score as it ships (a layer ensemble's components
     combined by its own combiner), on every sample: what ``lightning_ood.load()`` returns."""
@@ -576,14 +641,16 @@ def _shipped_row(
     result.scores[dname] = {}
     for ood in ood_names:
         s_ood = shipped_score(det, bank[ood])
-        per_set[ood] = evaluate_pair(s_id, s_ood)
+        per_set[ood] = evaluate_pair(s_id, s_ood, correct_id)
         result.scores[dname][ood] = (s_id, s_ood)
         _warn_nonfinite(warn, dname, ood, per_set[ood], len(s_id), len(s_ood))
-    per_set["average"] = average({o: per_set[o] for o in ood_names})
+    per_set.update(averages({o: per_set[o] for o in ood_names}, result.groups))
     result.metrics[dname] = per_set
 
 
 __all__ = [
+    "AVERAGE",
+    "CCR_METHOD",
     "COMBINER_FIELDS",
     "CONVENTION",
     "COUNT_KEYS",
@@ -593,6 +660,7 @@ __all__ = [
     "Evaluation",
     "Protocol",
     "average",
+    "averages",
     "check_combiner_record",
     "check_holdout",
     "check_protocol_values",
@@ -601,8 +669,10 @@ __all__ = [
     "evaluate_detectors",
     "evaluate_pair",
     "fixed_combiners",
+    "group_row",
     "holdout_splits",
     "holds_out",
+    "is_average_row",
     "per_set_row",
     "unfittable",
 ]

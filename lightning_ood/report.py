@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from lightning_ood.io import atomic_write_text
-from lightning_ood.metrics import METRIC_CONVENTIONS, METRIC_NAMES
-from lightning_ood.protocol import COUNT_KEYS, PER_SET
+from lightning_ood.metrics import CCR_FPRS, CCR_NAMES, METRIC_CONVENTIONS, METRIC_NAMES
+from lightning_ood.protocol import COUNT_KEYS, PER_SET, is_average_row
 
 #: Metrics where lower is better; every other metric of ``METRIC_NAMES`` is higher-is-better.
 LOWER_IS_BETTER = frozenset({"fpr95", "fpr80", "fpr95_oodpos"})
@@ -76,9 +76,76 @@ def metrics_table(metrics: Mapping[str, Mapping[str, Mapping[str, float]]]) -> l
         for ood, vals in per_set.items():
             if ood == "average" and len(per_set) == 2:
                 continue
-            label = f"**{ood}**" if ood == "average" else ood
+            label = f"**{ood}**" if is_average_row(ood) else ood
             cells = " | ".join(pct(vals[m]) for m in METRIC_NAMES)
             lines.append(f"| {dname} | {label} | {cells} |")
+    return lines
+
+
+#: CCR@FPR column headers: the FPR budget, higher is better.
+CCR_HEADERS: dict[str, str] = {n: f"CCR@{t:g}↑" for n, t in zip(CCR_NAMES, CCR_FPRS, strict=True)}
+
+
+def ccr_table(metrics: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[str]:
+    """Markdown rows ``| detector | OOD set | CCR@1e-4 ... CCR@0.1 |`` of the rows that hold
+    CCR@FPR (``[]`` when none does); same row rules as :func:`metrics_table`."""
+    lines: list[str] = []
+    for dname, per_set in metrics.items():
+        for ood, vals in per_set.items():
+            if not all(n in vals for n in CCR_NAMES):
+                continue
+            if ood == "average" and len(per_set) == 2:
+                continue
+            label = f"**{ood}**" if is_average_row(ood) else ood
+            cells = " | ".join(pct(vals[n]) for n in CCR_NAMES)
+            lines.append(f"| {dname} | {label} | {cells} |")
+    if not lines:
+        return []
+    head = "| detector | OOD set | " + " | ".join(CCR_HEADERS[n] for n in CCR_NAMES) + " |"
+    return [head, "|---|---|" + "---:|" * len(CCR_NAMES), *lines]
+
+
+def ccr_lines(results: Mapping[str, Any]) -> list[str]:
+    """The CCR@FPR section of a results table: how it is read and the compact table, or the
+    note saying why it was left out; ``[]`` for results without a ``ccr`` record."""
+    rec = results.get("ccr")
+    if not isinstance(rec, Mapping):
+        return []
+    if "omitted" in rec:
+        return [f"CCR@FPR (open-set accuracy) is left out: {rec['omitted']}."]
+    table = ccr_table(results["metrics"])
+    if not table:
+        return []
+    first = (rec.get("conventions") or {}).get(CCR_NAMES[0], "")
+    return [
+        f"CCR@FPR in % (OpenOOD's open-set accuracy, method `{rec.get('method')}`): "
+        f"{first.replace(f'{CCR_FPRS[0]:g}', 'r')}, for r = "
+        + ", ".join(f"{t:g}" for t in CCR_FPRS)
+        + ".",
+        "",
+        *table,
+    ]
+
+
+def group_lines(results: Mapping[str, Any]) -> list[str]:
+    """Which OOD sets each ``average[group]`` row averages, and the sets left out."""
+    lines: list[str] = []
+    members: dict[str, list[str]] = {}
+    for ood, group in (results.get("groups") or {}).items():
+        members.setdefault(group, []).append(ood)
+    if members:
+        lines.append(
+            "Group rows `average[<group>]` are the plain mean over the group's sets: "
+            + "; ".join(f"{g}: {', '.join(sets)}" for g, sets in members.items())
+            + "."
+        )
+    skipped = results.get("skipped_ood_sets") or {}
+    if skipped:
+        lines.append(
+            "Declared OOD sets left out (missing: skip), so their groups average fewer sets: "
+            + "; ".join(f"{n} ({why})" for n, why in skipped.items())
+            + "."
+        )
     return lines
 
 
@@ -115,7 +182,11 @@ def format_markdown(results: Mapping[str, Any]) -> str:
             f"per OOD set on {validation['held_out_per_set']} held-out samples of each test set "
             f"(seed {validation.get('seed')}), reported on the rest."
         )
+    lines += group_lines(results)
     lines += ["", *metrics_table(results["metrics"])]
+    ccr = ccr_lines(results)
+    if ccr:
+        lines += ["", *ccr]
     if results.get("tuning"):
         lines += ["", *tuning_lines(results["tuning"])]
     from lightning_ood.analyses import fssd, line  # they import this module
@@ -151,10 +222,11 @@ def tuning_lines(tuning: Mapping[str, Any]) -> list[str]:
 
 
 def format_csv(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
-    """One row per (detector, set): fractions at full precision, then the sample counts."""
+    """One row per (detector, set or average row): fractions at full precision, CCR@FPR
+    (empty where it was not computed: no labels), then the sample counts."""
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["detector", "ood_set", *METRIC_NAMES, *COUNT_KEYS])
+    writer.writerow(["detector", "ood_set", *METRIC_NAMES, *CCR_NAMES, *COUNT_KEYS])
     for dname, per_set in metrics.items():
         for ood, vals in per_set.items():
             writer.writerow(
@@ -162,6 +234,7 @@ def format_csv(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
                     dname,
                     ood,
                     *(vals[m] for m in METRIC_NAMES),
+                    *(vals.get(k, "") for k in CCR_NAMES),
                     *(vals.get(k, "") for k in COUNT_KEYS),
                 ]
             )
@@ -333,11 +406,15 @@ def write_figures(
 
 
 __all__ = [
+    "CCR_HEADERS",
     "HEADERS",
     "LOWER_IS_BETTER",
+    "ccr_lines",
+    "ccr_table",
     "density_figure",
     "format_csv",
     "format_markdown",
+    "group_lines",
     "header",
     "log_score_figures",
     "metrics_table",

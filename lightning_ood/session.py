@@ -52,14 +52,31 @@ from torch import Tensor
 from lightning_ood import engine, report, tuning
 from lightning_ood.analyses import fssd as fssd_analyses
 from lightning_ood.analyses import line as line_analyses
-from lightning_ood.detectors.base import Detector, Reducer
+from lightning_ood.detectors.base import Detector, InvalidConfiguration, Reducer
+from lightning_ood.metrics import CCR_CONVENTIONS, CCR_FPRS
 from lightning_ood.models.base import BackboneOutput, OODBackbone
-from lightning_ood.protocol import CONVENTION, Evaluation, Protocol, evaluate_detectors
+from lightning_ood.protocol import (
+    CCR_METHOD,
+    CONVENTION,
+    Evaluation,
+    Protocol,
+    evaluate_detectors,
+)
 
 #: Puts one rank's per-sample rows together with every other rank's, in dataset order.
 Gather = Callable[[Tensor], Tensor]
 #: A batch as scoring reads it: the inputs (None for cached features) and the outputs.
 Batch = tuple[Tensor | None, BackboneOutput]
+
+
+#: Why a detector fitted on validation data is refused without a labelled ID validation split.
+NO_VALIDATION_SPLIT = (
+    "detectors {names} are fitted on the labelled ID validation split "
+    "(Detector.uses_validation_data), but there is none: set `data.val_size > 0` (a held-out "
+    "split of the training images; with val_size 0 the only ID data at test time is the "
+    "reported test set), or give the session Sets.id_val; or configure them without it (e.g. "
+    "temperature_scaling with a fixed `temperature`, gram with another `normalizer`)"
+)
 
 
 def _same(t: Tensor) -> Tensor:
@@ -80,6 +97,13 @@ class Source:
         self, taps: Sequence[str], device: torch.device, *, desc: str = "scoring"
     ) -> Iterator[Batch]:
         """``(inputs or None, outputs)`` per batch, serving ``taps``."""
+        raise NotImplementedError
+
+    def with_targets(
+        self, taps: Sequence[str], device: torch.device, *, desc: str = "scoring"
+    ) -> Iterator[tuple[Tensor | None, Tensor | None, BackboneOutput]]:
+        """``(inputs or None, targets or None, outputs)`` per batch: the labels beside the
+        outputs (fitting on the ID validation split, CCR's correctly classified ID samples)."""
         raise NotImplementedError
 
     def training(self, detectors: Sequence[Detector], device: torch.device) -> engine.OutputSource:
@@ -130,6 +154,13 @@ class LoaderSource(Source):
         for x, _, out in passes:
             yield x, out
 
+    def with_targets(
+        self, taps: Sequence[str], device: torch.device, *, desc: str = "scoring"
+    ) -> Iterator[tuple[Tensor | None, Tensor | None, BackboneOutput]]:
+        yield from engine.eval_pass(
+            self.backbone, self.loader, taps, progress=self.progress, desc=desc
+        )
+
     def training(self, detectors: Sequence[Detector], device: torch.device) -> engine.OutputSource:
         return engine.loader_source(self.backbone, self.loader, detectors, progress=self.progress)
 
@@ -151,6 +182,13 @@ class CachedSource(Source):
     def batches(
         self, taps: Sequence[str], device: torch.device, *, desc: str = "scoring"
     ) -> Iterator[Batch]:
+        for _, _, out in self.with_targets(taps, device, desc=desc):
+            yield None, out
+
+    def with_targets(
+        self, taps: Sequence[str], device: torch.device, *, desc: str = "scoring"
+    ) -> Iterator[tuple[Tensor | None, Tensor | None, BackboneOutput]]:
+        """Stored targets are -1 where the extracting loader yielded none."""
         stored = getattr(self.data, "taps", None)
         missing = [t for t in taps if isinstance(stored, Mapping) and t not in stored]
         if missing:
@@ -158,8 +196,8 @@ class CachedSource(Source):
                 f"the cached features of {desc!r} lack taps {missing} (stored: "
                 f"{sorted(stored or {})}); extract them with these taps"
             )
-        for out, _ in self.data.as_batches(self.batch_size, device):
-            yield None, out
+        for out, y in self.data.as_batches(self.batch_size, device):
+            yield None, y, out
 
     def training(self, detectors: Sequence[Detector], device: torch.device) -> engine.OutputSource:
         return lambda: self.data.as_batches(self.batch_size, device)
@@ -182,6 +220,10 @@ class Sets:
             is no validation OOD set (image inputs only; None: the ID-only fallback).
         id_val_note: how ``id_val`` was drawn, for the results (e.g. "held-out training images
             (data.val_size)").
+        groups: ``{reported OOD set: group}`` (the datamodule's ``groups()``): each detector
+            gets an ``average[group]`` row per group beside ``average``.
+        skipped_ood_sets: ``{OOD set: why}`` of declared sets left out (``missing: skip``),
+            named in the results.
     """
 
     train: Source | None = None
@@ -190,13 +232,16 @@ class Sets:
     test: Mapping[str, Source] = field(default_factory=dict)
     proxy: Callable[[], Source] | None = None
     id_val_note: str = "ID validation set"
+    groups: Mapping[str, str] = field(default_factory=dict)
+    skipped_ood_sets: Mapping[str, str] = field(default_factory=dict)
 
 
 # -- scoring -------------------------------------------------------------------------------------
 class ScoreBank:
     """Per detector and set, the scores of the reported sets (layer ensembles: their (N, K)
-    components) and, when asked, the activated-neuron counts of LINe Figure 1. The callback
-    fills it per test batch of Lightning's loop; :meth:`EvaluationSession.score` from sources.
+    components), the ID set's predictions and labels (CCR@FPR) and, when asked, the
+    activated-neuron counts of LINe Figure 1. The callback fills it per test batch of
+    Lightning's loop; :meth:`EvaluationSession.score` from sources.
     """
 
     def __init__(
@@ -214,14 +259,40 @@ class ScoreBank:
             n: [[] for _ in self.set_names] for n in self.detectors
         }
         self._counts: list[list[Tensor]] = [[] for _ in self.set_names]
+        self._pred: list[Tensor] = []
+        self._target: list[Tensor] = []
 
-    def add(self, index: int, out: BackboneOutput, inputs: Tensor | None = None) -> None:
-        """Score one batch of set ``index`` with every detector (one shared forward pass)."""
+    def add(
+        self,
+        index: int,
+        out: BackboneOutput,
+        inputs: Tensor | None = None,
+        targets: Tensor | None = None,
+    ) -> None:
+        """Score one batch of set ``index`` with every detector (one shared forward pass); for
+        the ID set (index 0) also keep each sample's prediction (``argmax`` of the logits, the
+        ``pred`` the shipped predictor returns) and label (-1 where ``targets`` is None)."""
         scores = engine.score_batch(self.detectors, out, self.backbone, inputs, components=True)
         for name, s in scores.items():
             self._scores[name][index].append(s.detach().to("cpu", torch.float64))
         if self.neuron_thresholds is not None:
             self._counts[index].append(line_analyses.counts(out.features, self.neuron_thresholds))
+        if index == 0:
+            pred = out.logits.detach().argmax(dim=-1).to("cpu", torch.long)
+            self._pred.append(pred)
+            y = torch.full_like(pred, -1) if targets is None else targets.detach().reshape(-1)
+            self._target.append(y.to("cpu", torch.long))
+
+    def correct_id(self, gather: Gather | Sequence[Gather] = _same) -> Tensor | None:
+        """(N_ID,) bool: prediction == label of every ID sample in dataset order (gathered
+        like the scores); None when a sample has no label (cached features without targets,
+        a loader of inputs only): CCR@FPR is then left out, never faked."""
+        g = self._gathers(gather)[0]
+        pred = g(torch.cat(self._pred) if self._pred else torch.empty(0, dtype=torch.long)).cpu()
+        y = g(torch.cat(self._target) if self._target else torch.empty(0, dtype=torch.long)).cpu()
+        if pred.shape != y.shape or bool((y < 0).any()):
+            return None
+        return pred == y
 
     def banks(self, gather: Gather | Sequence[Gather] = _same) -> dict[str, list[Tensor]]:
         """``{detector: [scores of set 0, set 1, ...]}``, each gathered in dataset order (a
@@ -251,6 +322,18 @@ class ScoreBank:
         if callable(gather):
             return [gather] * len(self.set_names)
         return list(gather)
+
+
+def ccr_record(computed: bool) -> dict[str, Any]:
+    """How the results' CCR@FPR keys were read (``method``, rates, one line per key), or why
+    there are none: the ID test set's labels were not at hand."""
+    if not computed:
+        return {
+            "omitted": "the ID test set has no labels here (cached features extracted without "
+            "targets, or a loader of inputs only), so no sample can be called correctly "
+            "classified; CCR@FPR is left out, not estimated"
+        }
+    return {"method": CCR_METHOD, "fprs": list(CCR_FPRS), "conventions": dict(CCR_CONVENTIONS)}
 
 
 def sharing_the_tuning_pass(
@@ -361,13 +444,17 @@ class EvaluationSession:
         detectors: Sequence[Detector],
         train: Source | None,
         *,
+        id_val: Source | None = None,
         missing: str | None = None,
     ) -> None:
-        """Fit ``detectors`` together from ONE pass over ``train`` (only if one reads it).
+        """Fit ``detectors`` together from ONE pass over ``train`` (only if one reads it), then
+        those that use validation data on ONE pass over the labelled ``id_val``
+        (:meth:`fit_validation`).
 
         Raises:
             ValueError: a detector reads the training set and ``train`` is None (``missing``
-                replaces the message: the caller knows where the set should come from).
+                replaces the message: the caller knows where the set should come from), or
+                one uses validation data and ``id_val`` is None.
         """
         dets = list(detectors)
         if not dets:
@@ -379,11 +466,67 @@ class EvaluationSession:
                 or f"detectors {[d.name for d in readers]} are fitted on the training set; give "
                 "the session a training source (Sets.train)"
             )
+        self._check_validation_source(dets, id_val)
         for det in dets:
             det.to(self.device)
         outputs = None if not readers or train is None else train.training(readers, self.device)
         with engine.eval_mode(self.backbone):
             engine.fit_detectors(dets, self.backbone, outputs, self.reducer)
+        self.fit_validation(dets, id_val)
+
+    @staticmethod
+    def _check_validation_source(detectors: Sequence[Detector], id_val: Source | None) -> None:
+        """Refuse, before any pass, detectors that fit on validation data without any."""
+        readers = engine.validation_readers(detectors)
+        if readers and id_val is None:
+            raise ValueError(
+                NO_VALIDATION_SPLIT.format(names=[f"{d.name} ({d.kind})" for d in readers])
+            )
+
+    def fit_validation(
+        self,
+        detectors: Sequence[Detector],
+        id_val: Source | None,
+        *,
+        invalid: dict[str, str] | None = None,
+    ) -> list[Detector]:
+        """``fit_validation`` of every detector of ``detectors`` that uses validation data
+        (``Detector.uses_validation_data``), from ONE eval pass over the labelled ID
+        validation source shared by all of them (their taps' union; rows of this rank, the
+        detectors reduce through the session's reducer). After fitting, before tuning's
+        metrics and calibration. Returns those detectors; ``invalid``: see
+        :func:`lightning_ood.engine.fit_validation_detectors`.
+
+        Raises:
+            ValueError: there is no ID validation split, or it is unlabelled (cached features
+                without targets); both name the detectors and the fix.
+        """
+        readers = engine.validation_readers(detectors)
+        if not readers:
+            return []
+        self._check_validation_source(readers, id_val)
+        assert id_val is not None
+        taps = engine.detector_taps(readers, self.backbone)
+        names = ", ".join(d.name for d in readers[:8])
+        desc = f"Fitting on ID validation ({names})"
+
+        def labelled() -> engine.Outputs:
+            for x, y, out in id_val.with_targets(taps, self.device, desc=desc):
+                if y is None:
+                    raise ValueError(
+                        f"detectors {[d.name for d in readers]} are fitted on the LABELLED ID "
+                        "validation split, but its loader yields inputs only (shape "
+                        f"{None if x is None else tuple(x.shape)}); give (inputs, targets) "
+                        "batches"
+                    )
+                yield out, y
+
+        for det in readers:
+            det.to(self.device)
+        with engine.eval_mode(self.backbone):
+            return engine.fit_validation_detectors(
+                readers, self.backbone, labelled(), self.reducer, invalid=invalid
+            )
 
     # -- tune ------------------------------------------------------------------------------
     def validate(
@@ -485,6 +628,7 @@ class EvaluationSession:
             det.to(self.device)
         for det in others:
             det.mark_unfitted()
+        self._check_validation_source([*candidates, *others], sets.id_val)
         readers = [d for d in [*candidates, *others] if engine.reads_training_data(d)]
         if readers and sets.train is None:
             raise ValueError(
@@ -496,6 +640,12 @@ class EvaluationSession:
             fitted, n_groups, invalid = tuning.fit_candidates(
                 candidates, self.backbone, outputs, self.reducer, others=others
             )
+        # candidates and others fitted on validation data share one pass over sets.id_val
+        self.fit_validation([*fitted, *others], sets.id_val, invalid=invalid)
+        broken = [d.name for d in others if d.name in invalid]
+        if broken:
+            raise InvalidConfiguration(invalid[broken[0]])
+        fitted = [d for d in fitted if d.name not in invalid]
         metrics, prime, sizes = self._validation(sets)
         prime(fitted)  # loaders: one pass per validation set for every candidate
         out = Tuned(others=list(others), fit_groups=n_groups)
@@ -590,8 +740,8 @@ class EvaluationSession:
         taps = engine.detector_taps(detectors.values(), self.backbone)
         with engine.eval_mode(self.backbone):
             for i, (name, src) in enumerate(test.items()):
-                for x, out in src.batches(taps, self.device, desc=name):
-                    bank.add(i, out, x)
+                for x, y, out in src.with_targets(taps, self.device, desc=name):
+                    bank.add(i, out, x, y)
         return bank
 
     def evaluate(
@@ -603,10 +753,14 @@ class EvaluationSession:
         per_set: bool = True,
         combiners: Mapping[str, Any] | None = None,
         combiners_source: str = "combiners",
+        correct_id: Tensor | None = None,
+        groups: Mapping[str, str] | None = None,
     ) -> Evaluation:
         """The protocol's metrics (:func:`lightning_ood.protocol.evaluate_detectors`): the
         shipped row of every detector, and with ``per_set`` the papers' ``[per-set]`` rows of
-        multi-component layer ensembles on ``protocol.validation_size`` held-out samples."""
+        multi-component layer ensembles on ``protocol.validation_size`` held-out samples;
+        CCR@FPR given ``correct_id`` (:meth:`ScoreBank.correct_id`), ``average[group]`` rows
+        given ``groups``."""
         return evaluate_detectors(
             detectors,
             banks,
@@ -616,6 +770,8 @@ class EvaluationSession:
             warn=self.warn,
             combiners=combiners,
             combiners_source=combiners_source,
+            correct_id=correct_id,
+            groups=groups,
         )
 
     def results(
@@ -630,16 +786,21 @@ class EvaluationSession:
         combiners_from: str | None = None,
         neuron_counts: Mapping[str, Tensor] | None = None,
         neuron_thresholds: Sequence[float] | None = None,
+        skipped_ood_sets: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """The results mapping ``ood_results.json`` holds (and :func:`report.format_markdown`
-        formats): sets, protocol, configs, thresholds, combiners, metrics, then the tuning
-        record and the paper analyses that apply."""
+        formats): sets, groups and skipped sets, protocol, CCR@FPR's reading (or why it is
+        left out), configs, thresholds, combiners, metrics, then the tuning record and the
+        paper analyses that apply."""
         facts = dict(info or {})
         results: dict[str, Any] = {
             "id_set": facts.get("id_set", set_names[0]),
             "data_version": facts.get("data_version", set_names[0]),
             "model": facts.get("model"),
             "convention": CONVENTION,
+            "groups": dict(evaluation.groups),
+            "skipped_ood_sets": dict(skipped_ood_sets or {}),
+            "ccr": ccr_record(evaluation.ccr),
             "validation": {
                 "held_out_per_set": evaluation.held_out_per_set,
                 "held_out_for": evaluation.held_out_for,
@@ -737,7 +898,7 @@ class EvaluationSession:
             dets.update(tuned.selected)
             fitted = [*tuned.selected.values(), *tuned.others]
         todo = [d for d in dets.values() if d not in fitted and (refit or not d.is_fitted)]
-        self.fit(todo, sets.train)
+        self.fit(todo, sets.train, id_val=sets.id_val)
         fitted += todo
         uncalibrated = [d for d in dets.values() if d in fitted or not d.is_calibrated]
         shipped = self.calibrate(uncalibrated, sets) if sets.id_val is not None else {}
@@ -757,6 +918,8 @@ class EvaluationSession:
             per_set=per_set,
             combiners=combiners,
             combiners_source=combiners_source,
+            correct_id=bank.correct_id(),
+            groups=sets.groups,
         )
         counts = bank.neuron_counts()
         results = self.results(
@@ -769,11 +932,13 @@ class EvaluationSession:
             combiners_from=None if combiners is None else combiners_source,
             neuron_counts=counts,
             neuron_thresholds=at,
+            skipped_ood_sets=sets.skipped_ood_sets,
         )
         return Outcome(dets, set_names, banks, evaluation, results, tuned, shipped, counts, at)
 
 
 __all__ = [
+    "NO_VALIDATION_SPLIT",
     "Batch",
     "CachedSource",
     "EvaluationSession",
@@ -784,5 +949,6 @@ __all__ = [
     "Sets",
     "Source",
     "Tuned",
+    "ccr_record",
     "sharing_the_tuning_pass",
 ]

@@ -7,7 +7,9 @@ that line fails :func:`test_every_registered_kind_has_a_config` and every proper
 own, it is never skipped.
 
 The module fixture fits EVERY configured detector at once (``engine.fit_from_loader``) on a
-LeNet trained for 16 steps (seeded) over 512 FashionMNIST training images, fits the shipped
+LeNet trained for 16 steps (seeded) over 512 FashionMNIST training images, fits those that
+use validation data on the 128 labelled ID validation images
+(``engine.fit_validation_from_loader``: temperature scaling's T), fits the shipped
 layer-ensemble combiners (``engine.deploy_combiners``) on 128 FashionMNIST + 128 MNIST
 validation images, calibrates every threshold at 95 % TPR on the ID ones
 (``engine.calibrate_detectors``), and scores 64 test images (32 FashionMNIST, 32 MNIST).
@@ -115,8 +117,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "openmax": {"tailsize": 10, "alpha": 3, "correct_only": False},  # ~50 images per class
     "gmm": {"n_components": 2, "reduce_dim": 16},  # per-class full covariances on 16 PCA dims
     "residual": {"dim": 32},  # as vim: 55 live features
-    # a fixed T until the engine calls fit_validation (then {}: T by NLL on the validation split)
-    "temperature_scaling": {"temperature": 1.5},
+    "temperature_scaling": {},  # T by NLL on the labelled validation images (fit_validation)
     # no training coat is classified correctly (see she): ranges from every labelled sample
     "gram": {"taps": ["conv1", "conv2", "fc1"], "samples": "label"},
     "rankfeat": {"taps": ["conv2"]},  # no LeNet tap pools to the features: a rerun
@@ -225,6 +226,7 @@ def _data(root: Path) -> dict[str, Any]:
         "backbone": (_normalize(ftrain.data[:1024]), ftrain.targets[:1024]),
         "train": (_normalize(ftrain.data[-N_TRAIN:]), ftrain.targets[-N_TRAIN:]),
         "val_id": _normalize(ftest.data[-N_VAL:]),
+        "val_id_labels": ftest.targets[-N_VAL:],
         "val_ood": _normalize(mtest.data[-N_VAL:]),
         "images": test_u8.unsqueeze(1).float() / 255.0,
         "x": _normalize(test_u8),
@@ -258,13 +260,18 @@ def fit_all(
     world: int = 1,
 ) -> dict[str, Detector]:
     """Every configured detector built, fitted at once on rank ``rank``'s EvalShardedSampler
-    shard of the training images (batches of 64), its layer-ensemble combiner deployed and its
-    threshold calibrated on the validation images (every rank scores them all)."""
+    shard of the training images (batches of 64), those fitted on validation data
+    (temperature scaling's T) on that rank's shard of the labelled ID validation images, its
+    layer-ensemble combiner deployed and its threshold calibrated on the validation images
+    (every rank scores them all)."""
     data = _data(root)
     dets = {kind: build_detector(kind, spec) for kind, spec in specs(member).items()}
     ds = TensorDataset(*data["train"])
     loader = DataLoader(ds, batch_size=64, sampler=EvalShardedSampler(ds, world, rank))
     engine.fit_from_loader(dets.values(), net, loader, reducer)
+    val = TensorDataset(data["val_id"], data["val_id_labels"])
+    val_loader = DataLoader(val, batch_size=64, sampler=EvalShardedSampler(val, world, rank))
+    engine.fit_validation_from_loader(dets.values(), net, val_loader, reducer)
     comps = {
         key: engine.score_loader(dets, net, [(data[key],)], components=True)
         for key in ("val_id", "val_ood")

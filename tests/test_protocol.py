@@ -12,7 +12,7 @@ import torch
 
 from lightning_ood import report
 from lightning_ood.detectors import build_detector
-from lightning_ood.metrics import METRIC_NAMES, ood_metrics
+from lightning_ood.metrics import CCR_NAMES, METRIC_NAMES, ood_metrics
 from lightning_ood.protocol import (
     average,
     check_holdout,
@@ -226,7 +226,9 @@ def test_table_and_files(tmp_path: Path) -> None:
     csv_lines = (tmp_path / "ood_results.csv").read_text().splitlines()
     assert (
         csv_lines[0]
-        == "detector,ood_set," + ",".join(METRIC_NAMES) + ",n_id,n_ood,nonfinite_id,nonfinite_ood"
+        == "detector,ood_set,"
+        + ",".join((*METRIC_NAMES, *CCR_NAMES))  # CCR columns always (empty: not computed)
+        + ",n_id,n_ood,nonfinite_id,nonfinite_ood"
     )
     assert csv_lines[1].endswith(",3,4,0,1") and len(csv_lines) == 3
     assert (

@@ -28,7 +28,7 @@ from lightning_ood import card, engine, report, tuning
 from lightning_ood.analyses import line as line_analyses
 from lightning_ood.data.samplers import unshard
 from lightning_ood.detectors import Detector, Reducer, build_detectors
-from lightning_ood.metrics import METRIC_NAMES
+from lightning_ood.metrics import CCR_NAMES, METRIC_NAMES
 from lightning_ood.models import BackboneOutput
 from lightning_ood.protocol import (
     TUNE_KEYS,  # noqa: F401  (re-exported: the tune option's keys)
@@ -40,6 +40,7 @@ from lightning_ood.protocol import (
     holds_out,
 )
 from lightning_ood.session import (
+    NO_VALIDATION_SPLIT,
     EvaluationSession,
     LoaderSource,
     Outcome,
@@ -129,6 +130,10 @@ def fit_with_trainer(
         return
     readers = [d for d in detectors if engine.reads_training_data(d)]
     train = None
+    dm = trainer.datamodule
+    id_val = None
+    if engine.validation_readers(detectors) and has_validation_split(dm):
+        id_val = _source(trainer, pl_module, dm.val_dataloader, False)
     if readers:
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "fit_dataloader"):
@@ -138,7 +143,18 @@ def fit_with_trainer(
                 "OODDataModule (--data ...)."
             )
         train = _source(trainer, pl_module, dm.fit_dataloader(), False)
-    trainer_session(trainer, pl_module, progress=progress).fit(detectors, train)
+    trainer_session(trainer, pl_module, progress=progress).fit(detectors, train, id_val=id_val)
+
+
+def has_validation_split(dm: Any) -> bool:
+    """Whether the datamodule holds a held-out ID validation split (``val_size`` > 0): with
+    ``val_size`` 0 its ``val_dataloader`` is the reported ID test set, which no detector may
+    be fitted on."""
+    return (
+        dm is not None
+        and is_overridden("val_dataloader", dm)
+        and int(getattr(dm, "val_size", 0) or 0) > 0
+    )
 
 
 def calibration_sets(
@@ -312,6 +328,12 @@ class OODEvaluation(Callback):
         if self.detector_specs is not None:
             pl_module.set_detectors(self.detector_specs)
         dm = trainer.datamodule
+        readers = engine.validation_readers(pl_module.detectors.values())
+        if readers and stage == "fit" and self.fit_after_train and not has_validation_split(dm):
+            # refused before any training step (at test, when fitting: a checkpoint may hold T)
+            raise ValueError(
+                NO_VALIDATION_SPLIT.format(names=[f"{d.name} ({d.kind})" for d in readers])
+            )
         if stage == "fit" and self.fit_after_train and hasattr(dm, "fit_dataloader"):
             num_train = len(dm.fit_dataloader().dataset)  # refused before any training step
             for det in pl_module.detectors.values():
@@ -571,7 +593,8 @@ class OODEvaluation(Callback):
                 f"{type(outputs).__name__}"
             )
         assert self._bank is not None, "on_test_start builds the score bank"
-        self._bank.add(dataloader_idx, outputs, batch[0])
+        x, y = engine.split_batch(batch)
+        self._bank.add(dataloader_idx, outputs, x, y)
 
     def _thresholds(self, pl_module: LightningModule) -> list[float]:
         """Activation thresholds of the neuron counts: given, else 0 and the first LINe's δ."""
@@ -599,12 +622,15 @@ class OODEvaluation(Callback):
         counts = self._bank.neuron_counts(gather)
         at = self._bank.neuron_thresholds
         session = trainer_session(trainer, pl_module, self.protocol, self.progress)
+        dm = trainer.datamodule
         evaluation = session.evaluate(
             dets,
             banks,
             names,
             combiners=self._fixed_combiners,
             combiners_source=f"combiners_from={self.combiners_from!r}",
+            correct_id=self._bank.correct_id(gather),
+            groups=dm.groups() if hasattr(dm, "groups") else None,
         )
         shipped = getattr(pl_module, "shipped_combiners", {})
         self.results = session.results(
@@ -621,6 +647,7 @@ class OODEvaluation(Callback):
             combiners_from=self.combiners_from,
             neuron_counts=counts,
             neuron_thresholds=at,
+            skipped_ood_sets=dm.skipped_ood_sets() if hasattr(dm, "skipped_ood_sets") else None,
         )
         if hasattr(pl_module, "reported"):  # the shipped rows go into the checkpoint's card
             pl_module.reported = card.reported_of(self.results, list(dets))
@@ -628,12 +655,13 @@ class OODEvaluation(Callback):
             trainer.save_checkpoint(self._fitted_path)
         # Straight to the loggers (rank 0): through `self.log` these ~50 scalars per detector
         # would also flood Lightning's end-of-test printout, which comes after our table.
+        # Rows: every OOD set, `average` and the groups' `average[near]`, `average[far]`, ...
         flat = {
             f"ood/{dname}/{ood}/{m}": float(v)
             for dname, per_set in evaluation.metrics.items()
             for ood, vals in per_set.items()
             for m, v in vals.items()
-            if m in METRIC_NAMES
+            if m in METRIC_NAMES or m in CCR_NAMES
         }
         tb: list[TensorBoardLogger] = []
         if trainer.is_global_zero:

@@ -12,9 +12,10 @@ import torch
 
 from lightning_ood import report
 from lightning_ood.detectors import build_detector
-from lightning_ood.metrics import CCR_NAMES, METRIC_NAMES, ood_metrics
+from lightning_ood.metrics import CCR_NAMES, METRIC_NAMES, ccr_metrics, ood_metrics
 from lightning_ood.protocol import (
     average,
+    averages,
     check_holdout,
     evaluate_detectors,
     evaluate_pair,
@@ -267,3 +268,52 @@ def test_nonfinite_held_out_components_report_nan_not_a_crash() -> None:
     assert not math.isnan(result.metrics["maha"]["far"]["auroc"])
     assert len(messages) == 2 and all("'near'" in m for m in messages)
     assert "detector 'maha' " in messages[0] and f"detector '{row}' " in messages[1]
+
+
+def test_evaluate_pair_ccr_by_hand_and_group_averages() -> None:
+    """CCR@FPR of a hand-computed toy: ID scores 4, 3, 2, 1 (the one at 3 misclassified),
+    ten OOD scores, one at 2.5 and nine at 0. FPR 0.1 may accept one OOD sample: the
+    threshold is the second-highest OOD score (0), every ID sample passes, 3 of 4 are correct;
+    the smaller rates accept none: only 4 and 3 pass 2.5, 1 of 4 correct."""
+    s_id = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+    s_ood = torch.tensor([2.5] + [0.0] * 9, dtype=torch.float64)
+    correct = torch.tensor([True, False, True, True])
+    got = evaluate_pair(s_id, s_ood, correct)
+    assert [got[k] for k in CCR_NAMES] == [0.25, 0.25, 0.25, 0.75]
+    assert {k: got[k] for k in METRIC_NAMES} == ood_metrics(s_id, s_ood)
+    assert not any(k in evaluate_pair(s_id, s_ood) for k in CCR_NAMES)  # no labels: none
+    broken = evaluate_pair(s_id, torch.tensor([math.nan, 0.0], dtype=torch.float64), correct)
+    assert all(math.isnan(broken[k]) for k in CCR_NAMES) and broken["nonfinite_ood"] == 1
+    # averages: CCR keys too, and one row per group (plain means over its sets)
+    rows = {
+        "a": {**dict.fromkeys(METRIC_NAMES, 0.2), **dict.fromkeys(CCR_NAMES, 0.1)},
+        "b": {**dict.fromkeys(METRIC_NAMES, 0.4), **dict.fromkeys(CCR_NAMES, 0.3)},
+        "c": {**dict.fromkeys(METRIC_NAMES, 0.9), **dict.fromkeys(CCR_NAMES, 0.5)},
+    }
+    out = averages(rows, {"a": "near", "b": "far", "c": "far"})
+    assert list(out) == ["average", "average[near]", "average[far]"]
+    assert out["average"]["auroc"] == pytest.approx(0.5) and out["average"][CCR_NAMES[0]] == 0.3
+    assert out["average[near]"]["auroc"] == 0.2
+    assert out["average[far]"]["auroc"] == pytest.approx(0.65)
+    assert out["average[far]"][CCR_NAMES[-1]] == pytest.approx(0.4)
+    assert list(averages(rows)) == ["average"]
+
+
+def test_evaluate_detectors_ccr_indexes_the_held_out_id_rows() -> None:
+    """The papers' per-set row reports CCR on the ID samples it reports (the hold-out's
+    remainder, ``correct_id`` indexed like the ID scores); the shipped row on every sample."""
+    maha = build_detector("mahalanobis", {"taps": ["a", "b"], "combiner": "lr"})
+    maha.fit_id_only_combiner(_bank(5, 60, 1.0, 2))  # what it ships
+    banks = [_bank(0, 60, 1.0, 2), _bank(1, 40, -1.0, 2)]
+    correct = torch.arange(60) % 3 != 0
+    ev = evaluate_detectors(
+        {"m": maha}, {"m": banks}, ["id", "ood"], validation_size=10, seed=7, correct_id=correct
+    )
+    kept = holdout_splits({"id": 60, "ood": 40}, 10, 7)["id"][1]
+    s_id, s_ood = ev.scores[per_set_row("m")]["ood"]
+    want = ccr_metrics(s_id, s_ood, correct[kept])
+    assert {k: ev.metrics[per_set_row("m")]["ood"][k] for k in CCR_NAMES} == want
+    shipped = ccr_metrics(maha.combine(banks[0]), maha.combine(banks[1]), correct)
+    assert {k: ev.metrics["m"]["ood"][k] for k in CCR_NAMES} == shipped
+    with pytest.raises(ValueError, match=r"correct_id has 59 entries but the ID set 'id' has 60"):
+        evaluate_detectors({"m": maha}, {"m": banks}, ["id", "ood"], correct_id=correct[:59])

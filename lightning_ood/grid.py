@@ -211,6 +211,8 @@ def grid_search(
     reference: Mapping[str, Any] | None = None,
     info: Mapping[str, Any] | None = None,
     progress: bool = False,
+    groups: Mapping[str, str] | None = None,
+    skipped_ood_sets: Mapping[str, str] | None = None,
 ) -> GridResult:
     """Fit and score every combination from cache; select on validation; report on test:
     :meth:`lightning_ood.session.EvaluationSession.run` over cached sources, so the selected
@@ -239,6 +241,8 @@ def grid_search(
             no part in the selection.
         info: caller facts copied into ``meta`` (id_set, data_version, model, ...).
         progress: show progress bars.
+        groups: ``{reported OOD set: group}``: ``average[group]`` rows beside ``average``.
+        skipped_ood_sets: ``{OOD set: why}`` of declared sets left out (recorded in ``meta``).
 
     Raises:
         ValueError: bad grid/metric, validation OOD set also reported, detector needing
@@ -318,6 +322,8 @@ def grid_search(
         val_ood={n: source(c) for n, c in ood_val.items()},
         test={id_name: source(id_test), **{n: source(c) for n, c in ood_test.items()}},
         id_val_note=id_val_source,
+        groups=dict(groups or {}),
+        skipped_ood_sets=dict(skipped_ood_sets or {}),
     )
     session = EvaluationSession(backbone, proto, progress=progress)
     # The shipped rows only: the papers' per-set rows are `lightning-ood test`'s reproduction.
@@ -344,6 +350,9 @@ def grid_search(
         "protocol": proto.record(),
         "val_ood_sets": list(ood_val),
         "test_ood_sets": list(ood_test),
+        "groups": dict(groups or {}),
+        "skipped_ood_sets": dict(skipped_ood_sets or {}),
+        "ccr": outcome.results["ccr"],
         "n_train": 0 if train is None else len(train),
         "n_id_val": len(id_val),
         "n_id_test": len(id_test),
@@ -522,6 +531,8 @@ def run_spec(
         reference=spec.get("reference"),
         info=facts,
         progress=progress,
+        groups=dm.groups() if hasattr(dm, "groups") else None,
+        skipped_ood_sets=dm.skipped_ood_sets() if hasattr(dm, "skipped_ood_sets") else None,
     )
 
 

@@ -28,6 +28,7 @@ from lightning_ood.callbacks import OODEvaluation
 from lightning_ood.detectors import build_detector
 from lightning_ood.detectors.temperature_scaling import TemperatureScaling
 from lightning_ood.features import compute_features
+from lightning_ood.grid import grid_search
 from lightning_ood.metrics import CCR_NAMES, ccr_metrics, ood_metrics
 from lightning_ood.models.base import OODBackbone
 from lightning_ood.protocol import CONVENTION, Protocol
@@ -299,3 +300,25 @@ def test_tuning_candidates_fit_on_one_validation_pass() -> None:
     direct.fit_validation(out, y)
     got = float(tuned.selected["ts"].fitted_temperature)
     assert got == pytest.approx(float(direct.fitted_temperature), rel=1e-6)
+
+
+def test_grid_reports_group_rows_and_ccr_from_labelled_features() -> None:
+    """`lightning-ood grid` (cached features with their labels): group rows and CCR@FPR as
+    the session gives them, recorded in its meta."""
+    backbone, dm = _toy()
+    loaders = dict(zip(dm.test_set_names, dm.test_dataloader(), strict=True))
+    f = {k: compute_features(backbone, ld) for k, ld in loaders.items()}
+    val = compute_features(backbone, dm.val_dataloader())
+    far_sets = {"far1": f["far1"], "far2": f["far2"]}
+    res = grid_search(
+        "energy", {"temperature": [1.0]}, {}, backbone, None, val, {"v": f["near1"]}, f["toy"],
+        far_sets, groups={"far1": "far", "far2": "far"}, skipped_ood_sets=SKIPPED,
+    )  # fmt: skip
+    far = (res.test["far1"]["ccr_fpr1e-1"] + res.test["far2"]["ccr_fpr1e-1"]) / 2
+    assert res.test["average[far]"]["ccr_fpr1e-1"] == pytest.approx(far, abs=1e-15)
+    s_id = torch.logsumexp(f["toy"].logits.double(), 1)
+    correct = f["toy"].logits.argmax(1) == f["toy"].targets
+    want = ccr_metrics(s_id, torch.logsumexp(f["far1"].logits.double(), 1), correct)
+    assert {k: res.test["far1"][k] for k in CCR_NAMES} == pytest.approx(want, abs=1e-12)
+    assert res.meta["groups"] == {"far1": "far", "far2": "far"}
+    assert res.meta["skipped_ood_sets"] == SKIPPED and res.meta["ccr"]["method"] == "roc"

@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         res = grid_search(
             kind, space, base, backbone, train, None, {VAL_NAME: val}, feats[idn],
             {o: feats[o] for o in oods}, ns.select, seed=ns.seed, reference=ref,
+            id_val_fraction=0.5,  # the seeded half of the ID test set, as split above
         )  # fmt: skip
         gap = max(
             abs(res.reference["test"][o][m] - default[n][o][m])

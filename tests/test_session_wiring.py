@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -322,3 +323,19 @@ def test_grid_reports_group_rows_and_ccr_from_labelled_features() -> None:
     assert {k: res.test["far1"][k] for k in CCR_NAMES} == pytest.approx(want, abs=1e-12)
     assert res.meta["groups"] == {"far1": "far", "far2": "far"}
     assert res.meta["skipped_ood_sets"] == SKIPPED and res.meta["ccr"]["method"] == "roc"
+
+
+def test_fit_refuses_a_validation_fitted_detector_without_a_split_before_training(
+    tmp_path: Path,
+) -> None:
+    backbone_task = ClassificationTask(model="lenet", num_classes=10)
+    dm = GroupedData(backbone_task.backbone)
+    dm.val_size = 0  # the ID validation loader would be the reported test set
+    cb = OODEvaluation(detectors={"temperature_scaling": {}}, progress=False, figures=False)
+    trainer = Trainer(
+        default_root_dir=tmp_path, callbacks=[cb], logger=False, max_steps=1,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"temperature_scaling.*set `data.val_size > 0`"):
+        trainer.fit(backbone_task, datamodule=dm)
+    assert trainer.global_step == 0  # refused before any training step

@@ -196,6 +196,7 @@ def costs(
     n_train, n_test = min(n_train, len(train_ds)), min(n_test, len(test_ds))
     train = DataLoader(Subset(train_ds, range(n_train)), batch_size=500)
     test = DataLoader(Subset(test_ds, range(n_test)), batch_size=500)
+    val = dm.val_dataloader()  # the held-out split (temperature scaling's T is timed on it)
     out: dict[str, dict[str, float]] = {}
     t0 = time.perf_counter()
     for _ in engine.eval_pass(backbone, ((x, y) for x, y in train), ()):
@@ -214,7 +215,7 @@ def costs(
         det = build({name: spec})[name]
         t0 = time.perf_counter()
         if det.uses_training_data or det.requires_fit:
-            session.fit([det], LoaderSource(train, backbone), id_val=LoaderSource(test, backbone))
+            session.fit([det], LoaderSource(train, backbone), id_val=LoaderSource(val, backbone))
         t_fit = time.perf_counter() - t0
         t0 = time.perf_counter()
         session.score_set({name: det}, LoaderSource(test, backbone), components=False)

@@ -16,7 +16,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from lightning_ood.detectors.base import BatchMemo, Reducer
+from lightning_ood.detectors.base import Reducer
+from lightning_ood.detectors.class_stats import (  # noqa: F401  (_GRAM: the memo, re-exported)
+    _GRAM,
+    batch_gram,
+    require_every_class,
+    tied_covariance,
+)
 from lightning_ood.detectors.layer_ensemble import (
     LayerEnsembleDetector,
     divide_by_input_std,
@@ -42,25 +48,6 @@ def squared_distances(f: Tensor, means: Tensor, precision: Tensor) -> Tensor:
     fpf = (pf * f).sum(dim=1, keepdim=True)
     mpm = ((means @ precision) * means).sum(dim=1)
     return (fpf - 2.0 * pf @ means.T + mpm).clamp_min(0.0)
-
-
-#: The last batch's Gram matrix: Mahalanobis and RMDS fitted in one pass share it.
-_GRAM = BatchMemo()
-
-
-def batch_gram(f: Tensor, f64: Tensor | None = None) -> Tensor:
-    """Σ_i f_i f_iᵀ over the rows of ``f`` (B, C), in float64 (C, C); do not modify it.
-    ``f64``: ``f`` already widened to float64, if the caller has it.
-
-    Memoised on the tensor object and its version counter, so several detectors that
-    accumulate second moments of the same batch (Mahalanobis and RMDS fitted together by the
-    engine) share one float64 product, the dominant cost of their fits."""
-
-    def compute() -> Tensor:
-        fd = (f.double() if f64 is None else f64).detach()
-        return fd.T @ fd
-
-    return _GRAM.get(f, None, compute)
 
 
 def covariance_pinv(cov: Tensor) -> Tensor:
@@ -190,20 +177,11 @@ class Mahalanobis(LayerEnsembleDetector):
                 f"{self.name}: finalize() before any update(); no training batch was seen"
             )
         counts = reducer.sum(self.class_count.clone())
-        empty = torch.nonzero(counts == 0).flatten().tolist()
-        if empty:
-            raise ValueError(
-                f"{self.name}: classes {empty} have no training samples; the class means are "
-                "undefined (fit on a set that covers every class)"
-            )
-        total = counts.sum()
+        require_every_class(self.name, counts)
         for i in range(len(self._tap_list)):
             sums = reducer.sum(getattr(self, f"class_sum_{i}").clone())
             outer = reducer.sum(getattr(self, f"outer_{i}").clone())
-            means = sums / counts[:, None]
-            # Σ_k n_k μ_k μ_kᵀ = Σ_k s_k μ_kᵀ = sumsᵀ · means
-            cov = (outer - sums.T @ means) / total
-            cov = 0.5 * (cov + cov.T)
+            means, cov = tied_covariance(counts, sums, outer)
             setattr(self, f"means_{i}", means)
             setattr(self, f"covariance_{i}", cov)
             setattr(self, f"precision_{i}", covariance_pinv(cov))

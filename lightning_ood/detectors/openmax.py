@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from lightning_ood.detectors.base import Detector, OptInput, OptModel, Reducer
+from lightning_ood.detectors.class_stats import check_labelled, require_every_class
 from lightning_ood.detectors.hparams import HParam, boolean, choice, in_range, integer
 from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
@@ -165,16 +166,7 @@ class OpenMax(Detector):
         """The AVs and labels of the samples that enter the fit (correct ones by default)."""
         f = out.logits.detach()
         y = target.reshape(-1).long().to(f.device)
-        if f.dim() != 2 or f.shape[0] != y.shape[0]:
-            raise ValueError(
-                f"{self.name}: logits {tuple(f.shape)} and targets {tuple(y.shape)} must be "
-                "(B, L) and (B,)"
-            )
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= f.shape[1]):
-            raise ValueError(
-                f"{self.name}: targets must be class indices in [0, {f.shape[1]}) (logits "
-                f"width), got values in [{int(y.min())}, {int(y.max())}]"
-            )
+        check_labelled(self.name, f, y, f.shape[-1], what="logits", shape="(B, L)")
         if self.correct_only:
             keep = f.argmax(dim=1) == y
             f, y = f[keep], y[keep]
@@ -229,14 +221,9 @@ class OpenMax(Detector):
             self._sums = torch.zeros(n_classes, n_classes, dtype=torch.float64, device=dev)
             self._counts = torch.zeros(n_classes, dtype=torch.float64, device=dev)
         sums, counts = reducer.sum(self._sums.clone()), reducer.sum(self._counts.clone())
-        empty = torch.nonzero(counts == 0).flatten().tolist()
-        if empty:
-            which = "correctly classified " if self.correct_only else ""
-            raise ValueError(
-                f"{self.name}: classes {empty} have no {which}training sample, so their mean "
-                "activation vectors are undefined; fit on a set that covers every class"
-                + (" or set correct_only: false" if self.correct_only else "")
-            )
+        require_every_class(
+            self.name, counts, what="mean activation vectors", correct_only=bool(self.correct_only)
+        )
         self.mavs = sums / counts[:, None]
         self._pass, self._sums, self._counts = 2, None, None
         return True

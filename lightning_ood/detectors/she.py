@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_ood.detectors.base import Detector, OptInput, OptModel, Reducer
+from lightning_ood.detectors.base import OptInput, OptModel, Reducer
+from lightning_ood.detectors.class_stats import ClassMomentsDetector, require_every_class
 from lightning_ood.detectors.hparams import HParam, boolean, choice
 from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
@@ -24,16 +25,17 @@ METRICS = ("inner_product", "euclidean", "cosine")
 
 
 @register_detector
-class SHE(Detector):
+class SHE(ClassMomentsDetector):
     """⟨h, s_ŷ⟩ with s_k the mean feature of the correctly classified training samples of k.
 
-    Fitting streams float64 per-class feature sums and counts (reduced across DDP ranks in
-    :meth:`finalize`). ``metric`` picks OpenOOD's alternatives to the inner product: minus the
-    Euclidean distance ``-‖h - s_ŷ‖`` or the cosine similarity.
+    Fitting streams float64 per-class feature sums and counts
+    (:class:`~lightning_ood.detectors.class_stats.ClassMomentsDetector`, reduced across DDP
+    ranks in :meth:`finalize`). ``metric`` picks OpenOOD's alternatives to the inner product:
+    minus the Euclidean distance ``-‖h - s_ŷ‖`` or the cosine similarity.
     """
 
     kind = "she"
-    requires_fit = True
+    second_moment = False  # class means only
     metric = HParam(
         "inner_product",
         choice(*METRICS),
@@ -51,77 +53,25 @@ class SHE(Detector):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        f64 = torch.float64
-        # Accumulators are non-persistent: checkpoints carry only what scoring needs.
-        self.register_buffer("class_sum", torch.zeros(0, 0, dtype=f64), persistent=False)
-        self.register_buffer("class_count", torch.zeros(0, dtype=f64), persistent=False)
-        self.register_buffer("patterns", torch.zeros(0, 0, dtype=f64))  # s_k, (L, q)
-
-    def reset(self) -> None:
-        dev = self.fitted.device
-        self.class_sum = torch.zeros(0, 0, dtype=torch.float64, device=dev)
-        self.class_count = torch.zeros(0, dtype=torch.float64, device=dev)
-        self.fitted.fill_(False)
+        self.register_buffer("patterns", torch.zeros(0, 0, dtype=torch.float64))  # s_k, (L, q)
 
     def update(self, out: BackboneOutput, target: Tensor, model: OODBackbone | None = None) -> None:
         """Add the features of the (correctly classified) samples to their class sums."""
-        h = out.features.detach()
-        y = target.reshape(-1).long().to(h.device)
-        n_classes = out.logits.shape[1]
-        if h.dim() != 2 or h.shape[0] != y.shape[0]:
-            raise ValueError(
-                f"{self.name}: features {tuple(h.shape)} and targets {tuple(y.shape)} must be "
-                "(B, q) and (B,)"
-            )
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
-            raise ValueError(
-                f"{self.name}: targets must be class indices in [0, {n_classes}) (logits width), "
-                f"got values in [{int(y.min())}, {int(y.max())}]"
-            )
-        if self.class_sum.numel() == 0:
-            self.class_sum = torch.zeros(
-                n_classes, h.shape[1], dtype=torch.float64, device=h.device
-            )
-            self.class_count = torch.zeros(n_classes, dtype=torch.float64, device=h.device)
-        elif self.class_sum.shape != (n_classes, h.shape[1]):
-            raise ValueError(
-                f"{self.name}: (classes, features) changed from {tuple(self.class_sum.shape)} "
-                f"to {(n_classes, h.shape[1])} during fitting"
-            )
-        if self.correct_only:
-            keep = out.logits.detach().argmax(dim=1) == y
-            h, y = h[keep], y[keep]
-        self.class_sum.index_add_(0, y, h.double())
-        self.class_count += torch.bincount(y, minlength=n_classes).double()
+        self.add_class_moments(
+            out, target, out.features.detach(), correct_only=bool(self.correct_only)
+        )
 
     def finalize(self, model: OODBackbone, reducer: Reducer | None = None) -> None:
         """All-reduce the sums; the patterns are the class means."""
-        reducer = reducer or Reducer()
-        if self.class_sum.numel() == 0:  # a rank that saw no batch still joins the sums
-            q, n_classes, dev = model.num_features, model.num_classes, self.fitted.device
-            self.class_sum = torch.zeros(n_classes, q, dtype=torch.float64, device=dev)
-            self.class_count = torch.zeros(n_classes, dtype=torch.float64, device=dev)
-        sums = reducer.sum(self.class_sum.clone())
-        counts = reducer.sum(self.class_count.clone())
-        empty = torch.nonzero(counts == 0).flatten().tolist()
-        if empty:
-            which = "correctly classified " if self.correct_only else ""
-            raise ValueError(
-                f"{self.name}: classes {empty} have no {which}training sample, so their stored "
-                "patterns are undefined; fit on a set that covers every class"
-                + (" or set correct_only: false" if self.correct_only else "")
-            )
+        counts, sums, _ = self.reduced_class_moments(model, reducer or Reducer())
+        require_every_class(
+            self.name, counts, what="stored patterns", correct_only=bool(self.correct_only)
+        )
         self.patterns = sums / counts[:, None]
         self.fitted.fill_(True)
 
     def score(self, out: BackboneOutput, model: OptModel = None, inputs: OptInput = None) -> Tensor:
-        self.check_fitted()
-        h = out.features
-        if h.dim() != 2 or h.shape[1] != self.patterns.shape[1]:
-            raise ValueError(
-                f"{self.name}: features must have shape (B, {self.patterns.shape[1]}), got "
-                f"{tuple(h.shape)}; was the detector fitted on another backbone?"
-            )
+        h = self.checked_features(out.features, self.patterns)
         h = h.double()
         s = self.patterns.double()[out.logits.argmax(dim=1)]
         if self.metric == "inner_product":

@@ -14,27 +14,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_ood.detectors.base import InvalidConfiguration, OptInput, OptModel, Reducer
+from lightning_ood.detectors.base import OptInput, OptModel, Reducer
 from lightning_ood.detectors.hparams import HParam, integer, optional
-from lightning_ood.detectors.linear_head import LinearHeadDetector
 from lightning_ood.detectors.registry import register_detector
-from lightning_ood.detectors.vim import default_dim
+from lightning_ood.detectors.vim import FeatureMomentsDetector, residual_basis
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 
-def residual_basis(outer: Tensor, total: Tensor, n: Tensor, origin: Tensor, dim: int) -> Tensor:
-    """The q - D eigenvectors of least eigenvalue of the uncentred covariance about ``origin``,
-    (q, q - D) float64, from the sums Σxxᵀ (``outer``), Σx (``total``) and the count ``n``:
-    ``C = (Σxxᵀ - s uᵀ - u sᵀ)/n + u uᵀ`` (sklearn ``EmpiricalCovariance(assume_centered=True)``
-    of h - u, as ViM's reference code)."""
-    u = origin.double()
-    cov = (outer - torch.outer(total, u) - torch.outer(u, total)) / n + torch.outer(u, u)
-    _, vecs = torch.linalg.eigh(0.5 * (cov + cov.T))  # ascending eigenvalues
-    return vecs[:, : u.shape[0] - dim].contiguous()
-
-
 @register_detector
-class Residual(LinearHeadDetector):
+class Residual(FeatureMomentsDetector):
     """Minus the norm of the feature residual outside ViM's principal subspace.
 
     Streaming fit: ``update`` adds float64 Σx, Σxxᵀ and the count (reduced across DDP ranks in
@@ -44,6 +32,7 @@ class Residual(LinearHeadDetector):
     """
 
     kind = "residual"
+    _default_dim_by = "ViM's"
     #: OpenOOD v1.5 ``residual.yml`` fixes D = 512; ViM's sweep (256, 1000) besides. A
     #: candidate >= q is refused at finalize (InvalidConfiguration: tuning skips it).
     dim = HParam(
@@ -57,38 +46,13 @@ class Residual(LinearHeadDetector):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         f64 = torch.float64
-        # Accumulators are non-persistent: checkpoints carry only what scoring needs.
-        self.register_buffer("count", torch.zeros((), dtype=f64), persistent=False)
-        self.register_buffer("feature_sum", torch.zeros(0, dtype=f64), persistent=False)
-        self.register_buffer("outer", torch.zeros(0, 0, dtype=f64), persistent=False)
         self.register_buffer("origin", torch.zeros(0, dtype=f64))  # u = -W⁺b, (q,)
         self.register_buffer("residual_basis", torch.zeros(0, 0, dtype=f64))  # (q, q - D)
         self.register_buffer("principal_dim", torch.zeros((), dtype=torch.long))  # D used
 
-    def reset(self) -> None:
-        dev = self.fitted.device
-        self.count = torch.zeros((), dtype=torch.float64, device=dev)
-        self.feature_sum = torch.zeros(0, dtype=torch.float64, device=dev)
-        self.outer = torch.zeros(0, 0, dtype=torch.float64, device=dev)
-        self.fitted.fill_(False)
-
     def update(self, out: BackboneOutput, target: Tensor, model: OODBackbone | None = None) -> None:
         """Add Σx, Σxxᵀ and N (float64), in stream order."""
-        h = out.features.detach()
-        if h.dim() != 2:
-            raise ValueError(f"{self.name}: features must be (B, q), got {tuple(h.shape)}")
-        hd = h.double()
-        if self.feature_sum.numel() == 0:
-            self.feature_sum = hd.new_zeros(h.shape[1])
-            self.outer = hd.new_zeros(h.shape[1], h.shape[1])
-        elif self.feature_sum.shape[0] != h.shape[1]:
-            raise ValueError(
-                f"{self.name}: feature width changed from {self.feature_sum.shape[0]} to "
-                f"{h.shape[1]} during fitting"
-            )
-        self.count += h.shape[0]
-        self.feature_sum += hd.sum(dim=0)
-        self.outer.addmm_(hd.T, hd)
+        self.add_moments(out)
 
     def finalize(self, model: OODBackbone, reducer: Reducer | None = None) -> None:
         """Reduce the sums; derive u and the residual basis."""
@@ -96,21 +60,8 @@ class Residual(LinearHeadDetector):
         self._copy_head(model)
         w, b = self.weight.double(), self.bias.double()
         q, dev = w.shape[1], w.device
-        if self.feature_sum.numel() == 0:  # a rank that saw no batch still joins the sums
-            self.feature_sum = torch.zeros(q, dtype=torch.float64, device=dev)
-            self.outer = torch.zeros(q, q, dtype=torch.float64, device=dev)
-        d = default_dim(q) if self.dim is None else self.dim
-        if not 1 <= d < q:
-            raise InvalidConfiguration(
-                f"{self.name}: dim={d} must lie in [1, {q - 1}] for features of width q={q} "
-                "(the residual outside the principal subspace must not be empty); lower dim "
-                "or use dim: null for ViM's default"
-            )
-        n = reducer.sum(self.count.clone())
-        if float(n) == 0:
-            raise RuntimeError(f"{self.name}: finalize() before any update(); no training data")
-        s = reducer.sum(self.feature_sum.clone())
-        outer = reducer.sum(self.outer.clone())
+        d = self.resolve_dim(q)
+        n, s, outer = self.reduced_moments(reducer, q, dev)
         u = -(torch.linalg.pinv(w) @ b)
         self.origin = u
         self.residual_basis = residual_basis(outer, s, n, u, d)

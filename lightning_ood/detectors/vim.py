@@ -59,8 +59,89 @@ def _bottom(prio: Tensor, pos: Tensor, m: int) -> Tensor:
     return chosen[torch.sort(pos[chosen]).indices]
 
 
+def residual_basis(outer: Tensor, total: Tensor, n: Tensor, origin: Tensor, dim: int) -> Tensor:
+    """The q - D eigenvectors of least eigenvalue of the uncentred covariance about ``origin``,
+    (q, q - D) float64, from the sums Σxxᵀ (``outer``), Σx (``total``) and the count ``n``:
+    ``C = (Σxxᵀ - s uᵀ - u sᵀ)/n + u uᵀ`` (sklearn ``EmpiricalCovariance(assume_centered=True)``
+    of h - u, as ViM's reference code)."""
+    u = origin.double()
+    cov = (outer - torch.outer(total, u) - torch.outer(u, total)) / n + torch.outer(u, u)
+    _, vecs = torch.linalg.eigh(0.5 * (cov + cov.T))  # ascending eigenvalues
+    return vecs[:, : u.shape[0] - dim].contiguous()
+
+
+class FeatureMomentsDetector(LinearHeadDetector):
+    """Linear-head detectors fitted on the float64 Σx, Σxxᵀ and count N of the penultimate
+    features (ViM, Residual): :func:`residual_basis` needs only these sums.
+
+    The sums are non-persistent buffers (checkpoints carry only what scoring needs), added in
+    place in stream order (the sums, hence the basis, do not depend on the batching) and
+    all-reduced across DDP ranks by :meth:`reduced_moments`.
+    """
+
+    #: who chose the default principal dimension, for the refusal of a bad ``dim``.
+    _default_dim_by: ClassVar[str] = "the authors'"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        f64 = torch.float64
+        self.register_buffer("count", torch.zeros((), dtype=f64), persistent=False)
+        self.register_buffer("feature_sum", torch.zeros(0, dtype=f64), persistent=False)
+        self.register_buffer("outer", torch.zeros(0, 0, dtype=f64), persistent=False)
+
+    def reset(self) -> None:
+        dev = self.fitted.device
+        self.count = torch.zeros((), dtype=torch.float64, device=dev)
+        self.feature_sum = torch.zeros(0, dtype=torch.float64, device=dev)
+        self.outer = torch.zeros(0, 0, dtype=torch.float64, device=dev)
+        self.fitted.fill_(False)
+
+    def add_moments(self, out: BackboneOutput) -> Tensor:
+        """Add the batch's Σx, Σxxᵀ and N (float64); returns the detached features (B, q)."""
+        h = out.features.detach()
+        if h.dim() != 2:
+            raise ValueError(f"{self.name}: features must be (B, q), got {tuple(h.shape)}")
+        hd = h.double()
+        if self.feature_sum.numel() == 0:
+            self.feature_sum = hd.new_zeros(h.shape[1])
+            self.outer = hd.new_zeros(h.shape[1], h.shape[1])
+        elif self.feature_sum.shape[0] != h.shape[1]:
+            raise ValueError(
+                f"{self.name}: feature width changed from {self.feature_sum.shape[0]} to "
+                f"{h.shape[1]} during fitting"
+            )
+        self.count += h.shape[0]
+        self.feature_sum += hd.sum(dim=0)
+        self.outer.addmm_(hd.T, hd)
+        return h
+
+    def resolve_dim(self, q: int) -> int:
+        """The principal dimension D (``dim``, or :func:`default_dim`); 1 <= D < q or
+        :class:`InvalidConfiguration` (tuning skips the candidate)."""
+        d = default_dim(q) if self.dim is None else self.dim
+        if not 1 <= d < q:
+            raise InvalidConfiguration(
+                f"{self.name}: dim={d} must lie in [1, {q - 1}] for features of width q={q} "
+                "(the residual outside the principal subspace must not be empty); lower dim "
+                f"or use dim: null for {self._default_dim_by} default"
+            )
+        return d
+
+    def reduced_moments(
+        self, reducer: Reducer, q: int, device: torch.device
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """All-rank (N, Σx, Σxxᵀ); a rank that saw no batch joins with zeros of width q."""
+        if self.feature_sum.numel() == 0:  # a rank that saw no batch still joins the sums
+            self.feature_sum = torch.zeros(q, dtype=torch.float64, device=device)
+            self.outer = torch.zeros(q, q, dtype=torch.float64, device=device)
+        n = reducer.sum(self.count.clone())
+        if float(n) == 0:
+            raise RuntimeError(f"{self.name}: finalize() before any update(); no training data")
+        return n, reducer.sum(self.feature_sum.clone()), reducer.sum(self.outer.clone())
+
+
 @register_detector
-class ViM(LinearHeadDetector):
+class ViM(FeatureMomentsDetector):
     """ViM: energy minus the α-scaled norm of the feature residual outside the principal
     subspace.
 
@@ -102,10 +183,6 @@ class ViM(LinearHeadDetector):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         f64 = torch.float64
-        # Accumulators are non-persistent: checkpoints carry only what scoring needs.
-        self.register_buffer("count", torch.zeros((), dtype=f64), persistent=False)
-        self.register_buffer("feature_sum", torch.zeros(0, dtype=f64), persistent=False)
-        self.register_buffer("outer", torch.zeros(0, 0, dtype=f64), persistent=False)
         self.register_buffer("max_logit_sum", torch.zeros((), dtype=f64), persistent=False)
         self.register_buffer("origin", torch.zeros(0, dtype=f64))  # u = -W⁺b, (q,)
         self.register_buffer("residual_basis", torch.zeros(0, 0, dtype=f64))  # (q, q - D)
@@ -119,14 +196,11 @@ class ViM(LinearHeadDetector):
 
     # -- fitting --------------------------------------------------------------------------
     def reset(self) -> None:
+        super().reset()
         dev = self.fitted.device
-        self.count = torch.zeros((), dtype=torch.float64, device=dev)
-        self.feature_sum = torch.zeros(0, dtype=torch.float64, device=dev)
-        self.outer = torch.zeros(0, 0, dtype=torch.float64, device=dev)
         self.max_logit_sum = torch.zeros((), dtype=torch.float64, device=dev)
         self._sample, self._sample_rows, self._cutoff, self._seen = [], 0, float("inf"), 0
         self._layout = stream_layout()
-        self.fitted.fill_(False)
 
     def _capacity(self, q: int) -> int:
         return max(1, self.max_samples // q)
@@ -145,22 +219,7 @@ class ViM(LinearHeadDetector):
 
     def update(self, out: BackboneOutput, target: Tensor, model: OODBackbone | None = None) -> None:
         """Add Σx, Σxxᵀ, N and Σ max-logit (float64) and offer the rows to the α sample."""
-        h = out.features.detach()
-        if h.dim() != 2:
-            raise ValueError(f"{self.name}: features must be (B, q), got {tuple(h.shape)}")
-        hd = h.double()
-        if self.feature_sum.numel() == 0:
-            self.feature_sum = hd.new_zeros(h.shape[1])
-            self.outer = hd.new_zeros(h.shape[1], h.shape[1])
-        elif self.feature_sum.shape[0] != h.shape[1]:
-            raise ValueError(
-                f"{self.name}: feature width changed from {self.feature_sum.shape[0]} to "
-                f"{h.shape[1]} during fitting"
-            )
-        self.count += h.shape[0]
-        self.feature_sum += hd.sum(dim=0)
-        # in place, in stream order: the sums, hence the basis, do not depend on the batching
-        self.outer.addmm_(hd.T, hd)
+        h = self.add_moments(out)
         if h.shape[0]:
             self.max_logit_sum += out.logits.detach().double().max(dim=1).values.sum()
         pos = global_positions(self._seen, h.shape[0], self._layout, h.device)
@@ -173,16 +232,6 @@ class ViM(LinearHeadDetector):
         if self._sample_rows > 2 * m:
             self._compact(m)
 
-    def _resolve_dim(self, q: int) -> int:
-        d = default_dim(q) if self.dim is None else self.dim
-        if not 1 <= d < q:
-            raise InvalidConfiguration(
-                f"{self.name}: dim={d} must lie in [1, {q - 1}] for features of width q={q} "
-                "(the residual outside the principal subspace must not be empty); lower dim "
-                "or use dim: null for the authors' default"
-            )
-        return d
-
     def finalize(self, model: OODBackbone, reducer: Reducer | None = None) -> None:
         """Reduce the sums and the α sample; derive u, the residual basis and α."""
         reducer = reducer or Reducer()
@@ -190,21 +239,11 @@ class ViM(LinearHeadDetector):
         w, b = self.weight.double(), self.bias.double()
         q = w.shape[1]
         dev = w.device
-        if self.feature_sum.numel() == 0:  # a rank that saw no batch still joins the sums
-            self.feature_sum = torch.zeros(q, dtype=torch.float64, device=dev)
-            self.outer = torch.zeros(q, q, dtype=torch.float64, device=dev)
-        d = self._resolve_dim(q)
-        n = reducer.sum(self.count.clone())
-        if float(n) == 0:
-            raise RuntimeError(f"{self.name}: finalize() before any update(); no training data")
-        s = reducer.sum(self.feature_sum.clone())
-        outer = reducer.sum(self.outer.clone())
+        d = self.resolve_dim(q)
+        n, s, outer = self.reduced_moments(reducer, q, dev)
         max_logit = reducer.sum(self.max_logit_sum.clone()) / n
-        # Uncentred covariance about u (sklearn EmpiricalCovariance(assume_centered=True)).
         u = -(torch.linalg.pinv(w) @ b)
-        cov = (outer - torch.outer(s, u) - torch.outer(u, s)) / n + torch.outer(u, u)
-        _, vecs = torch.linalg.eigh(0.5 * (cov + cov.T))  # ascending eigenvalues
-        basis = vecs[:, : q - d].contiguous()  # the q - D least-explained directions
+        basis = residual_basis(outer, s, n, u, d)
         # α's denominator on the (all-rank) bottom-m sample.
         check_layout(reducer, self._layout[1], self.name, dev)
         if self._sample:
@@ -251,4 +290,4 @@ class ViM(LinearHeadDetector):
         return energy - self._virtual_logit(h)
 
 
-__all__ = ["ViM", "default_dim"]
+__all__ = ["FeatureMomentsDetector", "ViM", "default_dim", "residual_basis"]

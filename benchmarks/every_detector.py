@@ -325,7 +325,14 @@ def run_lenet(ns: Any) -> dict[str, Any]:
             tiny_ns = copy.copy(ns)
             tiny_ns.quick = True
             tiny = sets_of(lenet_data(tiny_ns), backbone)
-            specs, refused = admitted(detector_specs(members, ns.quick), backbone, tiny)
+            specs = detector_specs(members, ns.quick)
+            alone: dict[str, str] = {}
+            if len(ckpts) == 1:  # an ensemble of a network with itself measures nothing
+                for kind in ("de", "fssd_ensemble"):
+                    if specs.pop(kind, None) is not None:
+                        alone[kind] = "needs other independently trained networks as members"
+            specs, refused = admitted(specs, backbone, tiny)
+            refused.update(alone)
             run = {
                 "ckpt": str(ckpt),
                 "refused": refused,

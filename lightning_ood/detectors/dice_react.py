@@ -9,8 +9,12 @@ from torch import Tensor
 
 from lightning_ood.detectors.base import Reducer
 from lightning_ood.detectors.dice import DICE
-from lightning_ood.detectors.hparams import HParam, integer, optional, percent, positive
-from lightning_ood.detectors.linear_head import ActivationSampler
+from lightning_ood.detectors.linear_head import (
+    CLIP,
+    CLIP_PERCENTILE,
+    SAMPLER_MAX_SAMPLES,
+    ActivationSampler,
+)
 from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
@@ -28,22 +32,9 @@ class DICEReAct(ActivationSampler, DICE):
     """
 
     kind = "dice_react"
-    clip = HParam(
-        None, optional(positive()), doc="fixed clipping threshold c > 0, or None to estimate it"
-    )
-    percentile = HParam(
-        90.0,
-        percent(),
-        search=(85, 90, 95, 99),
-        stage="finalize",
-        doc="percentile of training activations used when clip is None, in (0, 100]",
-    )
-    max_samples = HParam(
-        1 << 26,
-        integer(1),
-        doc="activation values held in memory for the percentile; beyond it the exact value "
-        "takes one more pass over the training features (radix selection)",
-    )
+    clip = CLIP
+    percentile = CLIP_PERCENTILE
+    max_samples = SAMPLER_MAX_SAMPLES
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -5,11 +5,10 @@ ODIN whose input step moves only the one input element with the largest gradient
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_ood.detectors.base import BatchMemo
-from lightning_ood.detectors.odin import ODIN
+from lightning_ood.detectors.odin import ODIN, gradient_sign, odin_gradient
 from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import OODBackbone
 
@@ -42,13 +41,8 @@ class IODIN(ODIN):
         """m ⊙ sign(∇ₓ(−log S_ŷ(x; T))), memoised per batch like ODIN's sign."""
 
         def compute() -> Tensor:
-            with torch.enable_grad():
-                x = inputs.detach().clone().requires_grad_(True)
-                logits = model(x) / self.temperature
-                loss = F.cross_entropy(logits, logits.argmax(dim=1).detach(), reduction="sum")
-                (grad,) = torch.autograd.grad(loss, x)
-            sign = torch.where(grad >= 0, 1.0, -1.0).to(x.dtype)
-            return sign * largest_gradient_mask(grad).to(x.dtype)
+            grad = odin_gradient(model, inputs, self.temperature)
+            return gradient_sign(grad) * largest_gradient_mask(grad)
 
         return _MASKED_SIGN.get(inputs, self.temperature, compute, owners=(model,))
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from lightning_ood.detectors.base import Detector, Reducer
+from lightning_ood.detectors.hparams import HParam, integer, optional, percent, positive
 from lightning_ood.detectors.quantile import StreamingPercentile
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 from lightning_ood.models.wrap import linear_classifier
@@ -108,6 +109,27 @@ class MeanHeadDetector(LinearHeadDetector):
         return h - self.feature_mean
 
 
+#: ReAct's clip threshold and its estimate (ReAct and DICE+ReAct declare these same three):
+#: a fixed c, else the ``percentile``-th percentile of training activations (OpenOOD v1.5's
+#: ReAct sweep), found by :class:`ActivationSampler` within ``max_samples`` values in memory.
+CLIP = HParam(
+    None, optional(positive()), doc="fixed clipping threshold c > 0, or None to estimate it"
+)
+CLIP_PERCENTILE = HParam(
+    90.0,
+    percent(),
+    search=(85, 90, 95, 99),
+    stage="finalize",
+    doc="percentile of training activations used when clip is None, in (0, 100]",
+)
+SAMPLER_MAX_SAMPLES = HParam(
+    1 << 26,
+    integer(1),
+    doc="activation values held in memory for the percentile; beyond it the exact value "
+    "takes one more pass over the training features (radix selection)",
+)
+
+
 class ActivationSampler:
     """The exact ``percentile``-th percentile of every training activation (ReAct's clip c).
 
@@ -122,8 +144,9 @@ class ActivationSampler:
     ``max_samples`` and call :meth:`_reset_sampler` in ``__init__``.
     """
 
-    #: Declared by the detector as HParams (ReAct, DICE+ReAct): the percentile in (0, 100]
-    #: (stage "finalize") and the values held in memory (stage "fit").
+    #: Declared by the detector as HParams (ReAct, DICE+ReAct: :data:`CLIP_PERCENTILE` and
+    #: :data:`SAMPLER_MAX_SAMPLES`): the percentile in (0, 100] (stage "finalize") and the
+    #: values held in memory (stage "fit").
     percentile: float
     max_samples: int
 

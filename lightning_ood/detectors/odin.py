@@ -22,6 +22,23 @@ def channel_stds(name: str, value: Any, owner: str) -> list[float]:
     return [check_range(name, s, low=0.0, low_open=True, owner=owner) for s in value]
 
 
+def odin_gradient(model: OODBackbone, inputs: Tensor, temperature: float) -> Tensor:
+    """∇ₓ(−log S_ŷ(x; T)) per sample, ŷ the predicted class (Liang et al. 2018, eq. 2), in the
+    dtype of ``inputs``; shared by ODIN and iODIN."""
+    with torch.enable_grad():
+        x = inputs.detach().clone().requires_grad_(True)
+        logits = model(x) / temperature
+        # Sum, not mean: each sample's gradient is its own, whatever the batch size.
+        loss = F.cross_entropy(logits, logits.argmax(dim=1).detach(), reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
+def gradient_sign(grad: Tensor) -> Tensor:
+    """sign(∇) with 0 ↦ +1 (the reference's ``torch.ge(grad, 0)``), in the dtype of ``grad``."""
+    return torch.where(grad >= 0, 1.0, -1.0).to(grad.dtype)
+
+
 @register_detector
 class ODIN(Detector):
     """ODIN: temperature-scaled max softmax on an input nudged towards higher confidence.
@@ -90,13 +107,7 @@ class ODIN(Detector):
         keyed by the model, the batch and T)."""
 
         def compute() -> Tensor:
-            with torch.enable_grad():
-                x = inputs.detach().clone().requires_grad_(True)
-                logits = model(x) / self.temperature
-                # Sum, not mean: each sample's gradient is its own, whatever the batch size.
-                loss = F.cross_entropy(logits, logits.argmax(dim=1).detach(), reduction="sum")
-                (grad,) = torch.autograd.grad(loss, x)
-            return torch.where(grad >= 0, 1.0, -1.0).to(x.dtype)
+            return gradient_sign(odin_gradient(model, inputs, self.temperature))
 
         return _SIGN.get(inputs, self.temperature, compute, owners=(model,))
 
@@ -114,4 +125,4 @@ class ODIN(Detector):
         return (logits / self.temperature).softmax(dim=1).amax(dim=1)
 
 
-__all__ = ["ODIN"]
+__all__ = ["ODIN", "gradient_sign", "odin_gradient"]

@@ -9,8 +9,14 @@ from torch import Tensor
 
 from lightning_ood.detectors.base import OptInput, OptModel, Reducer
 from lightning_ood.detectors.energy import energy_score
-from lightning_ood.detectors.hparams import HParam, integer, optional, percent, positive
-from lightning_ood.detectors.linear_head import ActivationSampler, LinearHeadDetector
+from lightning_ood.detectors.hparams import HParam, positive
+from lightning_ood.detectors.linear_head import (
+    CLIP,
+    CLIP_PERCENTILE,
+    SAMPLER_MAX_SAMPLES,
+    ActivationSampler,
+    LinearHeadDetector,
+)
 from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
@@ -28,24 +34,11 @@ class ReAct(ActivationSampler, LinearHeadDetector):
     """
 
     kind = "react"
-    clip = HParam(
-        None, optional(positive()), doc="fixed clipping threshold c > 0, or None to estimate it"
-    )
+    clip = CLIP
     #: OpenOOD v1.5's ReAct sweep.
-    percentile = HParam(
-        90.0,
-        percent(),
-        search=(85, 90, 95, 99),
-        stage="finalize",
-        doc="percentile of training activations used when clip is None, in (0, 100]",
-    )
+    percentile = CLIP_PERCENTILE
     temperature = HParam(1.0, positive(), stage="score", doc="energy temperature T > 0")
-    max_samples = HParam(
-        1 << 26,
-        integer(1),
-        doc="activation values held in memory for the percentile; beyond it the exact value "
-        "takes one more pass over the training features (radix selection)",
-    )
+    max_samples = SAMPLER_MAX_SAMPLES
 
     @property
     def uses_training_data(self) -> bool:  # type: ignore[override]

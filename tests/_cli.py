@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +69,36 @@ def ood_callback(detectors: dict[str, Any], **kw: Any) -> dict[str, Any]:
         "class_path": "lightning_ood.callbacks.OODEvaluation",
         "init_args": {"progress": False, "detectors": detectors, **kw},
     }
+
+
+def fit_then_test(
+    tmp: Path, data_root: Path, experiment: str, detectors: dict[str, Any], *, val_size: int
+) -> tuple[dict[str, Any], Any]:
+    """`lightning-ood fit` of the demo LeNet on every 30th training image (no detectors), then
+    `test` of its last checkpoint with ``detectors`` in the OOD callback, scored on every 20th
+    FashionMNIST vs MNIST test image; both in this process on one thread (shared CPUs).
+
+    Returns the callback's results and the test run's CLI (for fitted detector state)."""
+    from lightning_ood.callbacks import evaluation as ood_evaluation
+    from lightning_ood.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg = base_config(data_root, train_every=30, test_every=20, ood_every=20,
+                      ood_sets=["mnist"], val_size=val_size)  # fmt: skip
+    common = ["--checkpoint_root", str(tmp / "ckpt"), "--log_root", str(tmp / "logs"),
+              "--experiment", experiment]  # fmt: skip
+    (tmp / "fit.yaml").write_text(yaml.safe_dump(cfg))
+    main(["fit", "--config", str(tmp / "fit.yaml"), *common])
+    cfg["trainer"]["callbacks"] = [ood_callback(detectors, validation_size=100, tune=None)]
+    (tmp / "test.yaml").write_text(yaml.safe_dump(cfg))
+    ckpt = tmp / "ckpt" / experiment / "last.ckpt"
+    try:
+        cli = main(["test", "--config", str(tmp / "test.yaml"), *common, "--ckpt_path", str(ckpt)])
+    finally:
+        torch.set_num_threads(threads)
+    cb = next(c for c in cli.trainer.callbacks if isinstance(c, ood_evaluation.OODEvaluation))
+    return cb.results, cli
 
 
 def run_cli(

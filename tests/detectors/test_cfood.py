@@ -10,12 +10,11 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-from threaded_ranks import run_ranks, shard
+from _fit_toys import fit_on, fit_two_ranks, head_net
 from torch import Tensor
 from toys import LinearHeadNet
 
 from lightning_ood import engine
-from lightning_ood.detectors.base import Reducer
 from lightning_ood.detectors.cfood import CFOOD
 
 N, Q, L = 300, 8, 3
@@ -38,15 +37,7 @@ def _data(n: int = N, seed: int = 0, shift: float = 0.0) -> tuple[Tensor, Tensor
 
 @pytest.fixture(scope="module")
 def net() -> LinearHeadNet:
-    g = torch.Generator().manual_seed(1)
-    w = torch.randn(L, Q, generator=g, dtype=torch.float64)
-    return LinearHeadNet(w, torch.zeros(L, dtype=torch.float64)).eval()
-
-
-def _fit(det: CFOOD, net: LinearHeadNet, x: Tensor, y: Tensor, batch: int = 64) -> CFOOD:
-    outputs = [(net.extract(a), b) for a, b in zip(x.split(batch), y.split(batch), strict=True)]
-    engine.fit_detectors([det], net, outputs)
-    return det
+    return head_net(L, Q)
 
 
 def _openood(ref_raw: np.ndarray, test_raw: np.ndarray, k: float) -> np.ndarray:
@@ -73,7 +64,7 @@ def _openood(ref_raw: np.ndarray, test_raw: np.ndarray, k: float) -> np.ndarray:
 @pytest.mark.parametrize("rho", [0.01, 0.05, 0.5, 0.999])
 def test_cfood_matches_openood_formula_in_numpy(net: LinearHeadNet, rho: float) -> None:
     x, y = _data()
-    det = _fit(CFOOD(bank_fraction=1.0, rho=rho, query_chunk=32, bank_chunk=70), net, x, y)
+    det = fit_on(CFOOD(bank_fraction=1.0, rho=rho, query_chunk=32, bank_chunk=70), net, x, y)
     g = torch.Generator().manual_seed(9)
     far = torch.randn(30, Q, generator=g, dtype=torch.float64) + 3 * torch.eye(Q)[-1]
     test = torch.cat([_data(60, seed=3)[0], far])
@@ -89,8 +80,8 @@ def test_cfood_matches_openood_formula_in_numpy(net: LinearHeadNet, rho: float) 
 
 def test_reference_fraction_is_seeded_and_scored_on_its_rows(net: LinearHeadNet) -> None:
     x, y = _data()
-    det = _fit(CFOOD(bank_fraction=0.3, seed=2), net, x, y, batch=50)
-    again = _fit(CFOOD(bank_fraction=0.3, seed=2), net, x, y, batch=13)
+    det = fit_on(CFOOD(bank_fraction=0.3, seed=2), net, x, y, batch=50)
+    again = fit_on(CFOOD(bank_fraction=0.3, seed=2), net, x, y, batch=13)
     assert torch.equal(det.bank, again.bank) and torch.equal(det.knn_dist, again.knn_dist)
     z = x / x.norm(dim=1, keepdim=True)
     kept = [int(torch.nonzero((z - b).abs().sum(dim=1) < 1e-12)[0]) for b in det.bank]
@@ -112,16 +103,9 @@ def test_two_ranks_fit_like_one_process(
     net: LinearHeadNet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     x, y = _data()
-    one = _fit(CFOOD(bank_fraction=0.5, seed=1), net, x, y)
+    one = fit_on(CFOOD(bank_fraction=0.5, seed=1), net, x, y)
 
-    def fit(rank: int, reducer: Reducer) -> CFOOD:
-        det = CFOOD(bank_fraction=0.5, seed=1)
-        xs, ys = shard(x, rank, 2), shard(y, rank, 2)
-        outputs = [(net.extract(a), b) for a, b in zip(xs.split(16), ys.split(16), strict=True)]
-        engine.fit_detectors([det], net, outputs, reducer)
-        return det
-
-    for det in run_ranks(2, fit, monkeypatch):
+    for det in fit_two_ranks(lambda: CFOOD(bank_fraction=0.5, seed=1), net, x, y, monkeypatch, 16):
         assert torch.equal(det.bank, one.bank) and torch.equal(det.knn_dist, one.knn_dist)
 
 
@@ -132,7 +116,7 @@ def test_exported_count_path_equals_searchsorted(
     from lightning_ood.detectors import cfood as cfood_module
 
     x, y = _data()
-    det = _fit(CFOOD(bank_fraction=0.5, rho=0.05), net, x, y)
+    det = fit_on(CFOOD(bank_fraction=0.5, rho=0.05), net, x, y)
     out = net.extract(torch.cat([_data(30, seed=6)[0], _data(30, seed=7, shift=1.5)[0]]))
     eager = engine.score_batch({"c": det}, out)["c"]
     monkeypatch.setattr(cfood_module, "exporting", lambda: True)

@@ -13,12 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-import yaml
-from _cli import base_config, ood_callback
-
-from lightning_ood.callbacks import evaluation as ood_evaluation
-from lightning_ood.cli import main
+from _cli import fit_then_test
 
 DETECTORS: dict[str, dict[str, Any]] = {
     "relation": {"type": "relation", "bank_fraction": 0.5, "store_bank": True},
@@ -31,23 +26,7 @@ DETECTORS: dict[str, dict[str, Any]] = {
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("recent_cli")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    cfg = base_config(shared_data, train_every=30, test_every=20, ood_every=20,
-                      ood_sets=["mnist"], val_size=0)  # fmt: skip
-    common = ["--checkpoint_root", str(tmp / "ckpt"), "--log_root", str(tmp / "logs"),
-              "--experiment", "recent"]  # fmt: skip
-    (tmp / "fit.yaml").write_text(yaml.safe_dump(cfg))
-    main(["fit", "--config", str(tmp / "fit.yaml"), *common])
-    cfg["trainer"]["callbacks"] = [ood_callback(DETECTORS, validation_size=100, tune=None)]
-    (tmp / "test.yaml").write_text(yaml.safe_dump(cfg))
-    ckpt = tmp / "ckpt" / "recent" / "last.ckpt"
-    try:
-        cli = main(["test", "--config", str(tmp / "test.yaml"), *common, "--ckpt_path", str(ckpt)])
-    finally:
-        torch.set_num_threads(threads)
-    cb = next(c for c in cli.trainer.callbacks if isinstance(c, ood_evaluation.OODEvaluation))
-    return cb.results
+    return fit_then_test(tmp, shared_data, "recent", DETECTORS, val_size=0)[0]
 
 
 @pytest.mark.integration

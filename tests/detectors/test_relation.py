@@ -10,13 +10,12 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from _fit_toys import fit_on, fit_two_ranks, head_net
 from scipy.special import softmax
-from threaded_ranks import run_ranks, shard
 from torch import Tensor
 from toys import LinearHeadNet
 
 from lightning_ood import engine
-from lightning_ood.detectors.base import Reducer
 from lightning_ood.detectors.relation import Relation
 
 N, Q, L = 200, 8, 3
@@ -37,15 +36,7 @@ def _no_grad() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def net() -> LinearHeadNet:
-    g = torch.Generator().manual_seed(1)
-    w = torch.randn(L, Q, generator=g, dtype=torch.float64)
-    return LinearHeadNet(w, torch.zeros(L, dtype=torch.float64)).eval()
-
-
-def _fit(det: Relation, net: LinearHeadNet, x: Tensor, y: Tensor, batch: int = 64) -> Relation:
-    outputs = [(net.extract(a), b) for a, b in zip(x.split(batch), y.split(batch), strict=True)]
-    engine.fit_detectors([det], net, outputs)
-    return det
+    return head_net(L, Q)
 
 
 def _reference(
@@ -66,7 +57,7 @@ def _reference(
 @pytest.mark.parametrize("pw", [1.0, 4.0])
 def test_relation_matches_openood_formula_in_numpy(net: LinearHeadNet, pw: float) -> None:
     x, y = _data()
-    det = _fit(Relation(pow=pw, query_chunk=16, bank_chunk=64), net, x, y)  # many chunks
+    det = fit_on(Relation(pow=pw, query_chunk=16, bank_chunk=64), net, x, y)  # many chunks
     test = torch.cat([_data(40, seed=3)[0], _data(40, seed=4, shift=1.0)[0]])
     out, out_train = net.extract(test), net.extract(x)
     got = engine.score_batch({"r": det}, out)["r"]
@@ -80,8 +71,8 @@ def test_relation_matches_openood_formula_in_numpy(net: LinearHeadNet, pw: float
 def test_bank_fraction_is_a_seeded_subset_scored_alike(net: LinearHeadNet) -> None:
     """With bank_fraction < 1 the score is the same formula over the sampled rows only."""
     x, y = _data()
-    det = _fit(Relation(bank_fraction=0.4, seed=3), net, x, y, batch=50)
-    again = _fit(Relation(bank_fraction=0.4, seed=3), net, x, y, batch=17)
+    det = fit_on(Relation(bank_fraction=0.4, seed=3), net, x, y, batch=50)
+    again = fit_on(Relation(bank_fraction=0.4, seed=3), net, x, y, batch=17)
     assert torch.equal(det.bank, again.bank) and 0 < det.bank.shape[0] < N
     out_train = net.extract(x)
     z = out_train.features / out_train.features.norm(dim=1, keepdim=True)
@@ -102,7 +93,7 @@ def test_declared_hyperparameters_and_ood_ranking(net: LinearHeadNet) -> None:
     assert "k" not in Relation.hparams and "backend" not in Relation.hparams
     assert {"pow", "edge_threshold"} <= Relation.finalize_only
     x, y = _data()
-    det = _fit(Relation(), net, x, y)
+    det = fit_on(Relation(), net, x, y)
     s_id = engine.score_batch({"r": det}, net.extract(_data(100, seed=3)[0]))["r"]
     g = torch.Generator().manual_seed(4)  # activations on a direction no class uses
     far = torch.relu(torch.randn(100, Q, generator=g, dtype=torch.float64)) + 3.0 * torch.eye(Q)[-1]
@@ -114,14 +105,9 @@ def test_two_ranks_fit_like_one_process(
     net: LinearHeadNet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     x, y = _data()
-    one = _fit(Relation(bank_fraction=0.5, seed=1), net, x, y)
+    one = fit_on(Relation(bank_fraction=0.5, seed=1), net, x, y)
 
-    def fit(rank: int, reducer: Reducer) -> Relation:
-        det = Relation(bank_fraction=0.5, seed=1)
-        xs, ys = shard(x, rank, 2), shard(y, rank, 2)
-        outputs = [(net.extract(a), b) for a, b in zip(xs.split(16), ys.split(16), strict=True)]
-        engine.fit_detectors([det], net, outputs, reducer)
-        return det
-
-    for det in run_ranks(2, fit, monkeypatch):
+    for det in fit_two_ranks(
+        lambda: Relation(bank_fraction=0.5, seed=1), net, x, y, monkeypatch, 16
+    ):
         assert torch.equal(det.bank, one.bank)

@@ -9,13 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _fit_toys import fit_on, fit_two_ranks, head_net
 from sklearn.covariance import EmpiricalCovariance
-from threaded_ranks import run_ranks, shard
 from torch import Tensor
 from toys import LinearHeadNet
 
 from lightning_ood import engine
-from lightning_ood.detectors.base import Reducer
 from lightning_ood.detectors.reweightood import ReweightOOD
 
 N, Q, L = 300, 6, 3
@@ -30,17 +29,7 @@ def _data(n: int = N, seed: int = 0, shift: float = 0.0) -> tuple[Tensor, Tensor
 
 @pytest.fixture(scope="module")
 def net() -> LinearHeadNet:
-    g = torch.Generator().manual_seed(1)
-    w = torch.randn(L, Q, generator=g, dtype=torch.float64)
-    return LinearHeadNet(w, torch.zeros(L, dtype=torch.float64)).eval()
-
-
-def _fit(
-    det: ReweightOOD, net: LinearHeadNet, x: Tensor, y: Tensor, batch: int = 64
-) -> ReweightOOD:
-    outputs = [(net.extract(a), b) for a, b in zip(x.split(batch), y.split(batch), strict=True)]
-    engine.fit_detectors([det], net, outputs)
-    return det
+    return head_net(L, Q)
 
 
 def _openood(x_train: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -59,7 +48,7 @@ def _openood(x_train: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 def test_reweightood_matches_openood_formula_with_sklearn(net: LinearHeadNet) -> None:
     x, y = _data()
-    det = _fit(ReweightOOD(), net, x, y)
+    det = fit_on(ReweightOOD(), net, x, y)
     test = torch.cat([_data(50, seed=3)[0], _data(50, seed=4, shift=2.0)[0]])
     got = engine.score_batch({"r": det}, net.extract(test))["r"]
     want = _openood(x.numpy(), y.numpy(), test.numpy())
@@ -74,7 +63,7 @@ def test_reweightood_matches_pytorch_ood_mahalanobis_on_normalised_features(
     from pytorch_ood.detector import Mahalanobis as PoodMahalanobis
 
     x, y = _data()
-    det = _fit(ReweightOOD(), net, x, y)
+    det = fit_on(ReweightOOD(), net, x, y)
     test = torch.cat([_data(50, seed=3)[0], _data(50, seed=4, shift=2.0)[0]])
     unit = lambda a: a / a.norm(dim=1, keepdim=True)  # noqa: E731
     pood = PoodMahalanobis(None).fit_features(unit(x).float(), y)
@@ -85,7 +74,7 @@ def test_reweightood_matches_pytorch_ood_mahalanobis_on_normalised_features(
 
 def test_normalize_false_is_plain_mahalanobis(net: LinearHeadNet) -> None:
     x, y = _data()
-    det = _fit(ReweightOOD(normalize=False), net, x, y)
+    det = fit_on(ReweightOOD(normalize=False), net, x, y)
     d = x.numpy()
     means = np.stack([d[y.numpy() == c].mean(axis=0) for c in range(L)])
     cov = sum((d[y.numpy() == c] - means[c]).T @ (d[y.numpy() == c] - means[c]) for c in range(L))
@@ -100,16 +89,9 @@ def test_two_ranks_fit_like_one_process(
     net: LinearHeadNet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     x, y = _data()
-    one = _fit(ReweightOOD(), net, x, y)
+    one = fit_on(ReweightOOD(), net, x, y)
 
-    def fit(rank: int, reducer: Reducer) -> ReweightOOD:
-        det = ReweightOOD()
-        xs, ys = shard(x, rank, 2), shard(y, rank, 2)
-        outputs = [(net.extract(a), b) for a, b in zip(xs.split(32), ys.split(32), strict=True)]
-        engine.fit_detectors([det], net, outputs, reducer)
-        return det
-
-    for det in run_ranks(2, fit, monkeypatch):
+    for det in fit_two_ranks(lambda: ReweightOOD(), net, x, y, monkeypatch, 32):
         torch.testing.assert_close(det.means, one.means, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(det.precision, one.precision, rtol=1e-9, atol=1e-9)
 
@@ -118,4 +100,4 @@ def test_a_class_without_training_samples_is_refused(net: LinearHeadNet) -> None
     x, y = _data()
     keep = y != 2
     with pytest.raises(ValueError, match=r"classes \[2\] have no training samples"):
-        _fit(ReweightOOD(), net, x[keep], y[keep])
+        fit_on(ReweightOOD(), net, x[keep], y[keep])

@@ -22,17 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.common import (
-    ROOT,
-    Recorder,
-    epoch_suffix,
-    paper_metrics,
-    parse,
-    parser,
-    quick_lenets,
-    run_test,
-    work_dir,
-)
+from benchmarks import common
 from benchmarks.fssd_table2 import (
     METRICS,
     QUICK_DATA,
@@ -50,7 +40,7 @@ VARIANTS = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = parser(__doc__)
+    ap = common.parser(__doc__)
     ap.add_argument("--epochs", type=int, default=14)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--networks", type=int, nargs="+", default=[1, 2, 3, 4, 5])
@@ -58,17 +48,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--every", type=int, default=4, help="keep every n-th test image per set")
     ap.add_argument("--work", default=None, help="run folder; default .cache/fssd_multi[_e<E>]")
     ap.add_argument("--name", default=None, help="result stem; default fssd_multi_model[_e<E>]")
-    ns = parse(ap, argv)
+    ns = common.parse(ap, argv)
     extra_data, holdout = {}, 500
     if ns.quick:
         vars(ns).update(epochs=1, seeds=[1], networks=[1, 2], every=100)
-        folder = work_dir(ns, "fssd_multi") / "lenets"
-        quick_lenets(folder, {f"lenet_e1_seed{s}": s for s in ns.networks}, ns.data_root)
+        folder = common.work_dir(ns, "fssd_multi") / "lenets"
+        common.quick_lenets(folder, {f"lenet_e1_seed{s}": s for s in ns.networks}, ns.data_root)
         ns.ckpt_root, extra_data, holdout = str(folder), QUICK_DATA, 30
-    suffix = epoch_suffix(ns.epochs)
-    rec = Recorder(ns.name or "fssd_multi_model" + suffix)
-    e, out = ns.epochs, work_dir(ns, "fssd_multi" + suffix)
-    ckpt = {s: ROOT / ns.ckpt_root / f"lenet_e{e}_seed{s}" / "last.ckpt" for s in ns.networks}
+    suffix = common.epoch_suffix(ns.epochs)
+    rec = common.Recorder(ns.name or "fssd_multi_model" + suffix)
+    e, out = ns.epochs, common.work_dir(ns, "fssd_multi" + suffix)
+    ckpt = {
+        s: common.ROOT / ns.ckpt_root / f"lenet_e{e}_seed{s}" / "last.ckpt" for s in ns.networks
+    }
     results: dict[int, dict[str, Any]] = {}
     for s in ns.seeds:
         others = [str(ckpt[o]) for o in ns.networks if o != s]
@@ -84,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         data = {"test_every": ns.every, "ood_every": ns.every, "ood_sets": ["mnist", "kmnist"]}
         cfg = base_config(e, {**data, **extra_data}, ns.data_root)
         cfg["trainer"]["callbacks"] = callback(dets, validation_size=holdout)
-        results[s] = run_test(f"multi_seed{s}", cfg, out, ckpt[s], prefix="table2")
+        results[s] = common.run_test(f"multi_seed{s}", cfg, out, ckpt[s], prefix="table2")
 
     md = [
         "",
@@ -108,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
         for det, label in VARIANTS.items():
             runs = results.values()
-            rows = [paper_metrics(r["metrics"]) for r in runs]  # the papers' per-set rows
+            rows = [common.paper_metrics(r["metrics"]) for r in runs]  # the papers' per-set rows
             cells = [mean_std([r[det][ood][m] for r in rows]) for m in METRICS]
             md.append(f"| {det} | {label} | " + " | ".join(cells) + " |")
     results_json = {"seeds": ns.seeds, "networks": ns.networks, "runs": results}

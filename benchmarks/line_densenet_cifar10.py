@@ -28,23 +28,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (
-    CACHE,
-    CIFAR10_OOD,
-    CIFAR10_STD,
-    QUICK_SLICES,
-    Recorder,
-    cifar10_densenet,
-    evaluate,
-    evaluate_banks,
-    parse,
-    parser,
-    pct,
-    work_dir,
-)
+from benchmarks import common
 
-OOD_SETS = CIFAR10_OOD
-STD_REF = CIFAR10_STD
+OOD_SETS = common.CIFAR10_OOD
+STD_REF = common.CIFAR10_STD
 DETECTORS = {
     "msp": {},
     "energy": {},
@@ -69,8 +56,8 @@ def build(ns: argparse.Namespace, train_every: int, ood_every: int) -> tuple:
     """The DenseNet and data of every stage (ID test set whole unless ``--quick``)."""
     every = {"train_every": train_every, "ood_every": ood_every}
     if ns.quick:
-        every["test_every"] = QUICK_SLICES["test_every"]
-    return cifar10_densenet(ns, OOD_SETS, ns.batch_size, **every)
+        every["test_every"] = common.QUICK_SLICES["test_every"]
+    return common.cifar10_densenet(ns, OOD_SETS, ns.batch_size, **every)
 
 
 def stage_features(ns: argparse.Namespace) -> None:
@@ -122,7 +109,7 @@ def stage_odin(ns: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
-def stage_score(ns: argparse.Namespace, rec: Recorder) -> None:
+def stage_score(ns: argparse.Namespace, rec: common.Recorder) -> None:
     from lightning_ood.detectors import build_detector, build_detectors
     from lightning_ood.features import FeatureCache
 
@@ -137,7 +124,9 @@ def stage_score(ns: argparse.Namespace, rec: Recorder) -> None:
     train_acc = float((train.logits.argmax(1) == train.targets).double().mean())
     t0 = time.perf_counter()
     dets = build_detectors(DETECTORS)
-    evaluation = evaluate(dets, backbone, feats, train)  # one fitting pass, one score per set
+    evaluation = common.evaluate(
+        dets, backbone, feats, train
+    )  # one fitting pass, one score per set
     rows = {
         name: {**per, "average": {m: per["average"][m] for m in METRICS}}
         for name, per in evaluation.metrics.items()
@@ -152,7 +141,7 @@ def stage_score(ns: argparse.Namespace, rec: Recorder) -> None:
         o = torch.load(odin_path, weights_only=True)  # tensors, floats and strings only
         s = o["scores"]
         odin = {"odin": build_detector("odin", ODIN)}  # scores at hand: the protocol step only
-        per = evaluate_banks(odin, {"odin": [s[n] for n in names]}, names).metrics["odin"]
+        per = common.evaluate_banks(odin, {"odin": [s[n] for n in names]}, names).metrics["odin"]
         rows["odin"] = {**per, "average": {m: per["average"][m] for m in METRICS}}
         odin_note = (
             f"ODIN (T 1000, eps 0.0014, step / std {STD_REF}) on a slice: every "
@@ -218,7 +207,7 @@ def stage_score(ns: argparse.Namespace, rec: Recorder) -> None:
     lines += ["", "| method | " + " | ".join(names[1:]) + " | average |",
               "|---|" + "---:|" * (len(names))]  # fmt: skip
     for d in order:
-        cells = [f"{pct(rows[d][n]['fpr95'])} / {pct(rows[d][n]['auroc'])}"
+        cells = [f"{common.pct(rows[d][n]['fpr95'])} / {common.pct(rows[d][n]['auroc'])}"
                  for n in [*names[1:], "average"]]  # fmt: skip
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
     lines[-len(order) - 2] = "| FPR95↓ (ID+) / AUROC↑ | " + " | ".join(names[1:]) + " | average |"
@@ -226,7 +215,7 @@ def stage_score(ns: argparse.Namespace, rec: Recorder) -> None:
               "| method | " + " | ".join(names[1:]) + " | average |",
               "|---|" + "---:|" * (len(names))]  # fmt: skip
     for d in order:
-        cells = [f"{pct(rows[d][n]['aupr_in'])} / {pct(rows[d][n]['aupr_out'])}"
+        cells = [f"{common.pct(rows[d][n]['aupr_in'])} / {common.pct(rows[d][n]['aupr_out'])}"
                  for n in [*names[1:], "average"]]  # fmt: skip
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
     lines += ["", "Paper ordering LINe < DICE+ReAct < DICE < Energy < MSP (FPR95):", ""]
@@ -248,22 +237,24 @@ def stage_score(ns: argparse.Namespace, rec: Recorder) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = parser(__doc__)
+    p = common.parser(__doc__)
     p.add_argument("--stage", choices=["features", "odin", "score"], default=None)
-    p.add_argument("--cache_dir", default=str(CACHE / "features"))
+    p.add_argument("--cache_dir", default=str(common.CACHE / "features"))
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--train_every", type=int, default=1)
     p.add_argument("--ood_every", type=int, default=1)
     p.add_argument("--odin_every", type=int, default=4)
     p.add_argument("--odin_id_every", type=int, default=20)
-    ns = parse(p, argv)
+    ns = common.parse(p, argv)
     if ns.quick:
-        vars(ns).update(train_every=QUICK_SLICES["train_every"], odin_every=5, odin_id_every=5)
-        ns.ood_every = QUICK_SLICES["ood_every"]
-        ns.cache_dir = str(work_dir(ns, "features") / "features")
+        vars(ns).update(
+            train_every=common.QUICK_SLICES["train_every"], odin_every=5, odin_id_every=5
+        )
+        ns.ood_every = common.QUICK_SLICES["ood_every"]
+        ns.cache_dir = str(common.work_dir(ns, "features") / "features")
     elif ns.stage is None:
         p.error("--stage is required (features, odin, then score), unless --quick")
-    rec = Recorder("line_densenet_cifar10")
+    rec = common.Recorder("line_densenet_cifar10")
     stages = ["features", "odin", "score"] if ns.quick else [ns.stage]
     for stage in stages:
         if stage == "features":

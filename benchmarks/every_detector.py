@@ -1,11 +1,14 @@
 """Issue 25 item 3 (part a): every registered detector, at its defaults and validation-tuned,
 ranked, on the FSSD benchmark's 14-epoch FashionMNIST LeNets (seeds 1, 2 and 3, trained with
-``bash benchmarks/train_lenet_seeds.sh 14 1 2 3``; ``--lenet_ckpts`` names other checkpoints).
+``python -m benchmarks.train_lenets --epochs 14 --seeds 1 2 3 --plain_name
+'lenet_fmnist_e{epochs}_seed{seed}' --checkpoint_root .cache/bench_ckpt``; ``--lenet_ckpts``
+names other checkpoints).
 
 ID: FashionMNIST; reported OOD: MNIST (group ``far``); validation OOD: KMNIST (selection and
-shipped combiners only, never reported); ID validation: ``--val_size`` held-out training
-images. The Deep Ensemble and the FSSD ensemble of one model take the other two models as
-members. Every slice is stated in the result.
+shipped combiners only, never reported); ID validation: FashionMNIST test images at offset 2
+of every ``--test_every`` (the reported ones are at offset 0): the FSSD recipe trains on all
+60,000 training images, so none is held out. The Deep Ensemble and the FSSD ensemble of one
+model take the other two models as members. Every slice is stated in the result.
 
 For each model the evaluation session (:mod:`lightning_ood.session`, the code behind
 ``lightning-ood test``) runs twice: every detector at its defaults, then every detector with a
@@ -48,9 +51,11 @@ SPACES: dict[str, dict[str, Sequence[Any]]] = {}
 #: The session's protocol here: every reported sample scored (no per-set hold-out: only the
 #: shipped rows are reported), selection by validation AUROC, thresholds at 95 % TPR.
 PROTOCOL = None  # set in main() (imports the library lazily)
+#: Offset of the ID validation images among every ``test_every`` FashionMNIST test images.
+VAL_OFFSET = 2
 #: Kinds of a --quick run (one of each family): the code path, in seconds rather than minutes.
 QUICK_KINDS = ("msp", "energy", "react", "mahalanobis", "knn", "gmm", "fssd", "mcd", "weiper")
-#: The LeNet checkpoints written by ``benchmarks/train_lenet_seeds.sh``.
+#: The LeNet checkpoints of the FSSD recipe (``python -m benchmarks.train_lenets``, above).
 LENET_CKPTS = [
     common.CACHE / "bench_ckpt" / f"lenet_fmnist_e14_seed{s}" / "last.ckpt" for s in (1, 2, 3)
 ]
@@ -58,7 +63,7 @@ LENET_CKPTS = [
 
 def vars_of(ns: Any) -> dict[str, Any]:
     """The options that change a model's results (not where they are written)."""
-    keep = ("quick", "train_every", "test_every", "val_size", "cost_train", "cost_test")
+    keep = ("quick", "train_every", "test_every", "cost_train", "cost_test")
     return {k: getattr(ns, k) for k in keep}
 
 
@@ -91,17 +96,18 @@ def backbone_of(ckpt: Path) -> Any:
     return backbone.eval(), meta
 
 
-def lenet_data(ns: Any) -> Any:
+def lenet_data(ns: Any, tiny: bool = False) -> Any:
+    """The FashionMNIST datamodule of the reported sets (1 test image in ``test_every``, from
+    index 0) and the KMNIST validation OOD set; ``tiny``: 1 in 20 times as many."""
     from lightning_ood.data import FashionMNISTDataModule
 
-    q = 20 if ns.quick else 1
+    q = 20 if tiny or ns.quick else 1
     dm = FashionMNISTDataModule(
         root=str(ns.data_root),
         eval_batch_size=500,
         num_workers=0,
         ood_sets=[{"name": "mnist", "group": "far"}],
         val_ood_sets=["kmnist"],
-        val_size=ns.val_size // q,
         train_every=ns.train_every * q,
         test_every=ns.test_every * q,
         ood_every=ns.test_every * q,
@@ -111,18 +117,37 @@ def lenet_data(ns: Any) -> Any:
     return dm
 
 
-def sets_of(dm: Any, backbone: Any) -> Any:
+def id_validation(ns: Any, tiny: bool = False) -> Any:
+    """ID validation: FashionMNIST test images at offset ``VAL_OFFSET`` of every
+    ``test_every`` (disjoint from the reported ones at offset 0): the LeNets of the FSSD
+    recipe trained on all 60,000 training images, so no training image is held out."""
+    from torch.utils.data import DataLoader, Subset
+
+    from lightning_ood.data import FashionMNISTDataModule
+
+    full = FashionMNISTDataModule(root=str(ns.data_root), eval_batch_size=500, num_workers=0)
+    full.prepare_data()
+    full.setup("test")
+    dataset = full.test_dataloader()[0].dataset
+    step = ns.test_every * (20 if tiny or ns.quick else 1)
+    return DataLoader(Subset(dataset, range(VAL_OFFSET, len(dataset), step)), batch_size=500)
+
+
+def sets_of(dm: Any, backbone: Any, id_val: Any, ns: Any) -> Any:
     from lightning_ood.session import LoaderSource, Sets
 
     names = dm.test_set_names
     tests = dict(zip(names, dm.test_dataloader(), strict=True))
     return Sets(
         train=LoaderSource(dm.fit_dataloader(), backbone),
-        id_val=LoaderSource(dm.val_dataloader(), backbone),
+        id_val=LoaderSource(id_val, backbone),
         val_ood={n: LoaderSource(dl, backbone) for n, dl in dm.val_ood_dataloaders().items()},
         test={n: LoaderSource(dl, backbone) for n, dl in tests.items()},
         groups=dm.groups(),
-        id_val_note="held-out training images (data.val_size)",
+        id_val_note=(
+            f"FashionMNIST test images {VAL_OFFSET}::{ns.test_every} (the reported ones are "
+            f"0::{ns.test_every}); the networks trained on every training image"
+        ),
     )
 
 
@@ -182,7 +207,12 @@ def evaluate_model(
 
 
 def costs(
-    backbone: Any, dm: Any, specs: Mapping[str, Mapping[str, Any]], n_train: int, n_test: int
+    backbone: Any,
+    dm: Any,
+    val: Any,
+    specs: Mapping[str, Mapping[str, Any]],
+    n_train: int,
+    n_test: int,
 ) -> dict[str, dict[str, float]]:
     """Per detector, alone: fitting on ``n_train`` training images and scoring ``n_test`` test
     images, in ms per 1,000 samples (the backbone's pass included); ``(backbone pass)``: the
@@ -196,7 +226,6 @@ def costs(
     n_train, n_test = min(n_train, len(train_ds)), min(n_test, len(test_ds))
     train = DataLoader(Subset(train_ds, range(n_train)), batch_size=500)
     test = DataLoader(Subset(test_ds, range(n_test)), batch_size=500)
-    val = dm.val_dataloader()  # the held-out split (temperature scaling's T is timed on it)
     out: dict[str, dict[str, float]] = {}
     t0 = time.perf_counter()
     for _ in engine.eval_pass(backbone, ((x, y) for x, y in train), ()):
@@ -303,7 +332,9 @@ def run_lenet(ns: Any) -> dict[str, Any]:
     if missing:
         raise SystemExit(
             f"every_detector: LeNet checkpoints {missing} do not exist; train them with "
-            "`bash benchmarks/train_lenet_seeds.sh 14 1 2 3` (or pass --lenet_ckpts)"
+            "`python -m benchmarks.train_lenets --epochs 14 --seeds 1 2 3 --plain_name "
+            "'lenet_fmnist_e{epochs}_seed{seed}' --checkpoint_root .cache/bench_ckpt` (or pass "
+            "--lenet_ckpts)"
         )
     runs, refused_all, tuned_names = [], {}, set()
     cost: dict[str, dict[str, float]] = {}
@@ -321,10 +352,9 @@ def run_lenet(ns: Any) -> dict[str, Any]:
         else:
             backbone, _ = backbone_of(ckpt)
             dm = lenet_data(ns)
-            sets = sets_of(dm, backbone)
-            tiny_ns = copy.copy(ns)
-            tiny_ns.quick = True
-            tiny = sets_of(lenet_data(tiny_ns), backbone)
+            val = id_validation(ns)
+            sets = sets_of(dm, backbone, val, ns)
+            tiny = sets_of(lenet_data(ns, tiny=True), backbone, id_validation(ns, True), ns)
             specs = detector_specs(members, ns.quick)
             alone: dict[str, str] = {}
             if len(ckpts) == 1:  # an ensemble of a network with itself measures nothing
@@ -340,7 +370,7 @@ def run_lenet(ns: Any) -> dict[str, Any]:
                 "tuned": evaluate_model(backbone, sets, specs, tuned=True),
             }
             if i == 0:
-                run["costs"] = costs(backbone, dm, specs, ns.cost_train, ns.cost_test)
+                run["costs"] = costs(backbone, dm, val, specs, ns.cost_train, ns.cost_test)
             work.mkdir(parents=True, exist_ok=True)
             tmp = cached.with_suffix(".tmp")
             tmp.write_text(json.dumps(run, default=float))
@@ -355,8 +385,9 @@ def run_lenet(ns: Any) -> dict[str, Any]:
             f"{len(ckpts)} FashionMNIST LeNets (`{', '.join(str(c) for c in ckpts)}`). ID: "
             f"FashionMNIST test, 1 image in {ns.test_every}; reported OOD: MNIST test, 1 in "
             f"{ns.test_every}; validation OOD: KMNIST test, 1 in {ns.test_every} (never "
-            f"reported); ID validation: {ns.val_size} held-out training images; fitted on 1 in "
-            f"{ns.train_every} of the remaining training images (eval transform). Costs "
+            f"reported); ID validation: FashionMNIST test images {VAL_OFFSET}::{ns.test_every}, "
+            f"disjoint from the reported ones (the networks trained on every training image); "
+            f"fitted on 1 in {ns.train_every} training images (eval transform). Costs "
             "measured on the first model."
         ),
         "n_runs": len(runs),
@@ -374,7 +405,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--lenet_ckpts", nargs="*", default=None)
     p.add_argument("--train_every", type=int, default=2)
     p.add_argument("--test_every", type=int, default=5)
-    p.add_argument("--val_size", type=int, default=2000)
     p.add_argument("--cost_train", type=int, default=5000)
     p.add_argument("--cost_test", type=int, default=2000)
     ns = common.parse(p, argv)

@@ -297,6 +297,10 @@ class OODCLI(LightningCLI):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         if trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = TensorBoardLogger(save_dir=cfg["log_root"], name=experiment)
+        elif not trainer_cfg.get("default_root_dir"):
+            # Without a logger, Lightning's log_dir (where the run's config.yaml is saved) is
+            # default_root_dir, i.e. the working directory: keep it under --log_root instead.
+            kwargs["default_root_dir"] = str(Path(cfg["log_root"]) / experiment)
         callbacks = list(trainer_cfg.get("callbacks") or [])
         ckpt_dir = str(Path(cfg["checkpoint_root"]) / experiment)
         every = cfg["checkpoint_every_n_steps"]
@@ -329,7 +333,9 @@ class OODCLI(LightningCLI):
                         enable_version_counter=False,
                     )
                 )
-        if not any(isinstance(c, LearningRateMonitor) for c in callbacks):
+        has_logger = trainer_cfg.get("logger") not in (False, [])
+        if has_logger and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
+            # (Lightning refuses a LearningRateMonitor on a trainer without a logger)
             callbacks.append(LearningRateMonitor(logging_interval="epoch"))
         if self.subcommand == "predict" and not any(
             isinstance(c, PredictionCSVWriter) for c in callbacks

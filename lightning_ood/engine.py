@@ -32,7 +32,10 @@ from lightning_ood.detectors.base import Detector, InvalidConfiguration, Reducer
 from lightning_ood.models.base import FEATURES, LOGITS, BackboneOutput, OODBackbone
 
 #: ``(BackboneOutput, targets)`` pairs: what a fitting pass feeds ``Detector.update``.
-Outputs = Iterable[tuple[BackboneOutput, Tensor]]
+#: Training batches as fitting reads them: ``(outputs, targets)``, or ``(outputs, targets,
+#: inputs)`` from an eval pass (detectors with ``fit_needs_inputs`` read the inputs; cached
+#: features have none).
+Outputs = Iterable[tuple[BackboneOutput, Tensor] | tuple[BackboneOutput, Tensor, Tensor]]
 #: Training outputs as given to :func:`fit_detectors`: a stream, a list (re-iterable), or a
 #: callable that starts the stream anew (needed when a detector asks for another pass).
 OutputSource = Outputs | Callable[[], Outputs]
@@ -117,15 +120,16 @@ def eval_pass(
 
 
 def labelled(passes: Iterable[tuple[Tensor, Tensor | None, BackboneOutput]]) -> Outputs:
-    """``(outputs, targets)`` pairs of an :func:`eval_pass`, for :func:`fit_detectors`;
-    a batch without targets is refused (fitting needs the class of every sample)."""
+    """``(outputs, targets, inputs)`` of an :func:`eval_pass`, for :func:`fit_detectors`
+    (the inputs reach only detectors that declare ``fit_needs_inputs``); a batch without
+    targets is refused (fitting needs the class of every sample)."""
     for x, y, out in passes:
         if y is None:
             raise ValueError(
                 "fitting detectors needs (inputs, targets) batches; the loader yielded inputs "
                 f"only (shape {tuple(x.shape)})"
             )
-        yield out, y
+        yield out, y, x
 
 
 # -- fitting ---------------------------------------------------------------------------------------
@@ -189,9 +193,18 @@ def fit_detectors(
 
 def _update_pass(readers: Sequence[Detector], backbone: OODBackbone, stream: Outputs) -> None:
     with torch.no_grad():  # sums only; LINe's autograd oracle re-enables grad itself
-        for out, target in stream:
+        for out, target, *rest in stream:
             for det in readers:
-                det.update(out, target, backbone)
+                if not det.fit_needs_inputs:
+                    det.update(out, target, backbone)
+                    continue
+                if not rest:
+                    raise ValueError(
+                        f"detector {det.name!r} ({det.kind}) fits on the training inputs "
+                        "themselves (it perturbs them), which cached features do not hold; fit "
+                        "it from a loader (an eval pass over the training images)"
+                    )
+                det.update(out, target, backbone, inputs=rest[0])
 
 
 def extra_passes(
@@ -319,7 +332,7 @@ def fit_validation_detectors(
     parts: list[BackboneOutput] = []
     labels: list[Tensor] = []
     with torch.no_grad():
-        for out, target in outputs:
+        for out, target, *_ in outputs:
             parts.append(out.detach())
             labels.append(target.reshape(-1).long())
     target = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)

@@ -127,6 +127,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "reweightood": {},
     "relation": {"bank_fraction": 0.5, "store_bank": True},  # a sampled bank of [z, p] rows
     "cfood": {"bank_fraction": 0.5, "store_bank": True},  # ~256 reference points
+    "adascale": {"num_samples": 256},  # Q' of 256 perturbed training images
 }
 
 #: Kinds whose score no exported graph can hold, and why; every other kind must export.
@@ -135,6 +136,7 @@ NOT_EXPORTABLE: dict[str, str] = {
     "mcd": "runs stochastic dropout passes",
     "mcd_var": "runs stochastic dropout passes",
     "iodin": "perturbs the input along its gradient (autograd at inference)",
+    "adascale": "perturbs the input along its gradient (autograd at inference)",
     "rankfeat": "on LeNet (no tap pools to the features) it reruns the network from conv2 "
     "through a forward hook",
 }

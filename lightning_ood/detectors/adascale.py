@@ -16,9 +16,9 @@ For a sample x with features h and predicted class ŷ (the authors' OpenOOD code
    energy((Wh + b)·r²).
 
 Scoring needs the network and the inputs (one forward-backward and one extra forward per
-batch); fitting needs the *inputs* of the ID fitting samples too, which the engine's shared
-training pass does not hand to ``update`` yet: see docs/methods.md#adascale. Not registered
-until it does (a registered kind that the engine cannot fit would break every fit).
+batch); fitting needs the *inputs* of the ID fitting samples too (``fit_needs_inputs``: the
+engine's shared training pass hands them to ``update``; cached features cannot fit it). See
+docs/methods.md#adascale.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from lightning_ood.detectors.energy import energy_score
 from lightning_ood.detectors.hparams import HParam, choice, in_range, integer, positive
 from lightning_ood.detectors.knn import check_layout, global_positions, seeded_uniform_at
 from lightning_ood.detectors.linear_head import LinearHeadDetector
+from lightning_ood.detectors.registry import register_detector
 from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 #: OpenOOD's ``adascale_a.yml`` / ``adascale_l.yml`` sweep of (p_min, p_max).
@@ -107,6 +108,7 @@ def scale_ratio(h: Tensor, percentiles: Tensor) -> Tensor:
     return torch.where(top > 0, total / top.clamp_min(torch.finfo(a.dtype).tiny), 0.0 * total)
 
 
+@register_detector
 class AdaScale(LinearHeadDetector):
     """AdaSCALE-A / -L (docs/methods.md#adascale): energy of SCALE-rescaled features (or
     logits) at a per-sample percentile set by the empirical CDF of the perturbation statistic

@@ -75,6 +75,9 @@ class Detector(nn.Module):
     requires_fit: ClassVar[bool] = False
     #: Whether fitting reads training batches (FSSD only needs the model: False).
     uses_training_data: ClassVar[bool] = True
+    #: Whether :meth:`update` needs the training batch's inputs too (``inputs=``; AdaSCALE
+    #: perturbs them): the engine passes them from an eval pass and refuses cached features.
+    fit_needs_inputs: ClassVar[bool] = False
     #: Whether :meth:`score` needs ``model`` and ``inputs`` (gradient-based input processing).
     needs_input_grad: ClassVar[bool] = False
     #: Whether ``torch.export`` can trace :meth:`score` (MC Dropout's seeded random passes

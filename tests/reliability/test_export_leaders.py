@@ -58,7 +58,7 @@ def _batches(seed: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def test_specs_cover_every_exportable_feature_kind() -> None:
     kinds = {spec.get("type", name) for name, spec in SPECS.items()}
     # gradients / members / passes / reruns of the network from a tap
-    needs_more = {"odin", "iodin", "de", "mcd", "mcd_var", "fssd_ensemble", "rankfeat"}
+    needs_more = {"odin", "iodin", "adascale", "de", "mcd", "mcd_var", "fssd_ensemble", "rankfeat"}
     assert kinds == set(DETECTORS) - needs_more
 
 

@@ -34,9 +34,10 @@ from lightning_ood.predictor import ONNX_INPUT, OODPredictor
 
 ATOL, RTOL = 1e-4, 1e-5
 
-#: Kinds no exported graph can hold: ODIN and iODIN perturb the input along its gradient, MC
+#: Kinds no exported graph can hold: ODIN, iODIN and AdaSCALE perturb the input along its
+#: gradient, MC
 #: Dropout draws random dropout masks at inference.
-REFUSED = {"odin", "iodin", "mcd", "mcd_var"}
+REFUSED = {"odin", "iodin", "adascale", "mcd", "mcd_var"}
 #: Kinds that export on other backbones but not on LeNet, with their LeNet config: RankFeat
 #: reruns the network from ``conv2`` through a forward hook (no LeNet tap pools to the
 #: features; a ResNet's ``layer4`` does, and exports).

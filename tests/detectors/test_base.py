@@ -155,6 +155,7 @@ TOY_DATA_CASES: dict[str, dict[str, Any]] = {
     "she": {"correct_only": False},
     "openmax": {"correct_only": False},
     "gram": {"samples": "label"},
+    "adascale": {"k1": 25.0, "k2": 25.0},  # 8 toy features: 5 % and 1 % select none
 }
 
 

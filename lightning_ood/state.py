@@ -93,8 +93,7 @@ def reconcile_detector_state(
         if keys and why and log is not None:
             log(
                 f"detector {name!r}: checkpoint holds it with config {stored_configs.get(name)}, "
-                f"now configured as {det.config()}: {why}"
-                + ("" if fits else "; refitting.")
+                f"now configured as {det.config()}: {why}" + ("" if fits else "; refitting.")
             )
         if keys and fits and why:  # score-time values changed: the threshold is stale
             for key in ("threshold", "threshold_tpr"):

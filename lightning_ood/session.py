@@ -910,7 +910,9 @@ class EvaluationSession:
         at = line_analyses.thresholds(dets, neuron_thresholds) if activated_neurons else None
         bank = self.score(dets, sets.test, at)
         set_names = list(sets.test)
-        banks = bank.banks()
+        # each test source's rows of every rank, in dataset order (identity on one process)
+        gathers = [src.gather for src in sets.test.values()]
+        banks = bank.banks(gathers)
         evaluation = self.evaluate(
             dets,
             banks,
@@ -918,10 +920,10 @@ class EvaluationSession:
             per_set=per_set,
             combiners=combiners,
             combiners_source=combiners_source,
-            correct_id=bank.correct_id(),
+            correct_id=bank.correct_id(gathers),
             groups=sets.groups,
         )
-        counts = bank.neuron_counts()
+        counts = bank.neuron_counts(gathers)
         results = self.results(
             dets,
             evaluation,

@@ -277,7 +277,8 @@ class Gram(_GramTaps):
         self.tap_sizes = torch.tensor(self._sizes, dtype=torch.long, device=self.mins.device)
         k = len(self._sizes)
         if self.normalizer == "holdout":
-            count = int(reducer.sum(torch.tensor(float(self._dev_count), dtype=torch.float64)))
+            n = torch.tensor(float(self._dev_count), dtype=torch.float64, device=self.mins.device)
+            count = int(reducer.sum(n))  # on the accumulators' device (NCCL refuses CPU tensors)
             if count == 0:
                 raise InvalidConfiguration(
                     f"{self.name} (gram): holdout_fraction={self.holdout_fraction} held out no "
@@ -310,7 +311,8 @@ class Gram(_GramTaps):
             raise RuntimeError(f"{self.name}: fit_validation() before finalize()")
         dev = self._by_confidence(self._components(out), out.logits)
         total = reducer.sum(dev.sum(dim=0))
-        count = float(reducer.sum(torch.tensor(float(dev.shape[0]), dtype=torch.float64)))
+        n = torch.tensor(float(dev.shape[0]), dtype=torch.float64, device=dev.device)
+        count = float(reducer.sum(n))
         if count == 0:
             raise ValueError(f"{self.name}: the validation split is empty")
         mean = total / count

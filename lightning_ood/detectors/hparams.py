@@ -22,9 +22,10 @@ and :class:`~lightning_ood.detectors.base.Detector` derives from the declaration
 ``stage`` says where a value enters: ``"fit"`` — the training pass (:meth:`update`; a change
 needs a new pass), ``"finalize"`` — only the derivation of the fitted buffers from the
 accumulated statistics (a new ``finalize``; configurations differing only here share one
-pass), ``"score"`` — only the score formula (fitted buffers, combiners and everything stored
-are unaffected; only the decision threshold must be recalibrated). When in doubt,
-``"finalize"``.
+pass), ``"score"`` — only the score formula (fitted buffers are unaffected; the decision
+threshold, and a layer ensemble's shipped combiner, which is fitted on the scores, are redone
+at calibration: ``state.reconcile_detector_state`` resets the threshold, so the detector is
+recalibrated before it ships). When in doubt, ``"finalize"``.
 """
 
 from __future__ import annotations

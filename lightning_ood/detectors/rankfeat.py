@@ -182,6 +182,8 @@ class RankFeat(_RankFeatTaps):
 
     # -- fitting --------------------------------------------------------------------------
     def reset(self) -> None:
+        """Forget the fit, including the taps resolved against the previous backbone."""
+        self._resolved, self._pooled = [], []
         self.fitted.fill_(False)
 
     def finalize(self, model: OODBackbone, reducer: Reducer | None = None) -> None:

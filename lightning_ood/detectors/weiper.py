@@ -192,7 +192,7 @@ class WeiPer(LinearHeadDetector):
         histograms."""
         if self._pass > 0:
             return False
-        dev = self.weight.device if self.weight.numel() else torch.device("cpu")
+        dev = self.fitted.device  # the detector's device, also on a rank that saw no batch
         local = torch.tensor([self._range], dtype=torch.float64, device=dev)
         ranges = reducer.cat(local)
         lo, hi = ranges.min(dim=0).values, ranges.max(dim=0).values

@@ -32,6 +32,10 @@ from lightning_ood.detectors import DETECTORS, build_detector
 from lightning_ood.detectors.ash import kept_count
 from lightning_ood.predictor import ONNX_INPUT, OODPredictor
 
+#: ~45 s alone (a fitted LeNet with every exportable kind, exported and run by onnxruntime):
+#: with the integration runs, so the default suite stays within its 8 minutes; CI runs both.
+pytestmark = pytest.mark.integration
+
 ATOL, RTOL = 1e-4, 1e-5
 
 #: Kinds no exported graph can hold: ODIN, iODIN and AdaSCALE perturb the input along its

@@ -6,6 +6,7 @@ import copy
 import signal
 from pathlib import Path
 
+import pytest
 import torch
 from _cli import base_config, run_cli
 
@@ -25,6 +26,7 @@ def _config(shared_data: Path) -> dict:
     return cfg
 
 
+@pytest.mark.integration  # ~35 s alone: two fits, one killed mid-epoch; CI runs it
 def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path: Path, shared_data: Path) -> None:
     cfg = _config(shared_data)
     every = ["--checkpoint_every_n_steps", "5"]

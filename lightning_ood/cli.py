@@ -1,10 +1,17 @@
-"""``lightning-ood fit|validate|test|predict|grid|models``: the one command line.
+"""``lightning-ood fit|validate|test|predict|grid|models|inspect|serve``: the one command line.
 
-``fit``/``validate``/``test``/``predict`` are a LightningCLI with the project's defaults;
-``grid`` (:func:`grid_main`) grid-searches a detector's hyperparameters from cached features
-(:mod:`lightning_ood.grid`), reading the same ``--config`` files; ``models``
-(:func:`models_main`) lists model names and taps. Library modules never import
-this module.
+``fit``/``validate``/``test``/``predict``/``grid`` are subcommands of one LightningCLI with the
+project's defaults: ``grid`` is :meth:`lightning_ood.trainer.OODTrainer.grid` (grid-search a
+detector's hyperparameters from cached features, :mod:`lightning_ood.grid`), so it reads the
+same ``--config`` files and takes ``--trainer.devices``/``--trainer.strategy ddp`` like
+``test``. ``models`` (:func:`models_main`), ``inspect`` (:func:`inspect_main`) and ``serve``
+need no model, data or trainer: plain parsers, listed in ``lightning-ood --help``.
+
+The checks that guard a run live in :class:`OODCLI` and nowhere else in the CLI: names that
+may not leave their roots and untrained weights (``before_instantiate_classes``), the class
+count (``after_instantiate_classes``, through :func:`lightning_ood.task.check_class_count`,
+the function ``ClassificationTask.setup`` calls too), and overwriting (``fit``'s checkpoints,
+``predict``'s file). Library modules never import this module.
 """
 
 from __future__ import annotations
@@ -20,7 +27,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -31,11 +37,27 @@ from lightning_ood.callbacks.evaluation import OODEvaluation
 from lightning_ood.callbacks.predictions import PredictionCSVWriter
 from lightning_ood.checkpoint import SafeCheckpointIO, check_lightning_checkpoint, safe_load
 from lightning_ood.data import OODDataModule
-from lightning_ood.grid import GridResult, load_spec, run_spec, write_grid_results
+from lightning_ood.grid import GridResult
 from lightning_ood.models.trust import UntrustedCheckpointError, allow_modules, trust_modules
 from lightning_ood.runs import ReplacedRunGuard, check_experiment, move_aside, run_folder
 from lightning_ood.state import checkpoint_task_args
-from lightning_ood.task import ClassificationTask
+from lightning_ood.task import ClassificationTask, check_class_count
+from lightning_ood.trainer import DEVICE_DEPRECATION, OODTrainer, device_to_trainer
+
+
+class OODArgumentParser(LightningArgumentParser):
+    """The CLI's parser; a subcommand's usage line reads ``lightning-ood grid ...`` (as the
+    ``grid`` parser's did before it joined LightningCLI), where jsonargparse writes
+    ``lightning-ood [options] grid``: the options of ``lightning-ood`` itself are only
+    ``--config``/``--print_config``, which every subcommand takes too."""
+
+    @property
+    def prog(self) -> str:
+        return self._lightning_ood_prog
+
+    @prog.setter
+    def prog(self, value: str) -> None:
+        self._lightning_ood_prog = value.replace(" [options] ", " ")
 
 
 class OODCLI(LightningCLI):
@@ -51,6 +73,12 @@ class OODCLI(LightningCLI):
     values to the run (:mod:`lightning_ood.models.trust`), never an import path, unless the user
     lists it in ``--allow_modules`` or configures ``model: wrap`` with that module themselves.
     """
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's subcommands plus ``grid`` (:meth:`OODTrainer.grid`: the model and the
+        datamodule come from ``--model``/``--data``, its other arguments are flags)."""
+        return {**LightningCLI.subcommands(), "grid": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -111,17 +139,22 @@ class OODCLI(LightningCLI):
             self._argv = [str(a) for a in args] if isinstance(args, list | tuple) else []
         if args is None or isinstance(args, list | tuple):
             # `--config demo`: a config shipped in the package (lightning_ood/configs/)
-            self.config = parser.parse_args(packaged_configs(self._argv))
+            self.config = parser.parse_args(packaged_configs(_grid_switches(self._argv)))
             return
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
-        # Overrides LightningCLI's private hook (lightning 2.x, LightningCLI._parse_ckpt_path),
-        # which merges *every* hyperparameter of the file into the config (including
-        # `_class_path`, and wrap import paths that the model then imports and calls). A
-        # checkpoint is data, so only the task's plain arguments are taken from it, each checked
-        # by lightning_ood.models.trust; the file is read through safe_load so a truncated,
-        # corrupt, code-carrying or bare-weights file fails with an error naming it and the fix.
+        # Overrides LightningCLI's private hook (lightning 2.6, LightningCLI._parse_ckpt_path,
+        # called from __init__ right after parse_arguments), which merges *every*
+        # hyperparameter of the file into the config (including `_class_path`, and wrap import
+        # paths that the model then imports and calls) and silently replaces the user's flags.
+        # Upstream has no public hook for this: Lightning-AI/pytorch-lightning#21255 asks for
+        # one (PR #21408, `adapt_checkpoint_hparams`, unmerged as of lightning 2.6.6), and
+        # #20801/#21455 track the checkpoint's values replacing given flags. Drop this override
+        # for that hook once released. A checkpoint is data, so only the task's plain arguments
+        # are taken from it, each checked by lightning_ood.models.trust; the file is read
+        # through safe_load so a truncated, corrupt, code-carrying or bare-weights file fails
+        # with an error naming it and the fix; flags it replaces are warned about.
         self._ckpt_data: dict[str, Any] = {}
         sub = self.config.get("subcommand")
         self._trust_user_modules(sub)
@@ -192,6 +225,8 @@ class OODCLI(LightningCLI):
             run_folder(cfg["log_root"], cfg["experiment"])
         except (ValueError, RuntimeError, OSError) as err:  # RuntimeError: a symlink loop
             raise SystemExit(f"lightning-ood {sub}: {err}") from None
+        if sub == "grid" and cfg.get("device") is not None:
+            self._translate_device(cfg)
         if sub not in ("test", "predict"):
             return
         weights = (cfg["model"].get("model_kwargs") or {}).get("weights")
@@ -205,6 +240,23 @@ class OODCLI(LightningCLI):
             "backbone's weights (--model.model_kwargs.weights PATH); or --allow_untrained true "
             f"to {sub} the untrained network on purpose (no fitted.ckpt is then written)."
         )
+
+    @staticmethod
+    def _translate_device(cfg: Any) -> None:
+        """``grid --device X`` (the old parser's flag): deprecated, becomes
+        ``--trainer.accelerator``/``--trainer.devices`` before the trainer is built."""
+        try:
+            accelerator, devices = device_to_trainer(str(cfg["device"]))
+        except ValueError as err:
+            raise SystemExit(f"lightning-ood grid: {err}") from None
+        warnings.warn(
+            DEVICE_DEPRECATION.format(accelerator=accelerator, devices=devices),
+            FutureWarning,
+            stacklevel=2,
+        )
+        cfg["trainer"]["accelerator"] = accelerator
+        cfg["trainer"]["devices"] = devices
+        cfg["device"] = None
 
     def instantiate_classes(self) -> None:
         # jsonargparse reports a class that refuses its arguments as "Does not validate against
@@ -224,7 +276,7 @@ class OODCLI(LightningCLI):
         if sub is None:
             return
         cfg = self.config[sub]
-        self._check_class_count(cfg.get("ckpt_path"))
+        self._check_class_count(sub, cfg.get("ckpt_path"))
         if sub == "fit":
             self._refuse_replacing_a_run(cfg.get("ckpt_path"), cfg["experiment"], cfg["overwrite"])
         weights = (cfg["model"].get("model_kwargs") or {}).get("weights")
@@ -233,27 +285,29 @@ class OODCLI(LightningCLI):
                 if isinstance(cb, OODEvaluation):
                     cb.untrained_weights = True
 
-    def _check_class_count(self, ckpt_path: str | None) -> None:
-        """A checkpoint keeps its class count (its num_classes replaces --model.num_classes),
-        so data with another count is refused here, with advice that can actually help."""
-        if not (ckpt_path and Path(ckpt_path).is_file()):
-            return  # the model was built from the config, which setup() checks
+    def _check_class_count(self, sub: str, ckpt_path: str | None) -> None:
+        """:func:`lightning_ood.task.check_class_count` before anything runs (``grid`` runs no
+        Lightning loop, so ``setup`` would never check it): a checkpoint keeps its class count
+        (its num_classes replaces --model.num_classes), so the advice names the fix that can
+        actually help."""
         try:
-            data_classes = int(self.datamodule.num_classes)
+            data_classes = self.datamodule.num_classes
         except (AttributeError, NotImplementedError, TypeError):
             return
+        from_ckpt = bool(ckpt_path and Path(ckpt_path).is_file())
         hp = self.model.hparams
-        if data_classes == hp["num_classes"]:
-            return
-        trained_on = self._ckpt_data.get("data_version") or self._ckpt_data.get("id_set")
-        raise SystemExit(
-            f"lightning-ood: --ckpt_path {ckpt_path} holds a {hp['model']} trained for "
-            f"{hp['num_classes']} classes{f' on {trained_on}' if trained_on else ''}, but the "
-            f"datamodule {type(self.datamodule).__name__} has {data_classes} classes. A "
-            "checkpoint keeps the class count it was trained with (--model.num_classes cannot "
-            "change it), so use it with the data it was trained on, or train a "
-            f"{data_classes}-class model with `lightning-ood fit` (without --ckpt_path)."
-        )
+        data = getattr(self, "_ckpt_data", {})
+        try:
+            check_class_count(
+                hp["num_classes"],
+                data_classes,
+                type(self.datamodule).__name__,
+                model=hp.get("model"),
+                ckpt_path=ckpt_path if from_ckpt else None,
+                trained_on=data.get("data_version") or data.get("id_set"),
+            )
+        except ValueError as err:
+            raise SystemExit(f"lightning-ood {sub}: {err}") from None
 
     def _refuse_replacing_a_run(
         self, ckpt_path: str | None, experiment: str, overwrite: bool = False
@@ -294,7 +348,8 @@ class OODCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         experiment = check_experiment(cfg["experiment"])
-        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_cfg = init.get("trainer") or {}
         if trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = TensorBoardLogger(save_dir=cfg["log_root"], name=experiment)
         elif not trainer_cfg.get("default_root_dir"):
@@ -357,6 +412,23 @@ class OODCLI(LightningCLI):
         kwargs["plugins"] = plugins
         return super().instantiate_trainer(**kwargs)
 
+    def before_grid(self) -> None:
+        """LightningCLI's hook before ``trainer.grid``: what only the command line knows (its
+        configs and overrides, whether ``--data.init_args.val_ood_sets`` was given, the default
+        results folder ``<log_root>/grid/<experiment>``)."""
+        cfg = self.config["grid"]
+        argv = getattr(self, "_argv", [])
+        configs = [str(c) for c in cfg.get("config") or []]
+        overrides = _overrides(argv[1:] if argv[:1] == ["grid"] else argv)
+        self.trainer.grid_info = {
+            "configs": configs,
+            "cli_overrides": overrides,
+            "val_names_given": any(a.split("=")[0].endswith(".val_ood_sets") for a in overrides),
+        }
+        if not cfg.get("out"):
+            folder = run_folder(Path(cfg["log_root"]) / "grid", cfg["experiment"])
+            self.config_init["grid"]["out"] = str(folder)
+
 
 #: The configs shipped inside the package: ``--config demo`` is ``PACKAGED_CONFIGS/demo.yaml``.
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -374,6 +446,24 @@ def packaged_config(value: str) -> str:
     if PACKAGED_CONFIGS in candidate.parents and candidate.is_file():
         return str(candidate)
     return value
+
+
+#: ``grid``'s flags that the old argparse parser took bare (``--no_cache``): a switch.
+_GRID_SWITCHES = ("--no_cache", "--no_progress")
+_BOOL_WORDS = {"true", "false", "yes", "no", "1", "0", "on", "off"}
+
+
+def _grid_switches(argv: Sequence[str]) -> list[str]:
+    """``argv`` with every bare ``grid`` switch (``--no_progress`` not followed by a value)
+    given as ``--no_progress=true``: jsonargparse's ``bool`` flags need their value."""
+    if "grid" not in argv:
+        return list(argv)
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        bare = nxt is None or str(nxt).lower() not in _BOOL_WORDS
+        out.append(f"{arg}=true" if arg in _GRID_SWITCHES and bare else arg)
+    return out
 
 
 def packaged_configs(argv: Sequence[str]) -> list[str]:
@@ -433,6 +523,8 @@ def main(args: ArgsType = None, run: bool = True) -> OODCLI:
         return OODCLI(
             ClassificationTask,
             OODDataModule,
+            trainer_class=OODTrainer,
+            parser_class=OODArgumentParser,
             subclass_mode_data=True,
             trainer_defaults={
                 # Gradient-based detectors (ODIN, FSSD/Mahalanobis pre-processing) need autograd
@@ -440,7 +532,12 @@ def main(args: ArgsType = None, run: bool = True) -> OODCLI:
                 "inference_mode": False,
             },
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"description": _DESCRIPTION, "epilog": _EPILOG},
+            parser_kwargs={
+                "prog": "lightning-ood",
+                "description": _DESCRIPTION,
+                "epilog": _EPILOG,
+                "grid": {"description": _GRID_DESCRIPTION},
+            },
             args=args,
             run=run,
         )
@@ -448,12 +545,17 @@ def main(args: ArgsType = None, run: bool = True) -> OODCLI:
 
 _DESCRIPTION = (
     "lightning-ood: train a classifier, fit post-hoc OOD detectors, evaluate and hand off. "
-    "fit/validate/test/predict are Lightning's (below); grid, models and serve are listed at "
-    "the end."
+    "fit/validate/test/predict/grid run on a Trainer (below, --trainer.* flags); models, "
+    "inspect and serve are listed at the end."
+)
+_GRID_DESCRIPTION = (
+    "Grid-search a detector's hyperparameters from cached features; select on validation OOD "
+    "sets, report on the test sets. Takes the lightning-ood config flags (e.g. "
+    "--data.init_args.train_every 10) and --trainer.* (--trainer.devices 2 "
+    "--trainer.strategy ddp: one shard of every set per rank)."
 )
 #: The subcommands that are not Trainer methods, shown in ``lightning-ood --help``.
 _EXTRA_SUBCOMMANDS = {
-    "grid": "grid-search a detector's hyperparameters from cached features",
     "models": "list model names (registered, tv:NAME, timm:NAME, wrap) or one model's taps",
     "serve": "serve a fitted checkpoint over HTTP (LitServe; extra 'serve')",
     "inspect": "print a checkpoint's card: where every shipped number came from",
@@ -465,72 +567,39 @@ _EPILOG = (
 )
 
 
-def _grid_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lightning-ood grid",
-        description="Grid-search a detector's hyperparameters from cached features; select on "
-        "validation OOD sets, report on the test sets. Unknown arguments go to the "
-        "lightning-ood config parser (e.g. --data.init_args.train_every 10).",
-    )
-    p.add_argument("--config", action="append", required=True, help="lightning-ood config(s)")
-    p.add_argument("--grid", required=True, help="grid YAML (detector, base, grid, ...)")
-    p.add_argument("--cache_dir", default=".cache/features", help="feature cache folder")
-    p.add_argument("--no_cache", action="store_true", help="compute features, store nothing")
-    p.add_argument("--ckpt_path", default=None, help="checkpoint whose backbone weights to use")
-    p.add_argument("--out", default=None, help="results folder (default logs/grid/<experiment>)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--no_progress", action="store_true")
-    return p
+def _overrides(argv: Sequence[str]) -> list[str]:
+    """The flags of ``argv`` that are not the grid's own (``--config``, ``--grid``, ...): the
+    config overrides recorded in the results (``--data.init_args.train_every 10``, ...)."""
+    own = {f"--{p}" for p in inspect.signature(OODTrainer.grid).parameters} | {"--config", "-c"}
+    out: list[str] = []
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in own:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            skip = "=" not in arg and nxt is not None and not nxt.startswith("--")
+            continue
+        out.append(arg)
+    return out
 
 
 def grid_main(args: Sequence[str] | None = None) -> GridResult:
-    """``lightning-ood grid``: build the configured model and datamodule, run the grid spec
-    (:func:`lightning_ood.grid.run_spec`) under the config's protocol (its OOD callback's
-    ``tune``/``validation_*``/``threshold_tpr``: what ``lightning-ood test`` uses), write
-    ``grid_results.{md,json,csv}``."""
-    from lightning_ood.features import FeatureCache
-    from lightning_ood.models.weights import load_weights
+    """``lightning-ood grid`` as a function (tests, ``lightning-ood-grid``): the ``grid``
+    subcommand of :func:`main` (:meth:`lightning_ood.trainer.OODTrainer.grid`); returns its
+    result. ``args`` are the arguments after ``grid`` (default: ``sys.argv[1:]``).
 
-    ns, extra = _grid_parser().parse_known_args(args)
-    spec = load_spec(ns.grid)
-    cli_args: list[str] = []
-    for cfg in ns.config:
-        cli_args += ["--config", packaged_config(cfg)]
+    Several ranks (``--trainer.devices 2 --trainer.strategy ddp``) need the command line: the
+    DDP launcher starts the other ranks by re-running this process's command.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
     with warnings.catch_warnings():  # our own argv is not LightningCLI's: that is intended
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
-        cli = main([*cli_args, *extra], run=False)
-    task, dm = cli.model, cli.datamodule
-    backbone = task.backbone
-    configured = [c for c in cli.trainer.callbacks if isinstance(c, OODEvaluation)]
-    protocol = configured[0].protocol if configured else None
-    if ns.ckpt_path:
-        load_weights(backbone, ns.ckpt_path, model_name=task.hparams.get("model"))
-    device = ns.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    backbone.to(device).eval()
-    result = run_spec(
-        spec,
-        backbone,
-        dm,
-        spec_name=str(ns.grid),
-        val_names_given=any(a.split("=")[0].endswith(".val_ood_sets") for a in extra),
-        cache=None if ns.no_cache else FeatureCache(ns.cache_dir),
-        progress=not ns.no_progress,
-        protocol=protocol,
-        info={
-            "model": task.hparams.get("model"),
-            "ckpt_path": ns.ckpt_path,
-            "configs": list(ns.config),
-            "grid_spec": str(ns.grid),
-            "cli_overrides": list(extra),
-        },
-    )
-    experiment = getattr(cli.config, "experiment", None) or "default"
-    out = Path(ns.out) if ns.out else run_folder(Path("logs") / "grid", str(experiment))
-    write_grid_results(result, out)
-    print("\n" + result.to_markdown())
-    print(f"[lightning_ood] grid results written to {out}/grid_results.{{md,json,csv}}")
+        cli = main(["grid", *argv])
+    result = cli.trainer.grid_result
+    assert result is not None  # grid() ran (a refusal raises)
     return result
 
 
@@ -589,16 +658,14 @@ def inspect_main(args: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def entrypoint() -> None:
-    """Console script: like :func:`main` (or :func:`grid_main` for ``grid``,
-    :func:`models_main` for ``models``), but returns nothing (a return value would become
-    the process exit status)."""
+    """Console script: like :func:`main` (or :func:`models_main`, :func:`inspect_main`, the
+    server for ``models``/``inspect``/``serve``, which need no Trainer), but returns nothing
+    (a return value would become the process exit status)."""
     argv = sys.argv[1:]
     if argv[:1] in (["--version"], ["-V"]):
         from lightning_ood import __version__
 
         print(f"lightning-ood {__version__}")
-    elif argv[:1] == ["grid"]:
-        grid_main(argv[1:])
     elif argv[:1] == ["models"]:
         models_main(argv[1:])
     elif argv[:1] == ["inspect"]:

@@ -19,11 +19,19 @@ config reports the same numbers through both. Selection data and reported data n
   ``combiner_fraction`` of each validation set and scored on the rest; the selected
   configuration ships a combiner fitted on all of the validation data, as ``test`` does.
 
-Command line: ``lightning-ood grid`` (see :mod:`lightning_ood.cli`)::
+Command line: ``lightning-ood grid`` (:meth:`lightning_ood.trainer.OODTrainer.grid`, a
+subcommand of the one LightningCLI, so ``--trainer.devices 2 --trainer.strategy ddp`` runs it
+on two ranks)::
 
     lightning-ood grid --config configs/line_densenet_cifar10.yaml \\
         --grid configs/grid/line_densenet_cifar10.yaml [--cache_dir .cache/features] \\
         [--ckpt_path X] [--out DIR] [--data.init_args.train_every 10 ...]
+
+Across ranks (:class:`Ranks`) every rank holds the features of its unpadded shard of each set
+(``EvalShardedSampler``: rows ``r, r+w, ...``); detector fits reduce through the session's
+reducer, scores are gathered in dataset order, and seeded splits of cached rows are drawn on
+the gathered set and sharded again, so a grid on ``w`` ranks selects and reports what one
+process does.
 
 Fitting, scoring and metrics go through the session (:mod:`lightning_ood.engine`,
 :mod:`lightning_ood.protocol`); the tables through :mod:`lightning_ood.report`. Which
@@ -33,6 +41,7 @@ hyperparameters can share one accumulation pass is each detector class's
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -41,16 +50,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from torch import Tensor
 
 from lightning_ood import engine, report, tuning
-from lightning_ood.detectors import build_detector
-from lightning_ood.features import CachedFeatures, FeatureCache, compute_features
+from lightning_ood.detectors import Reducer, build_detector
+from lightning_ood.features import CachedFeatures, FeatureCache, compute_features, describe_loader
 from lightning_ood.metrics import METRIC_NAMES
 from lightning_ood.models.base import OODBackbone
 from lightning_ood.protocol import CONVENTION, Protocol, average
 from lightning_ood.report import HEADERS, LOWER_IS_BETTER
-from lightning_ood.session import CachedSource, EvaluationSession, Sets
+from lightning_ood.session import CachedSource, EvaluationSession, Gather, Sets
 from lightning_ood.splits import fraction_size, seeded_parts
 from lightning_ood.tuning import combinations  # noqa: F401  (re-exported: the grid API)
 
@@ -170,6 +181,59 @@ def format_markdown(result: GridResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+# -- ranks -----------------------------------------------------------------------------------
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """How the processes of one grid meet (default: one process).
+
+    Every rank holds its shard of each cached set, rows ``rank, rank + world, ...`` of the
+    set in dataset order (what ``EvalShardedSampler`` gives its loaders). The caller supplies
+    the collectives (:mod:`lightning_ood.trainer` uses the trainer's strategy), so this module
+    stays free of Lightning.
+
+    Attributes:
+        rank: this process's global rank.
+        world: the number of processes.
+        gather: this rank's per-sample rows -> every rank's, in dataset order.
+        reducer: cross-rank sums and concatenations for detector fitting.
+    """
+
+    rank: int = 0
+    world: int = 1
+    gather: Gather = _same
+    reducer: Reducer = field(default_factory=Reducer)
+
+    def total(self, rows: int, device: torch.device | str = "cpu") -> int:
+        """The number of rows of a set whose shard here has ``rows`` (summed over ranks, on
+        ``device``: NCCL reduces CUDA tensors only)."""
+        if self.world == 1:
+            return rows
+        return int(self.reducer.sum(torch.tensor([rows], dtype=torch.long, device=device)))
+
+    def gathered(self, cached: CachedFeatures) -> CachedFeatures:
+        """The whole set from every rank's shard, in dataset order."""
+        if self.world == 1:
+            return cached
+        return CachedFeatures(
+            self.gather(cached.features).cpu(),
+            self.gather(cached.logits).cpu(),
+            {k: self.gather(v).cpu() for k, v in cached.taps.items()},
+            self.gather(cached.targets).cpu(),
+            dict(cached.meta),
+            cached.from_cache,
+        )
+
+    def shard(self, cached: CachedFeatures) -> CachedFeatures:
+        """This rank's shard (rows ``rank, rank + world, ...``) of a whole set."""
+        if self.world == 1:
+            return cached
+        return cached.subset(range(self.rank, len(cached), self.world))
+
+
 # -- building blocks -------------------------------------------------------------------------
 def _require_taps(cached: CachedFeatures, taps: Sequence[str], what: str) -> CachedFeatures:
     missing = [t for t in taps if t not in cached.taps]
@@ -213,6 +277,7 @@ def grid_search(
     progress: bool = False,
     groups: Mapping[str, str] | None = None,
     skipped_ood_sets: Mapping[str, str] | None = None,
+    ranks: Ranks | None = None,
 ) -> GridResult:
     """Fit and score every combination from cache; select on validation; report on test:
     :meth:`lightning_ood.session.EvaluationSession.run` over cached sources, so the selected
@@ -243,12 +308,15 @@ def grid_search(
         progress: show progress bars.
         groups: ``{reported OOD set: group}``: ``average[group]`` rows beside ``average``.
         skipped_ood_sets: ``{OOD set: why}`` of declared sets left out (recorded in ``meta``).
+        ranks: how the processes meet (:class:`Ranks`); under several ranks every cached set
+            is this rank's shard, and the result is the one every rank gets.
 
     Raises:
         ValueError: bad grid/metric, validation OOD set also reported, detector needing
             input gradients, missing taps, no ID validation set without ``id_val_fraction``.
     """
     t0 = time.perf_counter()
+    ranks = ranks or Ranks()
     base = dict(base or {})
     if select_metric is not None and select_metric not in METRIC_NAMES:
         raise ValueError(f"select_metric={select_metric!r} is not one of {list(METRIC_NAMES)}")
@@ -295,7 +363,10 @@ def grid_search(
     if id_val is None:
         if proto.id_val_fraction is None:
             raise ValueError(NO_ID_VALIDATION)
-        id_val, id_test = split_cached(id_test, proto.id_val_fraction, proto.seed)
+        # drawn on the whole set (dataset order), then sharded again: the same split as one
+        # process, whatever the number of ranks
+        id_val, id_test = split_cached(ranks.gathered(id_test), proto.id_val_fraction, proto.seed)
+        id_val, id_test = ranks.shard(id_val), ranks.shard(id_test)
         id_val_source = (
             f"seeded split of the ID test set: {proto.id_val_fraction:g} for selection, the "
             f"rest reported, seed {proto.seed}"
@@ -308,12 +379,15 @@ def grid_search(
         _require_taps(c, taps, f"validation OOD set {n!r}")
     for n, c in ood_test.items():
         _require_taps(c, taps, f"test OOD set {n!r}")
+    device = engine.module_device(backbone)
     needs_val = any(
         tuning.combines(d, backbone) for d in [*dets, *([ref_det] if ref_det is not None else [])]
     )
 
     def source(c: CachedFeatures) -> CachedSource:
-        return CachedSource(c, batch_size)
+        src = CachedSource(c, batch_size)
+        src.gather = ranks.gather  # type: ignore[assignment]  (every rank's rows, in order)
+        return src
 
     id_name = str((info or {}).get("id_set") or "ID")
     sets = Sets(
@@ -325,7 +399,7 @@ def grid_search(
         groups=dict(groups or {}),
         skipped_ood_sets=dict(skipped_ood_sets or {}),
     )
-    session = EvaluationSession(backbone, proto, progress=progress)
+    session = EvaluationSession(backbone, proto, reducer=ranks.reducer, progress=progress)
     # The shipped rows only: the papers' per-set rows are `lightning-ood test`'s reproduction.
     outcome = session.run({}, sets, searches=[search], per_set=False, info=info)
     assert outcome.tuned is not None
@@ -353,9 +427,9 @@ def grid_search(
         "groups": dict(groups or {}),
         "skipped_ood_sets": dict(skipped_ood_sets or {}),
         "ccr": outcome.results["ccr"],
-        "n_train": 0 if train is None else len(train),
-        "n_id_val": len(id_val),
-        "n_id_test": len(id_test),
+        "n_train": 0 if train is None else ranks.total(len(train), device),
+        "n_id_val": ranks.total(len(id_val), device),
+        "n_id_test": ranks.total(len(id_test), device),
         "id_val_source": id_val_source,
         "seed": proto.seed,
         "combiner_fraction": proto.combiner_fraction if needs_val else None,
@@ -363,6 +437,7 @@ def grid_search(
         "threshold": {"value": float(best_det.threshold), "id_tpr": proto.threshold_tpr},
         "shipped_combiner": outcome.shipped.get(kind),
         "fit_groups": outcome.tuned.fit_groups,
+        "world_size": ranks.world,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     return GridResult(
@@ -412,6 +487,7 @@ def run_spec(
     progress: bool = True,
     info: Mapping[str, Any] | None = None,
     protocol: Protocol | None = None,
+    ranks: Ranks | None = None,
 ) -> GridResult:
     """Run a grid spec (:func:`load_spec`) on an ``OODDataModule``: features of every set
     (through ``cache`` when given), then :func:`grid_search`.
@@ -428,6 +504,14 @@ def run_spec(
     sample. With ``info["ckpt_path"]`` (the checkpoint the backbone's weights came from), the
     Outlier Exposure sets and training split it records are checked as ``test`` checks them,
     before any feature is computed.
+
+    Under several ``ranks`` the datamodule's loaders must give each rank its unpadded shard
+    (an ``OODDataModule`` attached to the trainer does). The feature cache then keeps one entry
+    per rank, keyed by ``(rank, world size)`` besides the usual identities: a shard's rows
+    depend on both, and an entry of another world size is never mistaken for this shard
+    (a run on another number of ranks computes its own entries; one process's entries are
+    the whole sets, keyed as before). Entries are never gathered into whole-set ones: that
+    would hold every rank's features in one process, which sharding exists to avoid.
     """
     from lightning_ood.data import parse_ood_spec
     from lightning_ood.task import recorded_training
@@ -490,10 +574,21 @@ def run_spec(
     probe = [build_detector(kind, {**base, **c}) for c in tuning.combinations(spec["grid"])]
     taps = engine.detector_taps(probe, backbone)
 
+    ranks = ranks or Ranks()
+
     def features(loader: Any, what: str) -> CachedFeatures:
         if cache is None:
             return compute_features(backbone, loader, taps, progress=progress, desc=what)
-        return cache.get_or_compute(backbone, loader, taps, progress=progress, desc=what)
+        dataset_id = transform_id = None
+        if ranks.world > 1:  # this rank's shard: its own entry (see above)
+            whole, transform_id = describe_loader(loader)
+            shard = {"rank": ranks.rank, "world_size": ranks.world}
+            dataset_id = json.dumps({"dataset": json.loads(whole), "shard": shard}, sort_keys=True)
+        got = cache.get_or_compute(
+            backbone, loader, taps, dataset_id, transform_id, progress=progress, desc=what
+        )
+        assert isinstance(got, CachedFeatures)  # no shard_rows: whole entries only
+        return got
 
     t0 = time.perf_counter()
     train = None
@@ -533,6 +628,7 @@ def run_spec(
         progress=progress,
         groups=dm.groups() if hasattr(dm, "groups") else None,
         skipped_ood_sets=dm.skipped_ood_sets() if hasattr(dm, "skipped_ood_sets") else None,
+        ranks=ranks,
     )
 
 

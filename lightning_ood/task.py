@@ -76,6 +76,52 @@ def recorded_outliers(path: Any) -> list[dict[str, Any]]:
     return recorded_training(path).outliers
 
 
+def check_class_count(
+    num_classes: int,
+    data_classes: Any,
+    data_name: str,
+    *,
+    model: str | None = None,
+    ckpt_path: str | None = None,
+    trained_on: str | None = None,
+) -> None:
+    """Refuse a network whose class count the data does not have: the one check behind both
+    ``ClassificationTask.setup`` (a model built from its arguments) and the CLI's
+    run guard (also before ``grid``, which runs no Lightning loop, and for a ``--ckpt_path``
+    whose class count replaced the configured one).
+
+    Args:
+        num_classes: the network's class count.
+        data_classes: the datamodule's (None or unreadable: nothing to check).
+        data_name: the datamodule, for the message.
+        model: the network's name, for the message.
+        ckpt_path: the checkpoint the network comes from: its class count cannot be changed
+            with ``--model.num_classes``, so the advice differs.
+        trained_on: the data the checkpoint records (``data_version`` or ``id_set``).
+
+    Raises:
+        ValueError: the counts differ; the message says which fix can actually help.
+    """
+    try:
+        wanted = None if data_classes is None else int(data_classes)
+    except (TypeError, ValueError):
+        return
+    if wanted is None or wanted == num_classes:
+        return
+    if ckpt_path is None:
+        raise ValueError(
+            f"the datamodule {data_name} has {wanted} classes but the model is built with "
+            f"num_classes={num_classes}; set --model.num_classes {wanted}"
+        )
+    raise ValueError(
+        f"--ckpt_path {ckpt_path} holds a {model} trained for {num_classes} classes"
+        f"{f' on {trained_on}' if trained_on else ''}, but the datamodule {data_name} has "
+        f"{wanted} classes. A checkpoint keeps the class count it was trained with "
+        "(--model.num_classes cannot change it), so use it with the data it was trained on, or "
+        f"train a {wanted}-class model with `lightning-ood fit` (without --ckpt_path)."
+    )
+
+
 def _default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
@@ -314,12 +360,9 @@ class ClassificationTask(LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "hand_off_meta"):
             meta = dm.hand_off_meta()
-            if meta.get("num_classes") not in (None, self.hparams["num_classes"]):
-                raise ValueError(
-                    f"the datamodule has {meta['num_classes']} classes but the model is built "
-                    f"with num_classes={self.hparams['num_classes']}; set --model.num_classes "
-                    f"{meta['num_classes']}"
-                )
+            check_class_count(
+                self.hparams["num_classes"], meta.get("num_classes"), type(dm).__name__
+            )
             model_shape = tuple(getattr(self.backbone, "input_shape", ()) or ())
             data_shape = tuple(meta.get("input_shape") or ())
             if model_shape and data_shape and model_shape != data_shape:

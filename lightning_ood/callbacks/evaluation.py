@@ -28,6 +28,7 @@ from lightning_ood import card, engine, report, tuning
 from lightning_ood.analyses import line as line_analyses
 from lightning_ood.data.samplers import unshard
 from lightning_ood.detectors import Detector, Reducer, build_detectors
+from lightning_ood.distributed import ProcessGroupOwnership
 from lightning_ood.metrics import CCR_NAMES, METRIC_NAMES
 from lightning_ood.models import BackboneOutput
 from lightning_ood.protocol import (
@@ -320,6 +321,8 @@ class OODEvaluation(Callback):
         self.results: dict[str, Any] = {}
         self._out_dir: Path | None = None
         self._bank: ScoreBank | None = None
+        #: Observed before any run: the teardown ends only a process group created after it.
+        self._process_group = ProcessGroupOwnership.observe()
         if detectors is not None:  # fail at config time, not after an hour of training
             build_detectors(detectors)
 
@@ -697,3 +700,9 @@ class OODEvaluation(Callback):
         if stage == "test" and self.results and trainer.is_global_zero:
             print("\n" + report.format_markdown(self.results))
             print(f"[lightning_ood] results written to {self._out_dir}/ood_results.{{md,csv,json}}")
+        # Last: end the process group Lightning created for this run (lightning_ood.distributed).
+        # A gloo group left to interpreter exit can abort a finished rank with SIGABRT. Here,
+        # not in the strategy's teardown: on_fit_end still fits detectors across ranks.
+        self._process_group.release(
+            barrier=lambda: trainer.strategy.barrier("lightning_ood.release_process_group")
+        )

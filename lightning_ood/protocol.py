@@ -36,7 +36,14 @@ from torch import Tensor
 
 from lightning_ood.detectors.base import Detector
 from lightning_ood.engine import shipped_score
-from lightning_ood.metrics import CCR_NAMES, METRIC_NAMES, ccr_metrics, group_averages, ood_metrics
+from lightning_ood.metrics import (
+    CCR_NAMES,
+    LOWER_IS_BETTER,
+    METRIC_NAMES,
+    ccr_metrics,
+    group_averages,
+    ood_metrics,
+)
 from lightning_ood.splits import seeded_parts
 
 #: The convention sentence every results file and table carries.
@@ -623,6 +630,141 @@ def evaluate_detectors(
     return result
 
 
+def rank_key(row: Mapping[str, Any], select: str, index: int) -> tuple[float, ...]:
+    """The one selection rule (tuning, grid, per-set selection), as a sort key of a candidate's
+    ``row["val_mean"]`` metrics: smaller is better; NaN last, then the selection metric, the
+    other of AUROC/FPR95 as tie-breaker, then the candidate's order."""
+    second = "auroc" if select != "auroc" else "fpr95"
+    primary, tie = row["val_mean"][select], row["val_mean"][second]
+    if math.isnan(primary):
+        return (1.0, 0.0, 0.0, float(index))
+    p = primary if select in LOWER_IS_BETTER else -primary
+    t = tie if second in LOWER_IS_BETTER else -tie
+    return (0.0, p, math.inf if math.isnan(t) else t, float(index))
+
+
+#: The three parts of every set in the papers' per-set selection protocol, in order.
+PER_SET_PARTS = ("combiner", "selection", "reported")
+
+
+def per_set_parts(
+    sizes: Mapping[str, int], combiner_size: int, selection_size: int, seed: int
+) -> dict[str, dict[str, Tensor]]:
+    """Per set, the seeded index parts of :data:`PER_SET_PARTS`: the first ``combiner_size``
+    samples of the permutation that :func:`holdout_splits` draws (so the combiner part is the
+    per-set rows' hold-out), the next ``selection_size``, and the rest (reported)."""
+    return {
+        name: dict(
+            zip(
+                PER_SET_PARTS,
+                seeded_parts(n, [combiner_size, selection_size], seed, f"test set {name!r}"),
+                strict=True,
+            )
+        )
+        for name, n in sizes.items()
+    }
+
+
+@dataclass
+class PerSetSelection:
+    """What :func:`per_set_selected` measured for one family of candidates.
+
+    Attributes:
+        metrics: ``{ood_set: metrics + counts of the chosen candidate on the reported parts,
+            average rows...}``: one ``<name>[per-set]`` row.
+        choices: ``{ood_set: {"candidate", "index", "val" (its selection metrics),
+            "combiner" (the chosen candidate's per-set combiner, as lists; layer ensembles)}}``.
+    """
+
+    metrics: dict[str, dict[str, float]]
+    choices: dict[str, dict[str, Any]]
+
+
+def per_set_selected(
+    candidates: Sequence[Detector],
+    score: Callable[[Detector, str, str], Tensor],
+    id_name: str,
+    ood_names: Sequence[str],
+    *,
+    select: str = "auroc",
+    groups: Mapping[str, str] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> PerSetSelection:
+    """The papers' per-set protocol with selection (Lee et al. 2018 §3; the FSSD paper's
+    Table 2): per OOD set, every candidate (e.g. one per input pre-processing magnitude ε)
+    fits its combiner on the ``"combiner"`` parts of the ID set and of that OOD set (layer
+    ensembles; :func:`holds_out` is the rule), is measured on the ``"selection"`` parts, and
+    the best by ``select`` (:func:`rank_key`) alone is reported on the ``"reported"`` parts.
+
+    It uses samples of each test set, so its row is the papers' reproduction, never a
+    deployable detector (the shipped row is :func:`evaluate_detectors`'). The candidates'
+    own (deployed) combiners are restored afterwards.
+
+    Args:
+        candidates: fitted detectors, one per configuration, in order (ties go to the first).
+        score: ``score(candidate, set name, part)`` -> (N,) scores or (N, K) components of
+            that part (:data:`PER_SET_PARTS`, e.g. from :func:`per_set_parts`); each distinct
+            call is made once (the ID parts serve every OOD set), and the ``"reported"`` parts
+            only for the chosen candidates.
+        id_name, ood_names: the ID set and the OOD sets.
+        select: selection metric (a key of ``METRIC_NAMES``).
+        groups: ``{OOD set: group}`` of the ``average[group]`` rows.
+        warn: called for every set whose reported scores are not finite.
+    """
+    if select not in METRIC_NAMES:
+        raise ValueError(f"select={select!r} is not one of {list(METRIC_NAMES)}")
+    if not candidates:
+        raise ValueError("per_set_selected: no candidates to select from")
+    names = [c.name for c in candidates]
+    if len(set(names)) != len(names):
+        raise ValueError(f"per_set_selected: candidate names must be unique, got {names}")
+    memo: dict[tuple[str, str, str], Tensor] = {}
+
+    def part(det: Detector, set_name: str, which: str) -> Tensor:
+        key = (det.name, set_name, which)
+        if key not in memo:
+            memo[key] = score(det, set_name, which).detach().cpu()
+        return memo[key]
+
+    def combining(det: Detector, t: Tensor) -> bool:
+        return holds_out(det, t.shape[1] if t.ndim == 2 else 1, 1)
+
+    def measured(det: Detector, ood: str, which: str) -> tuple[Tensor, Tensor]:
+        """The (ID, OOD) scores of part ``which``, combined by a combiner fitted on the
+        combiner parts of the ID set and of ``ood`` (NaN when it cannot be fitted)."""
+        s_id, s_ood = part(det, id_name, which), part(det, ood, which)
+        if not combining(det, s_id):
+            return s_id.reshape(len(s_id), -1)[:, 0], s_ood.reshape(len(s_ood), -1)[:, 0]
+        fit_id, fit_ood = part(det, id_name, "combiner"), part(det, ood, "combiner")
+        if not all(bool(t.isfinite().all()) for t in (fit_id, fit_ood)):
+            nan = torch.full((len(s_id),), math.nan, dtype=torch.float64)
+            return nan, torch.full((len(s_ood),), math.nan, dtype=torch.float64)
+        det.fit_combiner(fit_id, fit_ood)
+        return det.combine(s_id), det.combine(s_ood)
+
+    deployed = {c.name: c.combiner_state() for c in candidates}
+    out = PerSetSelection({}, {})
+    try:
+        for ood in ood_names:
+            rows = [{"val_mean": evaluate_pair(*measured(c, ood, "selection"))} for c in candidates]
+            best = min(range(len(rows)), key=lambda i: rank_key(rows[i], select, i))
+            chosen = candidates[best]
+            s_id, s_ood = measured(chosen, ood, "reported")
+            out.metrics[ood] = evaluate_pair(s_id, s_ood)
+            _warn_nonfinite(warn, per_set_row(chosen.name), ood, out.metrics[ood], len(s_id),
+                            len(s_ood))  # fmt: skip
+            choice: dict[str, Any] = {"candidate": chosen.name, "index": best}
+            choice["val"] = {k: v for k, v in rows[best]["val_mean"].items()}
+            if combining(chosen, part(chosen, id_name, "reported")):
+                choice["combiner"] = {k: v.tolist() for k, v in chosen.combiner_state().items()}
+            out.choices[ood] = choice
+    finally:
+        for c in candidates:
+            c.load_combiner_state(deployed[c.name])
+    out.metrics.update(averages({o: out.metrics[o] for o in ood_names}, groups))
+    return out
+
+
 def _shipped_row(
     result: Evaluation,
     dname: str,
@@ -655,9 +797,11 @@ __all__ = [
     "CONVENTION",
     "COUNT_KEYS",
     "PER_SET",
+    "PER_SET_PARTS",
     "PROTOCOL_ALIASES",
     "TUNE_KEYS",
     "Evaluation",
+    "PerSetSelection",
     "Protocol",
     "average",
     "averages",
@@ -673,6 +817,9 @@ __all__ = [
     "holdout_splits",
     "holds_out",
     "is_average_row",
+    "per_set_parts",
     "per_set_row",
+    "per_set_selected",
+    "rank_key",
     "unfittable",
 ]

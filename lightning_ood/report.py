@@ -24,11 +24,16 @@ import torch
 from torch import Tensor
 
 from lightning_ood.io import atomic_write_text
-from lightning_ood.metrics import CCR_FPRS, CCR_NAMES, METRIC_CONVENTIONS, METRIC_NAMES
+from lightning_ood.metrics import (
+    CCR_FPRS,
+    CCR_NAMES,
+    LOWER_IS_BETTER,
+    METRIC_CONVENTIONS,
+    METRIC_NAMES,
+)
 from lightning_ood.protocol import COUNT_KEYS, PER_SET, is_average_row
 
 #: Metrics where lower is better; every other metric of ``METRIC_NAMES`` is higher-is-better.
-LOWER_IS_BETTER = frozenset({"fpr95", "fpr80", "fpr95_oodpos"})
 
 _SHORT = {
     "fpr95": "FPR95",

@@ -36,8 +36,7 @@ from lightning_ood.detectors import Detector, build_detector
 from lightning_ood.detectors.base import Reducer
 from lightning_ood.metrics import METRIC_NAMES
 from lightning_ood.models.base import OODBackbone
-from lightning_ood.protocol import average, evaluate_pair, holds_out, unfittable
-from lightning_ood.report import LOWER_IS_BETTER
+from lightning_ood.protocol import average, evaluate_pair, holds_out, rank_key, unfittable
 from lightning_ood.splits import fraction_size, seeded_parts
 
 #: Key of the ID validation set among the validation score sets (never an OOD set name).
@@ -194,17 +193,6 @@ def fit_candidates(
 def combines(det: Detector, backbone: OODBackbone) -> bool:
     """The protocol's rule: only an ensemble of several components fits a combiner."""
     return holds_out(det, len(det.component_names(backbone)), 1)
-
-
-def rank_key(row: Mapping[str, Any], select: str, index: int) -> tuple[float, ...]:
-    """Smaller is better: NaN last, then the selection metric, the tie-breaker, the order."""
-    second = "auroc" if select != "auroc" else "fpr95"
-    primary, tie = row["val_mean"][select], row["val_mean"][second]
-    if math.isnan(primary):
-        return (1.0, 0.0, 0.0, float(index))
-    p = primary if select in LOWER_IS_BETTER else -primary
-    t = tie if second in LOWER_IS_BETTER else -tie
-    return (0.0, p, math.inf if math.isnan(t) else t, float(index))
 
 
 def split_index(n: int, fraction: float, seed: int, what: str) -> tuple[Tensor, Tensor]:

@@ -21,7 +21,9 @@ from lightning_ood.protocol import (
     evaluate_pair,
     holdout_splits,
     holds_out,
+    per_set_parts,
     per_set_row,
+    per_set_selected,
 )
 from lightning_ood.splits import seeded_parts
 
@@ -317,3 +319,91 @@ def test_evaluate_detectors_ccr_indexes_the_held_out_id_rows() -> None:
     assert {k: ev.metrics["m"]["ood"][k] for k in CCR_NAMES} == shipped
     with pytest.raises(ValueError, match=r"correct_id has 59 entries but the ID set 'id' has 60"):
         evaluate_detectors({"m": maha}, {"m": banks}, ["id", "ood"], correct_id=correct[:59])
+
+
+def test_per_set_selection_fits_selects_and_reports_on_disjoint_parts() -> None:
+    """The papers' per-set protocol with selection: per OOD set, each candidate's combiner on
+    the combiner parts, the best AUROC on the selection parts, the chosen one alone on the
+    reported parts; the candidates keep their own combiners."""
+    sizes = {"id": 70, "near": 50, "far": 40}
+    parts = per_set_parts(sizes, 10, 20, seed=3)
+    # the combiner part is the per-set rows' hold-out: the same permutation
+    hold = holdout_splits(sizes, 10, seed=3)
+    for n in sizes:
+        assert torch.equal(parts[n]["combiner"], hold[n][0])
+        assert torch.equal(torch.cat([parts[n]["selection"], parts[n]["reported"]]), hold[n][1])
+        assert len(parts[n]["reported"]) == sizes[n] - 30
+    # three candidates over 2 components; candidate c1 separates best (largest shift)
+    shifts = {"c0": 0.3, "c1": 2.0, "c2": 1.0}
+    data = {
+        (c, n): _bank(7 * i + j, sizes[n], shift if n == "id" else 0.0, 2)
+        for i, (c, shift) in enumerate(shifts.items())
+        for j, n in enumerate(sizes)
+    }
+    cands = [
+        build_detector(c, {"type": "mahalanobis", "taps": ["a", "b"], "combiner": "lr"})
+        for c in shifts
+    ]
+    before = [c.combiner_state() for c in cands]
+    calls: list[tuple[str, str, str]] = []
+
+    def score(det, set_name: str, part: str) -> torch.Tensor:
+        calls.append((det.name, set_name, part))
+        return data[(det.name, set_name)][parts[set_name][part]]
+
+    sel = per_set_selected(cands, score, "id", ["near", "far"], groups={"near": "g"})
+    for ood in ("near", "far"):
+        val = {}
+        for c in shifts:
+            oracle = build_detector("mahalanobis", {"taps": ["a", "b"], "combiner": "lr"})
+            comp = {n: data[(c, n)] for n in ("id", ood)}
+            oracle.fit_combiner(comp["id"][parts["id"]["combiner"]],
+                                comp[ood][parts[ood]["combiner"]])  # fmt: skip
+            val[c] = ood_metrics(
+                oracle.combine(comp["id"][parts["id"]["selection"]]),
+                oracle.combine(comp[ood][parts[ood]["selection"]]),
+            )["auroc"]
+            if c == "c1":
+                reported = ood_metrics(
+                    oracle.combine(comp["id"][parts["id"]["reported"]]),
+                    oracle.combine(comp[ood][parts[ood]["reported"]]),
+                )
+                coef = oracle.combiner_coef.tolist()
+        assert max(val, key=val.get) == "c1" == sel.choices[ood]["candidate"]
+        assert sel.choices[ood]["index"] == 1 and sel.choices[ood]["val"]["auroc"] == val["c1"]
+        assert sel.choices[ood]["combiner"]["combiner_coef"] == coef
+        row = sel.metrics[ood]
+        assert {k: row[k] for k in reported} == reported
+        assert (row["n_id"], row["n_ood"]) == (40, sizes[ood] - 30)
+    assert (
+        sel.metrics["average"]["auroc"]
+        == (sel.metrics["near"]["auroc"] + sel.metrics["far"]["auroc"]) / 2
+    )
+    assert sel.metrics["average[g]"]["auroc"] == sel.metrics["near"]["auroc"]
+    # each part scored once (ID parts serve both OOD sets); reported parts only for c1
+    assert len(calls) == len(set(calls))
+    assert {(c, s) for c, s, p in calls if p == "reported"} == {
+        ("c1", "id"),
+        ("c1", "near"),
+        ("c1", "far"),
+    }
+    for c, b in zip(cands, before, strict=True):
+        assert all(torch.equal(b[k], v) for k, v in c.combiner_state().items())
+
+
+def test_per_set_selection_of_plain_candidates_and_ties_and_errors() -> None:
+    """Candidates without a combiner are measured on the selection parts directly; a tie on
+    AUROC and FPR95 goes to the first candidate; bad input is refused."""
+    sizes = {"id": 40, "ood": 40}
+    parts = per_set_parts(sizes, 5, 15, seed=0)
+    ident = {"id": torch.arange(40.0) + 100, "ood": torch.arange(40.0)}  # AUROC 1 for all
+    cands = [build_detector(n, {"type": "energy"}) for n in ("e0", "e1")]
+    sel = per_set_selected(cands, lambda d, n, p: ident[n][parts[n][p]], "id", ["ood"])
+    assert sel.choices["ood"]["candidate"] == "e0" and "combiner" not in sel.choices["ood"]
+    assert sel.metrics["ood"]["auroc"] == 1.0 and sel.metrics["ood"]["n_id"] == 20
+    with pytest.raises(ValueError, match="select='nope' is not one of"):
+        per_set_selected(cands, lambda d, n, p: ident[n], "id", ["ood"], select="nope")
+    with pytest.raises(ValueError, match="candidate names must be unique"):
+        per_set_selected([cands[0], cands[0]], lambda d, n, p: ident[n], "id", ["ood"])
+    with pytest.raises(ValueError, match="no candidates"):
+        per_set_selected([], lambda d, n, p: ident[n], "id", ["ood"])

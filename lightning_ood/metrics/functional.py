@@ -33,6 +33,7 @@ __all__ = [
     "CCR_CONVENTIONS",
     "CCR_FPRS",
     "CCR_NAMES",
+    "LOWER_IS_BETTER",
     "METRIC_CONVENTIONS",
     "METRIC_NAMES",
     "aupr_in",
@@ -73,6 +74,9 @@ METRIC_CONVENTIONS: dict[str, str] = {
     "aupr_out": "AUPR-Out: average precision with OOD positive, scores negated",
     "detection_acc": "Detection accuracy: max over thresholds of 0.5*(TPR + TNR), ID positive",
 }
+
+#: Metrics where lower is better (the selection rule and the table arrows read it).
+LOWER_IS_BETTER = frozenset({"fpr95", "fpr80", "fpr95_oodpos"})
 
 Positive = Literal["id", "ood"]
 FPRMethod = Literal["roc", "reference"]

@@ -430,7 +430,7 @@ def score_batch(
     """
     scores: dict[str, Tensor] = {}
     for name, det in detectors.items():
-        fn = det.score_components if components and det.needs_validation else det.score
+        fn = det.score_components if components and det.has_combiner else det.score
         if det.needs_inputs:
             if backbone is None or inputs is None:
                 check_feature_only(det)
@@ -521,7 +521,7 @@ def fgsm_batches(
 def ships_combiner(det: Detector, components: Tensor) -> bool:
     """Whether ``det`` is a layer ensemble whose shipped score combines several components
     (``components``: its (N, K) validation components)."""
-    return det.needs_validation and components.ndim == 2 and components.shape[1] > 1
+    return det.has_combiner and components.ndim == 2 and components.shape[1] > 1
 
 
 def deploy_combiners(
@@ -564,7 +564,7 @@ def deploy_combiners(
 def shipped_score(det: Detector, scores: Tensor) -> Tensor:
     """``det``'s score as it ships from what ``score_batch(components=True)`` gave: a layer
     ensemble's (N, K) components combined by its own combiner, any (N,) score unchanged."""
-    if det.needs_validation and scores.ndim == 2:
+    if det.has_combiner and scores.ndim == 2:
         return det.combine(scores)  # type: ignore[attr-defined]
     return scores
 

@@ -243,7 +243,7 @@ def holds_out(det: Detector, num_components: int, validation_size: int) -> bool:
     """Whether ``det`` is evaluated on a hold-out: it fits a combiner of ``num_components > 1``
     components on held-out validation samples (a single component needs no combiner) and
     ``validation_size > 0``."""
-    return validation_size > 0 and det.needs_validation and num_components > 1
+    return validation_size > 0 and det.has_combiner and num_components > 1
 
 
 def check_holdout(

@@ -301,7 +301,7 @@ class ScoreBank:
         gathers = self._gathers(gather)
         out: dict[str, list[Tensor]] = {}
         for name, det in self.detectors.items():
-            tail = (len(det.component_names(self.backbone)),) if det.needs_validation else ()
+            tail = (len(det.component_names(self.backbone)),) if det.has_combiner else ()
             out[name] = [
                 g(torch.cat(c) if c else torch.empty(0, *tail, dtype=torch.float64)).cpu()
                 for g, c in zip(gathers, self._scores[name], strict=True)

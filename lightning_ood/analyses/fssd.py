@@ -32,7 +32,7 @@ def layer_components(
     out: dict[str, tuple[list[str], dict[str, Tensor]]] = {}
     for name, det in detectors.items():
         taps = list(det.component_names(backbone))
-        if det.needs_validation and len(taps) > 1:
+        if det.has_combiner and len(taps) > 1:
             out[name] = (taps, dict(zip(set_names, banks[name], strict=True)))
     return out
 

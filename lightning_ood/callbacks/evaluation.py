@@ -171,9 +171,7 @@ def calibration_sets(
         id_val=_source(trainer, pl_module, dm.val_dataloader, show),
         id_val_note=_ID_TEST_NOTE if int(getattr(dm, "val_size", 0) or 0) <= 0 else _HELD_OUT_NOTE,
     )
-    ensembles = [
-        d for d in detectors if d.needs_validation and len(d.component_names(backbone)) > 1
-    ]
+    ensembles = [d for d in detectors if d.has_combiner and len(d.component_names(backbone)) > 1]
     if not ensembles:
         return sets
     val_ood = dm.val_ood_dataloaders() if hasattr(dm, "val_ood_dataloaders") else {}

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import inspect
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
@@ -118,6 +119,14 @@ class Detector(nn.Module):
                     del declared[attr]  # a subclass replaced the declaration (a property)
         if "name" in declared:
             raise TypeError(f"{cls.__name__}: 'name' is reserved for the instance name")
+        if "needs_validation" in vars(cls):  # a plugin written against the old name
+            warnings.warn(
+                f"{cls.__name__}.needs_validation is deprecated; declare has_combiner instead",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            cls.has_combiner = bool(vars(cls)["needs_validation"])
+            del cls.needs_validation  # the base's property answers (with its warning)
         stray = sorted(set(cls.hparam_attrs) - set(declared))
         if stray:
             raise TypeError(
@@ -285,9 +294,20 @@ class Detector(nn.Module):
         return False
 
     # -- optional supervised combiner (FSSD / Mahalanobis layer ensembles) ------------------
-    #: Whether ``score`` combines several components with weights fitted on held-out ID+OOD
-    #: validation samples (the callback carves them out of the test sets, never reporting them).
-    needs_validation: ClassVar[bool] = False
+    #: Whether ``score`` combines several components (:meth:`score_components`) with weights
+    #: that :meth:`fit_combiner` fits: on ID validation plus validation OOD data for the shipped
+    #: detector, on parts of each test set for the papers' ``[per-set]`` rows.
+    has_combiner: ClassVar[bool] = False
+
+    @property
+    def needs_validation(self) -> bool:
+        """Deprecated name of :attr:`has_combiner` (it never meant "needs validation data")."""
+        warnings.warn(
+            "Detector.needs_validation is deprecated; read has_combiner instead",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.has_combiner
 
     def component_names(self, backbone: OODBackbone) -> tuple[str, ...]:
         """One name per column of :meth:`score_components` (K of them): the taps by default;

@@ -150,7 +150,7 @@ class LayerEnsembleDetector(Detector):
     pre-processing and ``default_layer`` act at scoring time only.
     """
 
-    needs_validation: ClassVar[bool] = True
+    has_combiner: ClassVar[bool] = True
     #: The configured ``taps`` (None: the detector's default) are kept as ``_taps_arg``; the
     #: ``taps`` property of each subclass gives the taps actually read.
     hparam_attrs: ClassVar[Mapping[str, str]] = MappingProxyType({"taps": "_taps_arg"})

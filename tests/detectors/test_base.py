@@ -211,7 +211,7 @@ def evaluate(det: Detector, model: TapNet) -> list[Tensor]:
     x, _ = data(1, n=12)
     with torch.no_grad():
         got = [det.score(model.extract(x, taps=det.tap_names(model)), model, x)]
-    if det.needs_validation:
+    if det.has_combiner:
         x_id, x_ood = data(2, n=40)[0], data(3, n=40, shift=2.0)[0]
         det.fit_combiner(components(det, model, x_id), components(det, model, x_ood))
         got.append(det.combine(components(det, model, x)))
@@ -376,7 +376,7 @@ def test_finalize_only_configs_share_one_accumulation_pass(kind: str, model: Tap
     # ... gives exactly the scores of two independent fits.
     for cfg, got in zip((cfg_a, cfg_b), shared, strict=True):
         want = evaluate(fit_one(kind, {**base, **cfg}, model), model)
-        assert len(got) == len(want) == (2 if DETECTORS[kind].needs_validation else 1)
+        assert len(got) == len(want) == (2 if DETECTORS[kind].has_combiner else 1)
         for g, w in zip(got, want, strict=True):
             assert g.shape == (12,)
             assert torch.equal(g, w), (kind, cfg)
@@ -407,7 +407,7 @@ def test_mark_unfitted_forgets_fit_threshold_and_combiner(kind: str, model: TapN
     x, _ = data(1, n=12)
     det.calibrate(before[-1], tpr=0.75)
     assert det.is_calibrated and float(det.threshold_tpr) == 0.75
-    if det.needs_validation:
+    if det.has_combiner:
         k = len(det.tap_names(model))
         assert bool(det.combiner_fitted) and det.combiner_state()["combiner_coef"].numel() == k
 
@@ -415,7 +415,7 @@ def test_mark_unfitted_forgets_fit_threshold_and_combiner(kind: str, model: TapN
     assert det.is_fitted is (not det.requires_fit)
     assert not det.is_calibrated
     assert math.isnan(float(det.threshold)) and math.isnan(float(det.threshold_tpr))
-    if det.needs_validation:
+    if det.has_combiner:
         state = det.combiner_state()
         assert not bool(state["combiner_fitted"]) and state["combiner_coef"].numel() == 0
     with torch.no_grad():
@@ -477,3 +477,19 @@ def test_detectors_without_combiner_have_empty_combiner_state() -> None:
     assert not det.is_fitted
     with pytest.raises(ValueError, match="has no combiner"):
         det.load_combiner_state({"combiner_coef": torch.zeros(2)})
+
+
+def test_needs_validation_is_a_deprecated_alias_of_has_combiner() -> None:
+    """The old name read ``needs validation data`` but meant ``has a combiner``: reading it
+    warns and answers ``has_combiner``; a plugin class still declaring it gets it mapped."""
+    with pytest.warns(DeprecationWarning, match="read has_combiner"):
+        assert build_detector("fssd").needs_validation is True
+    with pytest.warns(DeprecationWarning, match="read has_combiner"):
+        assert build_detector("energy").needs_validation is False
+
+    with pytest.warns(DeprecationWarning, match="OldPlugin.needs_validation is deprecated"):
+
+        class OldPlugin(DETECTORS["energy"]):  # type: ignore[misc, valid-type]
+            needs_validation = True
+
+    assert OldPlugin.has_combiner is True and DETECTORS["energy"].has_combiner is False

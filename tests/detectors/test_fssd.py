@@ -369,7 +369,7 @@ def test_config_round_trip_and_registry(model: ToyNet) -> None:
 def test_needs_input_grad_only_with_epsilon() -> None:
     assert FSSD().needs_input_grad is False
     assert FSSD(epsilon=1e-3).needs_input_grad is True
-    assert FSSD.requires_fit and FSSD.needs_validation and not FSSD.uses_training_data
+    assert FSSD.requires_fit and FSSD.has_combiner and not FSSD.uses_training_data
 
 
 @pytest.mark.parametrize(

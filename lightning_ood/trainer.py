@@ -21,7 +21,6 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
@@ -31,6 +30,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 
 from lightning_ood.callbacks.evaluation import OODEvaluation, StrategyReducer, in_dataset_order
+from lightning_ood.distributed import ProcessGroupOwnership
 from lightning_ood.grid import GridResult, Ranks, load_spec, run_spec, write_grid_results
 
 #: ``--device`` of the old ``lightning-ood grid`` parser, now ``--trainer.*``.
@@ -149,7 +149,8 @@ class OODTrainer(Trainer):
         from lightning_ood.features import FeatureCache
         from lightning_ood.models.weights import load_weights
 
-        was_initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+        # a group Lightning creates here is ours to end (lightning_ood.distributed says why)
+        group = ProcessGroupOwnership.observe()
         self.strategy.setup_environment()  # DDP: the process group; every strategy: the device
         try:
             info = dict(getattr(self, "grid_info", {}) or {})
@@ -189,16 +190,11 @@ class OODTrainer(Trainer):
                 folder = Path(out) if out else Path("logs") / "grid"
                 write_grid_results(result, folder)
                 print("\n" + result.to_markdown())
-                print(
-                    f"[lightning_ood] grid results written to {folder}/grid_results.{{md,json,csv}}"
-                )
-            self.strategy.barrier("grid")  # every rank done before the group goes down
-        finally:
-            if (
-                not was_initialized
-                and torch.distributed.is_available()
-                and torch.distributed.is_initialized()
-            ):
-                torch.distributed.destroy_process_group()  # ours: created by setup_environment
+                written = f"{folder}/grid_results.{{md,json,csv}}"
+                print(f"[lightning_ood] grid results written to {written}")
+        except BaseException:
+            group.release()  # no barrier: another rank may never reach it
+            raise
+        group.release(lambda: self.strategy.barrier("grid"))  # every rank done first
         self.grid_result = result
         return result

@@ -570,7 +570,8 @@ _EPILOG = (
 def _overrides(argv: Sequence[str]) -> list[str]:
     """The flags of ``argv`` that are not the grid's own (``--config``, ``--grid``, ...): the
     config overrides recorded in the results (``--data.init_args.train_every 10``, ...)."""
-    own = {f"--{p}" for p in inspect.signature(OODTrainer.grid).parameters} | {"--config", "-c"}
+    flags = set(inspect.signature(OODTrainer.grid).parameters) - {"self", "model", "datamodule"}
+    own = {f"--{p}" for p in flags} | {"--config", "-c"}
     out: list[str] = []
     skip = False
     for i, arg in enumerate(argv):

@@ -24,7 +24,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_ood import cli
 from lightning_ood.cli import OODCLI, main
 from lightning_ood.task import ClassificationTask, check_class_count
-from lightning_ood.trainer import device_to_trainer
+from lightning_ood.trainer import OODTrainer, device_to_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 LENET = ROOT / "configs" / "lenet_fashionmnist.yaml"
@@ -174,6 +174,20 @@ def test_device_is_a_deprecated_alias_of_the_trainer_flags(
     ]
     assert (tmp_path / "out" / "grid_results.json").is_file()
     assert not (tmp_path / "cache").exists()
+
+
+def test_grid_refuses_launchers_that_cannot_return_its_result(tmp_path: Path) -> None:
+    """ddp_spawn would run the grid in workers that cannot hand the result back: refused by
+    name before any process starts."""
+    trainer = OODTrainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False)
+    with pytest.raises(ValueError, match=r"one device or with --trainer.strategy ddp.*ddp_spawn"):
+        trainer.grid(None, None, str(_grid_file(tmp_path)))  # type: ignore[arg-type]
+
+
+def test_grid_overrides_recorded_are_the_config_flags() -> None:
+    argv = ["--config", "a.yaml", "--grid", "g.yaml", "--no_progress", "--model", "m.yaml"]
+    argv += ["--data.init_args.train_every", "10", "--no_cache", "true", "--out=o"]
+    assert cli._overrides(argv) == ["--model", "m.yaml", "--data.init_args.train_every", "10"]
 
 
 @pytest.mark.parametrize(

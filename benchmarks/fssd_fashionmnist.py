@@ -116,10 +116,8 @@ def evaluate_ckpt(
     # the training-set detectors (plain ones and every fitted candidate) in ONE pass
     fitted = [c for n, f in families.items() if n != "odin" for c in f.candidates]
     t0 = time.perf_counter()
-    readers = [*plain.values(), *fitted]
-    done, _, invalid = tuning.fit_candidates(
-        fitted, bb, loader_source(bb, dm.fit_dataloader(), readers), others=list(plain.values())
-    )
+    train = loader_source(bb, dm.train_eval_dataloader(), [*plain.values(), *fitted])
+    done, _, invalid = tuning.fit_candidates(fitted, bb, train, others=list(plain.values()))
     if invalid:
         raise RuntimeError(f"{path}: candidates refused by the network: {invalid}")
     fit_s = time.perf_counter() - t0

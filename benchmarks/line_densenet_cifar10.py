@@ -74,7 +74,7 @@ def stage_features(ns: argparse.Namespace) -> None:
             flush=True,
         )
     t0 = time.perf_counter()
-    c = cache.get_or_compute(backbone, dm.fit_dataloader(), [], desc="train")
+    c = cache.get_or_compute(backbone, dm.train_eval_dataloader(), [], desc="train")
     print(
         f"train: {len(c)} samples, {time.perf_counter() - t0:.1f} s, hit={c.from_cache}", flush=True
     )
@@ -116,7 +116,7 @@ def stage_score(ns: argparse.Namespace, rec: common.Recorder) -> None:
     backbone, dm, loaders, names = build(ns, ns.train_every, ns.ood_every)
     cache = FeatureCache(ns.cache_dir)
     feats = {n: cache.get_or_compute(backbone, loaders[n], [], desc=n) for n in names}
-    train = cache.get_or_compute(backbone, dm.fit_dataloader(), [], desc="train")
+    train = cache.get_or_compute(backbone, dm.train_eval_dataloader(), [], desc="train")
     if cache.misses:
         print(f"WARNING: {cache.misses} feature sets were computed now (not cached)")
     idn = names[0]

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     backbone, dm, loaders, names = cifar10_densenet(ns, ns.ood_sets, ns.batch_size, **every)
     cache = FeatureCache(ns.cache_dir)
     feats = {n: cached_features(cache, backbone, loaders[n], n, ns.allow_compute) for n in names}
-    train = cached_features(cache, backbone, dm.fit_dataloader(), "train", ns.allow_compute)
+    train = cached_features(cache, backbone, dm.train_eval_dataloader(), "train", ns.allow_compute)
     idn, oods = names[0], names[1:]
 
     specs = {"closed_form": {}, "taylor": {"contribution": "autograd"}}

@@ -119,7 +119,7 @@ def run_side(ns: argparse.Namespace) -> None:
     )  # fmt: skip
     dm.prepare_data()
     dm.setup("test")
-    train = dm.fit_dataloader()
+    train = dm.train_eval_dataloader()
     tests = dict(zip(dm.test_set_names, dm.test_dataloader(), strict=True))
     names = ns.detectors
     base = memory()["VmRSS"]

@@ -161,7 +161,7 @@ def quick_features(ns: argparse.Namespace) -> tuple[Any, Path, Any, Path, Any]:
 
     backbone, dm, loaders, names = cifar10_densenet(ns, [], **QUICK_SLICES)
     cache = FeatureCache(work_dir(ns, "features") / "features")
-    train = cache.get_or_compute(backbone, dm.fit_dataloader(), [], desc="train")
+    train = cache.get_or_compute(backbone, dm.train_eval_dataloader(), [], desc="train")
     test = cache.get_or_compute(backbone, loaders[names[0]], [], desc="test")
     return train, cache.root, test, cache.root, backbone
 

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         ns, [], ns.batch_size, train_every=ns.train_every, test_every=10**9
     )
     train = cached_features(
-        FeatureCache(ns.cache_dir), backbone, dm.fit_dataloader(), "train", ns.allow_compute
+        FeatureCache(ns.cache_dir), backbone, dm.train_eval_dataloader(), "train", ns.allow_compute
     )
     h = train.features
     n = h.numel()

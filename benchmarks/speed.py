@@ -62,7 +62,7 @@ def cifar(root: Path, split: str, every: int, ood: list[str] | None = None):
     dm.prepare_data()
     dm.setup("test")
     if split == "train":
-        loaders = {"train": dm.fit_dataloader()}
+        loaders = {"train": dm.train_eval_dataloader()}
     else:
         loaders = dict(zip(dm.test_set_names, dm.test_dataloader(), strict=True))
     out = {}

@@ -1,6 +1,6 @@
 """Data: LightningDataModules for the ID sets, named OOD sets, readers and transforms."""
 
-from lightning_ood.data.base import CorruptDataError, OODDataModule
+from lightning_ood.data.base import CorruptDataError, OODDataModule, train_eval_loader
 from lightning_ood.data.cifar import CIFAR10DataModule, CIFAR100DataModule, CIFARDataModule
 from lightning_ood.data.genome import (
     GenomeDataModule,
@@ -38,5 +38,6 @@ __all__ = [
     "parse_ood_spec",
     "read_genome_tsv",
     "register_ood_set",
+    "train_eval_loader",
     "write_synthetic_genome",
 ]

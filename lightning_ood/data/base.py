@@ -217,6 +217,23 @@ def check_outlier_leak(
                 )
 
 
+def train_eval_loader(datamodule: Any) -> Any:
+    """``datamodule``'s training set under the eval transform (the detector-fitting pass):
+    ``train_eval_dataloader()``, or ``fit_dataloader()`` of a datamodule written before that
+    name (with a DeprecationWarning); None when it has neither."""
+    if callable(getattr(datamodule, "train_eval_dataloader", None)):
+        return datamodule.train_eval_dataloader()
+    if callable(getattr(datamodule, "fit_dataloader", None)):
+        warnings.warn(
+            f"{type(datamodule).__name__}.fit_dataloader() is deprecated; name it "
+            "train_eval_dataloader() (the training set under the eval transform)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return datamodule.fit_dataloader()
+    return None
+
+
 def trained_indices(train_size: int, val_size: int, val_seed: int, train_every: int) -> set[int]:
     """The training images a run with this split trained on (:meth:`OODDataModule._split`,
     then every ``train_every``-th)."""
@@ -878,9 +895,20 @@ class OODDataModule(LightningDataModule):
             corruption=self.test_corruption,
         )
 
-    def fit_dataloader(self) -> DataLoader:
-        """The training set under the EVAL transform, in order: the detector-fitting pass."""
+    def train_eval_dataloader(self) -> DataLoader:
+        """The training set under the EVAL transform, in order: the detector-fitting pass
+        (not Lightning's training loader, which augments and shuffles)."""
         return self._loader(self._ready()["fit"])
+
+    def fit_dataloader(self) -> DataLoader:
+        """Deprecated name of :meth:`train_eval_dataloader`."""
+        warnings.warn(
+            "fit_dataloader() is deprecated; call train_eval_dataloader() (the training set "
+            "under the eval transform)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.train_eval_dataloader()
 
     def val_ood_dataloaders(self) -> dict[str, DataLoader]:
         """Tuning-only OOD sets by name (never part of the reported tables)."""

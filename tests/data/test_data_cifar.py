@@ -58,7 +58,7 @@ def test_jpeg_copy_is_read_and_named(cifar: CIFAR10DataModule, shared_data: Path
     labels = torch.cat([b[1] for b in loaders[0]])
     assert labels.tolist() == [i // 10 for i in range(100)]  # 1,000 per class, every 100th
     assert len(cifar.train_dataloader().dataset) == 100
-    train_y = torch.cat([b[1] for b in cifar.fit_dataloader()])
+    train_y = torch.cat([b[1] for b in cifar.train_eval_dataloader()])
     assert train_y.tolist() == [i // 10 for i in range(100)]
 
 
@@ -104,7 +104,7 @@ def _is_crop_flip_of(aug: torch.Tensor, clean: torch.Tensor) -> bool:
 
 
 def test_train_augments_fit_does_not(cifar: CIFAR10DataModule) -> None:
-    fit_ds = cifar.fit_dataloader().dataset
+    fit_ds = cifar.train_eval_dataloader().dataset
     train_ds = cifar.train_dataloader().dataset
     clean = fit_ds[3][0]
     assert torch.equal(clean, fit_ds[3][0])
@@ -112,8 +112,8 @@ def test_train_augments_fit_does_not(cifar: CIFAR10DataModule) -> None:
     views = [train_ds[3][0] for _ in range(6)]
     assert all(_is_crop_flip_of(v, clean) for v in views)
     assert sum(not torch.allclose(v, clean) for v in views) >= 4
-    a = torch.cat([b[0] for b in cifar.fit_dataloader()])
-    b = torch.cat([b[0] for b in cifar.fit_dataloader()])
+    a = torch.cat([b[0] for b in cifar.train_eval_dataloader()])
+    b = torch.cat([b[0] for b in cifar.train_eval_dataloader()])
     assert torch.equal(a, b)
     assert cifar.train_dataloader().batch_size == 25
 
@@ -154,7 +154,7 @@ def test_pickle_source_cifar10(tmp_path: Path) -> None:
     hwc = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).astype(np.float32) / 255
     expected = torch.from_numpy(((hwc - REF_MEAN) / REF_STD).transpose(0, 3, 1, 2).copy())
     torch.testing.assert_close(x, expected, rtol=0, atol=1e-5)
-    fit_y = torch.cat([b[1] for b in dm.fit_dataloader()])
+    fit_y = torch.cat([b[1] for b in dm.train_eval_dataloader()])
     expected_y = [v for i in range(1, 6) for v in written[f"data_batch_{i}"][1]]
     assert fit_y.tolist() == expected_y
 

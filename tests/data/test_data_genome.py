@@ -129,7 +129,7 @@ def test_datamodule(genome_root: Path) -> None:
     assert len(dm.val_ood_dataloaders()["genome_ood"].dataset) == 50
     assert torch.equal(vox, read_genome_tsv(folder / "ood_val.tsv")[0][:50])
     assert torch.all(voy == -1)
-    fx = torch.cat([b[0] for b in dm.fit_dataloader()])
+    fx = torch.cat([b[0] for b in dm.train_eval_dataloader()])
     assert torch.equal(fx, read_genome_tsv(folder / "train.tsv")[0])
 
 

@@ -12,7 +12,7 @@ import torch
 from torchvision import datasets as tvd
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from lightning_ood.data import FashionMNISTDataModule, MNISTDataModule
+from lightning_ood.data import FashionMNISTDataModule, MNISTDataModule, train_eval_loader
 from lightning_ood.io import DOWNLOAD_TIMEOUT_S
 
 
@@ -50,11 +50,11 @@ def test_api_and_lengths(fmnist: FashionMNISTDataModule) -> None:
     loaders = fmnist.test_dataloader()
     assert [len(dl.dataset) for dl in loaders] == [1000, 1000, 1000]
     assert len(fmnist.train_dataloader().dataset) == 1000
-    assert len(fmnist.fit_dataloader().dataset) == 1000
+    assert len(fmnist.train_eval_dataloader().dataset) == 1000
     assert len(fmnist.val_dataloader().dataset) == 1000  # the ID test set (val_size=0)
     assert len(fmnist.predict_dataloader().dataset) == 1000
     assert fmnist.train_dataloader().batch_size == 16
-    assert fmnist.fit_dataloader().batch_size == 100
+    assert fmnist.train_eval_dataloader().batch_size == 100
     assert fmnist.val_ood_dataloaders() == {}
 
 
@@ -69,7 +69,7 @@ def test_normalised_values_and_labels(fmnist: FashionMNISTDataModule, shared_dat
     assert all_y.min() == 0 and all_y.max() == 9
     # The fit pass reads training images 0, 60, 120, ... in order with the eval transform.
     train_images, train_labels = _raw(shared_data, "FashionMNIST", "train")
-    fx, fy = next(iter(fmnist.fit_dataloader()))
+    fx, fy = next(iter(fmnist.train_eval_dataloader()))
     torch.testing.assert_close(
         fx[:, 0], (train_images[::60][:100].float() / 255 - 0.2860) / 0.3530, rtol=0, atol=1e-6
     )
@@ -87,10 +87,10 @@ def test_ood_sets_use_id_normalisation(fmnist: FashionMNISTDataModule, shared_da
 
 
 def test_fit_is_deterministic_and_train_is_a_shuffle(fmnist: FashionMNISTDataModule) -> None:
-    first = torch.cat([b[0] for b in fmnist.fit_dataloader()])
-    second = torch.cat([b[0] for b in fmnist.fit_dataloader()])
+    first = torch.cat([b[0] for b in fmnist.train_eval_dataloader()])
+    second = torch.cat([b[0] for b in fmnist.train_eval_dataloader()])
     assert torch.equal(first, second)
-    fit_y = torch.cat([b[1] for b in fmnist.fit_dataloader()])
+    fit_y = torch.cat([b[1] for b in fmnist.train_eval_dataloader()])
     torch.manual_seed(0)
     train_y = torch.cat([b[1] for b in fmnist.train_dataloader()])
     # No augmentation for the LeNet recipe: same samples, shuffled order.
@@ -122,7 +122,7 @@ def test_val_size_holds_out_training_samples(shared_data: Path) -> None:
         return dm
 
     a, b, c = build(0), build(0), build(1)
-    train_idx = a.fit_dataloader().dataset.dataset.indices
+    train_idx = a.train_eval_dataloader().dataset.dataset.indices
     val_idx = a.val_dataloader().dataset.dataset.indices
     assert len(train_idx) == 59_900 and len(val_idx) == 100
     assert not set(train_idx) & set(val_idx)
@@ -234,3 +234,21 @@ def test_bad_arguments() -> None:
     dm = FashionMNISTDataModule(ood_sets=["mnist"], val_ood_sets=["kmnist"], batch_size=7)
     assert dm.val_ood_names == ["kmnist"] and dm.eval_batch_size == 7
     assert np.array_equal(dm.test_set_names, ["fashionmnist", "mnist"])
+
+
+def test_fit_dataloader_is_a_deprecated_alias(fmnist: FashionMNISTDataModule) -> None:
+    """``fit_dataloader`` (the old name: not Lightning's fit loader) still gives the same
+    batches, with a DeprecationWarning; so does a user datamodule that only defines it."""
+    want = torch.cat([b[0] for b in fmnist.train_eval_dataloader()])
+    with pytest.warns(DeprecationWarning, match="call train_eval_dataloader"):
+        old = fmnist.fit_dataloader()
+    assert torch.equal(torch.cat([b[0] for b in old]), want)
+    assert torch.equal(torch.cat([b[0] for b in train_eval_loader(fmnist)]), want)
+
+    class OldStyle:
+        def fit_dataloader(self) -> list[int]:
+            return [1, 2]
+
+    with pytest.warns(DeprecationWarning, match="OldStyle.fit_dataloader"):
+        assert train_eval_loader(OldStyle()) == [1, 2]
+    assert train_eval_loader(object()) is None

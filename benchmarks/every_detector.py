@@ -139,7 +139,7 @@ def sets_of(dm: Any, backbone: Any, id_val: Any, ns: Any) -> Any:
     names = dm.test_set_names
     tests = dict(zip(names, dm.test_dataloader(), strict=True))
     return Sets(
-        train=LoaderSource(dm.fit_dataloader(), backbone),
+        train=LoaderSource(dm.train_eval_dataloader(), backbone),
         id_val=LoaderSource(id_val, backbone),
         val_ood={n: LoaderSource(dl, backbone) for n, dl in dm.val_ood_dataloaders().items()},
         test={n: LoaderSource(dl, backbone) for n, dl in tests.items()},
@@ -222,7 +222,7 @@ def costs(
     from lightning_ood import engine
     from lightning_ood.session import EvaluationSession, LoaderSource
 
-    train_ds, test_ds = dm.fit_dataloader().dataset, dm.test_dataloader()[0].dataset
+    train_ds, test_ds = dm.train_eval_dataloader().dataset, dm.test_dataloader()[0].dataset
     n_train, n_test = min(n_train, len(train_ds)), min(n_test, len(test_ds))
     train = DataLoader(Subset(train_ds, range(n_train)), batch_size=500)
     test = DataLoader(Subset(test_ds, range(n_test)), batch_size=500)
@@ -283,6 +283,7 @@ def markdown(result: Mapping[str, Any]) -> str:
             lines += [f"- `{n}`: {m}" for n, m in sorted(body["refused"].items())]
             lines.append("")
         cost = body.get("costs", {})
+        load = body.get("costs_load_average")
         default, tuned = body["summary"]["default"], body["summary"]["tuned"]
         order = sorted(
             default, key=lambda n: -max(default[n]["auroc"], tuned.get(n, default[n])["auroc"])
@@ -291,7 +292,13 @@ def markdown(result: Mapping[str, Any]) -> str:
             "Ranked by the better of the default and tuned average AUROC. Cells: mean over the "
             f"{body['n_runs']} model(s) of the average over the reported OOD sets, in %; AUROC "
             "range over models in brackets. FPR95 with ID positive. Costs: ms per 1,000 samples "
-            "(fit / score), each detector alone, backbone pass included, measured in this run.",
+            "(fit / score), each detector alone, backbone pass included, measured in this run "
+            "on the first model"
+            + (
+                f" (load average 1/5/15 min before {load['before']}, after {load['after']})."
+                if load
+                else "."
+            ),
             "",
             "| rank | detector | AUROC default | FPR95 default | AUROC tuned | FPR95 tuned | "
             "fit ms/1k | score ms/1k |",
@@ -322,6 +329,19 @@ def markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def members_of(ckpts: Sequence[Path], i: int) -> list[str]:
+    """The ensemble members of model ``i``: the other networks (itself when alone)."""
+    return [str(p) for j, p in enumerate(ckpts) if j != i] or [str(ckpts[i])]
+
+
+def save(path: Path, value: Any) -> None:
+    """``value`` as JSON at ``path``, written whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, default=float))
+    tmp.replace(path)
+
+
 def run_lenet(ns: Any) -> dict[str, Any]:
     ckpts = [Path(p) for p in (ns.lenet_ckpts or LENET_CKPTS)]
     if ns.quick:
@@ -337,14 +357,15 @@ def run_lenet(ns: Any) -> dict[str, Any]:
             "--lenet_ckpts)"
         )
     runs, refused_all, tuned_names = [], {}, set()
-    cost: dict[str, dict[str, float]] = {}
     work = common.work_dir(ns, "every_detector")
+    keys = []
     for i, ckpt in enumerate(ckpts):
-        members = [str(p) for j, p in enumerate(ckpts) if j != i] or [str(ckpt)]
+        members = members_of(ckpts, i)
         # one model's results are kept (keyed by the checkpoint's bytes and the slices), so
         # models trained at different times are evaluated as they become available
         digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
-        key = hashlib.sha256(json.dumps([digest, members, vars_of(ns)]).encode()).hexdigest()
+        keys.append([digest, members, vars_of(ns)])
+        key = hashlib.sha256(json.dumps(keys[-1]).encode()).hexdigest()
         cached = work / f"model_{key[:16]}.json"
         if cached.is_file():
             run = json.loads(cached.read_text())
@@ -363,23 +384,34 @@ def run_lenet(ns: Any) -> dict[str, Any]:
                         alone[kind] = "needs other independently trained networks as members"
             specs, refused = admitted(specs, backbone, tiny)
             refused.update(alone)
-            run = {
-                "ckpt": str(ckpt),
-                "refused": refused,
-                "default": evaluate_model(backbone, sets, specs, tuned=False),
-                "tuned": evaluate_model(backbone, sets, specs, tuned=True),
-            }
-            if i == 0:
-                run["costs"] = costs(backbone, dm, val, specs, ns.cost_train, ns.cost_test)
-            work.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(".tmp")
-            tmp.write_text(json.dumps(run, default=float))
-            tmp.replace(cached)
+            seconds: dict[str, float] = {}
+            t0 = time.perf_counter()
+            run = {"ckpt": str(ckpt), "refused": refused}
+            for variant in ("default", "tuned"):
+                run[variant] = evaluate_model(backbone, sets, specs, tuned=variant == "tuned")
+                seconds[variant] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                print(f"model {i + 1}: {variant} in {seconds[variant]:.0f} s", flush=True)
+            run["seconds"] = seconds
+            save(cached, run)
         refused_all.update({f"{n} (model {i + 1})": m for n, m in run["refused"].items()})
         tuned_names |= set((run["tuned"].get("tuning") or {}).get("detectors", {}))
-        cost = cost or run.get("costs", {})
         runs.append(run)
         print(f"model {i + 1}/{len(ckpts)} done")
+    # the costs last, on the first model, in their own step (and cache): time them alone
+    cost_file = work / f"costs_{hashlib.sha256(json.dumps(keys[0]).encode()).hexdigest()[:16]}.json"
+    if cost_file.is_file():
+        cost = json.loads(cost_file.read_text())
+        print(f"costs: {cost_file}")
+    else:
+        backbone, _ = backbone_of(ckpts[0])
+        specs = {n: s for n, s in detector_specs(members_of(ckpts, 0), ns.quick).items()}
+        specs = {n: s for n, s in specs.items() if n not in runs[0]["refused"]}
+        dm, val = lenet_data(ns), id_validation(ns)
+        before = common.loadavg()
+        cost = {"detectors": costs(backbone, dm, val, specs, ns.cost_train, ns.cost_test)}
+        cost["load_average"] = {"before": before, "after": common.loadavg()}
+        save(cost_file, cost)
     return {
         "data": (
             f"{len(ckpts)} FashionMNIST LeNets (`{', '.join(str(c) for c in ckpts)}`). ID: "
@@ -395,7 +427,8 @@ def run_lenet(ns: Any) -> dict[str, Any]:
         "refused": refused_all,
         "tuned_names": sorted(tuned_names),
         "summary": {"default": summarise(runs, "default"), "tuned": summarise(runs, "tuned")},
-        "costs": cost,
+        "costs": cost["detectors"],
+        "costs_load_average": cost["load_average"],
     }
 
 

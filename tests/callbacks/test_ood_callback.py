@@ -296,11 +296,14 @@ class ProcessGroupSpy(Callback):
 
 @pytest.fixture
 def launcher_env() -> Iterator[None]:
-    """Lightning's DDP launcher writes MASTER_ADDR/PORT, LOCAL_RANK, WORLD_SIZE, NODE_RANK into
-    ``os.environ``; restored so that later tests see a process no launcher has touched. A group
-    a failing test left behind is destroyed, so it cannot leak into the next test."""
+    """Lightning's DDP launcher writes MASTER_ADDR/PORT, LOCAL_RANK, WORLD_SIZE, NODE_RANK and
+    OMP_NUM_THREADS into ``os.environ`` and sets torch's thread count; both restored so that
+    later tests see a process no launcher has touched. A group a failing test left behind is
+    destroyed, so it cannot leak into the next test."""
+    threads = torch.get_num_threads()
     with mock.patch.dict(os.environ):
         yield
+    torch.set_num_threads(threads)
     if dist.is_initialized():
         dist.destroy_process_group()
 

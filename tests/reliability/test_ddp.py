@@ -7,18 +7,25 @@ would pad one duplicate into every set):
   batch 64 (ShardedSampler); after one step the weights agree to float-summation noise;
 * detector fitting + calibration + OOD test under DDP, from the same checkpoint as a
   single-process run: every detector buffer and every OOD metric agrees to 1e-6 relative,
-  and every test sample is counted exactly once.
+  and every test sample is counted exactly once;
+* the two-process test run exits with status 0, and after it returns, neither the launching
+  process (rank 0) nor the one Lightning started (rank 1) holds a process group: the OOD
+  callback's teardown ended the group Lightning created for the run (lightning_ood.distributed).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from _cli import LENET_DETECTORS, base_config, ood_callback, run_cli
+import yaml
+from _cli import HELPERS, LENET_DETECTORS, ROOT, base_config, ood_callback, run_cli
 
 from lightning_ood.io import safe_load
 
@@ -28,6 +35,15 @@ DETECTORS = LENET_DETECTORS  # every detector kind, with the demo's hyperparamet
 N_TEST = 1429  # 10,000 test images, every 7th
 HOLDOUT = 100
 DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+#: ``lightning-ood`` as a script that says, once its run has returned, whether this process
+#: still holds a process group (Lightning re-runs the script for rank 1, which says it too).
+REPORTING_MAIN = """\
+import sys
+import torch.distributed as dist
+from lightning_ood.cli import main
+main(sys.argv[1:])
+print(f"process group alive after the run: {dist.is_initialized()}", flush=True)
+"""
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -38,6 +54,23 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return float("inf")
     a, b = a[finite], b[finite]
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) if a.numel() else 0.0
+
+
+def run_reporting(tmp: Path, name: str, config: dict, *extra: str) -> str:
+    """``lightning-ood test`` (as :func:`_cli.run_cli` runs it) through ``REPORTING_MAIN``;
+    returns its stdout. Any exit status but 0 fails, a rank's SIGABRT at exit included."""
+    script, cfg = tmp / "reporting_main.py", tmp / f"{name}-test.yaml"
+    script.write_text(REPORTING_MAIN)
+    cfg.write_text(yaml.safe_dump(config))
+    dirs = ["--checkpoint_root", str(tmp / "ckpt"), "--log_root", str(tmp / "logs")]
+    cmd = [sys.executable, str(script), "test", "--config", str(cfg), "--experiment", name]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HELPERS), str(ROOT)])}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.run(
+        [*cmd, *dirs, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, f"{cmd} exited {proc.returncode}\n{proc.stderr[-6000:]}"
+    return proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +96,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict:
 
     refit = copy.deepcopy(cfg)
     refit["trainer"]["callbacks"] = [ood_callback(DETECTORS, validation_size=HOLDOUT, refit=True)]
-    run_cli(tmp, "ddp_eval", "test", refit, *DDP, "--ckpt_path", str(tmp / "ckpt/single/last.ckpt"))
+    ddp_eval_stdout = run_reporting(
+        tmp, "ddp_eval", refit, *DDP, "--ckpt_path", str(tmp / "ckpt/single/last.ckpt")
+    )
 
     def results(name: str) -> dict:
         (path,) = (tmp / "logs" / name).glob("version_*/ood_results.json")
@@ -77,7 +112,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict:
         "ddp_fitted": safe_load(tmp / "ckpt/ddp_eval/fitted.ckpt"),
         "single": results("single"),
         "ddp": results("ddp_eval"),
+        "ddp_eval_stdout": ddp_eval_stdout,
     }
+
+
+def test_ddp_run_exits_cleanly_without_a_process_group_left(runs: dict) -> None:
+    said = [
+        line.rsplit(": ", 1)[1]
+        for line in runs["ddp_eval_stdout"].splitlines()
+        if line.startswith("process group alive after the run: ")
+    ]
+    assert said == ["False", "False"]  # rank 0 (the launching process) and rank 1
 
 
 def test_ddp_fit_matches_one_process_with_the_same_global_batch(runs: dict) -> None:

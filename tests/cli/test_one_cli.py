@@ -156,6 +156,44 @@ def test_grid_ddp_on_two_ranks_equals_one_process(tmp_path: Path, shared_data: P
     _numbers(b["test"], again["test"])
 
 
+@pytest.mark.integration
+def test_grid_ddp_layer_ensemble_combiner_equals_one_process(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """A three-tap Mahalanobis: the class statistics reduce across ranks, and the selection's
+    combiner split and the shipped logistic combiner are drawn on the gathered scores; the
+    two-rank grid equals one process to 1e-6, the shipped combiner's record included."""
+    spec = tmp_path / "maha.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "detector": "mahalanobis",
+                "base": {"taps": ["conv2", "fc1", "features"]},
+                "grid": {"standardize": [False, True]},
+                "val_ood_sets": ["kmnist"],
+                "id_val_fraction": 0.5,
+            }
+        )
+    )
+    results = []
+    for n, extra in (("1", []), ("2", ["--trainer.strategy", "ddp"])):
+        args = _grid_args(tmp_path, shared_data, f"out{n}", "cache")
+        args[args.index("--grid") + 1] = str(spec)
+        _run_grid([*args, "--no_cache", "--trainer.devices", n, *extra])
+        results.append(json.loads((tmp_path / f"out{n}" / "grid_results.json").read_text()))
+    a, b = results
+    for key in ("rows", "best", "test"):
+        _numbers(a[key], b[key], key)
+    for key in ("shipped_combiner", "threshold", "n_id_val", "n_id_test", "n_train"):
+        _numbers(a["meta"][key], b["meta"][key], key)
+    assert a["meta"]["shipped_combiner"]["method"] == "logistic"
+    assert (a["meta"]["shipped_combiner"]["n_id"], a["meta"]["shipped_combiner"]["n_ood"]) == (
+        125,
+        250,
+    )
+    assert not (tmp_path / "cache").exists()
+
+
 def test_device_is_a_deprecated_alias_of_the_trainer_flags(
     tmp_path: Path, shared_data: Path
 ) -> None:

@@ -53,3 +53,5 @@ def test_grid_is_a_subcommand_of_the_one_cli(cmd: list[str]) -> None:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage: lightning-ood grid" in proc.stdout and "--grid GRID" in proc.stdout
+    # a LightningCLI subcommand on a Trainer: it takes the Trainer's devices and strategy
+    assert "--trainer.devices" in proc.stdout and "--trainer.strategy" in proc.stdout

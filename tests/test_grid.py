@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -443,3 +444,79 @@ def test_training_features_are_read_when_any_combination_needs_them(setting: dic
     result = _run(setting, "react", {"clip": [1.0, None]}, {"percentile": 90.0}, ["noise"])
     assert [r["params"]["clip"] for r in result.rows] == [1.0, None]
     assert all(not math.isnan(r["val_mean"]["auroc"]) for r in result.rows)
+
+
+@pytest.mark.parametrize(
+    ("kind", "grid", "base"),
+    [
+        ("line", {"p_a": [10, 90], "p_w": [10, 90]}, {"delta": 1.0}),
+        ("knn", {"k": [1, 5]}, {}),
+        pytest.param(  # ~5 s; the two-process gloo grid of tests/cli/test_one_cli.py too
+            "mahalanobis",
+            {"standardize": [False, True]},
+            {"taps": ["pre", "features"], "combiner": "lr"},
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
+def test_grid_on_three_ranks_equals_one_process(
+    setting: dict, kind: str, grid: dict, base: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each of 3 ranks (threads, tests/threaded_ranks.py) holds its EvalShardedSampler shard
+    of every cached set: fits reduce, scores gather in dataset order, the seeded ID split is
+    drawn on the gathered set; every rank's rows, selection, test, reference and sizes equal
+    one process's (a layer ensemble's combiner split and shipped combiner included)."""
+    from threaded_ranks import run_ranks
+
+    from lightning_ood.data.samplers import unshard
+    from lightning_ood.grid import Ranks
+
+    f = setting["feats"]
+    kw = {"select_metric": "fpr95", "id_val_fraction": 0.5, "reference": dict(grid_first(grid))}
+    val, test = {"noise": f["noise"], "uniform": f["uniform"]}, {"shift": f["shift"]}
+
+    def run(ranks: Ranks | None, part: Any) -> GridResult:
+        return grid_search(
+            kind,
+            grid,
+            base,
+            setting["net"],
+            part(f["train"]),
+            None,
+            {n: part(c) for n, c in val.items()},
+            part(f["id"]),
+            {n: part(c) for n, c in test.items()},
+            ranks=ranks,
+            **kw,
+        )
+
+    one = run(None, lambda c: c)
+
+    def rank_run(rank: int, reducer: Any) -> GridResult:
+        def gather(t: Tensor) -> Tensor:
+            return unshard(reducer.group.exchange(rank, t))
+
+        ranks = Ranks(rank, 3, gather=gather, reducer=reducer)
+        return run(ranks, ranks.shard)
+
+    for got in run_ranks(3, rank_run, monkeypatch):
+        assert got.best == one.best
+        for mine, theirs in zip(got.rows, one.rows, strict=True):
+            assert mine["params"] == theirs["params"]
+            for m in METRIC_NAMES:
+                assert mine["val_mean"][m] == pytest.approx(theirs["val_mean"][m], abs=1e-9)
+        for name, metrics in one.test.items():
+            for m in METRIC_NAMES:
+                assert got.test[name][m] == pytest.approx(metrics[m], abs=1e-9)
+                assert got.reference["test"][name][m] == pytest.approx(
+                    one.reference["test"][name][m], abs=1e-9
+                )
+        sizes = ("n_train", "n_id_val", "n_id_test", "shipped_combiner")
+        assert {k: got.meta[k] for k in sizes} == {k: one.meta[k] for k in sizes}
+        assert got.meta["threshold"]["value"] == pytest.approx(one.meta["threshold"]["value"])
+        assert (got.meta["world_size"], one.meta["world_size"]) == (3, 1)
+
+
+def grid_first(grid: dict) -> dict:
+    """The grid's first combination (a reference configuration declared up front)."""
+    return {k: v[0] for k, v in grid.items()}

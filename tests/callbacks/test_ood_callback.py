@@ -259,11 +259,32 @@ def test_holdout_sizes_are_checked_before_any_pass(tmp_path: Path) -> None:
         assert fit.call_count == score.call_count == 0  # refused at setup: no pass ran
 
 
+class ProcessGroupSpy(Callback):
+    """Whether a default process group exists while the test loop runs, and once the callbacks
+    listed before this one have torn down; also written to ``<out>/pg_rank<r>.json``, since a
+    ``ddp_spawn`` worker's attributes do not come back to the launching process."""
+
+    def __init__(self, out: Path | None = None) -> None:
+        self.out = out
+        self.during: bool | None = None
+        self.after: bool | None = None
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.during = dist.is_initialized()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.after = dist.is_initialized()
+        if self.out is not None:
+            path = self.out / f"pg_rank{trainer.global_rank}.json"
+            path.write_text(json.dumps([self.during, self.after]))
+
+
 def test_ddp_fit_and_scores_match_single_process(tmp_path: Path) -> None:
     """Two CPU ranks (gloo): sharded fitting pass + all-reduced sums + gathered scores give
-    the single-process metrics, and both workers exit cleanly. A worker that aborts at exit
-    (SIGABRT, "terminate called without an active exception": a gloo group left to interpreter
-    shutdown, ~1 in 6 runs before the callback's teardown ended it) fails the run here."""
+    the single-process metrics. Each worker's group, which Lightning created, is gone after
+    the callback's teardown, so a worker cannot abort at exit (SIGABRT, "terminate called
+    without an active exception": a gloo group left to interpreter shutdown, ~1 in 6 runs
+    before), and an abort would fail the run here."""
     results = {}
     for name, kw in {"single": {}, "ddp": {"strategy": "ddp_spawn", "devices": 2}}.items():
         out = tmp_path / name
@@ -275,23 +296,20 @@ def test_ddp_fit_and_scores_match_single_process(tmp_path: Path) -> None:
             progress=False,
             validation_size=0,
         )
-        _trainer(out, cb, accelerator="cpu", **kw).test(task, datamodule=ToyData())
+        trainer = _trainer(out, cb, accelerator="cpu", **kw)
+        trainer.callbacks.append(ProcessGroupSpy(out))  # after cb: sees its teardown's work
+        trainer.test(task, datamodule=ToyData())
         results[name] = json.loads((out / "ood_results.json").read_text())["metrics"]
+    for name, ranks in {"single": [0], "ddp": [0, 1]}.items():
+        seen = [json.loads((tmp_path / name / f"pg_rank{r}.json").read_text()) for r in ranks]
+        # [during the test loop, after the teardown]
+        assert seen == ([[False, False]] if name == "single" else [[True, False]] * 2), name
     for det, per_set in results["single"].items():
         for metric, value in per_set["far"].items():
             assert results["ddp"][det]["far"][metric] == pytest.approx(value, abs=1e-6), (
                 det,
                 metric,
             )
-
-
-class ProcessGroupSpy(Callback):
-    """Whether a default process group exists while the test loop runs."""
-
-    during: bool | None = None
-
-    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.during = dist.is_initialized()
 
 
 @pytest.fixture

@@ -513,7 +513,7 @@ def run_spec(
     the whole sets, keyed as before). Entries are never gathered into whole-set ones: that
     would hold every rank's features in one process, which sharding exists to avoid.
     """
-    from lightning_ood.data import parse_ood_spec
+    from lightning_ood.data import parse_ood_spec, train_eval_loader
     from lightning_ood.task import recorded_training
 
     proto = (protocol or Protocol()).replace(
@@ -593,7 +593,7 @@ def run_spec(
     t0 = time.perf_counter()
     train = None
     if any(engine.reads_training_data(d) for d in probe):
-        train = features(dm.fit_dataloader(), "train")
+        train = features(train_eval_loader(dm), "train")
     id_test = features(test_loaders[0], names[0])
     id_val, id_val_source = None, None
     if val_size > 0:  # the datamodule holds out training samples: select on those

@@ -41,12 +41,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache_dir", default=str(CACHE / "features"))
     ns = parse(p, argv, extra=True)
     from lightning_ood.cli import grid_main
+    from lightning_ood.trainer import device_to_trainer
 
     slices = QUICK_SLICES if ns.quick else SMALL if ns.small else {}
     work = work_dir(ns, "features")
     cache_dir = str(work / "features") if ns.quick else ns.cache_dir
     name = "line_grid_cifar10" + ("_quick" if ns.small else "")
     rec = Recorder("line_grid_cifar10" + ("_small" if ns.small else ""))
+    accelerator, devices = device_to_trainer(ns.device)
     args = [
         "--config", str(ROOT / "configs" / "line_densenet_cifar10.yaml"),
         "--grid", str(ROOT / "configs" / "grid" / "line_densenet_cifar10.yaml"),
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         "--out", str(ns.out / name),
         "--log_root", str(work / "logs" if ns.quick else ROOT / "logs"),
         "--checkpoint_root", str(work / "ckpt" if ns.quick else ROOT / "checkpoints"),
-        "--device", ns.device,
+        "--trainer.accelerator", accelerator, "--trainer.devices", str(devices),
         "--model.model_kwargs.weights", str(reference_weights(ns.data_root)),
         "--data.init_args.root", str(ns.data_root),
         *(a for k, v in slices.items() for a in (f"--data.init_args.{k}", str(v))),

@@ -385,7 +385,8 @@ def test_main_on_fashionmnist_slice(tmp_path: Path, shared_data: Path) -> None:
     mnist = compute_features(net, mnist_loader)
     kmnist = compute_features(net, dm.val_ood_dataloaders()["kmnist"])
     for i, row in enumerate(first.rows):
-        det = fitted({"line": {"delta": 1.0, **row["params"]}}, net, dm.fit_dataloader())["line"]
+        spec = {"line": {"delta": 1.0, **row["params"]}}
+        det = fitted(spec, net, dm.train_eval_dataloader())["line"]
         want = ood_metrics(det.score(id_val.output()), det.score(kmnist.output()))
         assert row["val"]["kmnist"]["fpr95"] == pytest.approx(want["fpr95"], abs=1e-12)
         assert row["val"]["kmnist"]["auroc"] == pytest.approx(want["auroc"], abs=1e-12)

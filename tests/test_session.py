@@ -52,7 +52,7 @@ class SessionData(LightningDataModule):
     def _loader(self, ds: TensorDataset) -> DataLoader:
         return DataLoader(ds, batch_size=BATCH)
 
-    def fit_dataloader(self) -> DataLoader:
+    def train_eval_dataloader(self) -> DataLoader:
         return self._loader(self.train)
 
     def val_dataloader(self) -> DataLoader:
@@ -148,7 +148,7 @@ def test_tune_metrics_recomputed_by_hand(through_test: dict[str, Any]) -> None:
     assert len(chosen) == 1
     for row in [record["rows"][0], *chosen]:  # the first configuration and the selected one
         det = build_detector("line", {**DETECTORS["line"], **row["params"]})
-        engine.fit_from_loader([det], task.backbone, dm.fit_dataloader())
+        engine.fit_from_loader([det], task.backbone, dm.train_eval_dataloader())
         s_id = engine.score_loader({"l": det}, task.backbone, dm.val_dataloader())["l"]
         s_ood = engine.score_loader({"l": det}, task.backbone, dm.val_ood_dataloaders()["near_val"])
         want = ood_metrics(s_id, s_ood["l"])
@@ -161,7 +161,7 @@ def test_loader_and_cached_sources_give_the_same_session(through_test: dict[str,
     backbone, dm = through_test["task"].backbone, SessionData()
     taps = ["fc1", "logits"]
     loaders = {
-        "train": dm.fit_dataloader(),
+        "train": dm.train_eval_dataloader(),
         "val": dm.val_dataloader(),
         "near_val": dm.val_ood_dataloaders()["near_val"],
         "toy": dm.test_dataloader()[0],

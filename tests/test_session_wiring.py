@@ -78,7 +78,7 @@ class GroupedData(LightningDataModule):
     def _loader(self, ds: TensorDataset) -> DataLoader:
         return DataLoader(ds, batch_size=BATCH)
 
-    def fit_dataloader(self) -> DataLoader:
+    def train_eval_dataloader(self) -> DataLoader:
         return self._loader(self.train)
 
     def val_dataloader(self) -> DataLoader:

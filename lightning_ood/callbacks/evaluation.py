@@ -26,6 +26,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lightning_ood import card, engine, report, tuning
 from lightning_ood.analyses import line as line_analyses
+from lightning_ood.data.base import has_train_eval_loader, train_eval_loader
 from lightning_ood.data.samplers import unshard
 from lightning_ood.detectors import Detector, Reducer, build_detectors
 from lightning_ood.distributed import ProcessGroupOwnership
@@ -123,7 +124,7 @@ def fit_with_trainer(
     """Fit ``detectors`` together from ONE eval-mode pass over the training set
     (:meth:`lightning_ood.session.EvaluationSession.fit`).
 
-    The training set is read through ``datamodule.fit_dataloader()`` (eval transform, no
+    The training set is read through ``datamodule.train_eval_dataloader()`` (eval transform, no
     augmentation; under DDP each rank reads its unpadded shard, so no sample enters the
     detector sums twice); the sums are all-reduced with the trainer's strategy.
     """
@@ -137,13 +138,13 @@ def fit_with_trainer(
         id_val = _source(trainer, pl_module, dm.val_dataloader, False)
     if readers:
         dm = trainer.datamodule
-        if dm is None or not hasattr(dm, "fit_dataloader"):
+        if dm is None or not has_train_eval_loader(dm):
             raise RuntimeError(
                 f"detectors {[d.name for d in readers]} need a pass over the training set, "
-                "but the trainer has no datamodule with fit_dataloader(); pass an "
+                "but the trainer has no datamodule with train_eval_dataloader(); pass an "
                 "OODDataModule (--data ...)."
             )
-        train = _source(trainer, pl_module, dm.fit_dataloader(), False)
+        train = _source(trainer, pl_module, train_eval_loader(dm), False)
     trainer_session(trainer, pl_module, progress=progress).fit(detectors, train, id_val=id_val)
 
 
@@ -335,8 +336,8 @@ class OODEvaluation(Callback):
             raise ValueError(
                 NO_VALIDATION_SPLIT.format(names=[f"{d.name} ({d.kind})" for d in readers])
             )
-        if stage == "fit" and self.fit_after_train and hasattr(dm, "fit_dataloader"):
-            num_train = len(dm.fit_dataloader().dataset)  # refused before any training step
+        if stage == "fit" and self.fit_after_train and has_train_eval_loader(dm):
+            num_train = len(train_eval_loader(dm).dataset)  # refused before any training step
             for det in pl_module.detectors.values():
                 det.check_data(num_train)
         if stage == "test":
@@ -534,8 +535,8 @@ class OODEvaluation(Callback):
         others = sharing_the_tuning_pass(dets, [s.name for s in searches], self.refit)
         show = self.progress and trainer.global_rank == 0
         sets = Sets(
-            train=_source(trainer, pl_module, getattr(dm, "fit_dataloader", None), show)
-            if hasattr(dm, "fit_dataloader")
+            train=_source(trainer, pl_module, lambda: train_eval_loader(dm), show)
+            if has_train_eval_loader(dm)
             else None,
             id_val=_source(trainer, pl_module, dm.val_dataloader(), False),
             val_ood={k: _source(trainer, pl_module, ld, False) for k, ld in val_ood.items()},

@@ -1,6 +1,11 @@
 """Data: LightningDataModules for the ID sets, named OOD sets, readers and transforms."""
 
-from lightning_ood.data.base import CorruptDataError, OODDataModule, train_eval_loader
+from lightning_ood.data.base import (
+    CorruptDataError,
+    OODDataModule,
+    has_train_eval_loader,
+    train_eval_loader,
+)
 from lightning_ood.data.cifar import CIFAR10DataModule, CIFAR100DataModule, CIFARDataModule
 from lightning_ood.data.genome import (
     GenomeDataModule,
@@ -35,6 +40,7 @@ __all__ = [
     "OODSpec",
     "build_ood_dataset",
     "default_data_root",
+    "has_train_eval_loader",
     "parse_ood_spec",
     "read_genome_tsv",
     "register_ood_set",

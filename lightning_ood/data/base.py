@@ -217,6 +217,13 @@ def check_outlier_leak(
                 )
 
 
+def has_train_eval_loader(datamodule: Any) -> bool:
+    """Whether :func:`train_eval_loader` can read ``datamodule``'s training set."""
+    return any(
+        callable(getattr(datamodule, n, None)) for n in ("train_eval_dataloader", "fit_dataloader")
+    )
+
+
 def train_eval_loader(datamodule: Any) -> Any:
     """``datamodule``'s training set under the eval transform (the detector-fitting pass):
     ``train_eval_dataloader()``, or ``fit_dataloader()`` of a datamodule written before that

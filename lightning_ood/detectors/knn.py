@@ -84,7 +84,8 @@ def stream_layout() -> tuple[int, int]:
 
     Under DDP the fitting stream of rank ``r`` of ``w`` is its
     :class:`~lightning_ood.data.samplers.EvalShardedSampler` shard (what the datamodules'
-    ``train_eval_dataloader`` gives): its ``p``-th sample is sample ``r + p * w`` of the training set.
+    ``train_eval_dataloader`` gives): its ``p``-th sample is sample ``r + p * w`` of the
+    training set.
     """
     import torch.distributed as dist
 

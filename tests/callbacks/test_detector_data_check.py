@@ -107,7 +107,7 @@ def test_nnguide_defaults_fit_a_small_training_set(shared_data: Path, tmp_path: 
     # The bank: the 1 % draws, then the smallest draws of the rest, each in stream order.
     backbone = task.backbone.eval()
     with torch.no_grad():
-        outs = [backbone.extract(x) for x, _ in dm.fit_dataloader()]
+        outs = [backbone.extract(x) for x, _ in dm.train_eval_dataloader()]
     feats = torch.cat([o.features for o in outs])
     energy = torch.logsumexp(torch.cat([o.logits for o in outs]), dim=1)
     rows = normalize_rows(feats) * energy[:, None]
@@ -118,7 +118,7 @@ def test_nnguide_defaults_fit_a_small_training_set(shared_data: Path, tmp_path: 
     floor = rest[torch.sort(u[rest], stable=True).indices[: 128 - len(kept)]].sort().values
     torch.testing.assert_close(det.bank, rows[torch.cat([kept, floor])], rtol=1e-5, atol=1e-6)
     # ... and it scores: the guidance is the mean of the 100 best of those 128
-    x = next(iter(dm.fit_dataloader()))[0][:5]
+    x = next(iter(dm.train_eval_dataloader()))[0][:5]
     with torch.no_grad():
         out = backbone.extract(x)
         sims = normalize_rows(out.features) @ det.bank.T

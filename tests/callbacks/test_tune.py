@@ -64,7 +64,7 @@ def test_tune_selects_on_validation_data_and_stores_the_choice(
     aurocs = []
     for p in (85, 90, 95, 99):
         det = ReAct(percentile=p)
-        engine.fit_from_loader([det], backbone, dm.fit_dataloader())
+        engine.fit_from_loader([det], backbone, dm.train_eval_dataloader())
         s_id = engine.score_loader({"r": det}, backbone, dm.val_dataloader())["r"]
         s_ood = engine.score_loader({"r": det}, backbone, dm.val_ood_dataloaders()["kmnist"])["r"]
         y = np.r_[np.ones(len(s_id)), np.zeros(len(s_ood))]

@@ -207,7 +207,8 @@ def test_checkpoint_round_trip_is_bit_exact(run: dict) -> None:
             assert value == stored[name], name
     # The hand-off module, built without the LightningModule, scores bit for bit alike.
     handoff = lightning_ood.load(run["ckpt"])
-    x = torch.stack([run["test"].datamodule.fit_dataloader().dataset[i][0] for i in range(16)])
+    train = run["test"].datamodule.train_eval_dataloader().dataset
+    x = torch.stack([train[i][0] for i in range(16)])
     with torch.no_grad():
         out = loaded.extract(x)
     want = engine.score_batch(loaded.detectors, out, loaded.backbone, x)

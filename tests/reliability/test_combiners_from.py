@@ -45,7 +45,7 @@ class Toy(LightningDataModule):
         self.ood = TensorDataset(3 + torch.rand(48, 1, 28, 28, generator=g), torch.full((48,), -1))
         self.test_set_names = ["toy", "far"]
 
-    def fit_dataloader(self) -> DataLoader:
+    def train_eval_dataloader(self) -> DataLoader:
         return DataLoader(self.train, batch_size=32)
 
     def test_dataloader(self) -> list[DataLoader]:

@@ -5,10 +5,10 @@ exists, and never destroy a gloo group (only NCCL's, at interpreter exit). A glo
 alive until the interpreter finalises can kill a process whose run succeeded: the group's
 worker threads still hold finished work (tensors) whose release needs the GIL while Python is
 being torn down, and the process aborts with ``terminate called without an active exception``
-(SIGABRT). Seen in about 1 of 6 two-rank ``ddp_spawn`` test runs here, and in 3 of 25 bare
-two-process gloo runs (torch 2.14, a few collectives each) that end without
-``destroy_process_group``; 0 of 25 with it (pytorch/pytorch#179291 describes the mechanism).
-Destroying the group while the interpreter is alive joins those threads cleanly.
+(SIGABRT). Seen in about 1 of 6 two-rank ``ddp_spawn`` test runs here, and in 12 of 65 bare
+two-process gloo runs (torch 2.14, ``mp.start_processes``, a few collectives each) that end
+without ``destroy_process_group``; 0 of 65 with it (pytorch/pytorch#179291 describes the
+mechanism). Destroying the group while the interpreter is alive joins those threads cleanly.
 
 The library ends only a group it can tell is the run's: one that did not exist when the
 evaluation was configured (:class:`~lightning_ood.callbacks.OODEvaluation` was created), so

@@ -154,14 +154,14 @@ def source(data: Any, backbone: Any) -> Any:
     return LoaderSource(data, backbone)
 
 
-def session(backbone: Any, validation_size: int = 0, seed: int = 42) -> Any:
+def session(backbone: Any, per_set_holdout: int = 0, seed: int = 42) -> Any:
     """The library's evaluation session with the benchmarks' protocol: every reported sample
-    scored, unless ``validation_size`` > 0 holds that many out of each set (seed ``seed``) for
+    scored, unless ``per_set_holdout`` > 0 holds that many out of each set (seed ``seed``) for
     the papers' per-set layer-ensemble rows."""
     from lightning_ood.protocol import Protocol
     from lightning_ood.session import EvaluationSession
 
-    protocol = Protocol(validation_size=validation_size, validation_seed=seed)
+    protocol = Protocol(per_set_holdout=per_set_holdout, per_set_seed=seed)
     return EvaluationSession(backbone, protocol)
 
 
@@ -171,7 +171,7 @@ def evaluate(
     sets: Mapping[str, Any],
     train: Any = None,
     *,
-    validation_size: int = 0,
+    per_set_holdout: int = 0,
     seed: int = 42,
 ) -> Any:
     """The benchmarks' one evaluation, through :class:`lightning_ood.session.EvaluationSession`:
@@ -182,14 +182,14 @@ def evaluate(
 
     Returns its :class:`~lightning_ood.protocol.Evaluation`: ``metrics[detector][ood_set]``
     holds AUROC, AUPR-In/Out, FPR95 (ID positive) and counts, plus ``"average"``; a layer
-    ensemble with ``validation_size`` > 0 also has its papers' per-set row
+    ensemble with ``per_set_holdout`` > 0 also has its papers' per-set row
     ``<name>[per-set]``.
     """
-    run = session(backbone, validation_size, seed)
+    run = session(backbone, per_set_holdout, seed)
     if train is not None:
         run.fit(list(detectors.values()), source(train, backbone))
     bank = run.score(detectors, {n: source(data, backbone) for n, data in sets.items()})
-    return run.evaluate(detectors, bank.banks(), list(sets), per_set=validation_size > 0)
+    return run.evaluate(detectors, bank.banks(), list(sets), per_set=per_set_holdout > 0)
 
 
 def evaluate_banks(
@@ -197,14 +197,14 @@ def evaluate_banks(
     banks: Mapping[str, Sequence[torch.Tensor]],
     set_names: Sequence[str],
     *,
-    validation_size: int = 0,
+    per_set_holdout: int = 0,
     seed: int = 42,
 ) -> Any:
     """The protocol step of :func:`evaluate` on scores at hand (``banks``: per detector, the
     scores or layer-ensemble components of each set of ``set_names``, ID first): each
-    detector's shipped row, plus the per-set-combiner rows when ``validation_size`` > 0."""
-    run = session(None, validation_size, seed)  # the protocol step reads no network
-    return run.evaluate(detectors, banks, list(set_names), per_set=validation_size > 0)
+    detector's shipped row, plus the per-set-combiner rows when ``per_set_holdout`` > 0."""
+    run = session(None, per_set_holdout, seed)  # the protocol step reads no network
+    return run.evaluate(detectors, banks, list(set_names), per_set=per_set_holdout > 0)
 
 
 # -- memory of this process (Linux) --------------------------------------------------------------
@@ -363,7 +363,7 @@ def quick_demo(folder: Path, root: Path) -> tuple[Path, Path]:
     cfg.pop("experiment", None)
     cb = cfg["trainer"]["callbacks"][0]["init_args"]
     cb.pop("tune", None)
-    cb.update(detectors=QUICK_DEMO_DETECTORS, validation_size=20, progress=False, figures=False)
+    cb.update(detectors=QUICK_DEMO_DETECTORS, per_set_holdout=20, progress=False, figures=False)
     cfg["trainer"].update(
         max_epochs=1, max_steps=3, limit_val_batches=0, accelerator="cpu",
         enable_progress_bar=False, enable_model_summary=False,

@@ -446,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     global PROTOCOL
     from lightning_ood.protocol import Protocol
 
-    PROTOCOL = Protocol(select="auroc", validation_size=0)
+    PROTOCOL = Protocol(select="auroc", per_set_holdout=0)
     rec = common.Recorder("every_detector", argv)
     torch.set_grad_enabled(True)
     parts = {"lenet": run_lenet(ns)}

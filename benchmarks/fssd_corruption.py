@@ -232,7 +232,7 @@ def shift(ns: argparse.Namespace, out: Path) -> tuple[dict[str, Any], str]:
                 **ns.lenet_fit_slice,
             }
             cfg = lenet_config(
-                ns.epochs, data, ns.lenet_dets, ns.data_root, validation_size=ns.lenet_holdout
+                ns.epochs, data, ns.lenet_dets, ns.data_root, per_set_holdout=ns.lenet_holdout
             )
             results["lenet"][s] = run_test(f"shift_lenet_seed{s}", cfg, out, ckpt=ckpt, threads=1)
         runs = list(results["lenet"].values())
@@ -264,7 +264,7 @@ def shift(ns: argparse.Namespace, out: Path) -> tuple[dict[str, Any], str]:
             "ood_every": ns.dn_ood_every,
             "ood_sets": [CIFAR10_C],
         }
-        cfg = densenet_config(data, DN_DETS, ns.data_root, validation_size=ns.dn_holdout)
+        cfg = densenet_config(data, DN_DETS, ns.data_root, per_set_holdout=ns.dn_holdout)
         r = run_test("shift_densenet", cfg, out, threads=ns.dn_threads)
         results["densenet"] = r
         summary = r["severity"]["detectors"]
@@ -344,7 +344,7 @@ def robust(ns: argparse.Namespace, out: Path) -> tuple[dict[str, Any], str]:
                     **ns.lenet_fit_slice,
                 }
                 return lenet_config(
-                    ns.epochs, data, ns.lenet_dets, ns.data_root, validation_size=ns.lenet_holdout
+                    ns.epochs, data, ns.lenet_dets, ns.data_root, per_set_holdout=ns.lenet_holdout
                 )
 
             args = (out, ckpt, 1, sevs, ns.clean_combiners)
@@ -361,7 +361,7 @@ def robust(ns: argparse.Namespace, out: Path) -> tuple[dict[str, Any], str]:
                 "test_corruption": corr,
             }
             return densenet_config(
-                data, DN_DETS, ns.data_root, validation_size=ns.dn_robust_holdout
+                data, DN_DETS, ns.data_root, per_set_holdout=ns.dn_robust_holdout
             )
 
         shared = out / "ckpt" / "hA_shift_densenet" / "fitted.ckpt"  # same fit (train slice)

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         data = {"test_every": ns.every, "ood_every": ns.every, "ood_sets": ["mnist", "kmnist"]}
         cfg = base_config(e, {**data, **extra_data}, ns.data_root)
-        cfg["trainer"]["callbacks"] = callback(dets, validation_size=holdout)
+        cfg["trainer"]["callbacks"] = callback(dets, per_set_holdout=holdout)
         results[s] = common.run_test(f"multi_seed{s}", cfg, out, ckpt[s], prefix="table2")
 
     md = [

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
                 "num_workers": 0,
             }
             tune = {"select": "auroc", "detectors": {"odin": grid}}
-            cfg = lenet_config(ns.epochs, data, dets, ns.data_root, validation_size=0, tune=tune)
+            cfg = lenet_config(ns.epochs, data, dets, ns.data_root, per_set_holdout=0, tune=tune)
             runs[val][s] = run_test(f"{val}_seed{s}", cfg, out, ckpt=ckpt, threads=1)
 
     md: list[str] = []

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict[int, dict[str, Any]]] = {"paper": {}, "oe": {}, "tuned": {}}
     for s in ns.seeds:
         cfg = base_config(e, {**every, "ood_sets": ["mnist", "kmnist"]}, ns.data_root)
-        cfg["trainer"]["callbacks"] = callback(paper_dets, validation_size=holdout)
+        cfg["trainer"]["callbacks"] = callback(paper_dets, per_set_holdout=holdout)
         results["paper"][s] = run_test(f"paper_seed{s}", cfg, out, ckpt[s], prefix="table2")
     if not ns.skip_tuned:
         for s in ns.seeds:
@@ -152,11 +152,11 @@ def main(argv: list[str] | None = None) -> None:
             data["val_ood_sets"] = [{"name": "kmnist", "every": val_every}]
             cfg = base_config(e, data, ns.data_root)
             tuned = {k: v for k, v in paper_dets.items() if k not in ("de", "mcd", "mcd_var")}
-            cfg["trainer"]["callbacks"] = callback(tuned, validation_size=holdout, tune={})
+            cfg["trainer"]["callbacks"] = callback(tuned, per_set_holdout=holdout, tune={})
             results["tuned"][s] = run_test(f"tuned_seed{s}", cfg, out, ckpt[s], prefix="table2")
     for s in ns.seeds:  # last: the OE networks train longest
         cfg = base_config(e, {**every, "ood_sets": ["mnist"]}, ns.data_root)
-        cfg["trainer"]["callbacks"] = callback({"msp": {}}, validation_size=holdout)
+        cfg["trainer"]["callbacks"] = callback({"msp": {}}, per_set_holdout=holdout)
         results["oe"][s] = run_test(f"oe_seed{s}", cfg, out, oe_ckpt[s], prefix="table2")
 
     def cell(run: str, det: str, ood: str, metric: str) -> str:

@@ -98,7 +98,7 @@ def snapshot(root: Path, out: Path, data: Path, which: str, quick: bool) -> dict
         cfg["data"]["init_args"]["root"] = str(data)
         if quick:
             cb.pop("tune", None)  # and detectors a 3-step LeNet can fit (not ViM's subspace)
-            cb.update(validation_size=20, detectors=QUICK_DEMO_DETECTORS)
+            cb.update(per_set_holdout=20, detectors=QUICK_DEMO_DETECTORS)
             cfg["trainer"].update(max_epochs=1, max_steps=3, limit_val_batches=0)
             cfg["data"]["init_args"].update(
                 train_every=100, test_every=50, ood_every=50, val_size=1000,

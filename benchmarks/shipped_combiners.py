@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     variants["LR, FGSM proxy"] = shipped()
     engine.deploy_combiners(dets, banks["id_val"], banks["ood_val"])
     variants["LR, val OOD"] = shipped()
-    per_set = evaluate_banks(dets, test, sets, validation_size=holdout, seed=42).metrics
+    per_set = evaluate_banks(dets, test, sets, per_set_holdout=holdout, seed=42).metrics
     variants["per-set LR (test hold-out)"] = {n: per_set[per_set_row(n)]["mnist"] for n in dets}
     for n, d in dets.items():
         d.load_combiner_state(saved[n])

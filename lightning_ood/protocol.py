@@ -13,7 +13,7 @@ grid both evaluate through these functions, so a number means the same thing eve
   on every reported sample, i.e. exactly what ``lightning_ood.load()`` returns;
 * layer ensembles with more than one component (FSSD, Mahalanobis over several taps) also get
   the papers' protocol as a separately named row, ``<name>[per-set]`` (:func:`per_set_row`):
-  a combiner fitted per OOD set on a seeded hold-out of ``validation_size`` samples of the ID
+  a combiner fitted per OOD set on a seeded hold-out of ``per_set_holdout`` samples of the ID
   set and of that OOD set, reported on the rest (:func:`holds_out` is the one rule). It uses
   knowledge of each test set, so it is a reproduction of the papers' tables, never a
   deployable detector. With ``combiners`` (an earlier evaluation's record, e.g. of clean
@@ -67,7 +67,13 @@ PER_SET = "[per-set]"
 
 #: ``(field, where it is set)`` names accepted for each :class:`Protocol` field besides its own:
 #: the grid's ``select_metric`` argument, the callback's ``tune.select`` etc. all map here.
-PROTOCOL_ALIASES: dict[str, str] = {"select_metric": "select", "tpr": "threshold_tpr"}
+PROTOCOL_ALIASES: dict[str, str] = {
+    "select_metric": "select",
+    "tpr": "threshold_tpr",
+    # the names before the per-set hold-out stopped being called "validation"
+    "validation_size": "per_set_holdout",
+    "validation_seed": "per_set_seed",
+}
 
 
 @dataclass(frozen=True)
@@ -83,9 +89,9 @@ class Protocol:
             combiners during selection (and of ``id_val_fraction``'s split).
         combiner_fraction: share of each validation set that fits a candidate's combiner
             during selection; the rest scores it.
-        validation_size: per reported set, samples held out (seeded) for the papers'
+        per_set_holdout: per reported set, samples held out (seeded) for the papers'
             per-set combiners (the ``<name>[per-set]`` rows; 0: none).
-        validation_seed: seed of that hold-out (the FSSD reference uses 42).
+        per_set_seed: seed of that hold-out (the FSSD reference uses 42).
         threshold_tpr: ID true-positive rate of each detector's calibrated threshold.
         id_val_fraction: the ID hold-out rule. ``None`` (the default): ID validation data is
             the datamodule's held-out training split (``val_size`` > 0) and selection without
@@ -97,8 +103,8 @@ class Protocol:
     select: str = "auroc"
     seed: int = 0
     combiner_fraction: float = 0.5
-    validation_size: int = 500
-    validation_seed: int = 42
+    per_set_holdout: int = 500
+    per_set_seed: int = 42
     threshold_tpr: float = 0.95
     id_val_fraction: float | None = None
 
@@ -147,11 +153,11 @@ def check_protocol_values(values: Mapping[str, Any], where: str = "") -> None:
     frac = values.get("id_val_fraction")
     if frac is not None and not 0.0 < float(frac) < 1.0:
         raise ValueError(f"{where}id_val_fraction must lie in (0, 1) or be null, got {frac}")
-    if int(values["validation_size"]) < 0:
-        raise ValueError(f"{where}validation_size must be >= 0, got {values['validation_size']}")
+    if int(values["per_set_holdout"]) < 0:
+        raise ValueError(f"{where}per_set_holdout must be >= 0, got {values['per_set_holdout']}")
     if not 0.0 < float(values["threshold_tpr"]) <= 1.0:
         raise ValueError(f"{where}threshold_tpr must lie in (0, 1], got {values['threshold_tpr']}")
-    for key in ("seed", "validation_seed"):
+    for key in ("seed", "per_set_seed"):
         if isinstance(values[key], bool) or not isinstance(values[key], int):
             raise ValueError(f"{where}{key} must be an integer, got {values[key]!r}")
 
@@ -239,44 +245,44 @@ def averages(
     return out
 
 
-def holds_out(det: Detector, num_components: int, validation_size: int) -> bool:
+def holds_out(det: Detector, num_components: int, per_set_holdout: int) -> bool:
     """Whether ``det`` is evaluated on a hold-out: it fits a combiner of ``num_components > 1``
     components on held-out validation samples (a single component needs no combiner) and
-    ``validation_size > 0``."""
-    return validation_size > 0 and det.has_combiner and num_components > 1
+    ``per_set_holdout > 0``."""
+    return per_set_holdout > 0 and det.has_combiner and num_components > 1
 
 
 def check_holdout(
-    sizes: Mapping[str, int], validation_size: int, detectors: Mapping[str, Detector]
+    sizes: Mapping[str, int], per_set_holdout: int, detectors: Mapping[str, Detector]
 ) -> None:
     """Refuse, before any pass over the data, a hold-out the sets or the combiners cannot
-    take: every set needs more than ``validation_size`` samples, and each detector's combiner
-    its ``min_validation_size`` per class."""
+    take: every set needs more than ``per_set_holdout`` samples, and each detector's combiner
+    its ``min_per_set_holdout`` per class."""
     for name, det in detectors.items():
-        least = int(getattr(det, "min_validation_size", 1))
-        if validation_size < least:
+        least = int(getattr(det, "min_per_set_holdout", 1))
+        if per_set_holdout < least:
             raise ValueError(
-                f"validation_size={validation_size} is too small for detector {name!r}: its "
+                f"per_set_holdout={per_set_holdout} is too small for detector {name!r}: its "
                 f"combiner ({getattr(det, 'combiner', '?')!r}) needs at least {least} held-out "
-                f"samples per set; raise validation_size to >= {least}"
+                f"samples per set; raise per_set_holdout to >= {least}"
             )
     for set_name, n in sizes.items():
-        if n <= validation_size:
+        if n <= per_set_holdout:
             raise ValueError(
-                f"test set {set_name!r} has {n} samples but validation_size={validation_size} "
+                f"test set {set_name!r} has {n} samples but per_set_holdout={per_set_holdout} "
                 f"are held out for the layer-ensemble combiners of {sorted(detectors)}; lower "
-                "`validation_size` or use more samples"
+                "`per_set_holdout` or use more samples"
             )
 
 
 def holdout_splits(
-    sizes: Mapping[str, int], validation_size: int, seed: int
+    sizes: Mapping[str, int], per_set_holdout: int, seed: int
 ) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per set, the seeded ``(held-out, reported)`` index split (``validation_size`` held out;
+    """Per set, the seeded ``(held-out, reported)`` index split (``per_set_holdout`` held out;
     the same samples on any world size)."""
-    check_holdout(sizes, validation_size, {})
+    check_holdout(sizes, per_set_holdout, {})
     return {
-        name: tuple(seeded_parts(n, [validation_size], seed, f"test set {name!r}"))  # type: ignore[misc]
+        name: tuple(seeded_parts(n, [per_set_holdout], seed, f"test set {name!r}"))  # type: ignore[misc]
         for name, n in sizes.items()
     }
 
@@ -321,7 +327,7 @@ COMBINER_FLAG = "combiner_fitted"
 COMBINER_FIELDS = (*COMBINER_VECTORS, *COMBINER_SCALARS, COMBINER_FLAG)
 _COMBINERS_FIX = (
     "give the ood_results.json that `lightning-ood test` wrote for a run of the same "
-    "layer-ensemble detectors with validation_size > 0, unedited (or drop the fixed combiners "
+    "layer-ensemble detectors with per_set_holdout > 0, unedited (or drop the fixed combiners "
     "to fit them on this run's hold-out)"
 )
 
@@ -410,7 +416,7 @@ def fixed_combiners(
     if unused:
         raise ValueError(
             f"{source} gives combiners for {unused}, which are not evaluated on a hold-out "
-            "here (validation_size 0, or a single component): the combiners would be unused"
+            "here (per_set_holdout 0, or a single component): the combiners would be unused"
         )
     for d in components:
         if d in combiners and not isinstance(combiners[d], Mapping):
@@ -436,10 +442,10 @@ def fixed_combiners(
     return out
 
 
-def combiners_record(path: str, validation_size: int, validation_seed: int) -> dict[str, Any]:
+def combiners_record(path: str, per_set_holdout: int, per_set_seed: int) -> dict[str, Any]:
     """The ``combiners`` record of an earlier run's ``ood_results.json`` (the callback's
-    ``combiners_from``), refused unless its hold-out is this run's (``validation_size``,
-    ``validation_seed``), so that its combiners saw none of the samples reported here. The
+    ``combiners_from``), refused unless its hold-out is this run's (``per_set_holdout``,
+    ``per_set_seed``), so that its combiners saw none of the samples reported here. The
     records themselves are checked by :func:`fixed_combiners`."""
     file = Path(path)
     if not file.is_file():
@@ -468,17 +474,17 @@ def combiners_record(path: str, validation_size: int, validation_seed: int) -> d
             raise ValueError(
                 f"combiners_from={path!r}: validation.{key} must be {kind}, got {value!r}; " + fix
             )
-    ours = (validation_size, validation_seed)
+    ours = (per_set_holdout, per_set_seed)
     theirs = (held.get("held_out_per_set"), held.get("seed"))
     if not theirs[0]:
         raise ValueError(
             f"combiners_from={path!r} held out no samples, so it fitted no per-set "
-            "combiners: give a run of layer ensembles with validation_size > 0"
+            "combiners: give a run of layer ensembles with per_set_holdout > 0"
         )
     if theirs != ours:
         raise ValueError(
             f"combiners_from={path!r} held out {theirs[0]} samples per set with seed "
-            f"{theirs[1]}, this run validation_size={ours[0]}, validation_seed={ours[1]}: "
+            f"{theirs[1]}, this run per_set_holdout={ours[0]}, per_set_seed={ours[1]}: "
             "set them to the earlier run's, so that its combiners see none of the samples "
             "reported here"
         )
@@ -515,7 +521,7 @@ def evaluate_detectors(
     banks: Mapping[str, Sequence[Tensor]],
     set_names: Sequence[str],
     *,
-    validation_size: int = 0,
+    per_set_holdout: int = 0,
     seed: int = 42,
     warn: Callable[[str], None] | None = None,
     combiners: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
@@ -530,7 +536,7 @@ def evaluate_detectors(
         banks: ``{detector: [scores of set 0, set 1, ...]}`` in dataset order, (N,) scores,
             or (N, K) components for layer ensembles (``score_batch(components=True)``).
         set_names: ID set name, then the OOD set names.
-        validation_size: samples held out of every set to fit the layer-ensemble combiners
+        per_set_holdout: samples held out of every set to fit the layer-ensemble combiners
             (for the detectors :func:`holds_out` names; the others report every sample).
         seed: seed of the hold-out permutation (the FSSD reference uses 42).
         warn: called with a message for every (detector, set) with non-finite scores.
@@ -572,7 +578,7 @@ def evaluate_detectors(
     held_out_for = [
         n
         for n, d in detectors.items()
-        if holds_out(d, banks[n][0].shape[1] if banks[n][0].ndim == 2 else 1, validation_size)
+        if holds_out(d, banks[n][0].shape[1] if banks[n][0].ndim == 2 else 1, per_set_holdout)
     ]
     fixed = None
     if combiners is not None:
@@ -580,13 +586,13 @@ def evaluate_detectors(
         fixed = fixed_combiners(combiners, combiners_source, components, list(detectors), ood_names)
     splits: dict[str, tuple[Tensor, Tensor]] = {}
     if held_out_for:
-        check_holdout(sizes, validation_size, {n: detectors[n] for n in held_out_for})
-        splits = holdout_splits(sizes, validation_size, seed)
+        check_holdout(sizes, per_set_holdout, {n: detectors[n] for n in held_out_for})
+        splits = holdout_splits(sizes, per_set_holdout, seed)
 
     def held(t: Tensor, set_name: str) -> Tensor:
         return t[splits[set_name][0]]
 
-    result = Evaluation({}, {}, {}, validation_size if held_out_for else 0, held_out_for)
+    result = Evaluation({}, {}, {}, per_set_holdout if held_out_for else 0, held_out_for)
     result.groups, result.ccr = dict(groups or {}), correct_id is not None
     for dname, det in detectors.items():
         bank = dict(zip(set_names, banks[dname], strict=True))

@@ -25,7 +25,7 @@ Example (cached features; ``LoaderSource(loader, backbone)`` reads images instea
     from lightning_ood.protocol import Protocol
     from lightning_ood.session import CachedSource, EvaluationSession, Sets
 
-    session = EvaluationSession(backbone, Protocol(select="auroc", validation_size=0))
+    session = EvaluationSession(backbone, Protocol(select="auroc", per_set_holdout=0))
     sets = Sets(
         train=CachedSource(train_feats),
         id_val=CachedSource(val_feats),
@@ -758,15 +758,15 @@ class EvaluationSession:
     ) -> Evaluation:
         """The protocol's metrics (:func:`lightning_ood.protocol.evaluate_detectors`): the
         shipped row of every detector, and with ``per_set`` the papers' ``[per-set]`` rows of
-        multi-component layer ensembles on ``protocol.validation_size`` held-out samples;
+        multi-component layer ensembles on ``protocol.per_set_holdout`` held-out samples;
         CCR@FPR given ``correct_id`` (:meth:`ScoreBank.correct_id`), ``average[group]`` rows
         given ``groups``."""
         return evaluate_detectors(
             detectors,
             banks,
             set_names,
-            validation_size=self.protocol.validation_size if per_set else 0,
-            seed=self.protocol.validation_seed,
+            per_set_holdout=self.protocol.per_set_holdout if per_set else 0,
+            seed=self.protocol.per_set_seed,
             warn=self.warn,
             combiners=combiners,
             combiners_source=combiners_source,
@@ -804,7 +804,7 @@ class EvaluationSession:
             "validation": {
                 "held_out_per_set": evaluation.held_out_per_set,
                 "held_out_for": evaluation.held_out_for,
-                "seed": self.protocol.validation_seed,
+                "seed": self.protocol.per_set_seed,
                 "combiners_from": combiners_from,
             },
             "detectors": {n: d.config() for n, d in detectors.items()},

@@ -90,7 +90,7 @@ def fit_then_test(
               "--experiment", experiment]  # fmt: skip
     (tmp / "fit.yaml").write_text(yaml.safe_dump(cfg))
     main(["fit", "--config", str(tmp / "fit.yaml"), *common])
-    cfg["trainer"]["callbacks"] = [ood_callback(detectors, validation_size=100, tune=None)]
+    cfg["trainer"]["callbacks"] = [ood_callback(detectors, per_set_holdout=100, tune=None)]
     (tmp / "test.yaml").write_text(yaml.safe_dump(cfg))
     ckpt = tmp / "ckpt" / experiment / "last.ckpt"
     try:

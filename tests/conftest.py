@@ -44,7 +44,7 @@ def lenet_fitted(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) ->
     """
     tmp = tmp_path_factory.mktemp("lenet_fitted")
     cfg = base_config(shared_data, train_every=6, test_every=20, ood_every=20, ood_sets=["mnist"])
-    cfg["trainer"]["callbacks"] = [ood_callback(LENET_DETECTORS, validation_size=100)]
+    cfg["trainer"]["callbacks"] = [ood_callback(LENET_DETECTORS, per_set_holdout=100)]
     run_cli(tmp, "lenet", "fit", cfg)
     ckpt = tmp / "ckpt" / "lenet" / "last.ckpt"
     return {"dir": tmp, "ckpt": ckpt, "config": cfg, "detectors": dict(LENET_DETECTORS)}

@@ -329,7 +329,7 @@ def test_readme_demo_table_follows_the_demo_config() -> None:
     for name, spec in detectors.items():
         expected.append(name)
         det = build_detector(name, spec)
-        if holds_out(det, len(det.component_names(lenet)), callback["validation_size"]):
+        if holds_out(det, len(det.component_names(lenet)), callback["per_set_holdout"]):
             expected.append(f"{name}[per-set]")
     assert [row[0] for row in results] == expected
     assert {row[1] for row in results} == {"mnist"}

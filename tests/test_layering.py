@@ -31,6 +31,7 @@ PURE = [
     "lightning_ood.features",
     "lightning_ood.metrics",
     "lightning_ood.predictor",
+    "lightning_ood.distributed",
 ]
 
 

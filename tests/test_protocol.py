@@ -58,10 +58,10 @@ def test_holdout_is_the_seeded_permutation_and_checks_sizes() -> None:
     assert splits["id"][0].tolist() == perm[:5].tolist()
     assert splits["id"][1].tolist() == perm[5:].tolist()
     assert [p.tolist() for p in seeded_parts(20, [5], 42)] == [t.tolist() for t in splits["id"]]
-    with pytest.raises(ValueError, match=r"'ood' has 12 samples but validation_size=12"):
+    with pytest.raises(ValueError, match=r"'ood' has 12 samples but per_set_holdout=12"):
         holdout_splits({"ood": 12}, 12, seed=42)
     cv = build_detector("fssd", {"taps": ["a", "b"]})  # LogisticRegressionCV: 5-fold
-    with pytest.raises(ValueError, match=r"validation_size=4 is too small for detector 'f'"):
+    with pytest.raises(ValueError, match=r"per_set_holdout=4 is too small for detector 'f'"):
         check_holdout({"id": 100}, 4, {"f": cv})
     check_holdout({"id": 100}, 5, {"f": cv})
 
@@ -77,7 +77,7 @@ def test_per_set_combiners_are_fitted_on_held_out_samples_and_not_kept() -> None
     plain = [_bank(3, 60, 1.0), _bank(4, 40, 0.0), _bank(5, 30, -1.0)]
     before = maha.combiner_state()
     result = evaluate_detectors(
-        dets, {"maha": comps, "energy": plain}, names, validation_size=10, seed=7
+        dets, {"maha": comps, "energy": plain}, names, per_set_holdout=10, seed=7
     )
     assert result.held_out_per_set == 10
     # The model's own combiner is untouched (still unfitted): per-set fits are the protocol's.
@@ -119,15 +119,15 @@ def test_fixed_combiners_are_loaded_not_fitted_and_report_the_same_samples() -> 
     names, sizes = ["id", "ood"], {"id": 60, "ood": 40}
     clean = [_bank(0, 60, 1.0, 2), _bank(1, 40, -1.0, 2)]
     noisy = [_bank(2, 60, 0.5, 2) * 3.0, _bank(3, 40, -0.5, 2) * 3.0]
-    first = evaluate_detectors({"m": maha}, {"m": clean}, names, validation_size=10, seed=7)
+    first = evaluate_detectors({"m": maha}, {"m": clean}, names, per_set_holdout=10, seed=7)
     # Round trip through JSON, as the callback reads it from an earlier ood_results.json.
     record = json.loads(json.dumps(first.combiners))
     again = evaluate_detectors(
-        {"m": maha}, {"m": clean}, names, validation_size=10, seed=7, combiners=record
+        {"m": maha}, {"m": clean}, names, per_set_holdout=10, seed=7, combiners=record
     )
     assert again.metrics == first.metrics and again.combiners == first.combiners
     got = evaluate_detectors(
-        {"m": maha}, {"m": noisy}, names, validation_size=10, seed=7, combiners=record
+        {"m": maha}, {"m": noisy}, names, per_set_holdout=10, seed=7, combiners=record
     )
     # By hand: the clean run's logistic regression on the noisy run's reported samples.
     c = {k: torch.tensor(v, dtype=torch.float64) for k, v in record["m"]["ood"].items()}
@@ -141,7 +141,7 @@ def test_fixed_combiners_are_loaded_not_fitted_and_report_the_same_samples() -> 
     assert got.metrics[per_set_row("m")]["ood"]["auroc"] == ood_metrics(s_id, s_ood)["auroc"]
     assert got.metrics[per_set_row("m")]["ood"]["n_id"] == 50
     assert got.combiners == first.combiners
-    refit = evaluate_detectors({"m": maha}, {"m": noisy}, names, validation_size=10, seed=7)
+    refit = evaluate_detectors({"m": maha}, {"m": noisy}, names, per_set_holdout=10, seed=7)
     assert refit.combiners != first.combiners  # without them, the noisy hold-out is fitted
     assert not maha.flag("combiner_fitted")  # and the model's own combiner is never replaced
 
@@ -150,7 +150,7 @@ def test_fixed_combiners_are_loaded_not_fitted_and_report_the_same_samples() -> 
             {"m": maha, "e": build_detector("energy")},
             {"m": noisy, "e": [_bank(4, 60, 0.0), _bank(5, 40, 0.0)]},
             names,
-            **{"validation_size": 10, "seed": 7, **kw},
+            **{"per_set_holdout": 10, "seed": 7, **kw},
             combiners=combiners,
             combiners_source="run.json",
         )
@@ -161,7 +161,7 @@ def test_fixed_combiners_are_loaded_not_fitted_and_report_the_same_samples() -> 
     with pytest.raises(ValueError, match=r"'m' for 'ood' has 3 weights, but 'm' has 2 comp"):
         fixed(three)
     with pytest.raises(ValueError, match=r"combiners for \['m'\], which are not evaluated"):
-        fixed(record, validation_size=0)
+        fixed(record, per_set_holdout=0)
 
 
 def test_nonfinite_scores_warn_and_report_nan() -> None:
@@ -255,7 +255,7 @@ def test_nonfinite_held_out_components_report_nan_not_a_crash() -> None:
         {"maha": maha, "energy": energy},
         {"maha": comps, "energy": [_bank(3, 60, 1.0), _bank(4, 40, 0.0), _bank(5, 30, -1.0)]},
         ["id", "near", "far"],
-        validation_size=10,
+        per_set_holdout=10,
         seed=7,
         warn=messages.append,
     )
@@ -309,7 +309,7 @@ def test_evaluate_detectors_ccr_indexes_the_held_out_id_rows() -> None:
     banks = [_bank(0, 60, 1.0, 2), _bank(1, 40, -1.0, 2)]
     correct = torch.arange(60) % 3 != 0
     ev = evaluate_detectors(
-        {"m": maha}, {"m": banks}, ["id", "ood"], validation_size=10, seed=7, correct_id=correct
+        {"m": maha}, {"m": banks}, ["id", "ood"], per_set_holdout=10, seed=7, correct_id=correct
     )
     kept = holdout_splits({"id": 60, "ood": 40}, 10, 7)["id"][1]
     s_id, s_ood = ev.scores[per_set_row("m")]["ood"]

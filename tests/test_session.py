@@ -86,7 +86,7 @@ def through_test(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     cb = OODEvaluation(
         detectors=DETECTORS,
         tune={"detectors": SPACES},  # select, seed, combiner_fraction: the protocol's defaults
-        validation_size=0,
+        per_set_holdout=0,
         results_dir=str(out),
         progress=False,
         figures=False,
@@ -183,7 +183,7 @@ def test_loader_and_cached_sources_give_the_same_session(through_test: dict[str,
         "images": lambda k: LoaderSource(loaders[k], backbone),
         "cache": lambda k: CachedSource(feats[k], BATCH),
     }.items():
-        session = EvaluationSession(backbone, Protocol(validation_size=20))
+        session = EvaluationSession(backbone, Protocol(per_set_holdout=20))
         search = tuning.plan("mahalanobis", "mahalanobis", SPACES["mahalanobis"], base)
         dets = {"energy": build_detector("energy", {})}
         runs[how] = session.run(dets, sets(make), searches=[search])
@@ -203,9 +203,9 @@ def test_one_protocol_value_with_the_old_names() -> None:
     p = Protocol.from_options({"select_metric": "fpr95", "seed": 3, "tpr": 0.9})
     assert (p.select, p.seed, p.threshold_tpr, p.combiner_fraction) == ("fpr95", 3, 0.9, 0.5)
     assert p.replace(select="auroc").select == "auroc" and p.select == "fpr95"  # frozen copy
-    cb = OODEvaluation(tune={"select": "fpr95", "seed": 3}, validation_size=7, threshold_tpr=0.9)
+    cb = OODEvaluation(tune={"select": "fpr95", "seed": 3}, per_set_holdout=7, threshold_tpr=0.9)
     assert cb.protocol == Protocol(
-        select="fpr95", seed=3, validation_size=7, threshold_tpr=0.9, validation_seed=42
+        select="fpr95", seed=3, per_set_holdout=7, threshold_tpr=0.9, per_set_seed=42
     )
     assert check_tune({"select": "fpr95"}) == {
         "detectors": None,

@@ -139,7 +139,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     dm = GroupedData(task.backbone)
     cb = OODEvaluation(
         detectors={"temperature_scaling": {}, "energy": {}},
-        validation_size=0,
+        per_set_holdout=0,
         results_dir=str(out / "results"),
         progress=False,
         figures=False,
@@ -268,7 +268,7 @@ def test_cached_test_sets_without_labels_leave_ccr_out_with_a_note() -> None:
         id_val=LoaderSource(dm.val_dataloader(), backbone),
         test={k: CachedSource(f, BATCH) for k, f in feats.items()},
     )
-    session = EvaluationSession(backbone, Protocol(validation_size=0))
+    session = EvaluationSession(backbone, Protocol(per_set_holdout=0))
     outcome = session.run({"energy": build_detector("energy", {})}, sets)
     row = outcome.results["metrics"]["energy"]["far1"]
     assert not any(k in row for k in CCR_NAMES)

@@ -12,6 +12,7 @@ session's (the same code ``lightning-ood grid`` runs over cached features).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,33 @@ def calibrate_with_trainer(
         record.update(how)
 
 
+def _deprecated_holdout_names(
+    per_set_holdout: int,
+    per_set_seed: int,
+    validation_size: int | None,
+    validation_seed: int | None,
+) -> tuple[int, int]:
+    """``(per_set_holdout, per_set_seed)``, taking the values of their deprecated names
+    ``validation_size``/``validation_seed`` (configs written before the rename) with a
+    warning."""
+    for old, new, value in (
+        ("validation_size", "per_set_holdout", validation_size),
+        ("validation_seed", "per_set_seed", validation_seed),
+    ):
+        if value is not None:
+            warnings.warn(
+                f"OODEvaluation: {old} is deprecated; call it {new} (samples of each test set "
+                "held out for the papers' per-set combiners, not validation data)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+    if validation_size is not None:
+        per_set_holdout = validation_size
+    if validation_seed is not None:
+        per_set_seed = validation_seed
+    return per_set_holdout, per_set_seed
+
+
 class OODEvaluation(Callback):
     """Fit and evaluate post-hoc OOD detectors.
 
@@ -227,12 +255,12 @@ class OODEvaluation(Callback):
             e.g. ``{"energy": {}, "line": {"delta": 1.0, "p_a": 90, "p_w": 90}}``. ``None``
             keeps whatever the model already carries (e.g. from its checkpoint).
         fit_after_train: fit the detectors in ``on_train_end`` and re-save ``last.ckpt``.
-        validation_size: per test set, samples held out (seeded) to fit the combiners of
+        per_set_holdout: per test set, samples held out (seeded) to fit the combiners of
             layer ensembles with more than one tap (FSSD, Mahalanobis); those detectors are
             reported on the rest, every other detector on every sample, so adding or removing
             a detector never changes another's numbers. Checked against the set sizes and the
             combiners' needs before any pass over the data.
-        validation_seed: seed of the held-out permutation (the FSSD reference uses 42).
+        per_set_seed: seed of the held-out permutation (the FSSD reference uses 42).
         results_dir: where the tables go; default: the run's log directory.
         log_histograms: log ID/OOD score histograms per detector to TensorBoard.
         log_roc: log ROC curves per detector as images to TensorBoard.
@@ -262,18 +290,20 @@ class OODEvaluation(Callback):
             ID against each OOD set (LINe Figure 1), as ``activated_neurons.png``, in
             TensorBoard and summarised in the results.
         combiners_from: an earlier run's ``ood_results.json`` (same layer ensembles, OOD set
-            names, ``validation_size`` and ``validation_seed``) whose per-set combiners are
+            names, ``per_set_holdout`` and ``per_set_seed``) whose per-set combiners are
             loaded instead of fitted on this run's hold-out: with ``data.test_corruption``,
             the combiners stay those of clean data, as the FSSD paper's Figure 5 tunes on
             clean data only. ``None``: fit them here.
+        validation_size, validation_seed: deprecated names of ``per_set_holdout`` and
+            ``per_set_seed`` (they held out no validation data: parts of the test sets).
     """
 
     def __init__(
         self,
         detectors: dict[str, dict[str, Any] | None] | None = None,
         fit_after_train: bool = True,
-        validation_size: int = 500,
-        validation_seed: int = 42,
+        per_set_holdout: int = 500,
+        per_set_seed: int = 42,
         results_dir: str | None = None,
         log_histograms: bool = True,
         log_roc: bool = True,
@@ -286,14 +316,19 @@ class OODEvaluation(Callback):
         activated_neurons: bool = False,
         activated_thresholds: list[float] | None = None,
         combiners_from: str | None = None,
+        validation_size: int | None = None,
+        validation_seed: int | None = None,
     ) -> None:
         super().__init__()
+        per_set_holdout, per_set_seed = _deprecated_holdout_names(
+            per_set_holdout, per_set_seed, validation_size, validation_seed
+        )
         self.tune = check_tune(tune)
         #: The one protocol value of this run (shared with ``lightning-ood grid``).
         self.protocol = Protocol(
             **{k: self.tune[k] for k in Protocol.TUNE_FIELDS if self.tune},
-            validation_size=validation_size,
-            validation_seed=validation_seed,
+            per_set_holdout=per_set_holdout,
+            per_set_seed=per_set_seed,
             threshold_tpr=threshold_tpr,
         )
         self.figures = figures
@@ -306,8 +341,8 @@ class OODEvaluation(Callback):
         self.save_fitted = save_fitted
         self.detector_specs = detectors
         self.fit_after_train = fit_after_train
-        self.validation_size = validation_size
-        self.validation_seed = validation_seed
+        self.per_set_holdout = per_set_holdout
+        self.per_set_seed = per_set_seed
         self.combiners_from = combiners_from
         self._fixed_combiners: dict[str, Any] | None = None
         #: fitted.ckpt written by this run's test start: re-saved after the evaluation so that
@@ -344,7 +379,7 @@ class OODEvaluation(Callback):
             self._check_holdout(trainer, pl_module)
             if self.combiners_from is not None:
                 self._fixed_combiners = combiners_record(
-                    self.combiners_from, self.validation_size, self.validation_seed
+                    self.combiners_from, self.per_set_holdout, self.per_set_seed
                 )
                 fixed_combiners(  # refused here, before any pass over the data
                     self._fixed_combiners,
@@ -362,7 +397,7 @@ class OODEvaluation(Callback):
         return {
             n: k
             for n, k in sizes.items()
-            if holds_out(pl_module.detectors[n], k, self.validation_size)
+            if holds_out(pl_module.detectors[n], k, self.per_set_holdout)
         }
 
     def _check_holdout(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -379,7 +414,7 @@ class OODEvaluation(Callback):
                 f"returns {len(loaders)} loaders; they must correspond one to one"
             )
         sizes = {n: len(ld.dataset) for n, ld in zip(names, loaders, strict=True)}
-        check_holdout(sizes, self.validation_size, dets)
+        check_holdout(sizes, self.per_set_holdout, dets)
 
     # -- fitting -----------------------------------------------------------------------------
     #: Set by the CLI when ``--allow_untrained`` tests a network that has no trained weights:

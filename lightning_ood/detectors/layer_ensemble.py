@@ -200,7 +200,7 @@ class LayerEnsembleDetector(Detector):
         return self.epsilon > 0
 
     @property
-    def min_validation_size(self) -> int:
+    def min_per_set_holdout(self) -> int:
         """Held-out samples per set the combiner needs: ``LogisticRegressionCV``'s 5-fold
         stratified split needs 5 of each class; a plain logistic regression 1."""
         return 5 if self.combiner == "cv" else 1

@@ -22,6 +22,7 @@ from lightning_ood.callbacks import OODEvaluation
 from lightning_ood.detectors import DETECTORS, Energy
 from lightning_ood.distributed import ProcessGroupOwnership
 from lightning_ood.metrics import ood_metrics
+from lightning_ood.protocol import Protocol
 from lightning_ood.report import format_markdown
 from lightning_ood.task import ClassificationTask
 
@@ -168,7 +169,7 @@ def test_holdout_only_for_multi_tap_ensembles_and_never_moves_other_rows(
         },
     }.items():
         cb = OODEvaluation(
-            detectors=dets, validation_size=10, results_dir=str(tmp_path / name), progress=False
+            detectors=dets, per_set_holdout=10, results_dir=str(tmp_path / name), progress=False
         )
         torch.manual_seed(0)
         task = ClassificationTask(model="lenet", num_classes=10)
@@ -204,7 +205,7 @@ def test_combiners_from_a_clean_run_are_loaded_under_corruption(tmp_path: Path) 
     def run(name: str, data: ToyData, **kw: object) -> dict:
         kw = {"detectors": fssd, **kw}
         cb = OODEvaluation(
-            validation_size=10, results_dir=str(tmp_path / name), progress=False, **kw
+            per_set_holdout=10, results_dir=str(tmp_path / name), progress=False, **kw
         )
         torch.manual_seed(0)
         task = ClassificationTask(model="lenet", num_classes=10)
@@ -229,8 +230,8 @@ def test_combiners_from_a_clean_run_are_loaded_under_corruption(tmp_path: Path) 
     for kw, match in [
         ({"combiners_from": str(tmp_path / "nope.json")}, r"nope.json' does not exist"),
         ({"combiners_from": source, "detectors": other_taps}, r"has 2 weights, but 'fssd' has 3"),
-        ({"combiners_from": source, "validation_seed": 3}, r"held out 10 samples per set with"
-         r" seed 42, this run validation_size=10, validation_seed=3"),
+        ({"combiners_from": source, "per_set_seed": 3}, r"held out 10 samples per set with"
+         r" seed 42, this run per_set_holdout=10, per_set_seed=3"),
     ]:  # fmt: skip
         where = "lightning_ood.callbacks.evaluation"
         with (
@@ -244,10 +245,10 @@ def test_combiners_from_a_clean_run_are_loaded_under_corruption(tmp_path: Path) 
 def test_holdout_sizes_are_checked_before_any_pass(tmp_path: Path) -> None:
     fssd = {"fssd": {"taps": ["conv2", "fc1"], "n_noise": 8}}
     for size, match in [
-        (3, r"validation_size=3 is too small for detector 'fssd'.*at least 5"),
-        (40, r"test set 'toy' has 40 samples but validation_size=40"),
+        (3, r"per_set_holdout=3 is too small for detector 'fssd'.*at least 5"),
+        (40, r"test set 'toy' has 40 samples but per_set_holdout=40"),
     ]:
-        cb = OODEvaluation(detectors=fssd, validation_size=size, progress=False)
+        cb = OODEvaluation(detectors=fssd, per_set_holdout=size, progress=False)
         task = ClassificationTask(model="lenet", num_classes=10)
         where = "lightning_ood.callbacks.evaluation"
         with (
@@ -294,7 +295,7 @@ def test_ddp_fit_and_scores_match_single_process(tmp_path: Path) -> None:
             detectors={"energy": {}, "line": {}, "dice": {}, "mahalanobis": {}},
             results_dir=str(out),
             progress=False,
-            validation_size=0,
+            per_set_holdout=0,
         )
         trainer = _trainer(out, cb, accelerator="cpu", **kw)
         trainer.callbacks.append(ProcessGroupSpy(out))  # after cb: sees its teardown's work
@@ -377,3 +378,14 @@ def test_release_ends_only_a_group_created_after_the_observation(launcher_env: N
     assert dist.is_initialized() and calls == []
     assert ours.release(barrier=lambda: calls.append(dist.is_initialized())) is True
     assert calls == [True] and not dist.is_initialized()
+
+
+def test_validation_size_is_a_deprecated_name_of_per_set_holdout() -> None:
+    """Configs written before the rename keep working: the old keys warn and set the new ones
+    (the hold-out is of the test sets, for the [per-set] rows, never validation data)."""
+    with pytest.warns(DeprecationWarning, match="validation_size is deprecated; call it per_s"):
+        cb = OODEvaluation(detectors={"energy": {}}, validation_size=7, validation_seed=3)
+    assert (cb.per_set_holdout, cb.per_set_seed) == (7, 3)
+    assert (cb.protocol.per_set_holdout, cb.protocol.per_set_seed) == (7, 3)
+    old = Protocol.from_options({"validation_size": 5, "validation_seed": 1})
+    assert (old.per_set_holdout, old.per_set_seed) == (5, 1)

@@ -43,7 +43,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path, lenet_fitte
                         {
                             "class_path": "lightning_ood.callbacks.OODEvaluation",
                             "init_args": {
-                                "validation_size": 200,
+                                "per_set_holdout": 200,
                                 "progress": False,
                                 "detectors": DETECTORS,
                                 "tune": None,  # the demo tunes 11 detectors; this run tests

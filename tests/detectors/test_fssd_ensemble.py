@@ -164,7 +164,7 @@ def test_callback_fits_the_combiner_on_the_hold_out_over_n_times_k(
         "fe": {"type": "fssd_ensemble", "checkpoints": paths, "taps": TAPS, "n_noise": 8},
     }
     cb = OODEvaluation(
-        detectors=dets, validation_size=10, results_dir=str(tmp_path), progress=False
+        detectors=dets, per_set_holdout=10, results_dir=str(tmp_path), progress=False
     )
     torch.manual_seed(0)
     task = ClassificationTask(model="lenet", num_classes=10)

@@ -23,7 +23,7 @@ def fitted(tmp_path_factory: pytest.TempPathFactory, lenet_fitted: dict) -> dict
     tmp = tmp_path_factory.mktemp("bad")
     cfg = copy.deepcopy(lenet_fitted["config"])
     cfg["data"]["init_args"].update(test_every=50, ood_every=50)
-    cfg["trainer"]["callbacks"] = [ood_callback({"energy": {}}, validation_size=0)]
+    cfg["trainer"]["callbacks"] = [ood_callback({"energy": {}}, per_set_holdout=0)]
     ckpt = lenet_fitted["ckpt"]
     run_cli(tmp, "bad", "test", cfg, "--ckpt_path", str(ckpt))
     return {"tmp": tmp, "ckpt": ckpt, "config": cfg}

@@ -26,7 +26,7 @@ def tested(tmp_path_factory: pytest.TempPathFactory, shared_data: Path, lenet_fi
     tmp = tmp_path_factory.mktemp("card")
     cfg = base_config(shared_data, train_every=30, test_every=40, ood_every=40, ood_sets=["mnist"])
     dets = {"msp": {}, "fssd": {"taps": ["conv2", "fc1"], "n_noise": 8}}
-    cfg["trainer"]["callbacks"] = [ood_callback(dets, validation_size=50)]
+    cfg["trainer"]["callbacks"] = [ood_callback(dets, per_set_holdout=50)]
     (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     cli = main([
         "test", "--config", str(tmp / "cfg.yaml"), "--experiment", "card",

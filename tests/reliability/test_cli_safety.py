@@ -31,7 +31,7 @@ def _write(tmp: Path, cfg: dict) -> list[str]:
 
 def _small(shared_data: Path) -> dict:
     cfg = base_config(shared_data, test_every=40, ood_every=40, ood_sets=["mnist"])
-    cfg["trainer"]["callbacks"] = [ood_callback({"energy": {}, "line": {}}, validation_size=0)]
+    cfg["trainer"]["callbacks"] = [ood_callback({"energy": {}, "line": {}}, per_set_holdout=0)]
     return cfg
 
 

@@ -78,7 +78,7 @@ def _run(tmp_path: Path, record: Any, task: CountingTask) -> OODEvaluation:
         source.write_text(json.dumps(record))  # NaN and Infinity as Python's json writes them
     cb = OODEvaluation(
         detectors=FSSD,
-        validation_size=10,
+        per_set_holdout=10,
         results_dir=str(tmp_path / "out"),
         progress=False,
         figures=False,

@@ -77,7 +77,7 @@ def run_reporting(tmp: Path, name: str, config: dict, *extra: str) -> str:
 def runs(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict:
     tmp = tmp_path_factory.mktemp("ddp")
     cfg = base_config(shared_data, test_every=7, ood_every=7, ood_sets=["mnist"])
-    cfg["trainer"]["callbacks"] = [ood_callback(DETECTORS, validation_size=HOLDOUT)]
+    cfg["trainer"]["callbacks"] = [ood_callback(DETECTORS, per_set_holdout=HOLDOUT)]
     # Dropout masks are drawn per rank and cannot match one process's; without dropout the
     # training step is a function of the global batch alone.
     cfg["model"]["model_kwargs"]["dropout"] = False
@@ -95,7 +95,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict:
     run_cli(tmp, "ddp_step", "fit", no_det, *DDP, *one_step)
 
     refit = copy.deepcopy(cfg)
-    refit["trainer"]["callbacks"] = [ood_callback(DETECTORS, validation_size=HOLDOUT, refit=True)]
+    refit["trainer"]["callbacks"] = [ood_callback(DETECTORS, per_set_holdout=HOLDOUT, refit=True)]
     ddp_eval_stdout = run_reporting(
         tmp, "ddp_eval", refit, *DDP, "--ckpt_path", str(tmp / "ckpt/single/last.ckpt")
     )

@@ -47,7 +47,7 @@ def _args(tmp: Path, cfg: dict) -> list[str]:
 def _small(shared_data: Path) -> dict:
     cfg = base_config(shared_data, test_every=40, ood_every=40, ood_sets=["mnist"])
     cfg["trainer"].update({"limit_train_batches": 2, "limit_val_batches": 1})
-    cfg["trainer"]["callbacks"] = [ood_callback({"energy": {}}, validation_size=0)]
+    cfg["trainer"]["callbacks"] = [ood_callback({"energy": {}}, per_set_holdout=0)]
     return cfg
 
 

@@ -247,7 +247,7 @@ def test_a_fitted_checkpoints_member_record_runs_nothing(tmp_path: Path, canary:
 # -- the command line -------------------------------------------------------------------------
 def _cli_args(tmp_path: Path, shared_data: Path, detectors: dict | None = None) -> list[str]:
     cfg = base_config(shared_data, test_every=200, ood_every=200, ood_sets=["mnist"])
-    cfg["trainer"]["callbacks"] = [ood_callback(detectors or {"energy": {}}, validation_size=0)]
+    cfg["trainer"]["callbacks"] = [ood_callback(detectors or {"energy": {}}, per_set_holdout=0)]
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     return [
         "--config", str(tmp_path / "cfg.yaml"),

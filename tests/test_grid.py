@@ -15,7 +15,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
-from toys import fitted
+from toys import LINE_GRID_SPEC, fitted
 
 from lightning_ood.cli import grid_main
 from lightning_ood.cli import main as cli_main
@@ -332,20 +332,8 @@ def test_main_on_fashionmnist_slice(tmp_path: Path, shared_data: Path) -> None:
     MNIST reported; a second run is served from the cache; an independent network pass
     reproduces every reported number."""
     grid_file = tmp_path / "grid.yaml"
-    grid_file.write_text(
-        yaml.safe_dump(
-            {
-                "detector": "line",
-                "base": {"delta": 1.0},
-                "grid": {"p_a": [10, 90], "p_w": [10, 90]},
-                "val_ood_sets": ["kmnist"],
-                "reference": {"p_a": 90, "p_w": 90},
-                # explicit: the shared protocol selects by AUROC on held-out training images
-                "select": "fpr95",
-                "id_val_fraction": 0.5,
-            }
-        )
-    )
+    # explicit: the shared protocol selects by AUROC on held-out training images
+    grid_file.write_text(yaml.safe_dump(LINE_GRID_SPEC))
     first = grid_main(_main_args(tmp_path, shared_data, grid_file, "out1"))
     assert first.meta["cache"]["misses"] == 4 and first.meta["cache"]["hits"] == 0
     assert first.meta["val_ood_sets"] == ["kmnist"] and first.meta["test_ood_sets"] == ["mnist"]

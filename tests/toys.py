@@ -76,3 +76,16 @@ def fitted(
         id_scores = engine.score_loader(dets, backbone, calibrate_loader)
         engine.calibrate_detectors(dets, id_scores, tpr)
     return dets
+
+
+#: A LINe grid over FashionMNIST slices (selection on KMNIST by FPR95 on a seeded half of the
+#: ID test set, paper values as reference): the grid tests' spec, written to a YAML file.
+LINE_GRID_SPEC: dict[str, Any] = {
+    "detector": "line",
+    "base": {"delta": 1.0},
+    "grid": {"p_a": [10, 90], "p_w": [10, 90]},
+    "val_ood_sets": ["kmnist"],
+    "reference": {"p_a": 90, "p_w": 90},
+    "select": "fpr95",
+    "id_val_fraction": 0.5,
+}

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.cli import LightningCLI
+from toys import LINE_GRID_SPEC
 
 from lightning_ood import cli
 from lightning_ood.cli import OODCLI, main
@@ -53,19 +54,8 @@ def test_help_lists_every_subcommand() -> None:
 # -- grid on a Trainer ---------------------------------------------------------------------------
 def _grid_file(tmp: Path) -> Path:
     path = tmp / "grid.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "detector": "line",
-                "base": {"delta": 1.0},
-                "grid": {"p_a": [10, 90], "p_w": [10, 90]},
-                "val_ood_sets": ["kmnist"],
-                "reference": {"p_a": 90, "p_w": 90},
-                "select": "fpr95",
-                "id_val_fraction": 0.5,  # the seeded split is drawn on the gathered ID set
-            }
-        )
-    )
+    # id_val_fraction: the seeded split is drawn on the gathered ID set
+    path.write_text(yaml.safe_dump(LINE_GRID_SPEC))
     return path
 
 

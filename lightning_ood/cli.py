@@ -396,12 +396,10 @@ class OODCLI(LightningCLI):
             isinstance(c, PredictionCSVWriter) for c in callbacks
         ):
             out = cfg["predictions"]
-            if out and Path(out).exists() and not cfg["overwrite"]:
-                raise SystemExit(
-                    f"lightning-ood predict: {out} already exists; write these predictions "
-                    "elsewhere (--predictions NEW.csv, or leave it out for a new file in the run's "
-                    "log folder) or pass --overwrite true to replace it."
-                )
+            try:  # refused before the trainer exists (the callback checks again at start)
+                PredictionCSVWriter.refuse_existing(out, cfg["overwrite"])
+            except FileExistsError as err:
+                raise SystemExit(f"lightning-ood predict: {err}") from None
             callbacks.append(PredictionCSVWriter(out, overwrite=cfg["overwrite"]))
         kwargs["callbacks"] = callbacks
         plugins = trainer_cfg.get("plugins") or []

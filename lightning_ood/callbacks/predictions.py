@@ -45,6 +45,18 @@ class PredictionCSVWriter(BasePredictionWriter):
         self._seen: dict[int, int] = {}
         self._columns: list[str] | None = None
 
+    @staticmethod
+    def refuse_existing(output: str | Path | None, overwrite: bool) -> None:
+        """The one rule that keeps an earlier run's predictions: an existing ``output`` is
+        refused unless ``overwrite`` (checked again at predict start, and by the CLI before
+        the trainer is built)."""
+        if output is not None and Path(output).exists() and not overwrite:
+            raise FileExistsError(
+                f"{output} already exists and holds the predictions of an earlier run; write "
+                "this run's elsewhere (--predictions NEW.csv, or leave it out for a new file in "
+                "the run's log folder) or pass --overwrite true to replace it."
+            )
+
     def _part(self, rank: int) -> Path:
         assert self.output is not None, "the output path is resolved in on_predict_start"
         return self.output.parent / f".{self.output.name}.rank{rank}.part"
@@ -52,11 +64,7 @@ class PredictionCSVWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # trainer.log_dir broadcasts under DDP: every rank asks for it
         self.output = Path(self._requested or default_prediction_path(trainer))
-        if self.output.exists() and not self.overwrite:
-            raise FileExistsError(
-                f"{self.output} already holds the predictions of an earlier run; write this "
-                "run's elsewhere (--predictions NEW.csv) or pass --overwrite true to replace it."
-            )
+        self.refuse_existing(self.output, self.overwrite)
         self.output.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self._part(trainer.global_rank), "w", newline="")  # noqa: SIM115
         self._writer = csv.writer(self._file)

@@ -158,3 +158,17 @@ def test_resume_of_a_run_killed_while_fitting_detectors_fits_them(
             assert torch.equal(got, value), key
         compared += 1
     assert compared > 2 * len(lenet_fitted["detectors"])
+
+
+def test_prediction_writer_refuses_an_existing_file_itself(tmp_path: Path) -> None:
+    """The one overwrite rule, also for the callback used without the CLI (Python API)."""
+    from lightning_ood.callbacks.predictions import PredictionCSVWriter
+
+    out = tmp_path / "p.csv"
+    PredictionCSVWriter.refuse_existing(out, overwrite=False)  # nothing there yet
+    out.write_text("earlier")
+    with pytest.raises(FileExistsError, match=r"p.csv already exists.*--overwrite true"):
+        PredictionCSVWriter.refuse_existing(out, overwrite=False)
+    PredictionCSVWriter.refuse_existing(out, overwrite=True)
+    PredictionCSVWriter.refuse_existing(None, overwrite=False)  # the run's own new file
+    assert out.read_text() == "earlier"

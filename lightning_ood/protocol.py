@@ -246,9 +246,9 @@ def averages(
 
 
 def holds_out(det: Detector, num_components: int, per_set_holdout: int) -> bool:
-    """Whether ``det`` is evaluated on a hold-out: it fits a combiner of ``num_components > 1``
-    components on held-out validation samples (a single component needs no combiner) and
-    ``per_set_holdout > 0``."""
+    """Whether ``det`` gets a ``[per-set]`` row on a hold-out: it fits a combiner of
+    ``num_components > 1`` components on held-out samples of each test set (a single
+    component needs no combiner) and ``per_set_holdout > 0``."""
     return per_set_holdout > 0 and det.has_combiner and num_components > 1
 
 
@@ -257,7 +257,7 @@ def check_holdout(
 ) -> None:
     """Refuse, before any pass over the data, a hold-out the sets or the combiners cannot
     take: every set needs more than ``per_set_holdout`` samples, and each detector's combiner
-    its ``min_per_set_holdout`` per class."""
+    its ``min_per_set_holdout`` samples per set."""
     for name, det in detectors.items():
         least = int(getattr(det, "min_per_set_holdout", 1))
         if per_set_holdout < least:

@@ -280,6 +280,7 @@ class ProcessGroupSpy(Callback):
             path.write_text(json.dumps([self.during, self.after]))
 
 
+@pytest.mark.integration  # ~40 s of ddp_spawn workers; the default suite keeps to 8 minutes
 def test_ddp_fit_and_scores_match_single_process(tmp_path: Path) -> None:
     """Two CPU ranks (gloo): sharded fitting pass + all-reduced sums + gathered scores give
     the single-process metrics. Each worker's group, which Lightning created, is gone after

@@ -228,7 +228,11 @@ def train_eval_loader(datamodule: Any) -> Any:
     """``datamodule``'s training set under the eval transform (the detector-fitting pass):
     ``train_eval_dataloader()``, or ``fit_dataloader()`` of a datamodule written before that
     name (with a DeprecationWarning); None when it has neither."""
-    if callable(getattr(datamodule, "train_eval_dataloader", None)):
+    # an override of the old name (a subclass written before the rename) wins over the base
+    # class's train_eval_dataloader, which it never knew of
+    old = getattr(type(datamodule), "fit_dataloader", None)
+    overridden = callable(old) and old is not OODDataModule.fit_dataloader
+    if callable(getattr(datamodule, "train_eval_dataloader", None)) and not overridden:
         return datamodule.train_eval_dataloader()
     if callable(getattr(datamodule, "fit_dataloader", None)):
         warnings.warn(

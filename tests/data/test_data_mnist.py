@@ -252,3 +252,10 @@ def test_fit_dataloader_is_a_deprecated_alias(fmnist: FashionMNISTDataModule) ->
     with pytest.warns(DeprecationWarning, match="OldStyle.fit_dataloader"):
         assert train_eval_loader(OldStyle()) == [1, 2]
     assert train_eval_loader(object()) is None
+
+    class OldSubclass(FashionMNISTDataModule):  # overrides the old name: its override is read
+        def fit_dataloader(self) -> list[int]:  # type: ignore[override]
+            return [3]
+
+    with pytest.warns(DeprecationWarning, match="OldSubclass.fit_dataloader"):
+        assert train_eval_loader(OldSubclass(root=str(fmnist.root))) == [3]

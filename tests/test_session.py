@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, TensorDataset
+from toys import TensorSetsData
 
 from lightning_ood import engine, tuning
 from lightning_ood.callbacks import OODEvaluation
@@ -23,10 +24,10 @@ from lightning_ood.protocol import Protocol, check_tune
 from lightning_ood.session import CachedSource, EvaluationSession, LoaderSource, Sets
 from lightning_ood.task import ClassificationTask
 
-BATCH = 16  # loaders and cached batches alike: float32 sums see the same batches
+BATCH = TensorSetsData.batch_size  # loaders and cached batches alike: same float32 sums
 
 
-class SessionData(LightningDataModule):
+class SessionData(TensorSetsData):
     """Random 1x28x28 images: a training set, 32 held-out ID validation images (val_size), a
     validation OOD set that is never reported, the ID test set and one reported OOD set."""
 
@@ -48,15 +49,6 @@ class SessionData(LightningDataModule):
         self.ood = TensorDataset(images(40, 1.0, 2.0), torch.full((40,), -1))
         self.test_set_names = ["toy", "far"]
         self.val_ood_names = ["near_val"]
-
-    def _loader(self, ds: TensorDataset) -> DataLoader:
-        return DataLoader(ds, batch_size=BATCH)
-
-    def train_eval_dataloader(self) -> DataLoader:
-        return self._loader(self.train)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val)
 
     def val_ood_dataloaders(self) -> dict[str, DataLoader]:
         return {"near_val": self._loader(self.val_ood)}

@@ -17,11 +17,12 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
+from toys import TensorSetsData
 
 import lightning_ood
 from lightning_ood import engine, report, tuning
@@ -36,7 +37,7 @@ from lightning_ood.protocol import CONVENTION, Protocol
 from lightning_ood.session import CachedSource, EvaluationSession, LoaderSource, Sets
 from lightning_ood.task import ClassificationTask
 
-BATCH = 16
+BATCH = TensorSetsData.batch_size
 GROUPS = {"near1": "near", "far1": "far", "far2": "far"}
 SKIPPED = {"far3": "no files under /nowhere/far3"}
 
@@ -54,7 +55,7 @@ def _labels(backbone: OODBackbone, x: Tensor) -> Tensor:
     return torch.where(moved, (pred + 1) % backbone.num_classes, pred)
 
 
-class GroupedData(LightningDataModule):
+class GroupedData(TensorSetsData):
     """ID training, 32 labelled held-out validation images (val_size), the labelled ID test
     set and three reported OOD sets in two groups; a fourth declared set was skipped."""
 
@@ -74,15 +75,6 @@ class GroupedData(LightningDataModule):
             "far2": TensorDataset(_images(24, 6, -1.0, 0.5), torch.full((24,), -1)),
         }
         self.test_set_names = ["toy", *self.ood]
-
-    def _loader(self, ds: TensorDataset) -> DataLoader:
-        return DataLoader(ds, batch_size=BATCH)
-
-    def train_eval_dataloader(self) -> DataLoader:
-        return self._loader(self.train)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val)
 
     def test_dataloader(self) -> list[DataLoader]:
         return [self._loader(self.test), *(self._loader(d) for d in self.ood.values())]

@@ -10,7 +10,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from lightning.pytorch import LightningDataModule
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_ood import engine
 from lightning_ood.detectors import Detector, build_detector
@@ -89,3 +91,22 @@ LINE_GRID_SPEC: dict[str, Any] = {
     "select": "fpr95",
     "id_val_fraction": 0.5,
 }
+
+
+class TensorSetsData(LightningDataModule):
+    """A datamodule over in-memory sets for session tests: subclasses set ``train`` (the
+    detector-fitting pass), ``val`` (held-out labelled ID validation) and their test sets;
+    every loader reads in order, ``batch_size`` at a time."""
+
+    batch_size = 16
+    train: Dataset
+    val: Dataset
+
+    def _loader(self, ds: Dataset) -> DataLoader:
+        return DataLoader(ds, batch_size=self.batch_size)
+
+    def train_eval_dataloader(self) -> DataLoader:
+        return self._loader(self.train)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val)

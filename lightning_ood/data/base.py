@@ -228,11 +228,13 @@ def train_eval_loader(datamodule: Any) -> Any:
     """``datamodule``'s training set under the eval transform (the detector-fitting pass):
     ``train_eval_dataloader()``, or ``fit_dataloader()`` of a datamodule written before that
     name (with a DeprecationWarning); None when it has neither."""
-    # an override of the old name (a subclass written before the rename) wins over the base
-    # class's train_eval_dataloader, which it never knew of
-    old = getattr(type(datamodule), "fit_dataloader", None)
-    overridden = callable(old) and old is not OODDataModule.fit_dataloader
-    if callable(getattr(datamodule, "train_eval_dataloader", None)) and not overridden:
+    # an override of the old name only (a subclass written before the rename) wins over the
+    # base class's train_eval_dataloader, which it never knew of
+    cls = type(datamodule)
+    new_is_base = getattr(cls, "train_eval_dataloader", None) is OODDataModule.train_eval_dataloader
+    old_own = getattr(cls, "fit_dataloader", OODDataModule.fit_dataloader)
+    old_only = new_is_base and old_own is not OODDataModule.fit_dataloader
+    if callable(getattr(datamodule, "train_eval_dataloader", None)) and not old_only:
         return datamodule.train_eval_dataloader()
     if callable(getattr(datamodule, "fit_dataloader", None)):
         warnings.warn(

@@ -259,3 +259,9 @@ def test_fit_dataloader_is_a_deprecated_alias(fmnist: FashionMNISTDataModule) ->
 
     with pytest.warns(DeprecationWarning, match="OldSubclass.fit_dataloader"):
         assert train_eval_loader(OldSubclass(root=str(fmnist.root))) == [3]
+
+    class BothNames(OldStyle):  # a class that defines the new name too is read by it
+        def train_eval_dataloader(self) -> list[int]:
+            return [4]
+
+    assert train_eval_loader(BothNames()) == [4]

@@ -38,12 +38,13 @@ and the other is read back.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -164,23 +165,34 @@ def admitted(
     specs: Mapping[str, Mapping[str, Any]], backbone: Any, tiny: Any
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """The detectors the library accepts through the whole session on a tiny slice, and the
-    message of each it refuses: all together first (one pass), each alone only if that
-    fails."""
+    message of each it refuses. All together first (one pass); a refusal that names its
+    detector (the library's messages start with ``<name>:``) drops that one and the rest try
+    again together; any other failure falls back to each detector alone."""
     from lightning_ood.session import EvaluationSession
 
-    try:
-        EvaluationSession(backbone, PROTOCOL).run(build(specs), tiny, per_set=False)
-        return {n: dict(s) for n, s in specs.items()}, {}
-    except Exception as err:  # find which: each alone
-        print(f"together: {type(err).__name__}: {str(err).splitlines()[0][:200]}; each alone")
-    ok: dict[str, dict[str, Any]] = {}
+    def why(err: Exception) -> str:
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+
+    ok = {n: dict(s) for n, s in specs.items()}
     refused: dict[str, str] = {}
-    for name, spec in specs.items():
+    while ok:
+        try:
+            EvaluationSession(backbone, PROTOCOL).run(build(ok), tiny, per_set=False)
+            return ok, refused
+        except Exception as err:  # which detector? (recorded by name, never dropped silently)
+            named = [n for n in ok if str(err).startswith(f"{n}:")]
+            if not named:
+                print(f"together: {why(err)}; each alone")
+                break
+            refused[named[0]] = why(err)
+            print(f"refused {named[0]}: {refused[named[0]]}")
+            del ok[named[0]]
+    for name, spec in list(ok.items()):
         try:
             EvaluationSession(backbone, PROTOCOL).run(build({name: spec}), tiny, per_set=False)
-            ok[name] = dict(spec)
-        except Exception as err:  # recorded by name, never dropped silently
-            refused[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+        except Exception as err:
+            refused[name] = why(err)
+            del ok[name]
             print(f"refused {name}: {refused[name]}")
             if not isinstance(err, ValueError | RuntimeError | NotImplementedError | TypeError):
                 traceback.print_exc()
@@ -352,6 +364,20 @@ def markdown(result: Mapping[str, Any]) -> str:
                 f"{c['score_ms_per_1k']:.0f} |"
             )
         lines.append("")
+        later = sorted({n for r in body["runs"] for n in r.get("added_later", {})})
+        if later:
+            lines += [
+                f"Evaluated after the others, in their own sessions on the same data: "
+                f"{', '.join(f'`{n}`' for n in later)}.",
+                "",
+            ]
+        for added in body.get("costs_added_later", []):
+            lines += [
+                f"Costs of {', '.join(f'`{n}`' for n in added['detectors'])} measured later "
+                f"(load average before {added['load_average']['before']}, after "
+                f"{added['load_average']['after']}).",
+                "",
+            ]
         lines += group_table(order, default, tuned, body.get("tuned_names", []))
     return "\n".join(lines)
 
@@ -417,6 +443,77 @@ def evaluate_one(
     return run
 
 
+def complete(
+    run: dict[str, Any],
+    specs: Mapping[str, Mapping[str, Any]],
+    label: str,
+    data: Callable[[], tuple[Any, Any, Any]],
+    spaces: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
+) -> bool:
+    """Evaluate the detectors of ``specs`` that a kept ``run`` lacks (registered after it was
+    made) on the same data (``data()``: backbone, sets, tiny sets) and merge them in, so a
+    new detector does not rerun the others; their names land in ``run["added_later"]``.
+    Each detector's rows come from its own fit and scores, so they do not depend on which
+    others shared the session. Returns whether anything was added."""
+    missing = {
+        n: s for n, s in specs.items() if n not in run["default"]["metrics"] | run["refused"]
+    }
+    if not missing:
+        return False
+    backbone, sets, tiny = data()
+    extra = evaluate_one(
+        f"{label} (added {sorted(missing)})", backbone, sets, tiny, missing, {}, spaces
+    )
+    run["refused"].update(extra["refused"])
+    for variant in ("default", "tuned"):
+        mine, new = run[variant], extra[variant]
+        mine["metrics"].update(new["metrics"])
+        mine["detectors"].update(new["detectors"])
+        if new.get("tuning"):
+            old = mine.get("tuning") or {"protocol": new["tuning"]["protocol"], "detectors": {}}
+            old["detectors"].update(new["tuning"]["detectors"])
+            mine["tuning"] = old
+    run.setdefault("added_later", {}).update({n: extra["seconds"] for n in missing})
+    return True
+
+
+def cost_step(
+    path: Path,
+    specs: Mapping[str, Mapping[str, Any]],
+    measure: Callable[[Mapping[str, Mapping[str, Any]]], dict[str, dict[str, float]]],
+) -> dict[str, Any]:
+    """The costs kept at ``path``; those of ``specs`` it lacks are measured now
+    (``measure(specs)``) and added, with the load average of their own measurement under
+    ``added_later``."""
+    cost = json.loads(path.read_text()) if path.is_file() else None
+    missing = {n: s for n, s in specs.items() if cost is None or n not in cost["detectors"]}
+    if cost is not None and not missing:
+        print(f"costs: {path}")
+        return cost
+    before = common.loadavg()
+    measured = measure(missing)
+    load = {"before": before, "after": common.loadavg()}
+    if cost is None:
+        cost = {"detectors": measured, "load_average": load}
+    else:
+        measured.pop("(backbone pass)", None)
+        cost["detectors"].update(measured)
+        cost.setdefault("added_later", []).append(
+            {"detectors": sorted(missing), "load_average": load}
+        )
+    save(path, cost)
+    return cost
+
+
+def lenet_sets(ckpt: Path, ns: Any) -> tuple[Any, Any, Any]:
+    """``(backbone, Sets, tiny Sets)`` of one LeNet (part a)."""
+    backbone, _ = backbone_of(ckpt)
+    dm = lenet_data(ns)
+    sets = sets_of(dm, backbone, id_validation(ns), ns)
+    tiny = sets_of(lenet_data(ns, tiny=True), backbone, id_validation(ns, True), ns)
+    return backbone, sets, tiny
+
+
 def members_of(ckpts: Sequence[Path], i: int) -> list[str]:
     """The ensemble members of model ``i``: the other networks (itself when alone)."""
     return [str(p) for j, p in enumerate(ckpts) if j != i] or [str(ckpts[i])]
@@ -455,21 +552,19 @@ def run_lenet(ns: Any) -> dict[str, Any]:
         keys.append([digest, members, vars_of(ns)])
         key = hashlib.sha256(json.dumps(keys[-1]).encode()).hexdigest()
         cached = work / f"model_{key[:16]}.json"
+        specs = detector_specs(members, ns.quick)
+        alone: dict[str, str] = {}
+        if len(ckpts) == 1:  # an ensemble of a network with itself measures nothing
+            for kind in ("de", "fssd_ensemble"):
+                if specs.pop(kind, None) is not None:
+                    alone[kind] = "needs other independently trained networks as members"
         if cached.is_file():
             run = json.loads(cached.read_text())
             print(f"model {i + 1}/{len(ckpts)}: results of {cached}")
+            if complete(run, specs, f"model {i + 1}", functools.partial(lenet_sets, ckpt, ns)):
+                save(cached, run)
         else:
-            backbone, _ = backbone_of(ckpt)
-            dm = lenet_data(ns)
-            val = id_validation(ns)
-            sets = sets_of(dm, backbone, val, ns)
-            tiny = sets_of(lenet_data(ns, tiny=True), backbone, id_validation(ns, True), ns)
-            specs = detector_specs(members, ns.quick)
-            alone: dict[str, str] = {}
-            if len(ckpts) == 1:  # an ensemble of a network with itself measures nothing
-                for kind in ("de", "fssd_ensemble"):
-                    if specs.pop(kind, None) is not None:
-                        alone[kind] = "needs other independently trained networks as members"
+            backbone, sets, tiny = lenet_sets(ckpt, ns)
             run = {
                 "ckpt": str(ckpt),
                 **evaluate_one(f"model {i + 1}", backbone, sets, tiny, specs, alone),
@@ -481,18 +576,15 @@ def run_lenet(ns: Any) -> dict[str, Any]:
         print(f"model {i + 1}/{len(ckpts)} done")
     # the costs last, on the first model, in their own step (and cache): time them alone
     cost_file = work / f"costs_{hashlib.sha256(json.dumps(keys[0]).encode()).hexdigest()[:16]}.json"
-    if cost_file.is_file():
-        cost = json.loads(cost_file.read_text())
-        print(f"costs: {cost_file}")
-    else:
+    specs = {n: s for n, s in detector_specs(members_of(ckpts, 0), ns.quick).items()}
+    specs = {n: s for n, s in specs.items() if n not in runs[0]["refused"]}
+
+    def measure(chosen: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
         backbone, _ = backbone_of(ckpts[0])
-        specs = {n: s for n, s in detector_specs(members_of(ckpts, 0), ns.quick).items()}
-        specs = {n: s for n, s in specs.items() if n not in runs[0]["refused"]}
         dm, val = lenet_data(ns), id_validation(ns)
-        before = common.loadavg()
-        cost = {"detectors": costs(backbone, dm, val, specs, ns.cost_train, ns.cost_test)}
-        cost["load_average"] = {"before": before, "after": common.loadavg()}
-        save(cost_file, cost)
+        return costs(backbone, dm, val, chosen, ns.cost_train, ns.cost_test)
+
+    cost = cost_step(cost_file, specs, measure)
     return {
         "data": (
             f"{len(ckpts)} FashionMNIST LeNets (`{', '.join(str(c) for c in ckpts)}`). ID: "
@@ -510,6 +602,7 @@ def run_lenet(ns: Any) -> dict[str, Any]:
         "summary": {"default": summarise(runs, "default"), "tuned": summarise(runs, "tuned")},
         "costs": cost["detectors"],
         "costs_load_average": cost["load_average"],
+        "costs_added_later": cost.get("added_later", []),
     }
 
 
@@ -614,42 +707,44 @@ def run_densenet(ns: Any) -> dict[str, Any]:
     work = common.work_dir(ns, "every_detector")
     cached = work / f"densenet_{key}.json"
     backbone, dm, sets = cifar_data(ns)
+    specs = detector_specs([], ns.quick)
+    alone = {
+        k: "needs several independently trained networks as members; one reference "
+        "DenseNet-BC-100 checkpoint exists"
+        for k in ("de", "fssd_ensemble")
+        if specs.pop(k, None) is not None
+    }
+    for k in ("odin", "iodin"):  # ODIN's step per channel of the normalised input
+        if k in specs:
+            specs[k] = {"input_std": list(common.CIFAR10_STD)}
+    if "nnguide" in specs:  # the default bank size on the full training set
+        specs["nnguide"] = {"bank_fraction": min(1.0, 0.01 * ns.cifar_train_every)}
+    spaces = {**CIFAR_SPACES, "nnguide": {"k": [100]}}
+
+    def data() -> tuple[Any, Any, Any]:
+        return backbone, sets, cifar_data(ns, tiny=True)[2]
+
     if cached.is_file():
         run = json.loads(cached.read_text())
         print(f"densenet: results of {cached}")
+        if complete(run, specs, "densenet", data, spaces):
+            save(cached, run)
     else:
-        _, _, tiny = cifar_data(ns, tiny=True)
-        specs = detector_specs([], ns.quick)
-        alone = {
-            k: "needs several independently trained networks as members; one reference "
-            "DenseNet-BC-100 checkpoint exists"
-            for k in ("de", "fssd_ensemble")
-            if specs.pop(k, None) is not None
-        }
-        for k in ("odin", "iodin"):  # ODIN's step per channel of the normalised input
-            if k in specs:
-                specs[k] = {"input_std": list(common.CIFAR10_STD)}
-        if "nnguide" in specs:  # the default bank size on the full training set
-            specs["nnguide"] = {"bank_fraction": min(1.0, 0.01 * ns.cifar_train_every)}
-        spaces = {**CIFAR_SPACES, "nnguide": {"k": [100]}}
+        _, _, tiny = data()
         run = {"ckpt": str(weights), "specs": specs}
         run.update(evaluate_one("densenet", backbone, sets, tiny, specs, alone, spaces))
         save(cached, run)
+    run["specs"] = {**run.get("specs", {}), **specs}
     cost_file = work / f"densenet_costs_{key}_{ns.cifar_cost_train}_{ns.cifar_cost_test}.json"
-    if cost_file.is_file():
-        cost = json.loads(cost_file.read_text())
-        print(f"densenet costs: {cost_file}")
-    else:
-        specs = {n: s for n, s in run["specs"].items() if n not in run["refused"]}
-        before = common.loadavg()
-        cost = {
-            "detectors": costs(
-                backbone, dm, sets.id_val.loader, specs, ns.cifar_cost_train,
-                ns.cifar_cost_test, ns.cifar_batch_size,
-            ),
-            "load_average": {"before": before, "after": common.loadavg()},
-        }  # fmt: skip
-        save(cost_file, cost)
+
+    def measure(chosen: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+        return costs(
+            backbone, dm, sets.id_val.loader, chosen, ns.cifar_cost_train, ns.cifar_cost_test,
+            ns.cifar_batch_size,
+        )  # fmt: skip
+
+    usable = {n: s for n, s in specs.items() if n not in run["refused"]}
+    cost = cost_step(cost_file, usable, measure)
     skipped = dm.skipped_ood_sets()
     sizes = {n: len(src.loader.dataset) for n, src in sets.test.items()}
     groups = sets.groups
@@ -679,6 +774,7 @@ def run_densenet(ns: Any) -> dict[str, Any]:
         "summary": {"default": summarise([run], "default"), "tuned": summarise([run], "tuned")},
         "costs": cost["detectors"],
         "costs_load_average": cost["load_average"],
+        "costs_added_later": cost.get("added_later", []),
     }
 
 

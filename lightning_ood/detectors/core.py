@@ -39,6 +39,9 @@ RESIDUAL_CLASSES = ("predicted", "max")
 NORMALIZATIONS = ("zscore", "minmax")
 #: Norms below this are zero: a cosine with a zero vector is 0, not NaN.
 _TINY = 1e-300
+#: A spread below this fraction of a score's magnitude is rounding (the standard deviation
+#: from Σx² - N·mean² is exact only to ~sqrt(eps) of the mean): the score is constant.
+_FLAT = 1e-7
 
 
 def confidence_basis(weight: Tensor) -> Tensor:
@@ -242,8 +245,12 @@ class CORE(ClassMomentsDetector):
             scale = (squares / count - loc.square()).clamp_min(0.0).sqrt()
         else:
             loc, scale = low, high - low
-        flat = [n for n, s in zip(("energy", "residual"), scale.tolist(), strict=True)
-                if not s > 0.0 or not math.isfinite(s)]  # fmt: skip
+        size = torch.maximum(low.abs(), high.abs())
+        flat = [
+            n
+            for n, s, m in zip(("energy", "residual"), scale.tolist(), size.tolist(), strict=True)
+            if not math.isfinite(s) or not s > _FLAT * m
+        ]
         if flat:
             raise InvalidConfiguration(
                 f"{self.name}: the {' and '.join(flat)} score is constant over the training set "

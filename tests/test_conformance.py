@@ -128,6 +128,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "relation": {"bank_fraction": 0.5, "store_bank": True},  # a sampled bank of [z, p] rows
     "cfood": {"bank_fraction": 0.5, "store_bank": True},  # ~256 reference points
     "adascale": {"num_samples": 256},  # Q' of 256 perturbed training images
+    "core": {},  # two passes: the class means, then the statistics of both scores
 }
 
 #: Kinds whose score no exported graph can hold, and why; every other kind must export.

@@ -740,3 +740,10 @@ class OODEvaluation(Callback):
         self._process_group.release(
             barrier=lambda: trainer.strategy.barrier("lightning_ood.release_process_group")
         )
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning skips teardown when a run raises: end the run's process group here, with
+        # no barrier (another rank may be dead or stuck in a collective; waiting would hang).
+        self._process_group.release()

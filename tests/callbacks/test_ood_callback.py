@@ -9,7 +9,7 @@ import os
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 from unittest import mock
 
 import pytest
@@ -351,6 +351,29 @@ def test_the_process_group_lightning_created_for_the_run_ends_with_it(
     # a second run in the same process gets a fresh group from Lightning, and ends it too
     cb, spy = _ddp_run(tmp_path / "again")
     assert (spy.during, dist.is_initialized()) == (True, False)
+
+
+class _Boom(Callback):
+    def on_test_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("boom in the test loop")
+
+
+@pytest.mark.parametrize("users", [False, True])
+def test_a_failed_run_ends_its_process_group_too(
+    tmp_path: Path, launcher_env: None, users: bool
+) -> None:
+    """Lightning skips callback teardown when a run raises; ``on_exception`` ends the group
+    Lightning created (and leaves a user's own group alone)."""
+    if users:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    cb = OODEvaluation(detectors={"energy": {}}, results_dir=str(tmp_path), progress=False)
+    spy = ProcessGroupSpy()
+    trainer = _trainer(tmp_path, cb, accelerator="cpu", devices=1, strategy="ddp")
+    trainer.callbacks += [spy, _Boom()]
+    with pytest.raises(RuntimeError, match="boom in the test loop"):
+        trainer.test(ClassificationTask(model="lenet", num_classes=10), datamodule=ToyData())
+    assert spy.during is True
+    assert dist.is_initialized() is users
 
 
 def test_a_process_group_the_user_initialised_is_left_alone(

@@ -45,6 +45,7 @@ SPECS = {
     "weiper": {"n_repeats": 5, "n_bins": 20},
     "reweightood": {},
     "cfood": {"bank_fraction": 1.0, "store_bank": True},
+    "core": {},
 }
 
 

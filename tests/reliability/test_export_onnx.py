@@ -84,6 +84,7 @@ EXTRA: dict[str, dict[str, Any]] = {
     "weiper": {"n_repeats": 5, "n_bins": 20},
     "reweightood": {},
     "cfood": {"bank_fraction": 0.5, "store_bank": True},
+    "core": {},
     "de": {"checkpoints": ["{member}"]},
     "fssd_ensemble": {
         "checkpoints": ["{member}"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,14 +103,22 @@ def fit_then_test(
 
 
 def run_cli(
-    tmp: Path, name: str, subcommand: str, config: dict[str, Any], *extra: str, check: bool = True
+    tmp: Path,
+    name: str,
+    subcommand: str,
+    config: dict[str, Any],
+    *extra: str,
+    check: bool = True,
+    entry: Sequence[str] = ("-m", "lightning_ood"),
 ) -> subprocess.CompletedProcess[str]:
+    """``lightning-ood <subcommand>`` in a fresh interpreter (``entry``: what ``python`` runs,
+    e.g. a script that wraps the CLI), config written to ``tmp``, checkpoints and logs under
+    it; with ``check``, any exit status but 0 fails with the stderr tail."""
     cfg = tmp / f"{name}-{subcommand}.yaml"
     cfg.write_text(yaml.safe_dump(config))
     cmd = [
         sys.executable,
-        "-m",
-        "lightning_ood",
+        *entry,
         subcommand,
         "--config",
         str(cfg),

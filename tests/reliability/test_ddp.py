@@ -17,15 +17,11 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from _cli import HELPERS, LENET_DETECTORS, ROOT, base_config, ood_callback, run_cli
+from _cli import LENET_DETECTORS, base_config, ood_callback, run_cli
 
 from lightning_ood.io import safe_load
 
@@ -59,18 +55,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def run_reporting(tmp: Path, name: str, config: dict, *extra: str) -> str:
     """``lightning-ood test`` (as :func:`_cli.run_cli` runs it) through ``REPORTING_MAIN``;
     returns its stdout. Any exit status but 0 fails, a rank's SIGABRT at exit included."""
-    script, cfg = tmp / "reporting_main.py", tmp / f"{name}-test.yaml"
+    script = tmp / "reporting_main.py"
     script.write_text(REPORTING_MAIN)
-    cfg.write_text(yaml.safe_dump(config))
-    dirs = ["--checkpoint_root", str(tmp / "ckpt"), "--log_root", str(tmp / "logs")]
-    cmd = [sys.executable, str(script), "test", "--config", str(cfg), "--experiment", name]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HELPERS), str(ROOT)])}
-    env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.run(
-        [*cmd, *dirs, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, f"{cmd} exited {proc.returncode}\n{proc.stderr[-6000:]}"
-    return proc.stdout
+    return run_cli(tmp, name, "test", config, *extra, entry=[str(script)]).stdout
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ the same metrics.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -169,20 +170,37 @@ def faiss_available() -> bool:
     return True
 
 
-def _faiss_topk(queries: Tensor, bank: Tensor, k: int, offset: Tensor | None) -> Tensor:
-    """The same top-k with a faiss ``IndexFlatIP`` (exact, CPU); ``offset`` is folded in as
-    one extra coordinate: ⟨(q, -1), (b, offset)⟩ = q·b - offset."""
+def _flat_index(bank: Tensor, offset: Tensor | None) -> Any:
+    """A faiss ``IndexFlatIP`` (exact, CPU) over the bank rows; ``offset`` is folded in as one
+    extra coordinate, so that ⟨(q, -1), (b, offset)⟩ = q·b - offset."""
     import faiss
 
     b = bank.detach().float().cpu()
-    q = queries.detach().float().cpu()
     if offset is not None:
         b = torch.cat([b, offset.detach().float().cpu()[:, None]], dim=1)
-        q = torch.cat([q, -torch.ones(q.shape[0], 1)], dim=1)
     index = faiss.IndexFlatIP(b.shape[1])
     index.add(b.contiguous().numpy())
+    return index
+
+
+def _faiss_topk(queries: Tensor, index: Any, k: int, offset: bool, dtype: torch.dtype) -> Tensor:
+    """The top-k similarities of ``queries`` in a :func:`_flat_index` (``offset``: it was
+    built with the offset coordinate)."""
+    q = queries.detach().float().cpu()
+    if offset:
+        q = torch.cat([q, -torch.ones(q.shape[0], 1)], dim=1)
     values, _ = index.search(q.contiguous().numpy(), k)
-    return torch.from_numpy(values).to(device=queries.device, dtype=bank.dtype)
+    return torch.from_numpy(values).to(device=queries.device, dtype=dtype)
+
+
+#: Each bank detector's faiss index, built at its first search after a fit or a load and reused
+#: by every later batch (building one copies the whole bank, O(N·d), which per batch cost more
+#: than the search itself on small batches). Kept outside the module's state, so copies and
+#: pickles of a detector carry none; the entry goes with the detector. It holds a float32 copy
+#: of the bank for as long as the detector lives.
+_FAISS_INDEXES: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], Tensor | None, Any]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 # -- the bank ---------------------------------------------------------------------------------
@@ -452,6 +470,7 @@ class BankDetector(Detector):
         self._check_k(bank.shape[0])
         b = bank.double()
         w = torch.arange(1, b.shape[0] + 1, dtype=torch.float64, device=b.device) / b.shape[0]
+        self._forget_index()
         self.bank = bank
         self.bank_shape = torch.tensor(list(bank.shape), dtype=torch.long, device=bank.device)
         self.bank_sampling = torch.tensor(
@@ -462,6 +481,7 @@ class BankDetector(Detector):
 
     def mark_unfitted(self) -> None:
         super().mark_unfitted()
+        self._forget_index()
         self.bank = self.bank.new_zeros(0, 0)
         self.bank_shape.zero_()
 
@@ -475,6 +495,24 @@ class BankDetector(Detector):
                 )
             return True
         return self.backend == "auto" and faiss_available()
+
+    def _faiss_index(self, bank: Tensor, offset: Tensor | None) -> Any:
+        """The bank's faiss index: the kept one while the bank and ``offset`` are the ones it
+        was built from, else a new one (:data:`_FAISS_INDEXES`)."""
+        key = (bank.data_ptr(), bank._version, tuple(bank.shape), str(bank.device))
+        kept = _FAISS_INDEXES.get(self)
+        if kept is not None and kept[0] == key:
+            if offset is None and kept[1] is None:
+                return kept[2]
+            if offset is not None and kept[1] is not None and torch.equal(kept[1], offset):
+                return kept[2]
+        index = _flat_index(bank, offset)
+        _FAISS_INDEXES[self] = (key, None if offset is None else offset.detach().clone(), index)
+        return index
+
+    def _forget_index(self) -> None:
+        """The bank changed (fit, reset, load): the next faiss search builds a new index."""
+        _FAISS_INDEXES.pop(self, None)
 
     def search(self, queries: Tensor, offset: Tensor | None = None) -> Tensor:
         """The ``k`` largest ``queries @ bank.T - offset`` per query, descending, (B, k)."""
@@ -491,7 +529,8 @@ class BankDetector(Detector):
         if queries.shape[0] == 0:
             return bank.new_zeros(0, self.k)
         if self._use_faiss():
-            return _faiss_topk(queries, bank, self.k, offset)
+            index = self._faiss_index(bank, offset)
+            return _faiss_topk(queries, index, self.k, offset is not None, bank.dtype)
         return topk_scores(
             queries,
             bank,
@@ -512,6 +551,7 @@ class BankDetector(Detector):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        self._forget_index()
         key = prefix + "bank"
         if key not in state_dict:  # saved with store_bank=False: metadata only
             self.bank = self.bank.new_zeros(0, 0)

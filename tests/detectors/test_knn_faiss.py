@@ -15,6 +15,8 @@ Scores: KNN within 1e-5 (distances near 1), NNGuide within rtol 1e-5 (scores up 
 
 from __future__ import annotations
 
+import copy
+import pickle
 import sys
 
 import faiss
@@ -128,3 +130,44 @@ def test_without_faiss_auto_uses_torch_and_faiss_is_refused_by_name(
     with torch.no_grad():
         want = topk_scores(normalize_rows(x), det.bank, K, offset=0.5 * det.bank.square().sum(1))
     assert torch.equal(det.search(normalize_rows(x), 0.5 * det.bank.square().sum(1)), want)
+
+
+@pytest.mark.parametrize("cls", [KNN, NNGuide])
+def test_the_index_is_built_once_per_bank(
+    net: LinearHeadNet, monkeypatch: pytest.MonkeyPatch, cls: type
+) -> None:
+    """Batches after the first reuse the bank's index; a refit or a load builds a new one, and
+    every score equals the exact torch search's on the bank of the moment."""
+    built: list[int] = []
+
+    class Counting(faiss.IndexFlatIP):
+        def __init__(self, d: int) -> None:
+            super().__init__(d)
+            built.append(d)
+
+    monkeypatch.setattr(faiss, "IndexFlatIP", Counting)
+    det = _fit(cls(k=K, backend="faiss"), net)
+    ref = _fit(cls(k=K, backend="torch"), net)
+    batches = [_features(40, seed=s)[0] for s in (5, 6, 7)]
+    for x in batches:
+        torch.testing.assert_close(_scores(det, net, x), _scores(ref, net, x), atol=1e-5, rtol=1e-5)
+    assert len(built) == 1
+    # refit on other training features: a new bank, a new index
+    g = torch.Generator().manual_seed(9)
+    x_new = torch.randn(4000, Q, generator=g) * 2.0
+    for d in (det, ref):
+        d.mark_unfitted()
+        engine.fit_from_loader([d], net, [(x_new, torch.arange(4000) % L)])
+    x = batches[0]
+    torch.testing.assert_close(_scores(det, net, x), _scores(ref, net, x), atol=1e-5, rtol=1e-5)
+    assert len(built) == 2
+    # a load swaps the bank in place of the fitted one: rebuilt again
+    stored = _fit(cls(k=K, backend="torch", store_bank=True), net)
+    det.load_state_dict(stored.state_dict())
+    want = _scores(stored, net, x)
+    torch.testing.assert_close(_scores(det, net, x), want, atol=1e-5, rtol=1e-5)
+    assert len(built) == 3
+    # copies carry no index (a faiss index cannot be pickled): each builds its own
+    for twin in (copy.deepcopy(det), pickle.loads(pickle.dumps(det))):
+        torch.testing.assert_close(_scores(twin, net, x), want, atol=1e-5, rtol=1e-5)
+    assert len(built) == 5

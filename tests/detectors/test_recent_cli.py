@@ -40,9 +40,10 @@ def test_every_recent_detector_runs_from_yaml(results: dict[str, Any]) -> None:
     assert all(math.isfinite(a) for a in aurocs.values()), aurocs
     # FashionMNIST vs MNIST with a one-epoch LeNet (measured: relation 0.866, weiper 0.657,
     # reweightood 0.983, cfood 0.976, adascale 0.824, core 0.907). WeiPer's defaults are the
-    # authors' ResNet values: on this LeNet (80 % zero activations) its perturbed-logit KL term ranks MNIST as
-    # *more* ID (AUROC 0.34 alone) while MSP_W alone gives 0.85 (MSP 0.79), so the sum lands at
-    # 0.66; tuning (λ₁ 0.1, λ₂ 5 are in its search space) is the remedy. Bounds leave BLAS margin.
+    # authors' ResNet values: on this LeNet (80 % zero activations) its perturbed-logit KL term
+    # ranks MNIST as *more* ID (AUROC 0.34 alone) while MSP_W alone gives 0.85 (MSP 0.79), so
+    # the sum lands at 0.66; tuning (λ₁ 0.1, λ₂ 5 are in its search space) is the remedy.
+    # Bounds leave BLAS margin.
     floor = {"relation": 0.8, "weiper": 0.6, "reweightood": 0.95, "cfood": 0.93, "adascale": 0.77,
              "core": 0.87}  # fmt: skip
     assert all(aurocs[k] > floor[k] for k in DETECTORS), sorted(aurocs.items())

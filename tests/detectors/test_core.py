@@ -18,6 +18,7 @@ from lightning_ood.detectors.base import InvalidConfiguration, Reducer
 from lightning_ood.detectors.core import CORE, orthogonal_residual
 from lightning_ood.detectors.energy import Energy
 from lightning_ood.models.base import BackboneOutput
+from lightning_ood.tuning import fit_candidates
 
 N, Q, L = 240, 12, 4
 F64 = torch.float64
@@ -214,3 +215,23 @@ def test_core_refusals() -> None:
     det = _fit(CORE(), net, x, y)
     with pytest.raises(ValueError, match=r"shape \(B, 12\)"):
         det.score(BackboneOutput(torch.zeros(2, 5, dtype=F64), torch.zeros(2, L, dtype=F64)))
+
+
+def test_core_tuning_candidates_share_the_first_pass() -> None:
+    """The declared search space (center × normalize) fitted as tuning does (one accumulation
+    per center, copies finalised under each normalize, CORE's second pass shared) scores like
+    each candidate fitted alone."""
+    net = _net()
+    x, y = _data()
+    test = _data(20, seed=8)[0]
+    space = CORE.search_space
+    assert dict(space) == {"center": ("none", "mean"), "normalize": ("zscore", "minmax")}
+    configs = [{"center": c, "normalize": n} for c in space["center"] for n in space["normalize"]]
+    cands = [CORE(name=f"core{i}", **cfg) for i, cfg in enumerate(configs)]
+    batches = list(zip(x.split(64), y.split(64), strict=True))
+    outputs = [(_out(net, xb), yb) for xb, yb in batches]
+    fitted, groups, invalid = fit_candidates(cands, net, outputs)
+    assert (groups, invalid, len(fitted)) == (2, {}, 4)
+    for det, cfg in zip(fitted, configs, strict=True):
+        alone = _fit(CORE(**cfg), net, x, y, batch=64)
+        torch.testing.assert_close(det.score(_out(net, test)), alone.score(_out(net, test)))

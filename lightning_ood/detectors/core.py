@@ -225,6 +225,11 @@ class CORE(ClassMomentsDetector):
                 "means, then the statistics of the two scores); fit through lightning_ood."
                 "engine.fit_detectors / fit_from_loader, which run the pass next_pass() asks for"
             )
+        if self._means is None:
+            raise RuntimeError(
+                f"{self.name}: the training statistics were consumed by an earlier finalize(); "
+                "call reset() and fit again"
+            )
         basis, unit_means = self._residual_means(model)
         q, r = basis.shape
         st = self._stats

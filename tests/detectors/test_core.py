@@ -213,6 +213,8 @@ def test_core_refusals() -> None:
     with pytest.raises(InvalidConfiguration, match="energy score is constant"):
         _fit(CORE(), flat, x, y)
     det = _fit(CORE(), net, x, y)
+    with pytest.raises(RuntimeError, match="consumed by an earlier finalize"):
+        det.finalize(net)
     with pytest.raises(ValueError, match=r"shape \(B, 12\)"):
         det.score(BackboneOutput(torch.zeros(2, 5, dtype=F64), torch.zeros(2, L, dtype=F64)))
 

@@ -63,6 +63,13 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
     )
 
 
+def check_backbone(detectors: Iterable[Detector], backbone: OODBackbone) -> None:
+    """Each detector's :meth:`~lightning_ood.detectors.base.Detector.check_backbone`: a
+    detector that cannot run on ``backbone`` at all is refused before any pass."""
+    for det in detectors:
+        det.check_backbone(backbone)
+
+
 def reads_training_data(det: Detector) -> bool:
     """Whether fitting ``det`` needs the training-set pass (FSSD, MSP, a fixed-clip ReAct: no)."""
     return bool(det.requires_fit and det.uses_training_data)

@@ -890,6 +890,9 @@ class EvaluationSession:
         Figure 1's counts at ``neuron_thresholds`` (default: 0 and the first LINe's δ).
         """
         dets = dict(detectors)
+        # before any pass: a detector that cannot run on this backbone stops the run now
+        candidates = [c for s in searches for c in s.candidates]
+        engine.check_backbone([*dets.values(), *candidates], self.backbone)
         tuned = None
         fitted: list[Detector] = []
         if searches:

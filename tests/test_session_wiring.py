@@ -331,3 +331,44 @@ def test_fit_refuses_a_validation_fitted_detector_without_a_split_before_trainin
     with pytest.raises(ValueError, match=r"temperature_scaling.*set `data.val_size > 0`"):
         trainer.fit(backbone_task, datamodule=dm)
     assert trainer.global_step == 0  # refused before any training step
+
+
+def test_a_detector_that_cannot_run_on_the_backbone_stops_before_any_pass(
+    tmp_path: Path,
+) -> None:
+    """MC Dropout on a network without dropout: the session refuses it before reading a single
+    training batch, and the callback before the first training step."""
+    task = ClassificationTask(model="lenet", num_classes=10)
+    task.backbone.dropout1 = task.backbone.dropout2 = torch.nn.Identity()  # none left
+    backbone, dm = task.backbone.eval(), GroupedData(task.backbone)
+    no_dropout = r"LeNet has no dropout layers"
+    reads: list[int] = []
+
+    class Counting:
+        def __iter__(self) -> Any:
+            reads.append(1)
+            return iter(dm.train_dataloader())
+
+    sets = Sets(
+        train=LoaderSource(Counting(), backbone),
+        id_val=LoaderSource(dm.val_dataloader(), backbone),
+        test={"id": LoaderSource(dm.val_dataloader(), backbone)},
+    )
+    dets = {"knn": build_detector("knn", {"k": 2}), "mcd": build_detector("mcd", {})}
+    with pytest.raises(ValueError, match=rf"^mcd: the model {no_dropout}"):
+        EvaluationSession(backbone).run(dets, sets, per_set=False)
+    assert reads == []  # not one training batch read
+    searches, _ = tuning.searches_for(
+        {"mcd": build_detector("mcd", {})}, {"mcd": {"passes": [2, 4]}}
+    )
+    with pytest.raises(ValueError, match=rf"mcd.*{no_dropout}"):
+        EvaluationSession(backbone).run({}, sets, searches=searches, per_set=False)
+    assert reads == []
+    cb = OODEvaluation(detectors={"mcd_var": {}}, progress=False, figures=False)
+    trainer = Trainer(
+        default_root_dir=tmp_path, callbacks=[cb], logger=False, max_steps=1,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=rf"^mcd_var: the model {no_dropout}"):
+        trainer.fit(task, datamodule=dm)
+    assert trainer.global_step == 0

@@ -364,6 +364,8 @@ class OODEvaluation(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.detector_specs is not None:
             pl_module.set_detectors(self.detector_specs)
+        # refused before any training step: a detector that cannot run on this network at all
+        engine.check_backbone(pl_module.detectors.values(), pl_module.backbone)
         dm = trainer.datamodule
         readers = engine.validation_readers(pl_module.detectors.values())
         if readers and stage == "fit" and self.fit_after_train and not has_validation_split(dm):

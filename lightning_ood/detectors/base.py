@@ -262,6 +262,11 @@ class Detector(nn.Module):
         values and the fix. The OOD callback calls it at ``setup("fit")``. Default: any size.
         """
 
+    def check_backbone(self, model: OODBackbone) -> None:
+        """Refuse, before any pass, a backbone this detector cannot run on at all (MC Dropout
+        on a network without dropout layers), so a run stops in seconds instead of after its
+        training pass. The evaluation session calls it first. Default: any backbone."""
+
     # -- fitting -------------------------------------------------------------------------
     def reset(self) -> None:
         """Zero the accumulators before a fitting pass."""

@@ -54,7 +54,7 @@ from lightning_ood.detectors.base import BatchMemo, Detector, OptInput, OptModel
 from lightning_ood.detectors.hparams import HParam, integer
 from lightning_ood.detectors.knn import mix32, mul32, seed_key
 from lightning_ood.detectors.registry import register_detector
-from lightning_ood.models.base import BackboneOutput
+from lightning_ood.models.base import BackboneOutput, OODBackbone
 
 #: Module types whose training mode means "drop units": the only ones MC Dropout switches on.
 DROPOUT_TYPES: tuple[type[nn.Module], ...] = (_DropoutNd,)
@@ -187,6 +187,22 @@ class _SeededMasks:
         return apply
 
 
+def require_dropout(model: nn.Module, owner: str = "MCDropout") -> list[nn.Module]:
+    """The dropout modules of ``model`` (p = 0 ones included: MC Dropout then equals MSP).
+
+    Raises:
+        ValueError: ``model`` has none, naming the model and the fix.
+    """
+    drops = dropout_modules(model)
+    if not drops:
+        raise ValueError(
+            f"{owner}: the model {type(model).__name__} has no dropout layers (nn.Dropout*), so "
+            "MC Dropout would repeat one deterministic prediction; use a model trained with "
+            "dropout (e.g. lenet with dropout: true) or another detector"
+        )
+    return drops
+
+
 @contextlib.contextmanager
 def seeded_dropout(model: nn.Module, owner: str = "MCDropout") -> Iterator[_SeededMasks]:
     """Put ``model`` in eval mode and make its dropout modules drop with per-sample seeded
@@ -196,13 +212,7 @@ def seeded_dropout(model: nn.Module, owner: str = "MCDropout") -> Iterator[_Seed
     Raises:
         ValueError: ``model`` has no dropout module, naming the model.
     """
-    drops = dropout_modules(model)
-    if not drops:
-        raise ValueError(
-            f"{owner}: the model {type(model).__name__} has no dropout layers (nn.Dropout*), so "
-            "MC Dropout would repeat one deterministic prediction; use a model trained with "
-            "dropout (e.g. lenet with dropout: true) or another detector"
-        )
+    drops = require_dropout(model, owner)
     modes = {m: m.training for m in model.modules()}
     masks = _SeededMasks(drops, owner)
     handles = [m.register_forward_hook(masks.hook(i)) for i, m in enumerate(drops)]
@@ -303,6 +313,10 @@ class MCDropout(Detector):
             )
         return model, inputs
 
+    def check_backbone(self, model: OODBackbone) -> None:
+        """No dropout layer, no stochastic passes: refused before any pass."""
+        require_dropout(model, self.name)
+
     def score(self, out: BackboneOutput, model: OptModel = None, inputs: OptInput = None) -> Tensor:
         model, inputs = self._check_args(model, inputs)
         mean, var = self.moments(model, inputs)
@@ -329,6 +343,7 @@ __all__ = [
     "apply_dropout",
     "dropout_modules",
     "keep_mask",
+    "require_dropout",
     "row_keys",
     "sample_keys",
     "seeded_dropout",

@@ -231,6 +231,11 @@ def evaluate_model(
     }
 
 
+def spread(size: int, n: int) -> range:
+    """``min(n, size)`` indices of ``range(size)``, evenly spaced from 0."""
+    return range(0, size, max(1, size // n))[:n]
+
+
 def costs(
     backbone: Any,
     dm: Any,
@@ -249,9 +254,11 @@ def costs(
     from lightning_ood.session import EvaluationSession, LoaderSource
 
     train_ds, test_ds = dm.train_eval_dataloader().dataset, dm.test_dataloader()[0].dataset
-    n_train, n_test = min(n_train, len(train_ds)), min(n_test, len(test_ds))
-    train = DataLoader(Subset(train_ds, range(n_train)), batch_size=batch_size)
-    test = DataLoader(Subset(test_ds, range(n_test)), batch_size=batch_size)
+    # evenly spread over each set: a set stored class by class (the CIFAR-10 JPEG copy) still
+    # gives every class to the detectors that need them all
+    train = DataLoader(Subset(train_ds, spread(len(train_ds), n_train)), batch_size=batch_size)
+    test = DataLoader(Subset(test_ds, spread(len(test_ds), n_test)), batch_size=batch_size)
+    n_train, n_test = len(train.dataset), len(test.dataset)
     out: dict[str, dict[str, float]] = {}
     t0 = time.perf_counter()
     for _ in engine.eval_pass(backbone, ((x, y) for x, y in train), ()):

@@ -228,3 +228,9 @@ def test_admitted_checks_together_first(
     assert set(ok) == {"a", "b", "c"} - set(refuse)
     assert refused == {n: f"{type(e).__name__}: {e}" for n, e in refuse.items()}
     assert ok.get("b", {"k": 1}) == {"k": 1}
+
+
+def test_spread_takes_evenly_spaced_indices() -> None:
+    assert list(ed.spread(10, 3)) == [0, 3, 6]
+    assert list(ed.spread(10, 20)) == list(range(10))  # fewer than asked: all
+    assert list(ed.spread(100, 4)) == [0, 25, 50, 75]  # every quarter of a class-sorted set

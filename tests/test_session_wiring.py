@@ -323,14 +323,25 @@ def test_fit_refuses_a_validation_fitted_detector_without_a_split_before_trainin
     backbone_task = ClassificationTask(model="lenet", num_classes=10)
     dm = GroupedData(backbone_task.backbone)
     dm.val_size = 0  # the ID validation loader would be the reported test set
-    cb = OODEvaluation(detectors={"temperature_scaling": {}}, progress=False, figures=False)
+    refused_before_training(
+        tmp_path, backbone_task, dm, {"temperature_scaling": {}},
+        r"temperature_scaling.*set `data.val_size > 0`",
+    )  # fmt: skip
+
+
+def refused_before_training(
+    tmp_path: Path, task: ClassificationTask, dm: Any, detectors: dict[str, Any], match: str
+) -> None:
+    """``trainer.fit`` with an OOD callback of ``detectors`` raises ``match`` before any
+    training step."""
+    cb = OODEvaluation(detectors=detectors, progress=False, figures=False)
     trainer = Trainer(
         default_root_dir=tmp_path, callbacks=[cb], logger=False, max_steps=1,
         enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
-    with pytest.raises(ValueError, match=r"temperature_scaling.*set `data.val_size > 0`"):
-        trainer.fit(backbone_task, datamodule=dm)
-    assert trainer.global_step == 0  # refused before any training step
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(task, datamodule=dm)
+    assert trainer.global_step == 0
 
 
 def test_a_detector_that_cannot_run_on_the_backbone_stops_before_any_pass(
@@ -364,11 +375,6 @@ def test_a_detector_that_cannot_run_on_the_backbone_stops_before_any_pass(
     with pytest.raises(ValueError, match=rf"mcd.*{no_dropout}"):
         EvaluationSession(backbone).run({}, sets, searches=searches, per_set=False)
     assert reads == []
-    cb = OODEvaluation(detectors={"mcd_var": {}}, progress=False, figures=False)
-    trainer = Trainer(
-        default_root_dir=tmp_path, callbacks=[cb], logger=False, max_steps=1,
-        enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
-    with pytest.raises(ValueError, match=rf"^mcd_var: the model {no_dropout}"):
-        trainer.fit(task, datamodule=dm)
-    assert trainer.global_step == 0
+    refused_before_training(
+        tmp_path, task, dm, {"mcd_var": {}}, rf"^mcd_var: the model {no_dropout}"
+    )

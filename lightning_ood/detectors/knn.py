@@ -10,6 +10,7 @@ the same metrics.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import replace
 from typing import Any, ClassVar
@@ -198,9 +199,10 @@ def _faiss_topk(queries: Tensor, index: Any, k: int, offset: bool, dtype: torch.
 #: than the search itself on small batches). Kept outside the module's state, so copies and
 #: pickles of a detector carry none; the entry goes with the detector. It holds a float32 copy
 #: of the bank for as long as the detector lives.
-_FAISS_INDEXES: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], Tensor | None, Any]] = (
+_FAISS_INDEXES: weakref.WeakKeyDictionary[Any, tuple[Any, int, Tensor | None, Any]] = (
     weakref.WeakKeyDictionary()
 )
+_FAISS_LOCK = threading.Lock()
 
 
 # -- the bank ---------------------------------------------------------------------------------
@@ -497,22 +499,26 @@ class BankDetector(Detector):
         return self.backend == "auto" and faiss_available()
 
     def _faiss_index(self, bank: Tensor, offset: Tensor | None) -> Any:
-        """The bank's faiss index: the kept one while the bank and ``offset`` are the ones it
-        was built from, else a new one (:data:`_FAISS_INDEXES`)."""
-        key = (bank.data_ptr(), bank._version, tuple(bank.shape), str(bank.device))
-        kept = _FAISS_INDEXES.get(self)
-        if kept is not None and kept[0] == key:
-            if offset is None and kept[1] is None:
-                return kept[2]
-            if offset is not None and kept[1] is not None and torch.equal(kept[1], offset):
-                return kept[2]
-        index = _flat_index(bank, offset)
-        _FAISS_INDEXES[self] = (key, None if offset is None else offset.detach().clone(), index)
-        return index
+        """The bank's faiss index: the kept one while the bank is the very tensor it was built
+        from (a weak reference: a new tensor at a freed one's address is not mistaken for it),
+        unchanged since (its version counter), with the same ``offset``; else a new one
+        (:data:`_FAISS_INDEXES`). One lock: threads of a server build it once."""
+        with _FAISS_LOCK:
+            kept = _FAISS_INDEXES.get(self)
+            if kept is not None and kept[0]() is bank and kept[1] == bank._version:
+                if offset is None and kept[2] is None:
+                    return kept[3]
+                if offset is not None and kept[2] is not None and torch.equal(kept[2], offset):
+                    return kept[3]
+            index = _flat_index(bank, offset)
+            kept_offset = None if offset is None else offset.detach().clone()
+            _FAISS_INDEXES[self] = (weakref.ref(bank), bank._version, kept_offset, index)
+            return index
 
     def _forget_index(self) -> None:
         """The bank changed (fit, reset, load): the next faiss search builds a new index."""
-        _FAISS_INDEXES.pop(self, None)
+        with _FAISS_LOCK:
+            _FAISS_INDEXES.pop(self, None)
 
     def search(self, queries: Tensor, offset: Tensor | None = None) -> Tensor:
         """The ``k`` largest ``queries @ bank.T - offset`` per query, descending, (B, k)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import pickle
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import pytest
@@ -171,3 +172,36 @@ def test_the_index_is_built_once_per_bank(
     for twin in (copy.deepcopy(det), pickle.loads(pickle.dumps(det))):
         torch.testing.assert_close(_scores(twin, net, x), want, atol=1e-5, rtol=1e-5)
     assert len(built) == 5
+
+
+def test_a_replaced_bank_or_threads_never_reuse_a_wrong_index(
+    net: LinearHeadNet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bank tensor swapped in without a fit (even at a freed tensor's address) builds its own
+    index; eight threads scoring at once build one."""
+    built: list[int] = []
+
+    class Counting(faiss.IndexFlatIP):
+        def __init__(self, d: int) -> None:
+            super().__init__(d)
+            built.append(d)
+
+    monkeypatch.setattr(faiss, "IndexFlatIP", Counting)
+    det = _fit(KNN(k=K, backend="faiss"), net)
+    x = _features(40, seed=5)[0]
+    first = _scores(det, net, x)
+    det.bank = -det.bank  # a new tensor of the same shape, version 0, maybe the same address
+    flipped = _scores(det, net, x)
+    assert len(built) == 2 and not torch.allclose(first, flipped)
+    det.backend = "torch"
+    torch.testing.assert_close(flipped, _scores(det, net, x), atol=1e-5, rtol=1e-5)
+    det.backend = "faiss"
+    det.bank.mul_(1.0)  # in place: a new version
+    _scores(det, net, x)
+    assert len(built) == 3
+    det._forget_index()
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda _: _scores(det, net, x), range(8)))
+    assert len(built) == 4
+    for out in outs:
+        torch.testing.assert_close(out, flipped, atol=1e-5, rtol=1e-5)

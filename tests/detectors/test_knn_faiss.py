@@ -133,20 +133,24 @@ def test_without_faiss_auto_uses_torch_and_faiss_is_refused_by_name(
     assert torch.equal(det.search(normalize_rows(x), 0.5 * det.bank.square().sum(1)), want)
 
 
-@pytest.mark.parametrize("cls", [KNN, NNGuide])
-def test_the_index_is_built_once_per_bank(
-    net: LinearHeadNet, monkeypatch: pytest.MonkeyPatch, cls: type
-) -> None:
-    """Batches after the first reuse the bank's index; a refit or a load builds a new one, and
-    every score equals the exact torch search's on the bank of the moment."""
-    built: list[int] = []
+@pytest.fixture
+def built(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The width of every faiss flat index the detectors build."""
+    widths: list[int] = []
 
     class Counting(faiss.IndexFlatIP):
         def __init__(self, d: int) -> None:
             super().__init__(d)
-            built.append(d)
+            widths.append(d)
 
     monkeypatch.setattr(faiss, "IndexFlatIP", Counting)
+    return widths
+
+
+@pytest.mark.parametrize("cls", [KNN, NNGuide])
+def test_the_index_is_built_once_per_bank(net: LinearHeadNet, built: list[int], cls: type) -> None:
+    """Batches after the first reuse the bank's index; a refit or a load builds a new one, and
+    every score equals the exact torch search's on the bank of the moment."""
     det = _fit(cls(k=K, backend="faiss"), net)
     ref = _fit(cls(k=K, backend="torch"), net)
     batches = [_features(40, seed=s)[0] for s in (5, 6, 7)]
@@ -175,18 +179,10 @@ def test_the_index_is_built_once_per_bank(
 
 
 def test_a_replaced_bank_or_threads_never_reuse_a_wrong_index(
-    net: LinearHeadNet, monkeypatch: pytest.MonkeyPatch
+    net: LinearHeadNet, built: list[int]
 ) -> None:
     """A bank tensor swapped in without a fit (even at a freed tensor's address) builds its own
     index; eight threads scoring at once build one."""
-    built: list[int] = []
-
-    class Counting(faiss.IndexFlatIP):
-        def __init__(self, d: int) -> None:
-            super().__init__(d)
-            built.append(d)
-
-    monkeypatch.setattr(faiss, "IndexFlatIP", Counting)
     det = _fit(KNN(k=K, backend="faiss"), net)
     x = _features(40, seed=5)[0]
     first = _scores(det, net, x)
